@@ -1,0 +1,44 @@
+# The two commands of the README contract, from a fresh clone:
+#   make demo   set everything up, then run the main job
+#   make test   set everything up, then run ruff, the CUDA compile check and the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= dev,deepspeed
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+
+.PHONY: setup demo test lint cuda-compile pytest report clean
+
+# torch first and pinned (an unpinned torch pulls the CUDA wheels), then the project with
+# its C++ ops prebuilt against that torch.
+$(VENV)/.installed: setup.py pyproject.toml $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=64" wheel
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	SPD_BUILD_OPS=1 $(BIN)/python -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+report: setup
+	$(BIN)/spd-ext report
+
+demo: report
+	$(BIN)/spd-ext bench allreduce --nproc 2 --dtype fp32,bf16 --sizes 4K..64M
+
+lint: setup
+	$(BIN)/ruff check .
+
+cuda-compile: setup
+	PYTHON=$(BIN)/python scripts/compile_cuda.sh
+
+# The whole suite runs twice: against the C++ kernels and against the PyTorch fallbacks.
+pytest: setup
+	$(BIN)/python -m pytest -q
+	SPD_EXT_FORCE_FALLBACK=1 $(BIN)/python -m pytest -q
+
+test: lint cuda-compile pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info spd_ext/ops/*.so

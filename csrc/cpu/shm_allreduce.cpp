@@ -1,0 +1,468 @@
+// Shared-memory all-reduce among the ranks of one host.
+//
+// One POSIX shared-memory segment per process group holds, for every rank, a header
+// (flags and a description of its current call) and two data buffers of chunk_bytes
+// (double buffering: call s uses buffer s % 2). Python (spd_ext/comm/shm.py) creates
+// the segment on group rank 0, has the others attach, and unlinks the name as soon as
+// everyone has mapped it, so nothing is left in /dev/shm even if a rank is killed.
+//
+// Each call (one chunk of the tensor) has a sequence number s, the same on every rank
+// because collectives are called in the same order. Flags only ever grow, so a waiter
+// tests `flag >= s` and no flag is ever reset (no reset races, no peer atomics).
+//
+//  one-shot (small):  copy input to own buffer; publish arrived=s; wait for every
+//                     rank's arrived >= s; reduce all buffers (own input read from
+//                     private memory) into the output. One barrier.
+//  two-shot (large):  copy the slices other ranks reduce into own buffer; publish
+//                     arrived=s; wait; reduce own slice from every rank into own
+//                     buffer (reduce-scatter); publish reduced=s; wait; copy every
+//                     rank's reduced slice into the output (all-gather).
+//
+// Why double buffering is enough: a rank writes buffer s % 2 again only in call s+2,
+// after it has seen every peer's arrived >= s+1, which a peer publishes only after it
+// finished reading everything of call s.
+//
+// Every rank sums contributions in rank order with the same kernel, and two-shot
+// results are computed once and copied, so all ranks end with bitwise-equal tensors.
+// The weighted variant reads each rank's weight from that rank's own header, so ranks
+// cannot disagree about the weights either.
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "spd_torch.h"
+
+namespace {
+
+constexpr uint64_t kMagic = 0x316d68735f647073ull;  // "spd_shm1"
+constexpr int kMaxRanks = 64;
+constexpr int64_t kPage = 4096;
+
+enum Op : int32_t { kSum = 0, kMean = 1, kWeighted = 2 };
+
+const char* op_name(int32_t op)
+{
+    switch (op) {
+        case kSum: return "sum";
+        case kMean: return "mean";
+        case kWeighted: return "weighted";
+    }
+    return "?";
+}
+
+struct alignas(64) Flag {
+    std::atomic<uint64_t> seq;
+};
+
+// What a rank passed to one call; peers compare it with their own.
+struct CallDesc {
+    uint64_t seq;
+    int64_t numel;
+    int32_t dtype;
+    int32_t op;
+    float weight;
+    int32_t pad;
+};
+
+struct alignas(64) RankHeader {
+    Flag arrived;  // last call whose input this rank has published
+    Flag reduced;  // last call whose reduce-scatter slice this rank has written
+    CallDesc desc[2];
+    int64_t pid;
+    uint64_t pid_ns;  // liveness is checked only between ranks in one pid namespace
+};
+
+struct alignas(64) SegmentHeader {
+    std::atomic<uint64_t> magic;  // stored last by the creator
+    int32_t world_size;
+    int32_t pad;
+    int64_t chunk_bytes;
+};
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+uint64_t pid_namespace()
+{
+    struct stat st;
+    return stat("/proc/self/ns/pid", &st) == 0 ? uint64_t(st.st_ino) : 0;
+}
+
+// A zombie still answers kill(pid, 0), so read its state as well.
+bool process_alive(int64_t pid)
+{
+    if (kill(pid_t(pid), 0) != 0 && errno == ESRCH) return false;
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string s;
+    if (!std::getline(f, s)) return true;  // no procfs: trust kill()
+    const auto close = s.rfind(')');
+    if (close == std::string::npos || close + 2 >= s.size()) return true;
+    const char state = s[close + 2];
+    return state != 'Z' && state != 'X';
+}
+
+inline void cpu_relax()
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+std::string errno_text(const char* what, const std::string& name)
+{
+    return std::string(what) + " " + name + ": " + std::strerror(errno);
+}
+
+class ShmAllReduce {
+public:
+    ShmAllReduce(const std::string& name, int rank, int world_size, int64_t chunk_bytes,
+                 bool create)
+        : name_(name), rank_(rank), world_(world_size)
+    {
+        if (world_size < 1 || world_size > kMaxRanks)
+            throw std::invalid_argument("shm all-reduce supports 1.." +
+                                        std::to_string(kMaxRanks) + " ranks, got " +
+                                        std::to_string(world_size));
+        if (rank < 0 || rank >= world_size)
+            throw std::invalid_argument("rank " + std::to_string(rank) +
+                                        " outside world of size " + std::to_string(world_size));
+        if (create) {
+            if (chunk_bytes < kPage || chunk_bytes % kPage != 0)
+                throw std::invalid_argument("chunk_bytes must be a positive multiple of 4096");
+            chunk_bytes_ = chunk_bytes;
+            create_segment();
+        } else {
+            open_segment();
+        }
+        RankHeader& me = header(rank_);
+        me.pid = int64_t(getpid());
+        me.pid_ns = pid_namespace();
+    }
+
+    ~ShmAllReduce() { close(); }
+
+    void close()
+    {
+        if (base_ != nullptr) munmap(base_, size_t(size_));
+        base_ = nullptr;
+    }
+
+    // Removes the name; mappings stay valid. Called once everyone has attached.
+    void unlink()
+    {
+        if (!unlinked_ && shm_unlink(name_.c_str()) != 0 && errno != ENOENT)
+            throw std::runtime_error(errno_text("shm_unlink", name_));
+        unlinked_ = true;
+    }
+
+    int64_t chunk_bytes() const { return chunk_bytes_; }
+    uint64_t calls() const { return seq_; }
+
+    void all_reduce_(at::Tensor& t, int64_t op, double weight, int64_t oneshot_max_bytes,
+                     double timeout_s)
+    {
+        if (base_ == nullptr) throw std::runtime_error("shm all-reduce used after close()");
+        if (!broken_.empty())
+            throw std::runtime_error(
+                "spd_ext shm all_reduce: this process group's shared-memory state is unusable "
+                "after an earlier failure (" +
+                broken_ + "); destroy and re-create the process group");
+        TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "shm all_reduce needs a contiguous CPU tensor");
+        TORCH_CHECK(op >= kSum && op <= kWeighted, "unknown op code ", op);
+        const spd::DType dt = spd::to_dtype(t);
+        const int64_t es = spd::dtype_size(dt);
+        const int64_t numel = t.numel();
+        const int64_t chunk_el = chunk_bytes_ / es;
+        const bool one_shot = numel * es <= std::min(oneshot_max_bytes, chunk_bytes_);
+        char* data = static_cast<char*>(t.data_ptr());
+
+        CallDesc mine{};
+        mine.numel = numel;
+        mine.dtype = int32_t(dt);
+        mine.op = int32_t(op);
+        mine.weight = float(weight);
+        const auto deadline = std::chrono::steady_clock::now() +
+                              std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                  std::chrono::duration<double>(timeout_s));
+        // An empty tensor still makes one call, so a size mismatch is reported, not hung on.
+        int64_t off = 0;
+        do {
+            const int64_t count = std::min(chunk_el, numel - off);
+            mine.seq = ++seq_;
+            spd::dispatch_dtype(dt, [&](auto* tag) {
+                using T = std::remove_pointer_t<decltype(tag)>;
+                run_chunk<T>(data + off * es, count, mine, one_shot, off == 0, deadline, timeout_s);
+            });
+            off += count;
+        } while (off < numel);
+    }
+
+private:
+    using Clock = std::chrono::steady_clock;
+
+    SegmentHeader& segment() { return *reinterpret_cast<SegmentHeader*>(base_); }
+    RankHeader& header(int r)
+    {
+        return reinterpret_cast<RankHeader*>(static_cast<char*>(base_) + kPage)[r];
+    }
+    char* buffer(int r, int parity)
+    {
+        return static_cast<char*>(base_) + data_offset_ + (int64_t(r) * 2 + parity) * chunk_bytes_;
+    }
+
+    void layout()
+    {
+        data_offset_ = kPage + round_up(int64_t(sizeof(RankHeader)) * world_, kPage);
+        size_ = data_offset_ + int64_t(world_) * 2 * chunk_bytes_;
+    }
+
+    void map(int fd)
+    {
+        void* p = mmap(nullptr, size_t(size_), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                       fd, 0);
+        if (p == MAP_FAILED) {
+            const std::string msg = errno_text("mmap", name_);
+            ::close(fd);
+            throw std::runtime_error(msg);
+        }
+        ::close(fd);
+        base_ = p;
+    }
+
+    void create_segment()
+    {
+        layout();
+        const int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+        if (fd < 0) throw std::runtime_error(errno_text("shm_open(create)", name_));
+        unlinked_ = false;
+        // Reserve the pages now: a short /dev/shm would otherwise SIGBUS on first touch.
+        const int err = ftruncate(fd, size_) != 0 ? errno : posix_fallocate(fd, 0, size_);
+        if (err != 0) {
+            ::close(fd);
+            shm_unlink(name_.c_str());
+            unlinked_ = true;
+            std::ostringstream msg;
+            msg << "cannot reserve " << (size_ >> 20) << " MiB of shared memory for " << world_
+                << " ranks (" << std::strerror(err)
+                << "); enlarge /dev/shm (docker run --shm-size) or lower "
+                   "SPD_EXT_SHM_CHUNK_BYTES (now "
+                << chunk_bytes_ << ")";
+            throw std::runtime_error(msg.str());
+        }
+        map(fd);
+        std::memset(base_, 0, size_t(data_offset_));
+        SegmentHeader& s = segment();
+        s.world_size = world_;
+        s.chunk_bytes = chunk_bytes_;
+        s.magic.store(kMagic, std::memory_order_release);
+    }
+
+    void open_segment()
+    {
+        const int fd = shm_open(name_.c_str(), O_RDWR, 0600);
+        if (fd < 0) throw std::runtime_error(errno_text("shm_open(attach)", name_));
+        unlinked_ = true;  // the creator owns the name
+        SegmentHeader probe;
+        if (pread(fd, &probe, sizeof(probe), 0) != ssize_t(sizeof(probe)) ||
+            probe.magic.load() != kMagic || probe.world_size != world_) {
+            ::close(fd);
+            throw std::runtime_error("shared-memory segment " + name_ +
+                                     " is not an spd_ext all-reduce segment for " +
+                                     std::to_string(world_) + " ranks");
+        }
+        chunk_bytes_ = probe.chunk_bytes;
+        layout();
+        map(fd);
+    }
+
+    [[noreturn]] void fail(const std::string& msg)
+    {
+        broken_ = msg;
+        throw std::runtime_error("spd_ext shm all_reduce: " + msg);
+    }
+
+    // Spin (cheap when the peer is running on another core), then yield (lets a peer
+    // that shares our core run), then sleep in short naps (long waits must not burn a
+    // core another rank's compute threads need).
+    void wait_for(int p, Flag RankHeader::*flag, uint64_t seq, const char* stage,
+                  Clock::time_point deadline, double timeout_s)
+    {
+        std::atomic<uint64_t>& f = (header(p).*flag).seq;
+        for (int i = 0; i < 2048; ++i) {
+            if (f.load(std::memory_order_acquire) >= seq) return;
+            cpu_relax();
+        }
+        const RankHeader& peer = header(p);
+        const bool check_alive = peer.pid_ns != 0 && peer.pid_ns == header(rank_).pid_ns;
+        const auto start = Clock::now();
+        auto last_check = start;
+        while (f.load(std::memory_order_acquire) < seq) {
+            const auto now = Clock::now();
+            if (now >= deadline) {
+                std::ostringstream msg;
+                msg << "rank " << rank_ << " timed out after " << timeout_s
+                    << " s waiting for rank " << p << " (pid " << peer.pid << ") to " << stage
+                    << " for call " << seq << " (its last was call "
+                    << f.load(std::memory_order_acquire)
+                    << "); the rank is stuck, slower than the timeout, or skipped this "
+                       "collective. Raise the limit with all_reduce(timeout=...) or "
+                       "SPD_EXT_COMM_TIMEOUT";
+                fail(msg.str());
+            }
+            if (check_alive && now - last_check > std::chrono::milliseconds(20)) {
+                last_check = now;
+                if (!process_alive(peer.pid)) {
+                    std::ostringstream msg;
+                    msg << "rank " << p << " (pid " << peer.pid << ") exited while rank "
+                        << rank_ << " waited for it to " << stage << " for call " << seq;
+                    fail(msg.str());
+                }
+            }
+            if (now - start < std::chrono::milliseconds(2)) {
+                sched_yield();
+            } else {
+                struct timespec nap = {0, 20000};
+                nanosleep(&nap, nullptr);
+            }
+        }
+    }
+
+    void wait_all(Flag RankHeader::*flag, uint64_t seq, const char* stage,
+                  Clock::time_point deadline, double timeout_s)
+    {
+        for (int i = 1; i < world_; ++i)
+            wait_for((rank_ + i) % world_, flag, seq, stage, deadline, timeout_s);
+    }
+
+    void check_same_call(int parity, const CallDesc& mine)
+    {
+        bool same = true;
+        for (int p = 0; p < world_; ++p) {
+            const CallDesc& d = header(p).desc[parity];
+            same = same && d.numel == mine.numel && d.dtype == mine.dtype && d.op == mine.op;
+        }
+        if (same) return;
+        std::ostringstream msg;
+        msg << "spd_ext shm all_reduce: ranks passed different tensors to call " << mine.seq
+            << ":";
+        for (int p = 0; p < world_; ++p) {
+            const CallDesc& d = header(p).desc[parity];
+            msg << " rank " << p << " " << d.numel << " x "
+                << spd::dtype_name(spd::DType(d.dtype)) << " (" << op_name(d.op) << ")"
+                << (p + 1 < world_ ? "," : ";");
+        }
+        msg << " every rank must pass a tensor of the same size and dtype with the same op";
+        // Every rank sees the mismatch at this same point, so the group stays usable.
+        throw std::invalid_argument(msg.str());
+    }
+
+    template <typename T>
+    void run_chunk(char* data, int64_t count, const CallDesc& mine, bool one_shot, bool first,
+                   Clock::time_point deadline, double timeout_s)
+    {
+        const uint64_t seq = mine.seq;
+        const int parity = int(seq & 1);
+        const int64_t es = int64_t(sizeof(T));
+        const int threads = spd::max_threads();
+        RankHeader& me = header(rank_);
+        me.desc[parity] = mine;
+        char* mine_buf = buffer(rank_, parity);
+
+        // Two-shot slices, aligned to 64 bytes so each rank's kernel runs full vectors.
+        const int64_t align = 64 / es;
+        const int64_t per = round_up((count + world_ - 1) / world_, align);
+        auto slice_begin = [&](int p) { return std::min(count, int64_t(p) * per); };
+        auto slice_end = [&](int p) { return std::min(count, int64_t(p + 1) * per); };
+        const int64_t s0 = slice_begin(rank_), s1 = slice_end(rank_);
+
+        if (one_shot) {
+            spd::parallel_copy(mine_buf, data, count * es, threads);
+        } else {  // peers need every slice but our own
+            spd::parallel_copy(mine_buf, data, s0 * es, threads);
+            spd::parallel_copy(mine_buf + s1 * es, data + s1 * es, (count - s1) * es, threads);
+        }
+        me.arrived.seq.store(seq, std::memory_order_release);
+        wait_all(&RankHeader::arrived, seq, "publish its input", deadline, timeout_s);
+        if (first) check_same_call(parity, mine);
+
+        float w[kMaxRanks];
+        const T* src[kMaxRanks];
+        for (int p = 0; p < world_; ++p) {
+            w[p] = mine.op == kSum    ? 1.0f
+                   : mine.op == kMean ? 1.0f / float(world_)
+                                      : header(p).desc[parity].weight;
+        }
+        if (one_shot) {
+            for (int p = 0; p < world_; ++p)
+                src[p] = reinterpret_cast<const T*>(p == rank_ ? data : buffer(p, parity));
+            spd::weighted_reduce(reinterpret_cast<T*>(data), src, w, world_, count, threads);
+            return;
+        }
+        for (int p = 0; p < world_; ++p)
+            src[p] = reinterpret_cast<const T*>(p == rank_ ? data : buffer(p, parity)) + s0;
+        spd::weighted_reduce(reinterpret_cast<T*>(mine_buf) + s0, src, w, world_, s1 - s0,
+                             threads);
+        me.reduced.seq.store(seq, std::memory_order_release);
+        wait_all(&RankHeader::reduced, seq, "finish its reduce-scatter slice", deadline,
+                 timeout_s);
+        for (int i = 0; i < world_; ++i) {
+            const int p = (rank_ + i) % world_;
+            const int64_t b = slice_begin(p), e = slice_end(p);
+            spd::parallel_copy(data + b * es, buffer(p, parity) + b * es, (e - b) * es, threads);
+        }
+    }
+
+    std::string name_;
+    int rank_;
+    int world_;
+    int64_t chunk_bytes_ = 0;
+    int64_t data_offset_ = 0;
+    int64_t size_ = 0;
+    void* base_ = nullptr;
+    bool unlinked_ = true;
+    uint64_t seq_ = 0;
+    std::string broken_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
+{
+    namespace py = pybind11;
+    py::class_<ShmAllReduce>(m, "ShmAllReduce")
+        .def(py::init<const std::string&, int, int, int64_t, bool>(),
+             py::arg("name"),
+             py::arg("rank"),
+             py::arg("world_size"),
+             py::arg("chunk_bytes"),
+             py::arg("create"))
+        .def("unlink", &ShmAllReduce::unlink)
+        .def("close", &ShmAllReduce::close)
+        .def("all_reduce_",
+             &ShmAllReduce::all_reduce_,
+             "in-place all-reduce; op 0 sum, 1 mean, 2 weighted (weight = this rank's weight)",
+             py::arg("tensor"),
+             py::arg("op"),
+             py::arg("weight"),
+             py::arg("oneshot_max_bytes"),
+             py::arg("timeout_s"),
+             py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("chunk_bytes", &ShmAllReduce::chunk_bytes)
+        .def_property_readonly("calls", &ShmAllReduce::calls);
+    spd::def_build_info(m);
+}

@@ -1,0 +1,1 @@
+"""Kernel and collective microbenchmarks (`spd-ext bench ...`)."""

@@ -1,0 +1,179 @@
+"""`spd-ext bench allreduce`: gloo vs DeepSpeed's shm op vs spd_ext, on N local CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.bench.timing import dtype_name, measure, parse_dtypes
+from spd_ext.comm import all_reduce, spawn
+from spd_ext.comm.shm import shm_group
+from spd_ext.utils.table import format_table, human_bytes, parse_sizes
+
+IMPLS = ("gloo", "deepspeed", "spd", "spd-weighted")
+
+
+@dataclass
+class AllReduceConfig:
+    nproc: int = 2
+    dtypes: str = "fp32,bf16"
+    sizes: str = "4K..64M"
+    impls: str = ",".join(IMPLS)
+    warmup: int = 5
+    repeats: int = 7
+    target_ms: float = 20.0
+    threads_per_rank: int | None = None
+    bind_cores: bool = True
+    timeout: float = 1800.0
+    extra: dict = field(default_factory=dict)
+
+    def impl_list(self) -> list[str]:
+        names = [s.strip() for s in self.impls.split(",") if s.strip()]
+        bad = [n for n in names if n not in IMPLS]
+        if bad or not names:
+            raise ValueError(f"unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
+        return names
+
+
+def _deepspeed_all_reduce():
+    """DeepSpeed's `inference_all_reduce` (its shm kernel) or the reason it can't run."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        import deepspeed.comm as ds_comm
+    except ImportError:
+        return None, "deepspeed not installed"
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    backend = ds_comm.comm.cdb
+    level = getattr(backend, "shm_vector_kernel_level", 0)
+    has_op = hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed,
+                                                         "inference_all_reduce_")
+    if not has_op or level < 1:
+        return None, "deepspeed shm op unavailable"
+
+    def run(x: torch.Tensor) -> None:
+        ds_comm.inference_all_reduce(x)
+
+    return run, ""
+
+
+def _candidates(x: torch.Tensor, weights: torch.Tensor, ds_run) -> dict:
+    """The timed calls on one tensor, by implementation name (None: not runnable)."""
+    return {
+        "gloo": lambda: dist.all_reduce(x),
+        "deepspeed": (lambda: ds_run(x)) if ds_run else None,
+        "spd": lambda: all_reduce(x),
+        "spd-weighted": lambda: all_reduce(x, "weighted", weights=weights),
+    }
+
+
+def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
+    impls = cfg.impl_list()
+    notes: dict[str, str] = {}
+    ds_run = None
+    if "deepspeed" in impls:
+        ds_run, why = _deepspeed_all_reduce()
+        if ds_run is None:
+            notes["deepspeed"] = why
+    probe = torch.zeros(1)
+    all_reduce(probe)  # sets up the shm group before timing
+    shm = shm_group()
+    weights = torch.softmax(torch.arange(world, dtype=torch.float32), 0)
+
+    def barrier() -> None:
+        dist.barrier()
+
+    def agree(n: int) -> int:
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    rows = []
+    sizes = parse_sizes(cfg.sizes)
+    dtypes = parse_dtypes(cfg.dtypes)
+    total = len(sizes) * len(dtypes)
+    for i, dtype in enumerate(dtypes):
+        for j, size in enumerate(sizes):
+            numel = max(1, size // torch.empty((), dtype=dtype).element_size())
+            x = torch.empty(numel, dtype=dtype).uniform_(-1, 1)
+            row = {"bytes": size, "dtype": dtype_name(dtype)}
+            runnable = {k: fn for k, fn in _candidates(x, weights, ds_run).items()
+                        if k in impls and fn is not None}
+            times = measure(runnable, warmup=cfg.warmup, repeats=cfg.repeats,
+                            target_s=cfg.target_ms / 1e3, barrier=barrier, agree=agree)
+            for name in impls:
+                if name not in times:
+                    row[name] = float("nan")
+                    continue
+                slowest = torch.tensor([times[name]], dtype=torch.float64)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                row[name] = slowest.item()
+            rows.append(row)
+            if rank == 0:
+                print(f"[{i * len(sizes) + j + 1}/{total}] {row['dtype']} "
+                      f"{human_bytes(size)}: " + ", ".join(
+                          f"{k} {row[k] * 1e6:.1f} us" for k in impls if row[k] == row[k]),
+                      file=sys.stderr, flush=True)
+    path = ("shared memory" if shm else "torch.distributed")
+    info = {"path": path, "notes": notes}
+    if shm:
+        info.update(chunk=shm.chunk_bytes, oneshot=shm.oneshot_max_bytes)
+    return {"rows": rows, "info": info}
+
+
+def run(cfg: AllReduceConfig) -> dict:
+    """Run the benchmark on ``cfg.nproc`` ranks; returns rows (seconds per call)."""
+    cfg.impl_list()
+    parse_sizes(cfg.sizes)
+    parse_dtypes(cfg.dtypes)
+    if cfg.nproc < 2:
+        raise ValueError(f"--nproc must be at least 2 for an all-reduce, got {cfg.nproc}")
+    return spawn(_rank_bench, cfg.nproc, cfg, timeout=cfg.timeout,
+                 threads_per_rank=cfg.threads_per_rank, bind_cores=cfg.bind_cores,
+                 env={"DS_ACCELERATOR": "cpu"})[0]
+
+
+def table(result: dict, cfg: AllReduceConfig, markdown: bool = False) -> str:
+    impls = cfg.impl_list()
+    headers = ["size", "dtype", *[f"{i} us" for i in impls]]
+    if "spd" in impls:
+        headers += ["spd busbw GB/s"]
+        if "gloo" in impls:
+            headers += ["spd x gloo"]
+        if "deepspeed" in impls:
+            headers += ["spd x ds"]
+        if "spd-weighted" in impls:
+            headers += ["weighted/sum"]
+    busbw_factor = 2 * (cfg.nproc - 1) / cfg.nproc
+    rows = []
+    for r in result["rows"]:
+        row = [human_bytes(r["bytes"]), r["dtype"], *[r[i] * 1e6 for i in impls]]
+        if "spd" in impls:
+            row.append(r["bytes"] / r["spd"] * busbw_factor / 1e9)
+            if "gloo" in impls:
+                row.append(r["gloo"] / r["spd"])
+            if "deepspeed" in impls:
+                row.append(r["deepspeed"] / r["spd"])
+            if "spd-weighted" in impls:
+                row.append(r["spd-weighted"] / r["spd"])
+        rows.append(row)
+    return format_table(headers, rows, markdown)
+
+
+def describe_run(result: dict, cfg: AllReduceConfig) -> str:
+    info = result["info"]
+    lines = [f"all-reduce, {cfg.nproc} ranks on {platform.node()} ({os.cpu_count()} cores), "
+             f"torch {torch.__version__}, spd path: {info['path']}"]
+    if "chunk" in info:
+        lines.append(f"spd: one-shot up to {human_bytes(info['oneshot'])}, then reduce-scatter + "
+                     f"all-gather in {human_bytes(info['chunk'])} chunks per rank")
+    for k, v in info["notes"].items():
+        lines.append(f"{k}: {v}")
+    lines.append("time per call: median of repeats, slowest rank; busbw = bytes/time * "
+                 "2(n-1)/n")
+    return "\n".join(lines)

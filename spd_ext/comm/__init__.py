@@ -1,0 +1,7 @@
+"""Collectives for spd_ext: ``all_reduce`` with a shared-memory kernel, and launch helpers."""
+
+from spd_ext.comm.all_reduce import CommError, all_reduce, path
+from spd_ext.comm.launch import RankError, spawn
+from spd_ext.comm.shm import describe
+
+__all__ = ["CommError", "RankError", "all_reduce", "describe", "path", "spawn"]

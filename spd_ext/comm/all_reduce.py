@@ -1,0 +1,136 @@
+"""``all_reduce``: sum, mean or weighted sum over a process group, in place.
+
+CPU tensors of float32 / bfloat16 / float16 whose ranks share a host go through the
+shared-memory kernel (fp32 accumulation, bitwise-equal results on every rank). Anything
+else (other dtypes, CUDA tensors, ranks on several hosts, the op unavailable) goes
+through torch.distributed with the same semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.comm.shm import OP_CODES, cached_shm_group, shm_group
+from spd_ext.ops.weighted_reduce import as_weight_list
+
+SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CommError(RuntimeError):
+    """A collective failed: a peer timed out or died, or ranks passed different tensors."""
+
+
+def _check_ready(group: Any) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("spd_ext.comm.all_reduce called before torch.distributed was "
+                           "initialized; call torch.distributed.init_process_group(...) first "
+                           "(torchrun and the deepspeed launcher set up the environment for it)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def rank_weight(op: str, weights: torch.Tensor | Sequence[float] | float | None, rank: int,
+                world_size: int) -> float:
+    """This rank's factor in the reduction: 1 (sum), 1/N (mean) or its weight.
+
+    Runs on every call, so the common cases avoid anything slower than a list lookup.
+    """
+    if op == "weighted":
+        if isinstance(weights, float) and math.isfinite(weights):
+            return weights  # this rank's own weight: the cheapest form
+        if isinstance(weights, float):
+            values = [weights]
+        elif isinstance(weights, torch.Tensor):
+            values = (weights if weights.dim() == 1 else weights.reshape(-1)).tolist()
+        elif weights is None:
+            raise ValueError("op='weighted' needs weights: one per rank (the same list on every "
+                             "rank), or this rank's own weight as a float")
+        else:
+            values = [float(weights)] if isinstance(weights, int) else list(weights)
+        if len(values) == 1 and not isinstance(weights, (torch.Tensor, list, tuple)):
+            rank = 0  # a bare float is this rank's own weight
+        elif len(values) != world_size:
+            raise ValueError(f"got {len(values)} weights for {world_size} ranks; pass one "
+                             "weight per rank (or this rank's own weight as a float)")
+        if not math.isfinite(sum(values)):  # NaN or inf anywhere makes the sum non-finite
+            as_weight_list(values, len(values), "ranks")  # raises naming the entries
+            raise ValueError(f"weights {values} overflow when summed; use weights that sum to 1")
+        return float(values[rank])
+    if op not in OP_CODES:
+        raise ValueError(f"unknown op {op!r}; use one of {', '.join(OP_CODES)}")
+    if weights is not None:
+        raise ValueError(f"weights are only used with op='weighted', not op={op!r}")
+    return 1.0 if op == "sum" else 1.0 / world_size
+
+
+def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float, world_size: int,
+                      group: Any) -> None:
+    # Low-precision CPU sums go through fp32 so the fallback accumulates like the kernel.
+    work = tensor.float() if (tensor.device.type == "cpu" and tensor.dtype in
+                              (torch.bfloat16, torch.float16)) else tensor
+    if op == "weighted":
+        if not work.is_floating_point():
+            raise TypeError(f"op='weighted' needs a floating-point tensor, got {tensor.dtype}")
+        if dist.get_backend(group) == "nccl":
+            dist.all_reduce(work, op=dist._make_nccl_premul_sum(weight), group=group)
+        else:
+            work.mul_(weight)
+            dist.all_reduce(work, group=group)
+    else:
+        dist.all_reduce(work, group=group)
+        if op == "mean":
+            if work.is_floating_point():
+                work.div_(world_size)
+            else:
+                work.floor_divide_(world_size)
+    if work is not tensor:
+        tensor.copy_(work)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum",
+               weights: torch.Tensor | Sequence[float] | float | None = None,
+               group: Any = None, *, timeout: float | None = None) -> torch.Tensor:
+    """Reduce ``tensor`` across the ranks of ``group`` in place and return it.
+
+    Args:
+        tensor: the same shape and dtype on every rank. Non-contiguous tensors are
+            reduced through a contiguous copy.
+        op: ``"sum"``, ``"mean"`` or ``"weighted"`` (``sum_i weights[i] * tensor_i``).
+        weights: for ``"weighted"`` only: one finite weight per rank (the same on every
+            rank; each rank's own entry scales its contribution inside the reduction) or
+            this rank's weight as a float.
+        group: a torch.distributed process group (default: the world).
+        timeout: seconds to wait for a peer inside the shared-memory kernel before raising
+            :class:`CommError` naming it (default ``$SPD_EXT_COMM_TIMEOUT`` or 300).
+    """
+    shm = cached_shm_group(group)  # per-call fast path: no torch.distributed queries
+    rank, world_size = (shm.rank, shm.world_size) if shm is not None else _check_ready(group)
+    if op == "sum" and weights is None:
+        weight = 1.0
+    else:
+        weight = rank_weight(op, weights, rank, world_size)
+    if world_size == 1:
+        return tensor if op == "sum" else tensor.mul_(weight)
+    flat = tensor if tensor.is_contiguous() else tensor.contiguous()
+    if flat.is_cpu and shm is None:
+        shm = shm_group(group)  # collective set-up on the group's first CPU all-reduce
+    if shm is not None and flat.is_cpu and flat.dtype in SHM_DTYPES:
+        try:
+            shm.all_reduce_(flat, op, weight, timeout)
+        except (RuntimeError, ValueError) as exc:  # C++ errors arrive as these
+            raise CommError(str(exc)) from None
+    else:
+        _torch_all_reduce(flat, op, weight, world_size, group)
+    if flat is not tensor:
+        tensor.copy_(flat)
+    return tensor
+
+
+def path(tensor: torch.Tensor, group: Any = None) -> str:
+    """``"shm"`` or ``"torch.distributed"``: which path ``all_reduce(tensor)`` takes."""
+    shm = shm_group(group) if tensor.device.type == "cpu" else None
+    return "shm" if shm is not None and tensor.dtype in SHM_DTYPES else "torch.distributed"

@@ -1,0 +1,129 @@
+"""Run a function on N local CPU ranks with a hard timeout (tests, benchmarks, examples).
+
+``spawn(fn, nproc, *args)`` starts ``nproc`` processes (spawn start method), initializes
+torch.distributed in each (gloo by default, env:// on a free localhost port, the same
+environment variables torchrun sets), calls ``fn(rank, world_size, *args)`` and returns
+the per-rank results in rank order. A rank that raises, dies or outlives the timeout
+stops every rank and raises in the caller with the rank named, so a hang costs seconds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+
+class RankError(RuntimeError):
+    """A rank raised, died or timed out under :func:`spawn`."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bind_cores(rank: int, nproc: int, threads: int) -> None:
+    """Pin rank r to its own block of cores (when there are enough for every rank)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= nproc * threads:
+        os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
+
+
+def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend: str,
+               threads: int, bind: bool, env: dict[str, str], pg_timeout: float,
+               results: Any, args: tuple) -> None:
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+        "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc), **env,
+    })
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    if bind:
+        _bind_cores(rank, nproc, threads)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=nproc,
+                                timeout=timedelta(seconds=pg_timeout))
+        value = fn(rank, nproc, *args)
+        results.put(("ok", rank, value))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
+          timeout: float = 120.0, threads_per_rank: int | None = None,
+          env: dict[str, str] | None = None, pg_timeout: float | None = None,
+          bind_cores: bool = False) -> list[Any]:
+    """Run ``fn(rank, nproc, *args)`` on ``nproc`` ranks; return the results by rank.
+
+    ``fn`` and ``args`` must be picklable (a module-level function). ``threads_per_rank``
+    sets torch's intra-op threads in each rank (default: cores // nproc, at least 1).
+    ``pg_timeout`` is the process group's own timeout (default: ``timeout``).
+    ``bind_cores`` pins each rank to its own cores when there are enough (benchmarks).
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc must be at least 1, got {nproc}")
+    if threads_per_rank is None:
+        threads_per_rank = max(1, (os.cpu_count() or 1) // nproc)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, name=f"spd_ext-rank{rank}",
+                    args=(fn, rank, nproc, port, backend, threads_per_rank, bind_cores,
+                          dict(env or {}),
+                          pg_timeout or timeout, results, args))
+        for rank in range(nproc)
+    ]
+    for p in procs:
+        p.start()
+    done: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    exited_at: dict[int, float] = {}
+    try:
+        while len(done) < nproc:
+            now = time.monotonic()
+            if now > deadline:
+                missing = sorted(set(range(nproc)) - set(done))
+                raise RankError(f"ranks {missing} did not finish within {timeout:.0f} s "
+                                f"(of {nproc}); they were stopped")
+            try:
+                kind, rank, value = results.get(timeout=min(0.2, deadline - now))
+            except queue.Empty:
+                for rank, p in enumerate(procs):
+                    if rank in done or p.exitcode is None:
+                        continue
+                    # A clean exit may still have its result in flight; give it a moment.
+                    first = exited_at.setdefault(rank, now)
+                    if p.exitcode != 0 or now - first > 5.0:
+                        raise RankError(f"rank {rank} exited with code {p.exitcode} without "
+                                        "returning a result") from None
+                continue
+            if kind == "error":
+                raise RankError(f"rank {rank} failed:\n{value}")
+            done[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5.0 if len(done) == nproc else 0.5)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results.close()
+    return [done[r] for r in range(nproc)]

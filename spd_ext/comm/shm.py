@@ -1,0 +1,193 @@
+"""Shared-memory all-reduce groups: one segment per process group, set up once.
+
+The first ``all_reduce`` of CPU tensors on a process group runs :func:`shm_group`
+collectively on every rank of the group:
+
+1. all ranks exchange a host id and whether the C++ op loaded; a group that spans
+   hosts, or where any rank lacks the op, uses torch.distributed (the reason is kept
+   for ``describe``);
+2. group rank 0 creates a segment with a job-unique name (pid + random token) and
+   broadcasts the name with the settings every rank must share (chunk size, one-shot
+   threshold);
+3. the others attach, everyone reports success, and rank 0 unlinks the name. From then
+   on only the mappings exist, so the segment disappears with the last process that
+   maps it, however the processes end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.ops.shm_allreduce import builder
+
+#: Bytes each rank stages per call (and per buffer; every rank has two).
+DEFAULT_CHUNK_BYTES = 1 << 20
+#: Tensors up to this size use the one-shot algorithm (one barrier, every rank reduces
+#: everything); larger ones use reduce-scatter + all-gather.
+DEFAULT_ONESHOT_MAX_BYTES = 1 << 18
+
+OP_CODES = {"sum": 0, "mean": 1, "weighted": 2}
+
+
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of bytes") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def default_timeout() -> float:
+    """Seconds a rank waits for its peers inside one call (``SPD_EXT_COMM_TIMEOUT``)."""
+    return float(os.environ.get("SPD_EXT_COMM_TIMEOUT", "300"))
+
+
+def host_id() -> str:
+    """Two ranks may share memory only if this string is equal for both."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
+
+
+@dataclass
+class ShmGroup:
+    """A process group's shared-memory all-reduce context."""
+
+    ctx: Any  # the C++ ShmAllReduce
+    rank: int
+    world_size: int
+    oneshot_max_bytes: int
+    timeout: float  # default per-call timeout, read from the environment at set-up
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.ctx.chunk_bytes
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str, weight: float,
+                    timeout: float | None) -> None:
+        self.ctx.all_reduce_(tensor, OP_CODES[op], weight, self.oneshot_max_bytes,
+                             self.timeout if timeout is None else timeout)
+
+
+# Process group -> its ShmGroup, or the reason it has none.
+_groups: dict[Any, ShmGroup | str] = {}
+
+
+def _group_key(group: Any) -> Any:
+    return dist.group.WORLD if group is None else group
+
+
+def cached_shm_group(group: Any = None) -> ShmGroup | None:
+    """The group's context if it is already set up (a dict lookup: the per-call fast path)."""
+    entry = _groups.get(_group_key(group))
+    return entry if isinstance(entry, ShmGroup) else None
+
+
+def shm_group(group: Any = None) -> ShmGroup | None:
+    """The group's shared-memory context, set up on first use; None means torch.distributed.
+
+    Collective on first call for a group: every rank of the group must call it.
+    """
+    key = _group_key(group)
+    entry = _groups.get(key)
+    if entry is None:
+        entry = _setup(group)
+        _groups[key] = entry
+    return entry if isinstance(entry, ShmGroup) else None
+
+
+def describe(group: Any = None) -> str:
+    """Which path CPU all-reduces on ``group`` take, as set up so far."""
+    entry = _groups.get(_group_key(group))
+    if entry is None:
+        return "not set up yet (decided by the first all_reduce on this group)"
+    if isinstance(entry, ShmGroup):
+        return (f"shared memory ({entry.world_size} ranks, chunk {entry.chunk_bytes} B, "
+                f"one-shot up to {entry.oneshot_max_bytes} B)")
+    return f"torch.distributed ({entry})"
+
+
+def _setup(group: Any) -> ShmGroup | str:
+    rank = dist.get_rank(group)
+    world = dist.get_world_size(group)
+    module = builder.load()
+    me = {"host": host_id(), "op": module is not None}
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, me, group=group)
+    no_op = [r for r, info in enumerate(everyone) if not info["op"]]
+    if no_op:
+        return f"the shm_allreduce op is unavailable on ranks {no_op}: {builder.status().reason}"
+    hosts = sorted({info["host"].split("/")[0] for info in everyone})
+    if len({info["host"] for info in everyone}) > 1:
+        return f"ranks span {len(hosts)} hosts ({', '.join(hosts)})"
+
+    error = _create_and_attach(group, module, rank, world)
+    if isinstance(error, ShmGroup):
+        return error
+    # The op loaded and every rank is local, yet the segment failed: worth a warning.
+    warnings.warn(f"spd_ext.comm: shared-memory all-reduce unavailable ({error}); using "
+                  "torch.distributed for this process group", RuntimeWarning, stacklevel=4)
+    return error
+
+
+def _create_and_attach(group: Any, module: Any, rank: int, world: int) -> ShmGroup | str:
+    ctx, error = None, None
+    if rank == 0:
+        name = f"/spd_ext_{os.getpid()}_{secrets.token_hex(6)}"
+        chunk = _env_bytes("SPD_EXT_SHM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+        chunk = max(4096, chunk // 4096 * 4096)
+        oneshot = _env_bytes("SPD_EXT_SHM_ONESHOT_MAX_BYTES", DEFAULT_ONESHOT_MAX_BYTES)
+        try:
+            ctx = module.ShmAllReduce(name, 0, world, chunk, True)
+        except (RuntimeError, ValueError, OSError) as exc:
+            error = f"rank 0 could not create the segment: {exc}"
+        settings = [name, oneshot, error]
+    else:
+        settings = [None, None, None]
+    dist.broadcast_object_list(settings, src=dist.get_global_rank(group or dist.group.WORLD, 0),
+                               group=group)
+    name, oneshot, error = settings
+    if error:
+        return error
+    try:
+        if rank != 0:
+            try:
+                ctx = module.ShmAllReduce(name, rank, world, 0, False)
+            except (RuntimeError, ValueError, OSError) as exc:
+                error = f"rank {rank} could not attach: {exc}"
+        errors: list[Any] = [None] * world
+        dist.all_gather_object(errors, error, group=group)
+    finally:
+        if rank == 0 and ctx is not None:
+            ctx.unlink()
+    failed = [e for e in errors if e]
+    if failed:
+        if ctx is not None:
+            ctx.close()
+        return "; ".join(failed)
+    return ShmGroup(ctx=ctx, rank=rank, world_size=world, oneshot_max_bytes=oneshot,
+                    timeout=default_timeout())
+
+
+def release_all() -> None:
+    """Unmap every group's segment (tests; process exit does the same)."""
+    for entry in _groups.values():
+        if isinstance(entry, ShmGroup):
+            entry.ctx.close()
+    _groups.clear()

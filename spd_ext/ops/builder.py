@@ -1,0 +1,250 @@
+"""Op builders in the DeepSpeed style: one class per C++ op.
+
+An op is taken, in order, from
+1. a module prebuilt at install time (``SPD_BUILD_OPS=1 pip install --no-build-isolation .``),
+2. a JIT build of ``csrc/`` with ``torch.utils.cpp_extension`` and ninja, cached per
+   torch version, Python version and vector ISA (``~/.cache/spd_ext/ops`` or
+   ``$SPD_EXT_OPS_CACHE``),
+3. the op's pure-PyTorch fallback, chosen with one warning when 1 and 2 are impossible,
+   or silently when ``SPD_EXT_FORCE_FALLBACK=1`` asks for it.
+
+``setup.py`` asks each builder for its ``cpp_extension()`` to prebuild the ops.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import ClassVar
+
+# Compiler flags per vector ISA, and the /proc/cpuinfo flags each one needs at run time.
+ISA_FLAGS: dict[str, list[str]] = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c",
+               "-DSPD_ISA_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DSPD_ISA_AVX2"],
+    "scalar": [],
+}
+ISA_REQUIRES: dict[str, frozenset[str]] = {
+    "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}),
+    "avx2": frozenset({"avx2", "fma", "f16c"}),
+    "scalar": frozenset(),
+}
+
+
+def force_fallback() -> bool:
+    """True when ``SPD_EXT_FORCE_FALLBACK`` asks every op to use its PyTorch fallback."""
+    return os.environ.get("SPD_EXT_FORCE_FALLBACK", "0").lower() not in ("", "0", "false", "no")
+
+
+def host_cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_supported(isa: str) -> bool:
+    return ISA_REQUIRES[isa] <= host_cpu_flags()
+
+
+def host_isa() -> str:
+    """The best vector ISA of this CPU, or ``$SPD_EXT_CPU_ISA`` when set (and supported)."""
+    wanted = os.environ.get("SPD_EXT_CPU_ISA", "").lower()
+    if wanted:
+        if wanted not in ISA_FLAGS:
+            raise ValueError(f"SPD_EXT_CPU_ISA={wanted!r} is not one of {', '.join(ISA_FLAGS)}")
+        if not isa_supported(wanted):
+            missing = sorted(ISA_REQUIRES[wanted] - host_cpu_flags())
+            raise ValueError(f"SPD_EXT_CPU_ISA={wanted} needs CPU flags this host lacks: "
+                             f"{' '.join(missing)}")
+        return wanted
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "scalar"
+    return next(isa for isa in ("avx512", "avx2", "scalar") if isa_supported(isa))
+
+
+def csrc_root() -> Path:
+    """``csrc/``: copied into the package by setup.py, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "csrc", here.parents[1] / "csrc"):
+        if (candidate / "includes").is_dir():
+            return candidate
+    raise FileNotFoundError(f"spd_ext C++ sources not found next to {here}; reinstall spd_ext")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("SPD_EXT_OPS_CACHE") or Path.home() / ".cache" / "spd_ext" / "ops"
+    return Path(root)
+
+
+@dataclass
+class OpStatus:
+    """What `spd-ext report` prints for one op."""
+
+    name: str
+    compatible: bool
+    reason: str
+    built: str  # "prebuilt", "jit-cached", "loaded (jit)", "no"
+    implementation: str  # "kernel", "fallback", "kernel (JIT on first use)"
+    isa: str
+    flags: list[str] = field(default_factory=list)
+
+
+class OpBuilder:
+    """Compiles and loads one C++ op; subclasses name it and list its sources."""
+
+    NAME: ClassVar[str]
+    SOURCES: ClassVar[list[str]]  # relative to csrc/
+
+    def __init__(self) -> None:
+        self._module: ModuleType | None = None
+        self._loaded = False
+        self._how = "no"
+        self._why_not = ""
+
+    # -- what to build ------------------------------------------------------------
+    @property
+    def prebuilt_name(self) -> str:
+        return f"spd_ext.ops._{self.NAME}_op"
+
+    def sources(self) -> list[str]:
+        root = csrc_root()
+        return [str(root / s) for s in self.SOURCES]
+
+    def include_dirs(self) -> list[str]:
+        return [str(csrc_root() / "includes")]
+
+    def cxx_flags(self, isa: str | None = None) -> list[str]:
+        return ["-O3", "-std=c++17", "-fopenmp", *ISA_FLAGS[isa or host_isa()]]
+
+    def ld_flags(self) -> list[str]:
+        # Resolves to the libgomp torch already loaded (same soname): one OpenMP runtime,
+        # so torch.set_num_threads also governs the ops.
+        return ["-fopenmp"]
+
+    def is_compatible(self) -> tuple[bool, str]:
+        if sys.platform != "linux":
+            return False, f"needs Linux (this is {sys.platform})"
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            return False, f"no C++ compiler ({cxx}) on PATH"
+        return True, ""
+
+    def build_dir(self) -> Path:
+        import torch
+
+        tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{host_isa()}"
+        return cache_root() / tag / self.NAME
+
+    def jit_cached(self) -> bool:
+        d = self.build_dir()
+        return d.is_dir() and any(d.glob("*.so"))
+
+    def cpp_extension(self):
+        """The setuptools extension that prebuilds this op (used by setup.py)."""
+        from torch.utils.cpp_extension import CppExtension
+
+        root = csrc_root()
+        return CppExtension(
+            name=self.prebuilt_name,
+            sources=[os.path.relpath(s, root.parent) for s in self.sources()],
+            include_dirs=self.include_dirs(),
+            extra_compile_args=self.cxx_flags(),
+            extra_link_args=self.ld_flags(),
+        )
+
+    # -- loading ------------------------------------------------------------------
+    def load(self) -> ModuleType | None:
+        """The compiled op, or None when the PyTorch fallback must be used."""
+        if self._loaded:
+            return self._module
+        self._loaded = True
+        self._module = self._load()
+        return self._module
+
+    def _load(self) -> ModuleType | None:
+        if force_fallback():
+            self._why_not = "forced by SPD_EXT_FORCE_FALLBACK=1"
+            return None
+        ok, why = self.is_compatible()
+        if not ok:
+            return self._give_up(why)
+        try:
+            module = importlib.import_module(self.prebuilt_name)
+        except ImportError:
+            module = None
+        # Skip a prebuilt op built for a wider ISA than this CPU's (it would fault), or
+        # older than its sources (an edited checkout): rebuild it with the JIT instead.
+        if module is not None and isa_supported(module.isa()) and not self._stale(module):
+            self._how = "prebuilt"
+            return module
+        try:
+            module = self.jit_load()
+        except Exception as exc:  # compiler errors, missing ninja, ...
+            return self._give_up(f"JIT build failed: {str(exc).strip().splitlines()[-1]}")
+        self._how = "loaded (jit)"
+        return module
+
+    def _stale(self, module: ModuleType) -> bool:
+        built = Path(module.__file__).stat().st_mtime
+        sources = [p for p in csrc_root().rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")]
+        return any(p.stat().st_mtime > built for p in sources)
+
+    def jit_load(self, verbose: bool | None = None) -> ModuleType:
+        from torch.utils import cpp_extension
+
+        build_dir = self.build_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if verbose is None:
+            verbose = os.environ.get("SPD_EXT_VERBOSE_BUILD", "0") == "1"
+        return cpp_extension.load(
+            name=f"spd_ext_{self.NAME}",
+            sources=self.sources(),
+            extra_cflags=self.cxx_flags(),
+            extra_ldflags=self.ld_flags(),
+            extra_include_paths=self.include_dirs(),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+
+    def _give_up(self, why: str) -> None:
+        self._why_not = why
+        warnings.warn(f"spd_ext op '{self.NAME}' is unavailable ({why}); using its PyTorch "
+                      "fallback. `spd-ext report` shows every op's state.",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+    def status(self) -> OpStatus:
+        """State without triggering a build (unless the op was already loaded)."""
+        ok, why = self.is_compatible()
+        isa = host_isa()
+        if self._loaded:
+            built = self._how if self._module is not None else "no"
+            impl = "kernel" if self._module is not None else "fallback"
+            isa = self._module.isa() if self._module is not None else isa
+            return OpStatus(self.NAME, ok, why or self._why_not, built, impl, isa,
+                            self.cxx_flags(isa))
+        try:
+            prebuilt = importlib.util.find_spec(self.prebuilt_name) is not None
+        except (ImportError, ValueError):
+            prebuilt = False
+        built = "prebuilt" if prebuilt else "jit-cached" if self.jit_cached() else "no"
+        if force_fallback():
+            impl, why = "fallback", "forced by SPD_EXT_FORCE_FALLBACK=1"
+        elif not ok:
+            impl = "fallback"
+        else:
+            impl = "kernel" if built != "no" else "kernel (JIT on first use)"
+        return OpStatus(self.NAME, ok, why, built, impl, isa, self.cxx_flags(isa))

@@ -1,0 +1,324 @@
+"""spd_ext.comm.all_reduce on 2-4 CPU ranks (gloo), against float64 references.
+
+Each multi-rank test spawns its ranks once and checks many cases inside them; ranks
+return lists of failures so the assertion message says what went wrong where.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from spd_ext.comm import CommError, RankError, all_reduce, describe, path, spawn
+from spd_ext.comm.all_reduce import rank_weight
+
+from conftest import FORCED_FALLBACK, assert_within_bound, needs_kernels
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CHUNK_BYTES = 1 << 20  # spd_ext.comm.shm.DEFAULT_CHUNK_BYTES
+
+
+def _sizes(dtype: torch.dtype) -> list[int]:
+    chunk_elements = CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
+    return [1, 3, 1023, 2**20 + 7, chunk_elements + 1]
+
+
+def _data(n: int, world: int, dtype: torch.dtype, seed: int) -> tuple[list[torch.Tensor],
+                                                                        torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(n, generator=g) * 2).to(dtype) for _ in range(world)]
+    w = torch.softmax(torch.randn(world, generator=g), 0)
+    return xs, w
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _check_all_ops(rank: int, world: int, x: torch.Tensor, xs: list[torch.Tensor],
+                   w: torch.Tensor, label: str, failures: list[str],
+                   digests: dict[str, str]) -> None:
+    cases = {
+        "sum": ({}, [x_.double() for x_ in xs]),
+        "mean": ({}, [x_.double() / world for x_ in xs]),
+        "weighted": ({"weights": w}, [float(wi) * x_.double() for wi, x_ in zip(w, xs)]),
+    }
+    for op, (kwargs, terms) in cases.items():
+        t = x.clone()
+        returned = all_reduce(t, op, **kwargs)
+        if returned is not t:
+            failures.append(f"{label} {op}: did not return its input tensor")
+        try:
+            assert_within_bound(t, terms, f"rank {rank} {label} {op}")
+        except AssertionError as exc:
+            failures.append(str(exc))
+        digests[f"{label} {op}"] = _digest(t)
+
+
+def _reference_ranks(rank: int, world: int) -> dict:
+    failures: list[str] = []
+    digests: dict[str, str] = {}
+    for dtype in DTYPES:
+        for n in _sizes(dtype):
+            xs, w = _data(n, world, dtype, seed=n + world)
+            _check_all_ops(rank, world, xs[rank], xs, w, f"{dtype} n={n}", failures, digests)
+    # Non-contiguous tensors go through a contiguous copy and come back in place.
+    xs, w = _data(64 * 48, world, torch.float32, seed=5)
+    expect = sum(x.double() for x in xs).view(64, 48).t()
+    view = xs[rank].view(64, 48).t()
+    all_reduce(view)
+    if not torch.allclose(view.double(), expect, rtol=1e-6, atol=1e-6):
+        failures.append("non-contiguous view not reduced in place")
+    return {"failures": failures, "digests": digests,
+            "path": path(torch.zeros(1)), "describe": describe()}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_matches_float64_reference_and_ranks_agree_bitwise(world: int) -> None:
+    results = spawn(_reference_ranks, world, timeout=240)
+    for r in results:
+        assert not r["failures"], "\n".join(r["failures"][:5])
+    for key, digest in results[0]["digests"].items():
+        assert all(r["digests"][key] == digest for r in results), f"ranks disagree on {key}"
+    expected_path = "torch.distributed" if FORCED_FALLBACK else "shm"
+    assert all(r["path"] == expected_path for r in results), results[0]["describe"]
+
+
+def _repeated_ranks(rank: int, world: int) -> list[str]:
+    failures: list[str] = []
+    # Sizes on both sides of the one-shot threshold and across a chunk boundary.
+    for n in (1023, 150_001, 262_145):
+        t = torch.empty(n, dtype=torch.bfloat16)
+        for step in range(100):
+            xs, w = _data(n, world, torch.bfloat16, seed=step * 31 + n)
+            op = ("sum", "mean", "weighted")[step % 3]
+            t.copy_(xs[rank])
+            all_reduce(t, op, weights=w if op == "weighted" else None)
+            scale = {"sum": [1.0] * world, "mean": [1.0 / world] * world,
+                     "weighted": w.tolist()}[op]
+            try:
+                assert_within_bound(t, [s * x.double() for s, x in zip(scale, xs)],
+                                    f"rank {rank} n={n} step {step} {op}")
+            except AssertionError as exc:
+                failures.append(str(exc))
+                break
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_100_calls_with_changing_data(world: int) -> None:
+    # 4 ranks on this 2-core machine also checks that waiting ranks yield to the rank
+    # they wait for instead of starving it.
+    for failures in spawn(_repeated_ranks, world, timeout=240):
+        assert not failures, failures[0]
+
+
+def _tiny_chunk_ranks(rank: int, world: int) -> list[str]:
+    failures: list[str] = []
+    digests: dict[str, str] = {}
+    for dtype in DTYPES:
+        for n in (1, 2, 3, 5, 17, 4099, 70_001):  # slices of 0..n elements per rank
+            xs, w = _data(n, world, dtype, seed=n)
+            _check_all_ops(rank, world, xs[rank], xs, w, f"{dtype} n={n}", failures, digests)
+    return failures
+
+
+def test_two_shot_with_tiny_chunks_and_uneven_slices() -> None:
+    env = {"SPD_EXT_SHM_CHUNK_BYTES": "8192", "SPD_EXT_SHM_ONESHOT_MAX_BYTES": "1"}
+    for failures in spawn(_tiny_chunk_ranks, 3, timeout=240, env=env):
+        assert not failures, "\n".join(failures[:5])
+
+
+def _fallback_paths_ranks(rank: int, world: int) -> dict:
+    out: dict = {}
+    ints = torch.arange(6, dtype=torch.int64) * (rank + 1)
+    all_reduce(ints)
+    out["int64 sum"] = ints.tolist()
+    doubles = torch.full((5,), float(rank + 1), dtype=torch.float64)
+    all_reduce(doubles, "weighted", weights=[0.25, 0.75])
+    out["float64 weighted"] = doubles.tolist()
+    out["int64 path"] = path(ints)
+    # A subgroup gets its own shared-memory segment; every rank creates every group.
+    groups = [dist.new_group([0]), dist.new_group([1])]
+    mine = groups[rank]
+    single = torch.full((3,), 2.0)
+    all_reduce(single, "weighted", weights=[0.5], group=mine)
+    out["singleton weighted"] = single.tolist()
+    pair = dist.new_group([0, 1])
+    t = torch.full((1000,), float(rank + 1))
+    all_reduce(t, "mean", group=pair)
+    out["subgroup mean"] = t[0].item()
+    out["subgroup path"] = describe(pair)
+    return out
+
+
+def test_other_dtypes_and_groups() -> None:
+    results = spawn(_fallback_paths_ranks, 2, timeout=120)
+    for r in results:
+        assert r["int64 sum"] == [0, 3, 6, 9, 12, 15]
+        assert r["float64 weighted"] == pytest.approx([0.25 * 1 + 0.75 * 2] * 5)
+        assert r["int64 path"] == "torch.distributed"
+        assert r["singleton weighted"] == [1.0, 1.0, 1.0]
+        assert r["subgroup mean"] == pytest.approx(1.5)
+        assert r["subgroup path"].startswith("torch.distributed" if FORCED_FALLBACK
+                                             else "shared memory")
+
+
+def _mismatch_ranks(rank: int, world: int) -> list[str]:
+    messages = []
+    for t in (torch.ones(100 + rank * 5000),  # sizes differ
+              torch.ones(100, dtype=(torch.float32, torch.bfloat16)[rank]),  # dtypes differ
+              torch.ones(0 if rank else 10)):  # one rank empty
+        try:
+            all_reduce(t, timeout=30)
+            messages.append("no error")
+        except CommError as exc:
+            messages.append(str(exc))
+    t = torch.full((10,), float(rank))  # the group still works afterwards
+    all_reduce(t)
+    messages.append(str(t[0].item()))
+    return messages
+
+
+@needs_kernels
+def test_mismatched_tensors_raise_on_every_rank() -> None:
+    for messages in spawn(_mismatch_ranks, 2, timeout=120):
+        assert "rank 0 100 x float32" in messages[0] and "rank 1 5100 x float32" in messages[0]
+        assert "bfloat16" in messages[1] and "same size and dtype" in messages[1]
+        assert "rank 0 10 x" in messages[2] and "rank 1 0 x" in messages[2]
+        assert messages[3] == "1.0"
+
+
+def _missing_rank_ranks(rank: int, world: int) -> dict:
+    all_reduce(torch.ones(10))  # both ranks set the group up
+    if rank == 1:
+        time.sleep(4)  # then rank 1 skips the next collective
+        return {"pid": os.getpid()}
+    start = time.monotonic()
+    try:
+        all_reduce(torch.ones(10), timeout=1.0)
+        message = "no error"
+    except CommError as exc:
+        message = str(exc)
+    try:
+        all_reduce(torch.ones(10), timeout=1.0)
+        after = "no error"
+    except CommError as exc:
+        after = str(exc)
+    segments = glob.glob(f"/dev/shm/spd_ext_{os.getpid()}_*")
+    return {"message": message, "after": after, "elapsed": time.monotonic() - start,
+            "segments": segments}
+
+
+@needs_kernels
+def test_missing_rank_times_out_naming_it() -> None:
+    rank0, rank1 = spawn(_missing_rank_ranks, 2, timeout=120)
+    assert "waiting for rank 1" in rank0["message"], rank0["message"]
+    assert f"pid {rank1['pid']}" in rank0["message"]
+    assert "timed out after 1" in rank0["message"]
+    assert rank0["elapsed"] < 10
+    assert "unusable after an earlier failure" in rank0["after"]
+    assert rank0["segments"] == [], "the segment name must be unlinked once all ranks attached"
+
+
+def _attach_then(name: str, action: str, attached) -> None:
+    from spd_ext.ops.shm_allreduce import builder
+
+    ctx = builder.load().ShmAllReduce(name, 1, 2, 0, False)
+    attached.set()
+    if action == "sleep":
+        time.sleep(30)
+    del ctx
+    os._exit(0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("action", ["exit", "sleep"])
+def test_dead_or_silent_peer_is_named(action: str) -> None:
+    from spd_ext.ops.shm_allreduce import builder
+
+    name = f"/spd_ext_test_{os.getpid()}_{action}"
+    ctx = builder.load().ShmAllReduce(name, 0, 2, 1 << 16, True)
+    spawn_ctx = mp.get_context("spawn")
+    attached = spawn_ctx.Event()
+    child = spawn_ctx.Process(target=_attach_then, args=(name, action, attached))
+    try:
+        child.start()
+        assert attached.wait(60), "peer never attached"
+        ctx.unlink()
+        # For "exit" the child is now a zombie (nobody has waited for it): still detected.
+        time.sleep(0.5)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError) as info:
+            ctx.all_reduce_(torch.ones(10), 0, 1.0, 1 << 18, 5.0)
+        message = str(info.value)
+        if action == "exit":
+            assert f"rank 1 (pid {child.pid}) exited" in message, message
+            assert time.monotonic() - start < 2.0, "a dead peer is detected quickly"
+        else:
+            assert "timed out after 5" in message and "rank 1" in message, message
+        assert not os.path.exists(f"/dev/shm{name}")
+    finally:
+        child.kill()
+        child.join()
+        ctx.unlink()
+
+
+def test_use_before_init_is_an_error() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        all_reduce(torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "op, weights, match",
+    [
+        ("max", None, "unknown op"),
+        ("sum", [0.5, 0.5], "only used with op='weighted'"),
+        ("weighted", None, "needs weights"),
+        ("weighted", [1.0, 2.0, 3.0], "3 weights for 2 ranks"),
+        ("weighted", [float("nan"), 1.0], "finite"),
+        ("weighted", float("inf"), "finite"),
+    ],
+)
+def test_bad_op_and_weights(op: str, weights, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        rank_weight(op, weights, 0, 2)
+
+
+def test_rank_weight_values() -> None:
+    assert rank_weight("sum", None, 1, 4) == 1.0
+    assert rank_weight("mean", None, 1, 4) == 0.25
+    assert rank_weight("weighted", torch.tensor([0.1, 0.9]), 1, 2) == pytest.approx(0.9)
+    assert rank_weight("weighted", 0.3, 1, 2) == pytest.approx(0.3)
+
+
+def _raise_on_rank_one(rank: int, world: int) -> None:
+    if rank == 1:
+        raise KeyError("boom")
+    time.sleep(30)
+
+
+def _hang(rank: int, world: int) -> None:
+    time.sleep(60)
+
+
+def test_spawn_names_the_failing_rank() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankError, match=r"rank 1 failed:(.|\n)*KeyError: 'boom'"):
+        spawn(_raise_on_rank_one, 2, timeout=60)
+    assert time.monotonic() - start < 30
+
+
+def test_spawn_times_out_instead_of_hanging() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankError, match=r"ranks \[0, 1\] did not finish within 3 s"):
+        spawn(_hang, 2, timeout=3)
+    assert time.monotonic() - start < 20
