@@ -171,6 +171,23 @@ def test_other_dtypes_and_groups() -> None:
                                              else "shared memory")
 
 
+def _two_hosts_ranks(rank: int, world: int) -> dict:
+    import spd_ext.comm.shm as shm
+
+    shm.host_id = lambda: f"node{rank}/boot"  # pretend every rank is on its own host
+    t = torch.full((1000,), float(rank + 1), dtype=torch.bfloat16)
+    all_reduce(t, "weighted", weights=[0.25, 0.75])
+    return {"value": t[0].item(), "describe": describe(), "path": path(t)}
+
+
+@needs_kernels
+def test_ranks_on_several_hosts_use_torch_distributed() -> None:
+    for r in spawn(_two_hosts_ranks, 2, timeout=120):
+        assert r["path"] == "torch.distributed"
+        assert "ranks span 2 hosts (node0, node1)" in r["describe"]
+        assert r["value"] == pytest.approx(1.75, rel=1e-2)
+
+
 def _mismatch_ranks(rank: int, world: int) -> list[str]:
     messages = []
     for t in (torch.ones(100 + rank * 5000),  # sizes differ

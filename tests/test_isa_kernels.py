@@ -96,3 +96,14 @@ def test_nan_stays_nan(lib, dtype: torch.dtype) -> None:
     lib.spd_test_round_trip(CODES[dtype], _ptr(x), _ptr(back), _ptr(bits),
                             ctypes.c_int64(x.numel()))
     assert torch.equal(back.isnan(), x.isnan())
+
+
+def test_last_level_cache_size_is_what_lscpu_reports(lib) -> None:
+    lib.spd_test_llc_bytes.restype = ctypes.c_int64
+    expected = 32 << 20  # the kernel's default when sysfs says nothing
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        if (index / "level").read_text().strip() == "3":
+            size = (index / "size").read_text().strip()
+            expected = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]]
+            break
+    assert lib.spd_test_llc_bytes() == expected

@@ -34,7 +34,8 @@ at::Tensor weighted_reduce(const std::vector<at::Tensor>& xs, const std::vector<
             using T = std::remove_pointer_t<decltype(tag)>;
             spd::weighted_reduce(static_cast<T*>(dst),
                                  reinterpret_cast<const T* const*>(ptrs.data()), w, k, n,
-                                 threads, n * int64_t(sizeof(T)) >= spd::kStreamMinBytes);
+                                 threads,
+                                 spd::prefer_streaming_stores(n * int64_t(sizeof(T)) * (k + 1)));
         });
     }
     return out;

@@ -7,7 +7,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -133,10 +136,36 @@ inline int threads_for(int64_t bytes_touched, int thread_limit)
     return std::max(1, std::min(thread_limit, int(bytes_touched / kParallelMinBytes)));
 }
 
-// Outputs at least this large are written with streaming stores by default: they do
-// not fit in the caches of a core anyway, and skipping the read-for-ownership saves a
-// sixth of the traffic of a 4-input reduction.
-constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
+// The L3 one core can use, from sysfs (what lscpu shows). sysconf's answer is not used:
+// on some VMs it reports the whole host's L3 (384 MiB where a core sees 32 MiB).
+inline int64_t last_level_cache_bytes()
+{
+    static const int64_t bytes = [] {
+        for (int i = 0; i < 8; ++i) {
+            const std::string dir =
+                "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+            std::ifstream level_file(dir + "level"), size_file(dir + "size");
+            int level = 0;
+            std::string size;
+            if (!(level_file >> level) || !(size_file >> size) || level != 3) continue;
+            int64_t value = std::atoll(size.c_str());
+            if (size.back() == 'K') value <<= 10;
+            if (size.back() == 'M') value <<= 20;
+            if (value > 0) return value;
+        }
+        return int64_t(32) << 20;  // unknown: a typical server L3 slice
+    }();
+    return bytes;
+}
+
+// Streaming stores pay off once a reduction's working set no longer fits in half the
+// last-level cache: the output would be evicted before anyone reads it, and skipping
+// its read-for-ownership saves a sixth of the traffic of a 4-input reduction. Below
+// that they would push a result the caller is about to use out to DRAM.
+inline bool prefer_streaming_stores(int64_t bytes_touched)
+{
+    return bytes_touched >= last_level_cache_bytes() / 2;
+}
 
 template <typename T>
 void weighted_reduce(T* out, const T* const* in, const float* w, int k, int64_t n,

@@ -8,6 +8,8 @@ extern "C" {
 
 const char* spd_test_isa() { return spd::vec_isa_name(); }
 
+int64_t spd_test_llc_bytes() { return spd::last_level_cache_bytes(); }
+
 void spd_test_weighted_reduce(int dtype, void* out, const void* const* in, const float* w, int k,
                               int64_t n, int threads, int stream)
 {
