@@ -69,6 +69,12 @@ def _reference_ranks(rank: int, world: int) -> dict:
         for n in _sizes(dtype):
             xs, w = _data(n, world, dtype, seed=n + world)
             _check_all_ops(rank, world, xs[rank], xs, w, f"{dtype} n={n}", failures, digests)
+    # In-place writes are visible to autograd's version counter.
+    t = torch.ones(10)
+    before = t._version
+    all_reduce(t)
+    if t._version == before:
+        failures.append("all_reduce did not bump the tensor's version")
     # Non-contiguous tensors go through a contiguous copy and come back in place.
     xs, w = _data(64 * 48, world, torch.float32, seed=5)
     expect = sum(x.double() for x in xs).view(64, 48).t()

@@ -150,3 +150,13 @@ def test_kernel_impl_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(builder, "load", lambda: None)
     with pytest.raises(RuntimeError, match="unavailable"):
         weighted_reduce([torch.ones(3)], [1.0], impl="kernel")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_writing_out_bumps_its_version(impl: str) -> None:
+    # autograd checks saved tensors' versions; an in-place write it cannot see would
+    # silently corrupt gradients.
+    out = torch.zeros(100)
+    before = out._version
+    weighted_reduce([torch.ones(100)], [2.0], out=out, impl=impl)
+    assert out._version > before

@@ -40,6 +40,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -176,6 +177,9 @@ public:
     void all_reduce_(at::Tensor& t, int64_t op, double weight, int64_t oneshot_max_bytes,
                      double timeout_s)
     {
+        // Calls from several threads of one rank must not interleave their sequence
+        // numbers (they would pair with the wrong calls of other ranks).
+        std::lock_guard<std::mutex> lock(mutex_);
         if (base_ == nullptr) throw std::runtime_error("shm all-reduce used after close()");
         if (!broken_.empty())
             throw std::runtime_error(
@@ -210,6 +214,7 @@ public:
             });
             off += count;
         } while (off < numel);
+        t.unsafeGetTensorImpl()->bump_version();  // written in place, as autograd must know
     }
 
 private:
@@ -437,6 +442,7 @@ private:
     bool unlinked_ = true;
     uint64_t seq_ = 0;
     std::string broken_;
+    std::mutex mutex_;
 };
 
 }  // namespace

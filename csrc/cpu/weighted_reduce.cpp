@@ -38,6 +38,7 @@ at::Tensor weighted_reduce(const std::vector<at::Tensor>& xs, const std::vector<
                                  spd::prefer_streaming_stores(n * int64_t(sizeof(T)) * (k + 1)));
         });
     }
+    out.unsafeGetTensorImpl()->bump_version();
     return out;
 }
 
