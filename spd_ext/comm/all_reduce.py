@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import increment_version
 
 from spd_ext.comm.shm import OP_CODES, cached_shm_group, shm_group
 from spd_ext.ops.weighted_reduce import as_weight_list
@@ -89,6 +90,8 @@ def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float, world_size: 
                 work.floor_divide_(world_size)
     if work is not tensor:
         tensor.copy_(work)
+    else:  # torch.distributed writes in place without telling autograd; the kernel does tell
+        increment_version(tensor)
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum",
