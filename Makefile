@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,deepspeed
+EXTRAS ?= dev,deepspeed,hf,experiments
+# The shared data folder beside the checkout (TinyShakespeare, gpt2.tiktoken), if present;
+# otherwise the product downloads what it needs.
+export SPD_EXT_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup demo test lint cuda-compile pytest report clean
+.PHONY: setup demo bench test lint cuda-compile pytest report clean
 
 # torch first and pinned (an unpinned torch pulls the CUDA wheels), then the project with
 # its C++ ops prebuilt against that torch.
@@ -24,7 +27,12 @@ setup: $(VENV)/.installed
 report: setup
 	$(BIN)/spd-ext report
 
+# Quickstart: three sync patterns of a small char GPT on TinyShakespeare (a few minutes).
 demo: report
+	$(BIN)/spd-ext experiment sync-sweep --patterns "tp*12;spd*12;grouped:4" --steps 200 \
+		--eval-interval 100 --out out/demo
+
+bench: setup
 	$(BIN)/spd-ext bench allreduce --nproc 2 --dtype fp32,bf16 --sizes 4K..64M
 
 lint: setup

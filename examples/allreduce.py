@@ -47,6 +47,7 @@ def main() -> None:
     if rank == 0:
         print(f"all-reduce over {world} ranks via {describe()}: "
               + ", ".join(f"{k}={got[k][0].item():.4f}" for k in got) + " (all correct)")
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 

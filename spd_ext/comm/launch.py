@@ -56,6 +56,9 @@ def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend
                                 timeout=timedelta(seconds=pg_timeout))
         value = fn(rank, nproc, *args)
         results.put(("ok", rank, value))
+        # Gloo fails a rank whose peers tear their connections down while it still talks
+        # to someone else, so nobody leaves before everyone is done.
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put(("error", rank, traceback.format_exc()))
     finally:

@@ -1,0 +1,118 @@
+"""`spd-ext bench tp`: training step time per sync pattern on N local CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.bench.timing import measure
+from spd_ext.comm import spawn
+from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
+from spd_ext.utils.table import format_table
+
+DEFAULT_PATTERNS = "tp*12;[tp,spd]*6;spd*12;[spd,parallel]*6;grouped:4;ladder*12"
+
+
+@dataclass
+class TPBenchConfig:
+    nproc: int = 2
+    patterns: str = DEFAULT_PATTERNS  # ';'-separated (patterns contain commas)
+    backends: str = "torch,spd"
+    n_layer: int = 12
+    n_head: int = 4
+    n_embd: int = 64
+    batch_size: int = 8
+    seq_len: int = 64
+    vocab_size: int = 65
+    warmup: int = 3
+    repeats: int = 7
+    target_ms: float = 200.0
+
+    def pattern_list(self) -> list[str]:
+        return [p.strip() for p in self.patterns.split(";") if p.strip()]
+
+    def backend_list(self) -> list[str]:
+        names = [b.strip() for b in self.backends.split(",") if b.strip()]
+        bad = [b for b in names if b not in ("torch", "spd")]
+        if bad or not names:
+            raise ValueError(f"unknown backend(s) {bad}; use torch (torch.distributed on the "
+                             "process group's backend) and/or spd (spd_ext.comm)")
+        return names
+
+
+def _step_fn(model: ReducedSyncGPT, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        model.sync_partial_grads_()
+        opt.step()
+
+    return step
+
+
+def _rank(rank: int, world: int, cfg: TPBenchConfig) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
+    y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
+    rows = []
+    for backend in cfg.backend_list():
+        comm_models = {}
+        for pattern in cfg.pattern_list():
+            mc = GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size,
+                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                           pattern=pattern, tp_size=world)
+            comm_models[pattern] = ReducedSyncGPT(mc, DistributedComm(backend=backend), seed=0)
+        steps = {p: _step_fn(m, x, y) for p, m in comm_models.items()}
+        counts = {}
+        for p, m in comm_models.items():
+            steps[p]()
+            counts[p] = m.sync_counter.step()
+
+        def agree(n: int) -> int:
+            t = torch.tensor([n])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return int(t.item())
+
+        times = measure(steps, warmup=cfg.warmup, repeats=cfg.repeats,
+                        target_s=cfg.target_ms / 1e3, barrier=dist.barrier, agree=agree)
+        for p in cfg.pattern_list():
+            t = torch.tensor([times[p]], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            rows.append({"backend": backend, "pattern": p, "syncs_fwd": counts[p]["forward"],
+                         "syncs_bwd": counts[p]["backward"], "seconds": t.item()})
+    return rows
+
+
+def run(cfg: TPBenchConfig) -> list[dict]:
+    cfg.backend_list()
+    if cfg.nproc < 2:
+        raise ValueError(f"--nproc must be at least 2, got {cfg.nproc}")
+    for p in cfg.pattern_list():
+        GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, pattern=p,
+                  tp_size=cfg.nproc)
+    return spawn(_rank, cfg.nproc, cfg, timeout=3600, bind_cores=True)[0]
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    body = []
+    for r in rows:
+        most = max((b for b in rows if b["backend"] == r["backend"]), key=lambda b: b["syncs_fwd"])
+        body.append([r["backend"], r["pattern"], r["syncs_fwd"], r["syncs_bwd"],
+                     r["seconds"] * 1e3, r["seconds"] / most["seconds"]])
+    return format_table(["backend", "pattern", "syncs fwd", "syncs bwd", "step ms",
+                         "x most-sync step"], body, markdown)
+
+
+def describe_run(cfg: TPBenchConfig) -> str:
+    return (f"tensor-parallel training step (forward, backward, LayerNorm-grad sync, SGD) on "
+            f"{cfg.nproc} CPU ranks of {platform.node()} ({os.cpu_count()} cores); GPT "
+            f"{cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}h, batch {cfg.batch_size} x "
+            f"{cfg.seq_len}; one all-reduce moves {cfg.batch_size * cfg.seq_len * cfg.n_embd * 4}"
+            " bytes; backend torch = torch.distributed (gloo), spd = spd_ext.comm")

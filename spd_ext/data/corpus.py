@@ -1,0 +1,76 @@
+"""Find a corpus by path, in ``$SPD_EXT_DATA_DIR``, in the cache, or by downloading it."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class KnownCorpus:
+    filename: str
+    url: str
+
+
+KNOWN_CORPORA = {
+    "tinyshakespeare": KnownCorpus(
+        "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"),
+}
+
+
+def cache_dir() -> Path:
+    """Where downloads and token caches go (``$SPD_EXT_CACHE_DIR`` or ~/.cache/spd_ext)."""
+    return Path(os.environ.get("SPD_EXT_CACHE_DIR") or Path.home() / ".cache" / "spd_ext")
+
+
+def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    dirs = [Path(data_dir)] if data_dir else []
+    if os.environ.get("SPD_EXT_DATA_DIR"):
+        dirs.append(Path(os.environ["SPD_EXT_DATA_DIR"]))
+    return [*dirs, cache_dir() / "data"]
+
+
+def find_data_file(filename: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    for d in data_dirs(data_dir):
+        if (d / filename).is_file():
+            return d / filename
+    return None
+
+
+def resolve_corpus(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                   download: bool = True) -> Path:
+    """The corpus file: an existing path, or a known name found locally or downloaded.
+
+    Raises FileNotFoundError naming every place looked at and how to fix it.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    known = KNOWN_CORPORA.get(str(name_or_path))
+    if known is None:
+        raise FileNotFoundError(f"corpus {str(name_or_path)!r} is neither a file nor a known "
+                                f"name ({', '.join(KNOWN_CORPORA)})")
+    found = find_data_file(known.filename, data_dir)
+    if found is not None:
+        return found
+    looked = ", ".join(str(d) for d in data_dirs(data_dir))
+    if not download:
+        raise FileNotFoundError(f"{known.filename} not found in {looked}; set SPD_EXT_DATA_DIR "
+                                "to the folder holding it")
+    target = cache_dir() / "data" / known.filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".part{os.getpid()}")
+    try:
+        with urllib.request.urlopen(known.url, timeout=30) as response, open(tmp, "wb") as f:
+            f.write(response.read())
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"{known.filename} is not in {looked} and downloading {known.url} failed ({exc}); "
+            "when offline, put the file in a folder and set SPD_EXT_DATA_DIR to it") from None
+    return target

@@ -1,0 +1,124 @@
+"""Signal-aware gradient aggregation: g = sum_i w_i g_i with weights from online signals.
+
+Per step, every rank:
+1. feeds its current loss to its signal and all-gathers the signal scalars (one small
+   collective), so all ranks compute the same weights;
+2. refuses the step (raises, gradients untouched) if the weights are not finite;
+3. reduces its gradients with one weighted all-reduce through spd_ext.comm (the fused
+   shared-memory kernel on one host, NCCL PREMUL_SUM on GPUs, pre-scale + sum otherwise);
+4. shows its local gradient (before reduction) to gradient-based signals, for next step.
+
+``reduce(model, loss, step)`` does it all for code without DDP (one flat buffer);
+spd_ext.dp.hooks drives the same aggregator from a DDP comm hook, bucket by bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spd_ext.comm import all_reduce
+from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.dp.signals import make_signal
+from spd_ext.dp.weights import make_weight_map
+
+
+class WeightError(RuntimeError):
+    """The aggregation weights of a step are unusable (NaN or inf); the step is refused."""
+
+
+def local_gradients(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+class MeanAggregator:
+    """Plain data parallelism, g = (1/N) sum_i g_i: the uniform baseline (one all-reduce)."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    def reduce(self, model: nn.Module, loss: float, step: int) -> dict:
+        grads = local_gradients(model)
+        flat = flatten(grads)
+        all_reduce(flat, "mean", group=self.group)
+        copy_back(flat, grads)
+        return {}
+
+
+class SignalWeightedAggregator:
+    def __init__(self, signal: str = "loss_ema", weighting: str = "softmax", *,
+                 temperature: float = 1.0, floor: float = 0.05, ema: float = 0.0,
+                 warmup_steps: int = 10, signal_args: dict | None = None, group: Any = None,
+                 record: bool = False) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("SignalWeightedAggregator needs torch.distributed initialized")
+        self.signal = make_signal(signal, **(signal_args or {}))
+        map_args = dict(floor=floor, ema=ema, warmup_steps=warmup_steps)
+        if weighting == "softmax":
+            map_args["temperature"] = temperature
+        self.weight_map = make_weight_map(weighting, **map_args)
+        if weighting == "inverse" and self.signal.higher_is_better:
+            raise ValueError(f"inverse weighting needs a lower-is-better signal (loss_ema), "
+                             f"not {signal}")
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        if floor * self.world_size > 1.0:
+            raise ValueError(f"floor {floor} leaves no room for {self.world_size} ranks: need "
+                             f"floor <= 1/{self.world_size}")
+        self.record = record
+        self.history: list[dict] = []
+        self.last: dict = {}
+        self._previous_global: dict[int, torch.Tensor] = {}
+
+    # -- weights ------------------------------------------------------------------
+    def compute_weights(self, loss: float, step: int) -> list[float]:
+        """All ranks' weights for this step (collective: one scalar all-gather).
+
+        A non-finite loss on any rank makes every rank refuse the step with WeightError
+        (they all see the same gathered values), before any gradient is touched.
+        """
+        if math.isfinite(loss):
+            self.signal.observe_loss(loss)
+        mine = torch.tensor([self.signal.raw() if math.isfinite(loss) else float("nan")],
+                            dtype=torch.float64)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        signals = [float(t) for t in gathered]
+        bad = [r for r, s in enumerate(signals) if not math.isfinite(s)]
+        if bad:
+            raise WeightError(f"step {step}: ranks {bad} report non-finite signals ({signals}; "
+                              "a NaN or inf loss?); the step is refused and no gradient was "
+                              "changed")
+        weights = self.weight_map(signals, step, self.signal.higher_is_better)
+        if not all(math.isfinite(w) for w in weights):
+            raise WeightError(f"step {step}: weights {weights} are not finite; the step is "
+                              "refused and no gradient was changed")
+        self.last = {"step": step, "signals": signals, "weights": weights, "loss": loss}
+        if self.record:
+            self.history.append(self.last)
+        return weights
+
+    # -- gradients ----------------------------------------------------------------
+    def observe_local_piece(self, index: int, local: torch.Tensor) -> None:
+        self.signal.observe_gradient_piece(local, self._previous_global.get(index))
+
+    def remember_global_piece(self, index: int, reduced: torch.Tensor) -> None:
+        if self.signal.needs_previous_global:
+            self._previous_global[index] = reduced.detach().clone()
+
+    def reduce(self, model: nn.Module, loss: float, step: int) -> dict:
+        """Replace every gradient of ``model`` with the weighted sum over ranks."""
+        weights = self.compute_weights(loss, step)
+        grads = local_gradients(model)
+        flat = flatten(grads)
+        self.signal.begin_gradient()
+        self.observe_local_piece(0, flat)
+        self.signal.end_gradient()
+        all_reduce(flat, "weighted", weights=weights, group=self.group)
+        self.remember_global_piece(0, flat)
+        copy_back(flat, grads)
+        return {"weight": weights[self.rank], "weights": weights}

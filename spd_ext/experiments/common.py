@@ -1,0 +1,33 @@
+"""What every experiment shares: results files written atomically, optional plotting."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def write_json(path: Path, payload: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: object) -> object:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def pyplot():
+    """matplotlib's pyplot on a file backend, or None (with a note) when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'spd_ext[experiments]'); no plot written",
+              file=sys.stderr)
+        return None
+    return plt

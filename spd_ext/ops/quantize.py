@@ -1,0 +1,81 @@
+"""8-bit block quantization: absmax per block, int8 values plus fp32 scales.
+
+    q = round(x / s) with s = absmax(block) / 127,   x_hat = q * s
+
+Error bound, per element: |x - x_hat| <= s / 2 = absmax(block) / 254 (plus one rounding
+to the output dtype when dequantizing to bf16 / fp16). Used for compressed gradient
+pushes. This module is the pure-PyTorch implementation; the C++/CUDA kernels of the
+CUDA issue are not built yet, so it serves every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class QuantizedTensor:
+    values: torch.Tensor  # int8, numel elements (padded to whole blocks internally)
+    scales: torch.Tensor  # float32, one per block
+    shape: torch.Size
+    dtype: torch.dtype
+    block_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() + 4 * self.scales.numel()
+
+
+def quantize_blockwise(x: torch.Tensor, block_size: int = 256) -> QuantizedTensor:
+    """int8 values and one fp32 absmax scale per ``block_size`` elements."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"quantize_blockwise supports float32, bfloat16 and float16, got "
+                        f"{x.dtype}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    pad = (-n) % block_size
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    if not torch.isfinite(absmax).all():
+        raise ValueError("cannot quantize a tensor with NaN or inf entries")
+    scales = absmax / 127.0
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.round(blocks * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return QuantizedTensor(q.view(-1)[:n].clone() if pad else q.view(-1), scales, x.shape,
+                           x.dtype, block_size)
+
+
+def dequantize_blockwise(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x_hat = values * scale of their block, in the original shape and dtype (or ``out``)."""
+    n = q.values.numel()
+    pad = (-n) % q.block_size
+    values = q.values.float()
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad)])
+    x = (values.view(-1, q.block_size) * q.scales.unsqueeze(1)).view(-1)[:n]
+    x = x.view(q.shape)
+    if out is None:
+        return x.to(q.dtype)
+    if out.shape != q.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the quantized tensor "
+                         f"{tuple(q.shape)}")
+    return out.copy_(x)
+
+
+def error_bound(x: torch.Tensor, block_size: int = 256) -> torch.Tensor:
+    """Per-element bound on |x - dequantize(quantize(x))| in fp32 (before the output cast)."""
+    flat = x.detach().reshape(-1).float()
+    pad = (-flat.numel()) % block_size
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    absmax = flat.view(-1, block_size).abs().amax(dim=1, keepdim=True)
+    bound = (absmax / 254.0) * (1 + 1e-6) + 1e-30
+    return bound.expand(-1, block_size).reshape(-1)[:x.numel()].view(x.shape)

@@ -1,0 +1,132 @@
+"""How shards talk: emulated (all shards in one process) or distributed (one rank each).
+
+Tensors that live on shards carry a leading shard dimension: T in the emulated mode,
+1 in the distributed mode. Summing over it and then all-reducing over the group is the
+tensor-parallel all-reduce in both modes (the all-reduce is a no-op when emulated), so
+every layer is written once for both.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.tp.sync_counter import SyncCounter
+
+
+class Handle:
+    """An all-reduce in flight; ``wait()`` returns its (reduced) tensor."""
+
+    def __init__(self, tensor: torch.Tensor,
+                 future: concurrent.futures.Future | None = None) -> None:
+        self.tensor = tensor
+        self.future = future
+
+    def wait(self) -> torch.Tensor:
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+        return self.tensor
+
+
+class TensorParallelComm:
+    """Shard bookkeeping and the all-reduce across shards of one tensor-parallel group."""
+
+    def __init__(self, tp_size: int, shards: int, rank: int) -> None:
+        if tp_size < 1:
+            raise ValueError(f"tensor-parallel size must be at least 1, got {tp_size}")
+        self.tp_size = tp_size
+        self.shards = shards  # shard slices held by this process
+        self.rank = rank  # first shard held here
+        self.counter = SyncCounter()
+        self.last_handle: Handle | None = None  # set by the async reduce-from-region
+
+    @property
+    def emulated(self) -> bool:
+        return self.shards == self.tp_size
+
+    def all_reduce_(self, t: torch.Tensor) -> None:
+        """Sum ``t`` (already summed over local shards) over the other processes."""
+        raise NotImplementedError
+
+    def all_reduce_async(self, t: torch.Tensor) -> Handle:
+        self.all_reduce_(t)
+        return Handle(t)
+
+    def all_reduce_params_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum parameter gradients over the group (one flat buffer)."""
+        raise NotImplementedError
+
+
+class EmulatedComm(TensorParallelComm):
+    """All T shards in this process: the shard-dimension sum is the whole all-reduce."""
+
+    def __init__(self, tp_size: int) -> None:
+        super().__init__(tp_size, shards=tp_size, rank=0)
+
+    def all_reduce_(self, t: torch.Tensor) -> None:
+        return None
+
+    def all_reduce_params_(self, tensors: list[torch.Tensor]) -> None:
+        return None  # autograd already summed the shards' contributions
+
+
+class DistributedComm(TensorParallelComm):
+    """One shard per rank of ``group``.
+
+    ``backend="spd"`` all-reduces through spd_ext.comm (shared memory on one host),
+    ``"torch"`` through torch.distributed directly. Asynchronous all-reduces run in
+    order on one worker thread; a synchronous one first waits for them, so every rank
+    issues the group's collectives in the same order.
+    """
+
+    def __init__(self, group: Any = None, backend: str = "spd") -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedComm needs torch.distributed initialized first")
+        if backend not in ("spd", "torch"):
+            raise ValueError(f"backend must be 'spd' or 'torch', got {backend!r}")
+        super().__init__(dist.get_world_size(group), shards=1, rank=dist.get_rank(group))
+        self.group = group
+        self.backend = backend
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight: deque[concurrent.futures.Future] = deque()
+
+    def _reduce(self, t: torch.Tensor) -> None:
+        # The async path runs on a worker thread, where grad mode is on: without no_grad
+        # autograd would record the in-place all-reduce on the region's output.
+        with torch.no_grad():
+            if self.backend == "spd":
+                from spd_ext.comm import all_reduce
+
+                all_reduce(t.detach(), group=self.group)
+            else:
+                dist.all_reduce(t.detach(), group=self.group)
+
+    def _drain(self) -> None:
+        while self._in_flight:
+            self._in_flight.popleft().result()
+
+    def all_reduce_(self, t: torch.Tensor) -> None:
+        self._drain()
+        self._reduce(t)
+
+    def all_reduce_async(self, t: torch.Tensor) -> Handle:
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="spd_ext-tp-comm")
+        future = self._worker.submit(self._reduce, t)
+        self._in_flight.append(future)
+        return Handle(t, future)
+
+    def all_reduce_params_(self, tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        self._drain()
+        flat = flatten(tensors)
+        self._reduce(flat)
+        copy_back(flat, tensors)

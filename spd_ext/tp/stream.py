@@ -1,0 +1,92 @@
+"""The residual stream under tensor parallelism: replicated base plus an open region.
+
+A sync region starts the first time a block asks for the rank-local view of a closed
+stream (copy-to-region of ``base``) and ends at ``close()``:
+
+    base <- base + AR(sum of rank-local deltas added in the region) + replicated biases
+
+Between the two the stream is *open*: the rank-local view is ``copy(base) + delta``,
+which is what a ``parallel`` block keeps building on. Row-parallel biases are collected
+and added once, after the sum, never to a rank-local view. ``close_async()`` launches the
+all-reduce and leaves its result *pending*; it joins ``base`` at ``settle()`` (the Ladder
+residual: the next module runs on the stream without it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spd_ext.tp.communicator import Handle, TensorParallelComm
+from spd_ext.tp.regions import (
+    copy_to_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region_async,
+)
+
+
+class ResidualStream:
+    def __init__(self, x: torch.Tensor, comm: TensorParallelComm) -> None:
+        self.base = x  # [B, T, C], identical on every rank
+        self.comm = comm
+        self._local_base: torch.Tensor | None = None  # copy-to-region of base: region open
+        self._delta: torch.Tensor | None = None  # [S, B, T, C] rank-local
+        self._bias: torch.Tensor | None = None  # replicated, added at close
+        self._pending: tuple[Handle, torch.Tensor | None] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._local_base is not None
+
+    def local(self, settle: bool = True) -> torch.Tensor:
+        """The rank-local view [S, B, T, C]; opens a region if none is open.
+
+        ``settle=False`` (Ladder) leaves a pending all-reduce out of the view.
+        """
+        if settle:
+            self.settle()
+        if self._local_base is None:
+            self._local_base = copy_to_tensor_parallel_region(self.base, self.comm)
+        return self._local_base if self._delta is None else self._local_base + self._delta
+
+    def add(self, delta: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Accumulate a rank-local contribution (and its replicated bias, for the close)."""
+        if self._local_base is None:
+            raise RuntimeError("add() needs an open region: compute the delta from local()")
+        self._delta = delta if self._delta is None else self._delta + delta
+        if bias is not None:
+            self._bias = bias if self._bias is None else self._bias + bias
+
+    def _take_region(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        delta, bias = self._delta, self._bias
+        self._local_base = self._delta = self._bias = None
+        return delta, bias
+
+    def close(self) -> None:
+        """End the region with one forward all-reduce of its deltas."""
+        self.settle()
+        delta, bias = self._take_region()
+        if delta is not None:
+            self.base = self.base + reduce_from_tensor_parallel_region(delta, self.comm)
+        if bias is not None:
+            self.base = self.base + bias
+
+    def close_async(self) -> None:
+        """Launch the region's all-reduce; its result joins ``base`` at the next settle()."""
+        delta, bias = self._take_region()
+        if delta is None:
+            raise RuntimeError("close_async() on a region without contributions")
+        self.settle()
+        self._pending = (reduce_from_tensor_parallel_region_async(delta, self.comm), bias)
+
+    def settle(self) -> None:
+        if self._pending is not None:
+            handle, bias = self._pending
+            self._pending = None
+            self.base = self.base + handle.wait()
+            if bias is not None:
+                self.base = self.base + bias
+
+    def finish(self) -> torch.Tensor:
+        """The replicated stream, closing an open region with one final sync if needed."""
+        self.close()
+        return self.base

@@ -1,0 +1,59 @@
+"""Run logs: one JSON object per line, a progress line on stderr, optional W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class RunLog:
+    def __init__(self, path: Path | None, run_name: str = "run", config: dict | None = None,
+                 quiet: bool = False, wandb_project: str | None = None) -> None:
+        self.path, self.run_name, self.quiet = path, run_name, quiet
+        self.history: list[dict] = []
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)  # line-buffered: a crash loses <= 1 line
+        self._wandb = None
+        project = wandb_project or os.environ.get("SPD_EXT_WANDB_PROJECT")
+        if project and os.environ.get("WANDB_MODE") != "disabled":
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=project, name=run_name, config=config or {})
+            except ImportError:
+                print("spd_ext: SPD_EXT_WANDB_PROJECT is set but wandb is not installed "
+                      "(pip install 'spd_ext[wandb]'); logging locally only", file=sys.stderr)
+        self.event("start", config=config or {})
+
+    def _write(self, record: dict) -> None:
+        record = {"run": self.run_name, "time": time.time(), **record}
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+
+    def event(self, name: str, **fields) -> None:
+        self._write({"event": name, **fields})
+
+    def metrics(self, **values) -> None:
+        self.history.append(values)
+        self._write(values)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in values.items() if k != "step"},
+                            step=values.get("step"))
+        if not self.quiet:
+            parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in values.items()]
+            print(f"[{self.run_name}] " + "  ".join(parts), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.event("end")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

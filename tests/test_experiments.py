@@ -1,0 +1,94 @@
+"""Experiments and the TP benchmark, at toy scale (the real runs are CLI commands)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spd_ext.cli import build_parser, main
+
+
+@pytest.fixture
+def data_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPD_EXT_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First Citizen: before we proceed any further, hear me speak.\n" * 200)
+    return corpus
+
+
+def test_sync_sweep_trains_every_pattern_and_resumes(data_env, tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    argv = ["experiment", "sync-sweep", "--patterns", "tp*2;spd*2;[parallel,spd]",
+            "--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+            "--steps", "6", "--batch-size", "4", "--eval-interval", "3", "--eval-batches", "2",
+            "--data", str(data_env), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [r["pattern"] for r in results] == ["tp*2", "spd*2", "[parallel,spd]"]
+    assert [r["syncs_fwd"] for r in results] == [4, 2, 1]
+    assert all(r["val_loss"] > 0 for r in results)
+    assert "tp*2" in printed and "syncs fwd" in printed
+    assert (out / "tp_2" / "ckpt.pt").is_file()
+    pytest.importorskip("matplotlib")
+    assert (out / "sync_sweep.png").stat().st_size > 1000
+    assert main(argv) == 0  # second run: everything already done
+    assert "already in" in capsys.readouterr().out
+
+    # The dense (tp*L) checkpoint feeds the sensitivity analysis.
+    assert main(["tp", "sensitivity", "--checkpoint", str(out / "tp_2" / "ckpt.pt"),
+                 "--data", str(data_env), "--eval-batches", "2", "--batch-size", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "none (dense)" in table and "\n1 " in table
+
+
+def test_sensitivity_refuses_bad_sources(data_env, tmp_path, capsys) -> None:
+    assert main(["tp", "sensitivity", "--data", str(data_env)]) == 2
+    assert "exactly one of --checkpoint" in capsys.readouterr().err
+    assert main(["tp", "sensitivity", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_bench_tp_on_two_ranks(capsys) -> None:
+    assert main(["bench", "tp", "--nproc", "2", "--patterns", "tp*2;spd*2", "--n-layer", "2",
+                 "--n-embd", "16", "--n-head", "2", "--batch-size", "2", "--seq-len", "8",
+                 "--repeats", "1", "--backends", "spd"]) == 0
+    out = capsys.readouterr().out
+    assert "tp*2" in out and "spd*2" in out and "x most-sync step" in out
+
+
+def test_tp_syncs_command(capsys) -> None:
+    assert main(["tp", "syncs", "--pattern", "[spd,parallel]*6"]) == 0
+    assert "7 forward and 7 backward" in capsys.readouterr().out
+    assert main(["tp", "syncs", "--pattern", "[tp,sdp]*6"]) == 2
+    assert "unknown block 'sdp'" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys) -> None:
+    parser = build_parser()
+    commands = [[], ["report"], ["bench"], ["bench", "allreduce"], ["bench", "reduce"],
+                ["bench", "tp"], ["tp"], ["tp", "syncs"], ["tp", "sensitivity"],
+                ["experiment"], ["experiment", "sync-sweep"], ["experiment", "sadpt"]]
+    for cmd in commands:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args([*cmd, "--help"])
+        assert info.value.code == 0
+        assert "usage: spd-ext" in capsys.readouterr().out
+
+
+def test_sadpt_runs_and_records_weights(data_env, tmp_path, capsys) -> None:
+    out = tmp_path / "sadpt"
+    assert main(["experiment", "sadpt", "--runs", "iid_uniform,noniid_weighted", "--steps", "8",
+                 "--warmup", "2", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                 "--block-size", "16", "--batch-size", "4", "--eval-interval", "4",
+                 "--eval-batches", "2", "--data", str(data_env), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results] == ["iid_uniform", "noniid_weighted"]
+    uniform, weighted = results
+    assert uniform["final_weights"] is None and uniform["corrupt_ranks"] == []
+    assert weighted["corrupt_ranks"] == [1] and sum(weighted["final_weights"]) == pytest.approx(1)
+    assert "noniid_weighted" in printed and "clean val loss" in printed
+    assert main(["experiment", "sadpt", "--runs", "nope", "--out", str(out)]) == 2
+    assert "unknown run(s) ['nope']" in capsys.readouterr().err

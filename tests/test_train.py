@@ -1,0 +1,90 @@
+"""The trainer: schedule, checkpoints (atomic, resumable), failure on divergence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spd_ext.data import TokenDataset
+from spd_ext.tp import GPTConfig, ReducedSyncGPT
+from spd_ext.train import TrainConfig, Trainer, lr_at
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPD_EXT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    return TokenDataset(path, "char")
+
+
+def _model(vocab: int, pattern: str = "spd*2") -> ReducedSyncGPT:
+    return ReducedSyncGPT(GPTConfig(block_size=16, vocab_size=vocab, n_layer=2, n_head=2,
+                                    n_embd=16, pattern=pattern, tp_size=2), seed=0)
+
+
+def test_lr_schedule() -> None:
+    cfg = TrainConfig(max_steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(lr=0.1, min_lr=0.2)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
+def test_training_lowers_the_loss_and_logs(corpus, tmp_path) -> None:
+    cfg = TrainConfig(max_steps=30, batch_size=8, lr=1e-2, warmup_steps=3, eval_interval=10,
+                      eval_batches=2, log_interval=5, out_dir=str(tmp_path / "run"), quiet=True)
+    model = _model(corpus.vocab_size)
+    trainer = Trainer(model, corpus.sampler(8, 16, seed=0), cfg)
+    first = trainer.evaluate()
+    result = trainer.train()
+    assert result.val_loss < first - 0.3
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
+               .splitlines()]
+    assert records[0]["event"] == "start" and records[-1]["event"] == "end"
+    assert any(r.get("syncs_fwd") == 2 for r in records)  # spd*2: one sync per block
+    assert (tmp_path / "run" / "ckpt.pt").is_file()
+    assert not list((tmp_path / "run").glob("*.tmp*"))
+
+
+def test_resume_after_a_crash_continues_exactly(corpus, tmp_path) -> None:
+    def cfg(out: str, resume: bool = False) -> TrainConfig:
+        return TrainConfig(max_steps=10, batch_size=4, lr=1e-2, warmup_steps=2,
+                           eval_interval=0, eval_batches=2, log_interval=100,
+                           checkpoint_interval=5, out_dir=str(tmp_path / out), resume=resume,
+                           quiet=True)
+
+    straight = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("a"))
+    straight.train()
+
+    def crash(model, step: int, loss: float) -> None:
+        if step == 7:
+            raise KeyboardInterrupt  # after the step-5 checkpoint
+
+    crashed = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("b"),
+                      after_backward=crash)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("b", True))
+    assert resumed.step == 5
+    resumed.train()
+    for k, v in straight.model.dense_state_dict().items():
+        torch.testing.assert_close(resumed.model.dense_state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("c", True))
+
+
+def test_divergence_stops_with_a_clear_error(corpus) -> None:
+    model = _model(corpus.vocab_size)
+    with torch.no_grad():
+        model.wte.weight.fill_(float("nan"))
+    trainer = Trainer(model, corpus.sampler(4, 16, 0),
+                      TrainConfig(max_steps=3, batch_size=4, eval_batches=1, quiet=True))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        trainer.train()
