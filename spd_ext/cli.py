@@ -9,9 +9,15 @@ import platform
 import sys
 from collections.abc import Sequence
 
+_HELP = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+
+
+def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_HELP, **kwargs)
+
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="each op: compatible, built, implementation in use",
+    p = _command(sub, "report", help="each op: compatible, built, implementation in use",
                        description="Report every C++ op of spd_ext: whether it can be built "
                        "here and why not, whether it is built (prebuilt or JIT cache), which "
                        "implementation runs, and its compiler flags.")
@@ -50,10 +56,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="kernel and collective microbenchmarks")
+    p = _command(sub, "bench", help="kernel and collective microbenchmarks")
     bench = p.add_subparsers(dest="bench", required=True, metavar="{allreduce,reduce,tp}")
 
-    a = bench.add_parser("allreduce", help="all-reduce on N local CPU ranks",
+    a = _command(bench, "allreduce", help="all-reduce on N local CPU ranks",
                          description="Time gloo, DeepSpeed's inference_all_reduce (if "
                          "installed), spd_ext sum and spd_ext weighted all-reduce on N local "
                          "CPU ranks and print a table.")
@@ -75,7 +81,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
     a.set_defaults(func=_bench_allreduce)
 
-    r = bench.add_parser("reduce", help="weighted_reduce vs torch expressions",
+    r = _command(bench, "reduce", help="weighted_reduce vs torch expressions",
                          description="Time weighted_reduce against torch.stack(xs).mul_(w)."
                          "sum(0) and a chain of add_(x, alpha=w), with memcpy bandwidth for "
                          "reference.")
@@ -91,7 +97,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
     r.set_defaults(func=_bench_reduce)
 
-    t = bench.add_parser("tp", help="training step time per tensor-parallel sync pattern",
+    t = _command(bench, "tp", help="training step time per tensor-parallel sync pattern",
                          description="Time a tensor-parallel training step (forward, backward, "
                          "optimizer) of a small GPT for each sync pattern on N local CPU ranks, "
                          "through torch.distributed and/or spd_ext.comm.")
@@ -112,10 +118,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_tp(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tp", help="tensor-parallel sync patterns: counts, sensitivity")
+    p = _command(sub, "tp", help="tensor-parallel sync patterns: counts, sensitivity")
     tp = p.add_subparsers(dest="tp", required=True, metavar="{syncs,sensitivity}")
 
-    s = tp.add_parser("syncs", help="measure a pattern's sync count and parameter count",
+    s = _command(tp, "syncs", help="measure a pattern's sync count and parameter count",
                       description="Run one forward and backward pass on the meta device (no "
                       "compute) and print the all-reduces the library counts, per block.")
     src = s.add_mutually_exclusive_group(required=True)
@@ -128,7 +134,7 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tp-size", type=int, default=2)
     s.set_defaults(func=_tp_syncs)
 
-    v = tp.add_parser("sensitivity", help="loss change when each block alone drops a sync",
+    v = _command(tp, "sensitivity", help="loss change when each block alone drops a sync",
                       description="For a trained dense model, the validation loss when each "
                       "block alone becomes an spd block (its attention all-reduce dropped).")
     v.add_argument("--checkpoint", help="ckpt.pt written by an spd_ext experiment (tp*L run)")
@@ -141,34 +147,65 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=_tp_sensitivity)
 
 
+def _add_gpt_args(p: argparse.ArgumentParser, defaults) -> None:
+    """Model-shape flags; ``defaults`` is the experiment's config (the one source of them)."""
+    p.add_argument("--n-layer", type=int, default=defaults.n_layer)
+    p.add_argument("--n-head", type=int, default=defaults.n_head)
+    p.add_argument("--n-embd", type=int, default=defaults.n_embd)
+    p.add_argument("--block-size", type=int, default=defaults.block_size,
+                   help="context length")
+
+
+def _add_train_args(p: argparse.ArgumentParser, train) -> None:
+    p.add_argument("--steps", type=int, default=train.max_steps)
+    p.add_argument("--batch-size", type=int, default=train.batch_size)
+    p.add_argument("--lr", type=float, default=train.lr,
+                   help="peak learning rate (cosine to lr/10)")
+    p.add_argument("--eval-interval", type=int, default=train.eval_interval)
+    p.add_argument("--eval-batches", type=int, default=train.eval_batches)
+
+
+def _add_run_args(p: argparse.ArgumentParser, defaults) -> None:
+    p.add_argument("--data", default=defaults.corpus, help="corpus name or path")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--out", default=defaults.out_dir, help="results, logs, checkpoints, plot")
+    p.add_argument("--force", action="store_true", help="rerun the selected runs even if they "
+                   "are already in OUT/results.json")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+
+
+def _train_config(args: argparse.Namespace):
+    from spd_ext.train import TrainConfig
+
+    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       min_lr=args.lr / 10, warmup_steps=min(50, args.steps // 10),
+                       eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+                       log_interval=max(1, min(50, args.steps // 10)))
+
+
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("experiment", help="experiments that print tables and write plots")
-    ex = p.add_subparsers(dest="experiment", required=True, metavar="{sync-sweep,sadpt}")
-    s = ex.add_parser("sync-sweep", help="val loss vs tensor-parallel sync count",
+    from spd_ext.experiments.sadpt import SADPTConfig
+    from spd_ext.experiments.staleness import StalenessConfig
+    from spd_ext.experiments.sync_sweep import SyncSweepConfig
+
+    sweep, dp, stale = SyncSweepConfig(), SADPTConfig(), StalenessConfig()
+    p = _command(sub, "experiment", help="experiments that print tables and write plots")
+    ex = p.add_subparsers(dest="experiment", required=True,
+                          metavar="{sync-sweep,sadpt,staleness}")
+    s = _command(ex, "sync-sweep", help="val loss vs tensor-parallel sync count",
                       description="Train a small char-level GPT on TinyShakespeare for every "
                       "sync pattern (emulated tensor parallelism, same seed, data and steps); "
                       "print val loss against the measured sync count and plot it. Finished "
                       "patterns are kept in OUT/results.json and skipped on a rerun.")
     s.add_argument("--patterns", default=None, help="';'-separated patterns (default: the "
                    "ten GPT-2 124M patterns of configs/tp)")
-    s.add_argument("--steps", type=int, default=800)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--n-layer", type=int, default=12)
-    s.add_argument("--n-head", type=int, default=4)
-    s.add_argument("--n-embd", type=int, default=64)
-    s.add_argument("--block-size", type=int, default=128, help="context length")
-    s.add_argument("--tp-size", type=int, default=2, help="emulated shards")
-    s.add_argument("--eval-interval", type=int, default=200)
-    s.add_argument("--eval-batches", type=int, default=20)
-    s.add_argument("--data", default="tinyshakespeare", help="corpus name or path")
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--out", default="out/sync-sweep", help="results, checkpoints, plot")
-    s.add_argument("--force", action="store_true", help="rerun patterns already in results")
-    s.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    s.add_argument("--tp-size", type=int, default=sweep.tp_size, help="emulated shards")
+    _add_gpt_args(s, sweep)
+    _add_train_args(s, sweep.train)
+    _add_run_args(s, sweep)
     s.set_defaults(func=_sync_sweep)
 
-    a = ex.add_parser("sadpt", help="signal-aware DP on clean and corrupted shards",
+    a = _command(ex, "sadpt", help="signal-aware DP on clean and corrupted shards",
                       description="The seed's signal-aware data-parallel table: 2 ranks IID / "
                       "non-IID (one rank's data corrupted) with uniform or signal-weighted "
                       "aggregation, then 4 ranks with one corrupt rank against the robust "
@@ -177,31 +214,46 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--runs", default=None, help="comma list of run names (default: all: "
                    "iid_uniform, iid_weighted, noniid_uniform, noniid_weighted, 4rank_uniform, "
                    "4rank_weighted, 4rank_trimmed_mean, 4rank_median, 4rank_centered_clipping)")
-    a.add_argument("--corruption", default="token_swap",
+    a.add_argument("--corruption", default=dp.corruption.kind,
                    help="token_swap, shuffle, label_noise or duplicate")
-    a.add_argument("--corruption-prob", type=float, default=0.3)
-    a.add_argument("--signal", default="loss_ema",
+    a.add_argument("--corruption-prob", type=float, default=dp.corruption.probability)
+    a.add_argument("--signal", default=dp.signal,
                    help="loss_ema, grad_norm_stability or cosine_to_prev_global")
-    a.add_argument("--weighting", default="softmax", help="softmax or inverse")
-    a.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
-    a.add_argument("--floor", type=float, default=0.05, help="minimum weight of any rank")
-    a.add_argument("--weight-ema", type=float, default=0.0, help="EMA smoothing of weights")
-    a.add_argument("--warmup", type=int, default=20, help="steps of uniform weights first")
-    a.add_argument("--steps", type=int, default=500)
-    a.add_argument("--batch-size", type=int, default=16, help="per rank")
-    a.add_argument("--lr", type=float, default=2e-3)
-    a.add_argument("--n-layer", type=int, default=4)
-    a.add_argument("--n-head", type=int, default=4)
-    a.add_argument("--n-embd", type=int, default=96)
-    a.add_argument("--block-size", type=int, default=64)
-    a.add_argument("--eval-interval", type=int, default=50)
-    a.add_argument("--eval-batches", type=int, default=10)
-    a.add_argument("--data", default="tinyshakespeare", help="corpus name or path")
-    a.add_argument("--seed", type=int, default=1337)
-    a.add_argument("--out", default="out/sadpt", help="results, logs, plot")
-    a.add_argument("--force", action="store_true", help="rerun runs already in results")
-    a.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    a.add_argument("--weighting", default=dp.weighting, help="softmax or inverse")
+    a.add_argument("--temperature", type=float, default=dp.temperature,
+                   help="softmax temperature")
+    a.add_argument("--floor", type=float, default=dp.floor, help="minimum weight of any rank")
+    a.add_argument("--weight-ema", type=float, default=dp.weight_ema,
+                   help="EMA smoothing of weights")
+    a.add_argument("--warmup", type=int, default=dp.warmup_steps,
+                   help="steps of uniform weights first")
+    _add_gpt_args(a, dp)
+    _add_train_args(a, dp.train)
+    _add_run_args(a, dp)
     a.set_defaults(func=_sadpt)
+
+    st = _command(ex, "staleness", help="sync vs async vs local modes under a straggler",
+                       description="Train the XOR logistic regression and a small char GPT "
+                       "with every staleness mode on N CPU ranks, with and without a straggler "
+                       "(the first worker F times slower every E steps): final loss, steps and "
+                       "seconds to a target loss, staleness, idle time, messages per step; a "
+                       "plot of loss against wall-clock. Finished runs are kept in "
+                       "OUT/results.json.")
+    st.add_argument("--modes", default=None, help="comma list (default: ssgd, delayed:2, "
+                    "local_sgd:8, diloco:8, ssp:2, asgd, syncps)")
+    st.add_argument("--tasks", default="xor,gpt", help="comma list of xor, gpt")
+    st.add_argument("--straggler", default="both", choices=["both", "off", "on"],
+                    help="run without, with, or both")
+    st.add_argument("--nproc", type=int, default=stale.nproc,
+                    help="ranks (PS modes: 1 server + N-1 workers)")
+    st.add_argument("--straggler-factor", type=float, default=stale.straggler_factor)
+    st.add_argument("--straggler-every", type=int, default=stale.straggler_every)
+    st.add_argument("--xor-steps", type=int, default=None,
+                    help=f"default {stale.task('xor').steps}")
+    st.add_argument("--gpt-steps", type=int, default=None,
+                    help=f"default {stale.task('gpt').steps}")
+    _add_run_args(st, stale)
+    st.set_defaults(func=_staleness)
 
 
 def _write_json(path: str | None, payload: object) -> None:
@@ -294,16 +346,11 @@ def _tp_sensitivity(args: argparse.Namespace) -> int:
 
 def _sync_sweep(args: argparse.Namespace) -> int:
     from spd_ext.experiments import sync_sweep
-    from spd_ext.train import TrainConfig
 
     cfg = sync_sweep.SyncSweepConfig(
         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
         tp_size=args.tp_size, corpus=args.data, seed=args.seed, out_dir=args.out,
-        force=args.force,
-        train=TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          min_lr=args.lr / 10, warmup_steps=min(50, args.steps // 10),
-                          eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-                          log_interval=max(1, min(50, args.steps // 10))))
+        force=args.force, train=_train_config(args))
     if args.patterns:
         cfg.patterns = tuple(p.strip() for p in args.patterns.split(";") if p.strip())
     rows = sync_sweep.run(cfg)
@@ -315,7 +362,6 @@ def _sync_sweep(args: argparse.Namespace) -> int:
 def _sadpt(args: argparse.Namespace) -> int:
     from spd_ext.data import Corruption
     from spd_ext.experiments import sadpt
-    from spd_ext.train import TrainConfig
 
     runs = sadpt.default_runs()
     if args.runs:
@@ -331,21 +377,42 @@ def _sadpt(args: argparse.Namespace) -> int:
         floor=args.floor, weight_ema=args.weight_ema, warmup_steps=args.warmup,
         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
         block_size=args.block_size, corpus=args.data, seed=args.seed, out_dir=args.out,
-        force=args.force,
-        train=TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          min_lr=args.lr / 10, warmup_steps=min(30, args.steps // 10),
-                          eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-                          log_interval=max(1, min(50, args.steps // 10))))
+        force=args.force, train=_train_config(args))
     rows = sadpt.run(cfg)
     print(sadpt.table(rows, markdown=args.markdown))
     print(f"results: {args.out}/results.json, plot: {args.out}/sadpt.png")
     return 0
 
 
+def _staleness(args: argparse.Namespace) -> int:
+    from spd_ext.experiments import staleness
+
+    overrides = {}
+    if args.xor_steps:
+        overrides["xor"] = {"steps": args.xor_steps}
+    if args.gpt_steps:
+        overrides["gpt"] = {"steps": args.gpt_steps}
+    cfg = staleness.StalenessConfig(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        stragglers={"both": (False, True), "off": (False,), "on": (True,)}[args.straggler],
+        nproc=args.nproc, straggler_factor=args.straggler_factor,
+        straggler_every=args.straggler_every, corpus=args.data, seed=args.seed,
+        out_dir=args.out, force=args.force, task_overrides=overrides)
+    if args.modes:
+        cfg.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    for t in cfg.tasks:
+        cfg.task(t)
+    rows = staleness.run(cfg)
+    print(staleness.table(rows, markdown=args.markdown))
+    print(f"results: {args.out}/results.json, plot: {args.out}/staleness.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="spd-ext", description="spd_ext: reduced-communication distributed training "
-        "for PyTorch and DeepSpeed")
+        prog="spd-ext", formatter_class=_HELP,
+        description="spd_ext: reduced-communication distributed training for PyTorch and "
+        "DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_report(sub)
     _add_bench(sub)

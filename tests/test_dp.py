@@ -309,3 +309,23 @@ def test_bad_aggregator_configuration() -> None:
     assert "no room for 2 ranks" in messages[3]
     assert "unknown robust method 'krum'" in messages[4]
     assert "leaves nothing of 2 ranks" in messages[5]
+
+
+def _trainer_drives_the_aggregator(rank: int, world: int, corpus: str) -> list:
+    from spd_ext.train import TrainConfig, Trainer
+
+    data = TokenDataset(corpus, "char")
+    sampler = ShardedSampler(data, rank, world, 8, 16, seed=0, sharding="clean_vs_corrupt",
+                             corrupt_ranks=(1,), corruption=Corruption("token_swap", 0.5))
+    agg = SignalWeightedAggregator("loss_ema", "softmax", warmup_steps=3, record=True)
+    cfg = TrainConfig(max_steps=12, batch_size=8, lr=3e-3, warmup_steps=1, eval_interval=0,
+                      eval_batches=1, quiet=True)
+    Trainer(_model(data.vocab_size), sampler, cfg, hooks=agg).train()
+    return agg.history
+
+
+def test_the_trainer_passes_step_and_loss_to_the_aggregator(corpus) -> None:
+    history = spawn(_trainer_drives_the_aggregator, 2, str(corpus), timeout=180)[0]
+    assert [h["step"] for h in history] == list(range(12))
+    assert all(h["loss"] > 1.0 for h in history)  # losses, not step numbers
+    assert history[-1]["weights"][0] > 0.5 > history[-1]["weights"][1]

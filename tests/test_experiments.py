@@ -69,7 +69,8 @@ def test_every_command_has_help(capsys) -> None:
     parser = build_parser()
     commands = [[], ["report"], ["bench"], ["bench", "allreduce"], ["bench", "reduce"],
                 ["bench", "tp"], ["tp"], ["tp", "syncs"], ["tp", "sensitivity"],
-                ["experiment"], ["experiment", "sync-sweep"], ["experiment", "sadpt"]]
+                ["experiment"], ["experiment", "sync-sweep"], ["experiment", "sadpt"],
+                ["experiment", "staleness"]]
     for cmd in commands:
         with pytest.raises(SystemExit) as info:
             parser.parse_args([*cmd, "--help"])
@@ -89,6 +90,30 @@ def test_sadpt_runs_and_records_weights(data_env, tmp_path, capsys) -> None:
     uniform, weighted = results
     assert uniform["final_weights"] is None and uniform["corrupt_ranks"] == []
     assert weighted["corrupt_ranks"] == [1] and sum(weighted["final_weights"]) == pytest.approx(1)
+    # The clean rank's lower loss must show in the weights (catches hook wiring mistakes).
+    assert weighted["final_weights"][0] > 0.5 > weighted["final_weights"][1]
+    assert [step for step, _ in weighted["weights"]] == sorted(step for step, _ in
+                                                               weighted["weights"])
     assert "noniid_weighted" in printed and "clean val loss" in printed
     assert main(["experiment", "sadpt", "--runs", "nope", "--out", str(out)]) == 2
     assert "unknown run(s) ['nope']" in capsys.readouterr().err
+
+
+def test_staleness_experiment_compares_modes(data_env, tmp_path, capsys) -> None:
+    out = tmp_path / "staleness"
+    assert main(["experiment", "staleness", "--modes", "ssgd,delayed:1,ssp:1,syncps",
+                 "--tasks", "xor", "--straggler", "on", "--nproc", "3", "--xor-steps", "30",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    by_mode = {r["mode"]: r for r in results}
+    assert set(by_mode) == {"ssgd", "delayed:1", "ssp:1", "syncps"}
+    assert by_mode["delayed:1"]["staleness_max"] == 1 and by_mode["ssgd"]["staleness_max"] == 0
+    assert by_mode["ssgd"]["messages_per_step"] == 1
+    assert all(r["final_loss"] < 0.69 for r in results)  # below chance (log 2)
+    assert "msgs/step" in capsys.readouterr().out
+    log = [json.loads(line) for line in
+           (out / "workers" / "xor_ssp1_straggler.jsonl").read_text().splitlines()]
+    assert {entry.get("role", "worker") for entry in log} == {"server", "worker"}
+    assert all("idle_fraction" in e for e in log if e.get("role") != "server")
+    assert main(["experiment", "staleness", "--modes", "sgd", "--out", str(out)]) == 2
+    assert "unknown staleness mode 'sgd'" in capsys.readouterr().err

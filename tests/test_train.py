@@ -63,12 +63,13 @@ def test_resume_after_a_crash_continues_exactly(corpus, tmp_path) -> None:
     straight = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("a"))
     straight.train()
 
-    def crash(model, step: int, loss: float) -> None:
-        if step == 7:
-            raise KeyboardInterrupt  # after the step-5 checkpoint
+    class Crash:
+        def after_backward(self, model, step: int, loss: float) -> None:
+            if step == 7:
+                raise KeyboardInterrupt  # after the step-5 checkpoint
 
     crashed = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("b"),
-                      after_backward=crash)
+                      hooks=Crash())
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
     resumed = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("b", True))

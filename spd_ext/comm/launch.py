@@ -9,6 +9,7 @@ stops every rank and raises in the caller with the rank named, so a hang costs s
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -37,6 +38,16 @@ def _bind_cores(rank: int, nproc: int, threads: int) -> None:
         os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
 
 
+def _by_value(value: Any) -> bytes:
+    """Serialize a result by value: torch's queue pickling would share tensors through file
+    descriptors that vanish when this process exits."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
 def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend: str,
                threads: int, bind: bool, env: dict[str, str], pg_timeout: float,
                results: Any, args: tuple) -> None:
@@ -55,7 +66,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend
         dist.init_process_group(backend, rank=rank, world_size=nproc,
                                 timeout=timedelta(seconds=pg_timeout))
         value = fn(rank, nproc, *args)
-        results.put(("ok", rank, value))
+        results.put(("ok", rank, _by_value(value)))
         # Gloo fails a rank whose peers tear their connections down while it still talks
         # to someone else, so nobody leaves before everyone is done.
         dist.barrier()
@@ -117,7 +128,9 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
                 continue
             if kind == "error":
                 raise RankError(f"rank {rank} failed:\n{value}")
-            done[rank] = value
+            import torch
+
+            done[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5.0 if len(done) == nproc else 0.5)

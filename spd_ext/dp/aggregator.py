@@ -48,6 +48,10 @@ class MeanAggregator:
         copy_back(flat, grads)
         return {}
 
+    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
+        """The Trainer's hook (note its argument order: step, then loss)."""
+        return self.reduce(model, loss, step)
+
 
 class SignalWeightedAggregator:
     def __init__(self, signal: str = "loss_ema", weighting: str = "softmax", *,
@@ -122,3 +126,7 @@ class SignalWeightedAggregator:
         self.remember_global_piece(0, flat)
         copy_back(flat, grads)
         return {"weight": weights[self.rank], "weights": weights}
+
+    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
+        """The Trainer's hook (note its argument order: step, then loss)."""
+        return self.reduce(model, loss, step)

@@ -80,3 +80,7 @@ class RobustAggregator:
         self._previous = result
         copy_back(result, grads)
         return {}
+
+    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
+        """The Trainer's hook (note its argument order: step, then loss)."""
+        return self.reduce(model, loss, step)

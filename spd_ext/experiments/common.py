@@ -19,6 +19,15 @@ def read_json(path: Path, default: object) -> object:
     return json.loads(path.read_text()) if path.is_file() else default
 
 
+def finished_runs(results_path: Path, key, selected, force: bool) -> dict:
+    """Results already in ``results_path`` by ``key(row)``; with ``force`` the selected
+    runs are dropped (to be rerun) and the others kept."""
+    done = {key(row): row for row in read_json(results_path, [])}
+    if force:
+        done = {k: v for k, v in done.items() if k not in set(selected)}
+    return done
+
+
 def pyplot():
     """matplotlib's pyplot on a file backend, or None (with a note) when not installed."""
     try:

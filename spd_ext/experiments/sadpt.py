@@ -14,7 +14,7 @@ from pathlib import Path
 from spd_ext.comm import spawn
 from spd_ext.data import Corruption, ShardedSampler, TokenDataset
 from spd_ext.dp import MeanAggregator, RobustAggregator, SignalWeightedAggregator
-from spd_ext.experiments.common import pyplot, read_json, write_json
+from spd_ext.experiments.common import finished_runs, pyplot, write_json
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
 from spd_ext.utils.table import format_table
@@ -87,8 +87,7 @@ def _rank(rank: int, world: int, spec: RunSpec, cfg: SADPTConfig) -> dict:
     aggregator = _aggregator(spec, cfg)
     train_cfg = TrainConfig(**{**asdict(cfg.train), "seed": cfg.seed,
                                "out_dir": str(Path(cfg.out_dir) / spec.name)})
-    trainer = Trainer(model, sampler, train_cfg, after_backward=aggregator.reduce,
-                      run_name=spec.name)
+    trainer = Trainer(model, sampler, train_cfg, hooks=aggregator, run_name=spec.name)
     result = trainer.train()
     history = getattr(aggregator, "history", [])
     return {
@@ -104,7 +103,8 @@ def _rank(rank: int, world: int, spec: RunSpec, cfg: SADPTConfig) -> dict:
 def run(cfg: SADPTConfig) -> list[dict]:
     out = Path(cfg.out_dir)
     results_path = out / "results.json"
-    done = {r["name"]: r for r in read_json(results_path, [])} if not cfg.force else {}
+    done = finished_runs(results_path, lambda r: r["name"], [s.name for s in cfg.runs],
+                         cfg.force)
     TokenDataset(cfg.corpus, "char")  # fail here, not in every rank, if the corpus is missing
     for i, spec in enumerate(cfg.runs):
         if spec.name in done:

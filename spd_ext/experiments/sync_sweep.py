@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from spd_ext.data import TokenDataset
-from spd_ext.experiments.common import pyplot, read_json, write_json
+from spd_ext.experiments.common import finished_runs, pyplot, write_json
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
 from spd_ext.utils.table import format_table
@@ -50,7 +50,7 @@ def run(cfg: SyncSweepConfig) -> list[dict]:
     """Train every pattern (skipping ones already in results.json unless ``force``)."""
     out = Path(cfg.out_dir)
     results_path = out / "results.json"
-    done = {r["pattern"]: r for r in read_json(results_path, [])} if not cfg.force else {}
+    done = finished_runs(results_path, lambda r: r["pattern"], cfg.patterns, cfg.force)
     data = TokenDataset(cfg.corpus, "char")
     for i, pattern in enumerate(cfg.patterns):
         if pattern in done:

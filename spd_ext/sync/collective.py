@@ -107,13 +107,15 @@ class LocalSGD(SyncStrategy):
         super().__init__(mode, group)
         from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
-        self.averager = PeriodicModelAverager(period=mode.value, warmup_steps=0,
+        # warmup_steps=H-1: the first average follows the H-th step, then every H steps.
+        self.averager = PeriodicModelAverager(period=mode.value, warmup_steps=mode.value - 1,
                                               process_group=group)
         self._since_average = 0
 
     def after_step(self, model: nn.Module, step: int) -> None:
         super().after_step(model, step)
-        averaging = self.averager.step % self.averager.period == 0
+        a = self.averager
+        averaging = a.step >= a.warmup_steps and (a.step - a.warmup_steps) % a.period == 0
         start = time.perf_counter()
         self.averager.average_parameters(model.parameters())
         if averaging:

@@ -51,6 +51,7 @@ class ServerStopped(RuntimeError):
 @dataclass
 class PSConfig:
     mode: Mode
+    optimizer: str = "sgd"  # the server's optimizer: sgd (with momentum) or adamw
     lr: float = 0.1
     momentum: float = 0.0
     quantize: bool = False  # 8-bit block-quantized gradient pushes
@@ -63,6 +64,8 @@ class PSConfig:
     def __post_init__(self) -> None:
         if not self.mode.server:
             raise ValueError(f"mode {self.mode} is not a parameter-server mode")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"server optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.lr <= 0 or self.straggler_timeout <= 0 or self.dead_timeout <= 0:
             raise ValueError("lr, straggler_timeout and dead_timeout must be > 0")
         if not 0.0 <= self.polyak_beta < 1.0:
@@ -105,7 +108,11 @@ class ServerLog:
 
 
 class ParameterServer:
-    def __init__(self, model: nn.Module, cfg: PSConfig, groups: Groups) -> None:
+    """Rank 0's side. ``on_update(version, weights)`` runs after every applied update
+    (evaluation curves); it sees the Polyak weights under syncps."""
+
+    def __init__(self, model: nn.Module, cfg: PSConfig, groups: Groups,
+                 on_update=None) -> None:
         self.cfg, self.groups = cfg, groups
         self.workers = list(range(1, dist.get_world_size()))
         if not self.workers:
@@ -114,12 +121,17 @@ class ParameterServer:
         self.params = list(model.parameters())
         self.theta = flatten([p.detach() for p in self.params]).clone()
         self.flat = torch.nn.Parameter(self.theta)
-        self.optimizer = torch.optim.SGD([self.flat], lr=cfg.lr, momentum=cfg.momentum)
+        self.optimizer = (torch.optim.SGD([self.flat], lr=cfg.lr, momentum=cfg.momentum)
+                          if cfg.optimizer == "sgd" else
+                          torch.optim.AdamW([self.flat], lr=cfg.lr, weight_decay=0.0))
+        self.on_update = on_update
+        self.started = time.perf_counter()  # reset when the first worker message arrives
         self.polyak = self.theta.clone()
         self.version = 0
         self.log = ServerLog(staleness={w: [] for w in self.workers})
         self._inbox: queue.Queue = queue.Queue()
         self._numel = self.theta.numel()
+        self._done_sent: set[int] = set()  # DONE messages the receiver thread has seen
 
     # -- messages -----------------------------------------------------------------
     def _receive_forever(self) -> None:
@@ -132,14 +144,12 @@ class ParameterServer:
                 kind, step, version = (int(v) for v in header[:3])
                 grad = self._receive_gradient(source) if kind == PUSH else None
                 self._inbox.put(_Message(source, kind, step, version, grad))
-                if kind == DONE and self._all_done_sent(source):
-                    return
+                if kind == DONE:
+                    self._done_sent.add(source)
+                    if self._done_sent == set(self.workers):
+                        return
         except Exception as exc:  # a dropped connection surfaces here
             self._inbox.put(exc)
-
-    def _all_done_sent(self, source: int) -> bool:
-        self._done_seen = getattr(self, "_done_seen", set()) | {source}
-        return self._done_seen == set(self.workers)
 
     def _receive_gradient(self, source: int) -> torch.Tensor:
         if self.cfg.quantize:
@@ -168,6 +178,9 @@ class ParameterServer:
         self.log.updates += 1
         if self.cfg.mode.kind == "syncps":
             self.polyak.mul_(self.cfg.polyak_beta).add_(self.theta, alpha=1 - self.cfg.polyak_beta)
+        if self.on_update is not None:
+            self.on_update(self.version, self.polyak if self.cfg.mode.kind == "syncps"
+                           else self.theta)
 
     # -- loop ---------------------------------------------------------------------
     def serve(self) -> torch.Tensor:
@@ -180,6 +193,7 @@ class ParameterServer:
         step_grads: dict[int, torch.Tensor] = {}  # syncps: this step's gradients
         step_started: float | None = None
         sync_step = 0
+        any_message = False
         threading.Thread(target=self._receive_forever, name="spd_ext-ps-recv", daemon=True).start()
 
         def can_start(worker: int, step: int) -> bool:
@@ -223,6 +237,8 @@ class ParameterServer:
                 self._stop_all(done, f"a worker's connection failed ({msg}); silent longest: "
                                f"{self._silent(last_heard, done)}")
             if msg is not None:
+                if not any_message:
+                    any_message, self.started = True, time.perf_counter()
                 last_heard[msg.source] = now
                 if msg.kind == PULL:
                     waiting_pulls[msg.source] = msg.step
@@ -258,12 +274,16 @@ class ParameterServer:
         return str(min(live, key=lambda w: last_heard[w])) if live else "none"
 
     def _stop_all(self, done: set[int], reason: str) -> None:
+        # Non-blocking: a dead or stalled worker never posts the matching receive.
+        pending = []
         for w in self.workers:
             if w not in done:
                 try:
-                    self._reply(w, STOP)
-                except Exception:  # noqa: BLE001 - that worker may be the dead one
+                    pending.append(dist.isend(_header(STOP, 0, self.version), dst=w,
+                                              group=self.groups.down))
+                except Exception:  # noqa: BLE001 - that worker's connection may be gone
                     pass
+        time.sleep(0.5)  # let the live workers read it before this rank's error ends the job
         raise ServerStopped(f"parameter server stopped: {reason}")
 
 
@@ -317,11 +337,11 @@ def train_worker(model: nn.Module, cfg: PSConfig, groups: Groups, batches, steps
     worker = Worker(model, cfg, groups)
     step = 0
     while step < steps:
-        if straggler is not None:
-            straggler.sleep(worker.rank, step)
         version, step = worker.pull(step)
         if step >= steps:
             break
+        if straggler is not None:  # simulated compute: between the pull and the push, so a
+            straggler.sleep(worker.rank, step)  # slow worker's gradient really is stale
         x, y = batches("train", step)
         model.zero_grad(set_to_none=True)
         _, loss = model(x, y)

@@ -35,3 +35,17 @@ class Straggler:
         if d > 0:
             time.sleep(d)
         return d
+
+
+class StragglerHooks:
+    """Trainer hooks that sleep per the straggler schedule before every step and pass
+    everything else to the wrapped hooks (a staleness strategy)."""
+
+    def __init__(self, inner: object, straggler: Straggler, rank: int) -> None:
+        self.inner, self.straggler, self.rank = inner, straggler, rank
+
+    def before_step(self, step: int) -> None:
+        self.straggler.sleep(self.rank, step)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)

@@ -92,19 +92,24 @@ class Trainer:
     """Trains ``model`` (``model(x, y) -> (logits, loss)``) on batches from ``batches``.
 
     ``batches(split, step)`` returns (inputs, targets); evaluation asks for
-    ``batches("val", -1 - i)`` so that it can serve fixed batches. ``after_backward(model,
-    step, loss)`` runs between backward and the optimizer (gradient reduction strategies;
-    it may return a dict of values to log).
+    ``batches("val", -1 - i)`` so that it can serve fixed batches.
+
+    ``hooks`` (a data-parallel aggregator, a staleness strategy, ...) may define any of:
+    ``before_step(step)``; ``after_backward(model, step, loss) -> dict | None`` between
+    backward and the optimizer (the dict is logged; ``{"skip_optimizer": True}`` skips
+    this step's update); ``after_step(model, step)`` after the update;
+    ``evaluation_weights(model) -> list[Tensor]`` the weights to evaluate (collective);
+    ``finish(model)`` at the end. ``optimizer`` defaults to AdamW (make_optimizer).
     ``checkpoint_extra`` is saved with every checkpoint (model config, tokenizer, ...).
     """
 
     def __init__(self, model: nn.Module, batches: BatchFn, cfg: TrainConfig,
-                 after_backward: Callable[[nn.Module, int, float], dict | None] | None = None,
-                 checkpoint_extra: dict | None = None, run_name: str = "run") -> None:
+                 hooks: object | None = None, checkpoint_extra: dict | None = None,
+                 run_name: str = "run", optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model, self.batches, self.cfg = model, batches, cfg
-        self.after_backward = after_backward
+        self.hooks = hooks
         self.checkpoint_extra = checkpoint_extra or {}
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = optimizer or make_optimizer(model, cfg)
         self.step = 0
         self.log = RunLog(Path(cfg.out_dir) / "log.jsonl" if cfg.out_dir and is_main_process()
                           else None, run_name=run_name, config=asdict(cfg),
@@ -155,27 +160,45 @@ class Trainer:
         self.log.event("resume", step=self.step, path=str(path))
 
     # -- loop ---------------------------------------------------------------------
+    def _hook(self, name: str):
+        return getattr(self.hooks, name, None)
+
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> float:
         was_training = self.model.training
         self.model.eval()
+        weights_of = self._hook("evaluation_weights")
+        params = list(self.model.parameters())
+        saved = None
+        if weights_of is not None:  # e.g. local SGD: evaluate the average, not this rank
+            saved = [p.detach().clone() for p in params]
+            for p, w in zip(params, weights_of(self.model)):
+                p.copy_(w)
         losses = []
         for i in range(self.cfg.eval_batches):
             x, y = self.batches(split, -1 - i)
             losses.append(self.model(x, y)[1].item())
+        if saved is not None:
+            for p, w in zip(params, saved):
+                p.copy_(w)
         self.model.train(was_training)
         return sum(losses) / len(losses)
 
     def train(self) -> TrainResult:
         cfg, model = self.cfg, self.model
         model.train()
+        # Tensor-parallel models report their all-reduces (none happen at tp_size 1).
         counter = getattr(model, "sync_counter", None)
+        if counter is not None and model.config.tp_size == 1:
+            counter = None
         start, tokens, last_loss = time.perf_counter(), 0, float("nan")
         val_loss = float("nan")
         while self.step < cfg.max_steps:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if self._hook("before_step") is not None:
+                self.hooks.before_step(self.step)
             x, y = self.batches("train", self.step)
             _, loss = model(x, y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -183,11 +206,14 @@ class Trainer:
             if hasattr(model, "sync_partial_grads_"):
                 model.sync_partial_grads_()
             extra = {}
-            if self.after_backward is not None:
-                extra = self.after_backward(model, self.step, loss.item()) or {}
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            if self._hook("after_backward") is not None:
+                extra = dict(self.hooks.after_backward(model, self.step, loss.item()) or {})
+            if not extra.pop("skip_optimizer", False):
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+            if self._hook("after_step") is not None:
+                self.hooks.after_step(model, self.step)
             syncs = counter.step() if counter is not None else None
             last_loss = loss.item()
             if not math.isfinite(last_loss):
@@ -203,13 +229,16 @@ class Trainer:
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 \
                     and self.step < cfg.max_steps:
                 val_loss = self.evaluate()
-                self.log.metrics(step=self.step, val_loss=val_loss)
+                self.log.metrics(step=self.step, val_loss=val_loss,
+                                 elapsed=time.perf_counter() - start)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 \
                     and cfg.out_dir:
                 self.save_checkpoint()
+        if self._hook("finish") is not None:
+            self.hooks.finish(model)
         seconds = time.perf_counter() - start
         val_loss = self.evaluate()
-        self.log.metrics(step=self.step, val_loss=val_loss, final=True)
+        self.log.metrics(step=self.step, val_loss=val_loss, elapsed=seconds, final=True)
         if cfg.out_dir:
             self.save_checkpoint()
         self.log.close()

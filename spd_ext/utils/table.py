@@ -35,7 +35,7 @@ def _cell(v: object) -> str:
     if isinstance(v, float):
         if v != v:
             return "n/a"
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return f"{v:.4g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
 
 

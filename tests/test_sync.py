@@ -1,0 +1,211 @@
+"""spd_ext.sync: staleness modes, equivalences, SSP bound, ASGD staleness, quantized pushes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from spd_ext.comm import RankError, spawn
+from spd_ext.ops.quantize import dequantize_blockwise, error_bound, quantize_blockwise
+from spd_ext.sync import (
+    Groups,
+    ParameterServer,
+    PSConfig,
+    Straggler,
+    make_strategy,
+    parse_mode,
+    train_worker,
+)
+from spd_ext.train import TrainConfig, Trainer
+from spd_ext.train.tasks import XORTask
+
+# -- modes and stragglers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, kind, value", [
+    ("ssgd", "ssgd", 0), ("delayed:0", "delayed", 0), ("delayed:3", "delayed", 3),
+    ("local_sgd:1", "local_sgd", 1), ("diloco:500", "diloco", 500), ("ssp:0", "ssp", 0),
+    ("asgd", "asgd", 0), ("syncps", "syncps", 0)])
+def test_modes_parse(text: str, kind: str, value: int) -> None:
+    mode = parse_mode(text)
+    assert (mode.kind, mode.value, str(mode)) == (kind, value, text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sgd", "unknown staleness mode 'sgd'"), ("delayed:-1", "delayed:k must be >= 0"),
+    ("local_sgd:0", "local_sgd:H must be >= 1"), ("ssp:-2", "ssp:s must be >= 0"),
+    ("diloco", "needs an integer H"), ("asgd:3", "takes no parameter")])
+def test_bad_modes(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_mode(text)
+
+
+def test_straggler_schedule() -> None:
+    s = Straggler(base_delay=0.01, jitter=0.0, slow_rank=0, factor=5.0, every=10)
+    assert s.delay(0, 10) == pytest.approx(0.05) and s.delay(0, 11) == pytest.approx(0.01)
+    assert s.delay(1, 10) == pytest.approx(0.01)
+    jittery = Straggler(base_delay=0.01, jitter=0.02, seed=3)
+    assert jittery.delay(2, 7) == jittery.delay(2, 7) != jittery.delay(2, 8)
+    with pytest.raises(ValueError, match="factor must be >= 1"):
+        Straggler(factor=0.5)
+
+
+# -- quantization ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [1, 255, 256, 1000, 65537])
+def test_quantized_round_trip_within_bound(dtype: torch.dtype, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))).to(dtype)
+    q = quantize_blockwise(x, block_size=256)
+    assert q.values.dtype == torch.int8 and q.scales.numel() == -(-n // 256)
+    assert q.nbytes < x.numel() * x.element_size() or n < 8
+    back = dequantize_blockwise(q)
+    assert back.dtype == dtype and back.shape == x.shape
+    # The bound holds in fp32; casting back to a 16-bit dtype adds one rounding.
+    exact = dequantize_blockwise(q, out=torch.empty(x.shape))
+    assert ((exact - x.float()).abs() <= error_bound(x)).all()
+    if dtype != torch.float32:
+        rel = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+        assert ((back.float() - x.float()).abs() <= error_bound(x) + rel * exact.abs()).all()
+
+
+def test_quantize_refuses_bad_input() -> None:
+    with pytest.raises(TypeError, match="float32"):
+        quantize_blockwise(torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_blockwise(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match="block_size"):
+        quantize_blockwise(torch.ones(3), block_size=0)
+
+
+# -- collective modes ------------------------------------------------------------------------
+
+def _collective(rank: int, world: int, mode: str, steps: int, lr: float,
+                diloco: dict | None = None) -> dict:
+    task = XORTask(n=2000, batch_size=32, seed=0)
+    model = task.model()
+    strategy = make_strategy(parse_mode(mode), model, **(diloco or {}))
+    cfg = TrainConfig(max_steps=steps, batch_size=32, lr=lr, min_lr=lr, warmup_steps=0,
+                      grad_clip=0.0, eval_interval=0, eval_batches=1, log_interval=steps,
+                      quiet=True)
+    trainer = Trainer(model, task.sampler(rank, world), cfg, hooks=strategy,
+                      optimizer=torch.optim.SGD(model.parameters(), lr=lr))
+    trainer.train()
+    return {"params": [p.detach().clone() for p in strategy.evaluation_weights(model)],
+            "local": [p.detach().clone() for p in model.parameters()],
+            "metrics": strategy.metrics.summary()}
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a, b))
+
+
+def test_delayed_zero_and_local_sgd_one_equal_synchronous_sgd() -> None:
+    ssgd = spawn(_collective, 2, "ssgd", 6, 0.5, timeout=120)
+    delayed = spawn(_collective, 2, "delayed:0", 6, 0.5, timeout=120)
+    local = spawn(_collective, 2, "local_sgd:1", 6, 0.5, timeout=120)
+    for r in range(2):
+        assert _close(delayed[r]["local"], ssgd[r]["local"])
+        assert _close(local[r]["local"], ssgd[r]["local"])
+    assert ssgd[0]["metrics"]["staleness_max"] == 0
+    assert delayed[0]["metrics"]["staleness_max"] == 0
+    assert ssgd[0]["metrics"]["messages_per_step"] == 1
+
+
+def test_delayed_k_applies_exactly_k_steps_late() -> None:
+    delayed = spawn(_collective, 2, "delayed:2", 6, 0.5, timeout=120)
+    ssgd4 = spawn(_collective, 2, "ssgd", 4, 0.5, timeout=120)
+    m = delayed[0]["metrics"]
+    assert m["staleness_histogram"] == {2.0: 4} and m["staleness_mean"] == 2
+    assert not _close(delayed[0]["local"], ssgd4[0]["local"])  # stale gradients differ ...
+    assert _close(delayed[0]["local"], delayed[1]["local"])  # ... but every rank agrees
+
+
+def test_diloco_with_plain_outer_sgd_is_local_sgd() -> None:
+    # outer lr 1, no momentum: anchor - (anchor - average) = the average.
+    diloco = spawn(_collective, 2, "diloco:3", 6, 0.5, {"outer_lr": 1.0, "outer_momentum": 0.0},
+                   timeout=120)
+    local = spawn(_collective, 2, "local_sgd:3", 6, 0.5, timeout=120)
+    assert _close(diloco[0]["params"], local[0]["params"])
+    assert _close(diloco[0]["local"], diloco[1]["local"])  # workers restart from the anchor
+    nesterov = spawn(_collective, 2, "diloco:3", 6, 0.5, timeout=120)  # lr 0.7, momentum 0.9
+    assert not _close(nesterov[0]["params"], local[0]["params"])
+
+
+def test_collective_strategies_refuse_server_modes() -> None:
+    with pytest.raises(ValueError, match="parameter server"):
+        make_strategy(parse_mode("asgd"), torch.nn.Linear(2, 1))
+
+
+# -- parameter server ------------------------------------------------------------------------
+
+def _ps(rank: int, world: int, mode: str, steps: int, straggler: Straggler | None = None,
+        quantize: bool = False, dead_timeout: float = 60.0, stall: int | None = None) -> dict:
+    task = XORTask(n=3000, batch_size=32, seed=0)
+    model = task.model()
+    cfg = PSConfig(parse_mode(mode), lr=0.5, quantize=quantize, polyak_beta=0.0,
+                   straggler_timeout=5.0, dead_timeout=dead_timeout)
+    groups = Groups.create()
+    if rank == 0:
+        server = ParameterServer(model, cfg, groups)
+        theta = server.serve()
+        log = server.log
+        return {"theta": theta, "pulls": log.pulls, "staleness": log.staleness,
+                "updates": log.updates, "dropped": log.dropped_late}
+    if stall == rank:
+        time.sleep(30)  # never talks to the server
+    metrics = train_worker(model, cfg, groups, task.sampler(rank - 1, world - 1), steps,
+                           straggler)
+    return metrics.summary()
+
+
+def test_ssp_zero_equals_syncps() -> None:
+    ssp = spawn(_ps, 4, "ssp:0", 5, timeout=120)[0]
+    sync = spawn(_ps, 4, "syncps", 5, timeout=120)[0]
+    assert torch.allclose(ssp["theta"], sync["theta"], rtol=1e-5, atol=1e-6)
+    assert sync["updates"] == 5 and ssp["updates"] == 15  # 3 workers x 5 pushes
+    assert all(s == [0] * 5 for s in sync["staleness"].values())
+
+
+def test_ssp_never_exceeds_its_bound_under_a_straggler() -> None:
+    slow = Straggler(base_delay=0.002, slow_rank=1, factor=20.0, every=3)
+    server = spawn(_ps, 4, "ssp:1", 12, slow, timeout=120)[0]
+    gaps = [step - slowest for _, step, slowest in server["pulls"]]
+    assert max(gaps) <= 1 and len(gaps) == 3 * 12
+    assert any(g == 1 for g in gaps)  # the bound was reached, so it was enforced
+
+
+def test_asgd_records_staleness_under_a_straggler() -> None:
+    slow = Straggler(base_delay=0.002, slow_rank=1, factor=20.0, every=2)
+    server = spawn(_ps, 4, "asgd", 10, slow, timeout=120)[0]
+    assert max(max(v) for v in server["staleness"].values()) > 0
+    assert server["updates"] == 30
+
+
+def test_quantized_pushes_train_like_full_precision() -> None:
+    full = spawn(_ps, 3, "syncps", 8, timeout=120)[0]["theta"]
+    quant = spawn(_ps, 3, "syncps", 8, None, True, timeout=120)[0]["theta"]
+    assert (quant - full).abs().max() < 0.05 * full.abs().max()
+    assert not torch.equal(quant, full)
+
+
+def test_a_silent_worker_stops_the_job_with_its_name() -> None:
+    with pytest.raises(RankError, match=r"parameter server stopped"):
+        spawn(_ps, 3, "syncps", 50, None, False, 2.0, 2, timeout=60)
+
+
+def _single_rank_server(rank: int, world: int) -> str:
+    try:
+        ParameterServer(torch.nn.Linear(2, 1), PSConfig(parse_mode("asgd")), Groups.create())
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_server_modes_need_two_ranks() -> None:
+    assert "needs at least 2 ranks" in spawn(_single_rank_server, 1, timeout=60)[0]
+    with pytest.raises(ValueError, match="not a parameter-server mode"):
+        PSConfig(parse_mode("ssgd"))
