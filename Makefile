@@ -18,7 +18,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 $(VENV)/.installed: setup.py pyproject.toml $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=64" wheel
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) "numpy>=1.24,<3"
 	SPD_BUILD_OPS=1 $(BIN)/python -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
 

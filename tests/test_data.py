@@ -83,3 +83,18 @@ def test_dataset_cache_split_and_deterministic_batches(tmp_path, monkeypatch) ->
         data.batch("val", 2, 2000, torch.Generator())
     with pytest.raises(ValueError, match="val_fraction"):
         TokenDataset(corpus, "char", val_fraction=1.5)
+
+
+def test_hugging_face_datasets_loader_reads_the_same_text(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("SPD_EXT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First line.\n\nThird line, after a blank one.\nlast without newline")
+    plain = TokenDataset(corpus, "char", val_fraction=0.2)
+    via_hf = TokenDataset(corpus, "char", val_fraction=0.2, loader="datasets")
+    assert via_hf.cache_path == plain.cache_path  # same text, same tokens
+    assert (via_hf.split("train") == plain.split("train")).all()
+    with pytest.raises(ValueError, match="unknown loader"):
+        TokenDataset(corpus, "char", loader="arrow")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from spd_ext.cli import build_parser, main
 
@@ -117,3 +119,18 @@ def test_staleness_experiment_compares_modes(data_env, tmp_path, capsys) -> None
     assert all("idle_fraction" in e for e in log if e.get("role") != "server")
     assert main(["experiment", "staleness", "--modes", "sgd", "--out", str(out)]) == 2
     assert "unknown staleness mode 'sgd'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("SPD_EXT_DATA_DIR"),
+                    reason="needs gpt2.tiktoken from SPD_EXT_DATA_DIR")
+def test_sensitivity_of_a_local_hugging_face_model(data_env, tmp_path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tiktoken")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=64,
+                                     vocab_size=50257)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "tiny-gpt2")
+    assert main(["tp", "sensitivity", "--hf", str(tmp_path / "tiny-gpt2"), "--data",
+                 str(data_env), "--eval-batches", "2", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "none (dense)" in out and "\n1 " in out

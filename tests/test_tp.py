@@ -291,3 +291,16 @@ def test_emulated_equals_distributed(world: int) -> None:
 def test_distributed_over_torch_distributed_backend() -> None:
     for failures in spawn(_compare_modes, 2, "ladder,spd,parallel", 3, "torch", timeout=240):
         assert not failures, "\n".join(failures[:5])
+
+
+def test_local_pretrained_weights_load(tmp_path) -> None:
+    from spd_ext.tp.convert import load_pretrained
+
+    hf = _hf_model(2)
+    hf.save_pretrained(tmp_path / "gpt2-tiny")
+    model = load_pretrained(tmp_path / "gpt2-tiny", pattern="[tp,spd]", tp_size=2)
+    assert model.config.pattern == "[tp,spd]" and model.kinds == ["tp", "spd"]
+    for k, v in model.dense_state_dict().items():
+        assert torch.equal(v, hf.state_dict()[f"transformer.{k}"]), k
+    with pytest.raises(FileNotFoundError, match="no Hugging Face model folder"):
+        load_pretrained(tmp_path / "missing")

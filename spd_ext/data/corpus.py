@@ -74,3 +74,20 @@ def resolve_corpus(name_or_path: str | os.PathLike, data_dir: str | os.PathLike 
             f"{known.filename} is not in {looked} and downloading {known.url} failed ({exc}); "
             "when offline, put the file in a folder and set SPD_EXT_DATA_DIR to it") from None
     return target
+
+
+def read_corpus(path: str | os.PathLike, loader: str = "plain") -> str:
+    """The corpus text: read directly, or through Hugging Face ``datasets`` ("text" builder:
+    one example per line, cached in the datasets cache) with ``loader="datasets"``."""
+    if loader == "plain":
+        return Path(path).read_text(encoding="utf-8")
+    if loader != "datasets":
+        raise ValueError(f"unknown loader {loader!r}; use 'plain' or 'datasets'")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("loader='datasets' needs Hugging Face datasets: pip install "
+                          "'spd_ext[hf]'") from None
+    lines = datasets.load_dataset("text", data_files=str(path), split="train",
+                                  keep_linebreaks=True)
+    return "".join(lines["text"])

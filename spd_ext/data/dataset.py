@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from spd_ext.data.corpus import cache_dir, resolve_corpus
+from spd_ext.data.corpus import cache_dir, read_corpus, resolve_corpus
 from spd_ext.data.tokenizers import CharTokenizer, GPT2Tokenizer, get_tokenizer
 
 
@@ -30,12 +30,14 @@ class TokenDataset:
     """
 
     def __init__(self, corpus: str | os.PathLike = "tinyshakespeare", tokenizer: str = "char",
-                 val_fraction: float = 0.1, data_dir: str | os.PathLike | None = None) -> None:
+                 val_fraction: float = 0.1, data_dir: str | os.PathLike | None = None,
+                 loader: str = "plain") -> None:
+        """``loader="datasets"`` reads the file through Hugging Face datasets."""
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.path = resolve_corpus(corpus, data_dir)
-        raw = self.path.read_bytes()
-        text = raw.decode("utf-8")
+        text = read_corpus(self.path, loader)
+        raw = text.encode("utf-8")
         self.tokenizer: CharTokenizer | GPT2Tokenizer = get_tokenizer(tokenizer, text=text)
         if self.tokenizer.vocab_size > 1 << 16:
             raise ValueError("token ids must fit uint16")
