@@ -18,9 +18,9 @@ def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.A
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "report", help="each op: compatible, built, implementation in use",
-                       description="Report every C++ op of spd_ext: whether it can be built "
-                       "here and why not, whether it is built (prebuilt or JIT cache), which "
-                       "implementation runs, and its compiler flags.")
+                 description="Report every C++ op of spd_ext: whether it can be built "
+                 "here and why not, whether it is built (prebuilt or JIT cache), which "
+                 "implementation runs, and its compiler flags.")
     p.add_argument("--build", action="store_true",
                    help="build (JIT) every compatible op now instead of on first use")
     p.set_defaults(func=_report)
@@ -60,9 +60,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = p.add_subparsers(dest="bench", required=True, metavar="{allreduce,reduce,tp}")
 
     a = _command(bench, "allreduce", help="all-reduce on N local CPU ranks",
-                         description="Time gloo, DeepSpeed's inference_all_reduce (if "
-                         "installed), spd_ext sum and spd_ext weighted all-reduce on N local "
-                         "CPU ranks and print a table.")
+                 description="Time gloo, DeepSpeed's inference_all_reduce (if "
+                 "installed), spd_ext sum and spd_ext weighted all-reduce on N local "
+                 "CPU ranks and print a table.")
     a.add_argument("--nproc", type=int, default=2, help="ranks to spawn (default 2)")
     a.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     a.add_argument("--sizes", default="4K..64M",
@@ -82,9 +82,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_bench_allreduce)
 
     r = _command(bench, "reduce", help="weighted_reduce vs torch expressions",
-                         description="Time weighted_reduce against torch.stack(xs).mul_(w)."
-                         "sum(0) and a chain of add_(x, alpha=w), with memcpy bandwidth for "
-                         "reference.")
+                 description="Time weighted_reduce against torch.stack(xs).mul_(w)."
+                 "sum(0) and a chain of add_(x, alpha=w), with memcpy bandwidth for "
+                 "reference.")
     r.add_argument("--inputs", default="2,4,8", help="comma list of input counts")
     r.add_argument("--sizes", default="64K..64M", help="bytes per input, as for allreduce")
     r.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
@@ -98,9 +98,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_bench_reduce)
 
     t = _command(bench, "tp", help="training step time per tensor-parallel sync pattern",
-                         description="Time a tensor-parallel training step (forward, backward, "
-                         "optimizer) of a small GPT for each sync pattern on N local CPU ranks, "
-                         "through torch.distributed and/or spd_ext.comm.")
+                 description="Time a tensor-parallel training step (forward, backward, "
+                 "optimizer) of a small GPT for each sync pattern on N local CPU ranks, "
+                 "through torch.distributed and/or spd_ext.comm.")
     t.add_argument("--nproc", type=int, default=2, help="ranks = tensor-parallel size")
     t.add_argument("--patterns", default=None,
                    help="';'-separated patterns (default: tp*12;[tp,spd]*6;spd*12;"
@@ -122,8 +122,8 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     tp = p.add_subparsers(dest="tp", required=True, metavar="{syncs,sensitivity}")
 
     s = _command(tp, "syncs", help="measure a pattern's sync count and parameter count",
-                      description="Run one forward and backward pass on the meta device (no "
-                      "compute) and print the all-reduces the library counts, per block.")
+                 description="Run one forward and backward pass on the meta device (no "
+                 "compute) and print the all-reduces the library counts, per block.")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--pattern", help="e.g. 'tp*12', '[tp,spd]*6', 'grouped:4'")
     src.add_argument("--config", help="a JSON file from configs/tp")
@@ -135,8 +135,8 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_tp_syncs)
 
     v = _command(tp, "sensitivity", help="loss change when each block alone drops a sync",
-                      description="For a trained dense model, the validation loss when each "
-                      "block alone becomes an spd block (its attention all-reduce dropped).")
+                 description="For a trained dense model, the validation loss when each "
+                 "block alone becomes an spd block (its attention all-reduce dropped).")
     v.add_argument("--checkpoint", help="ckpt.pt written by an spd_ext experiment (tp*L run)")
     v.add_argument("--hf", help="a local Hugging Face GPT-2 folder instead")
     v.add_argument("--data", default="tinyshakespeare", help="corpus name or path")
@@ -193,10 +193,10 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     ex = p.add_subparsers(dest="experiment", required=True,
                           metavar="{sync-sweep,sadpt,staleness}")
     s = _command(ex, "sync-sweep", help="val loss vs tensor-parallel sync count",
-                      description="Train a small char-level GPT on TinyShakespeare for every "
-                      "sync pattern (emulated tensor parallelism, same seed, data and steps); "
-                      "print val loss against the measured sync count and plot it. Finished "
-                      "patterns are kept in OUT/results.json and skipped on a rerun.")
+                 description="Train a small char-level GPT on TinyShakespeare for every "
+                 "sync pattern (emulated tensor parallelism, same seed, data and steps); "
+                 "print val loss against the measured sync count and plot it. Finished "
+                 "patterns are kept in OUT/results.json and skipped on a rerun.")
     s.add_argument("--patterns", default=None, help="';'-separated patterns (default: the "
                    "ten GPT-2 124M patterns of configs/tp)")
     s.add_argument("--tp-size", type=int, default=sweep.tp_size, help="emulated shards")
@@ -206,11 +206,11 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sync_sweep)
 
     a = _command(ex, "sadpt", help="signal-aware DP on clean and corrupted shards",
-                      description="The seed's signal-aware data-parallel table: 2 ranks IID / "
-                      "non-IID (one rank's data corrupted) with uniform or signal-weighted "
-                      "aggregation, then 4 ranks with one corrupt rank against the robust "
-                      "baselines. Clean validation loss, time, final weights; a plot of weights "
-                      "and loss curves. Finished runs are kept in OUT/results.json.")
+                 description="The seed's signal-aware data-parallel table: 2 ranks IID / "
+                 "non-IID (one rank's data corrupted) with uniform or signal-weighted "
+                 "aggregation, then 4 ranks with one corrupt rank against the robust "
+                 "baselines. Clean validation loss, time, final weights; a plot of weights "
+                 "and loss curves. Finished runs are kept in OUT/results.json.")
     a.add_argument("--runs", default=None, help="comma list of run names (default: all: "
                    "iid_uniform, iid_weighted, noniid_uniform, noniid_weighted, 4rank_uniform, "
                    "4rank_weighted, 4rank_trimmed_mean, 4rank_median, 4rank_centered_clipping)")
@@ -233,12 +233,12 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_sadpt)
 
     st = _command(ex, "staleness", help="sync vs async vs local modes under a straggler",
-                       description="Train the XOR logistic regression and a small char GPT "
-                       "with every staleness mode on N CPU ranks, with and without a straggler "
-                       "(the first worker F times slower every E steps): final loss, steps and "
-                       "seconds to a target loss, staleness, idle time, messages per step; a "
-                       "plot of loss against wall-clock. Finished runs are kept in "
-                       "OUT/results.json.")
+                  description="Train the XOR logistic regression and a small char GPT "
+                  "with every staleness mode on N CPU ranks, with and without a straggler "
+                  "(the first worker F times slower every E steps): final loss, steps and "
+                  "seconds to a target loss, staleness, idle time, messages per step; a "
+                  "plot of loss against wall-clock. Finished runs are kept in "
+                  "OUT/results.json.")
     st.add_argument("--modes", default=None, help="comma list (default: ssgd, delayed:2, "
                     "local_sgd:8, diloco:8, ssp:2, asgd, syncps)")
     st.add_argument("--tasks", default="xor,gpt", help="comma list of xor, gpt")
