@@ -57,7 +57,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "bench", help="kernel and collective microbenchmarks")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="{allreduce,reduce,tp}")
+    bench = p.add_subparsers(dest="bench", required=True,
+                             metavar="{allreduce,reduce,quant,tp}")
 
     a = _command(bench, "allreduce", help="all-reduce on N local CPU ranks",
                  description="Time gloo, DeepSpeed's inference_all_reduce (if "
@@ -96,6 +97,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--markdown", action="store_true", help="print a Markdown table")
     r.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
     r.set_defaults(func=_bench_reduce)
+
+    q = _command(bench, "quant", help="8-bit block quantize / dequantize bandwidth",
+                 description="Time 8-bit block quantization and dequantization (kernel and "
+                 "PyTorch) against a copy of the same tensor.")
+    q.add_argument("--sizes", default="64K..64M", help="bytes per tensor, as for allreduce")
+    q.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    q.add_argument("--block-size", type=int, default=256)
+    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
+    q.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    q.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
+    q.set_defaults(func=_bench_quant)
 
     t = _command(bench, "tp", help="training step time per tensor-parallel sync pattern",
                  description="Time a tensor-parallel training step (forward, backward, "
@@ -287,6 +300,18 @@ def _bench_reduce(args: argparse.Namespace) -> int:
     rows = reduce.run(cfg)
     print(reduce.describe_run(cfg))
     print(reduce.table(rows, markdown=args.markdown))
+    _write_json(args.json, rows)
+    return 0
+
+
+def _bench_quant(args: argparse.Namespace) -> int:
+    from spd_ext.bench import quant
+
+    cfg = quant.QuantBenchConfig(sizes=args.sizes, dtypes=args.dtype, block_size=args.block_size,
+                                 device=args.device, repeats=args.repeats)
+    rows = quant.run(cfg)
+    print(quant.describe_run(cfg))
+    print(quant.table(rows, cfg.block_size, markdown=args.markdown))
     _write_json(args.json, rows)
     return 0
 

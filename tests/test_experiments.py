@@ -70,7 +70,7 @@ def test_tp_syncs_command(capsys) -> None:
 def test_every_command_has_help(capsys) -> None:
     parser = build_parser()
     commands = [[], ["report"], ["bench"], ["bench", "allreduce"], ["bench", "reduce"],
-                ["bench", "tp"], ["tp"], ["tp", "syncs"], ["tp", "sensitivity"],
+                ["bench", "tp"], ["bench", "quant"], ["tp"], ["tp", "syncs"], ["tp", "sensitivity"],
                 ["experiment"], ["experiment", "sync-sweep"], ["experiment", "sadpt"],
                 ["experiment", "staleness"]]
     for cmd in commands:
@@ -134,3 +134,8 @@ def test_sensitivity_of_a_local_hugging_face_model(data_env, tmp_path, capsys) -
                  str(data_env), "--eval-batches", "2", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "none (dense)" in out and "\n1 " in out
+
+
+def test_bench_quant(capsys) -> None:
+    assert main(["bench", "quant", "--sizes", "64K", "--dtype", "bf16", "--repeats", "1"]) == 0
+    assert "quantize (torch) GB/s" in capsys.readouterr().out

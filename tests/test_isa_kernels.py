@@ -107,3 +107,27 @@ def test_last_level_cache_size_is_what_lscpu_reports(lib) -> None:
             expected = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]]
             break
     assert lib.spd_test_llc_bytes() == expected
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("n, block", [(1, 256), (37, 16), (1000, 256), (70_001, 64)])
+def test_quantization_matches_pytorch_bitwise(lib, dtype: torch.dtype, n: int,
+                                              block: int) -> None:
+    from spd_ext.ops.quantize import dequantize_blockwise, quantize_blockwise
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n + 1, generator=g) * 3).to(dtype)[1:]  # misaligned
+    ref = quantize_blockwise(x, block, impl="fallback")
+    q = torch.empty(n, dtype=torch.int8)
+    scales = torch.empty(-(-n // block), dtype=torch.float32)
+    assert lib.spd_test_quantize(CODES[dtype], _ptr(x), ctypes.c_int64(n), ctypes.c_int64(block),
+                                 _ptr(q), _ptr(scales)) == 1
+    assert torch.equal(q, ref.values) and torch.equal(scales, ref.scales)
+    out = torch.empty(n, dtype=dtype)
+    lib.spd_test_dequantize(CODES[dtype], _ptr(q), _ptr(scales), ctypes.c_int64(n),
+                            ctypes.c_int64(block), _ptr(out))
+    assert torch.equal(out, dequantize_blockwise(ref, impl="fallback"))
+    bad = x.clone()
+    bad[n // 2] = float("nan")
+    assert lib.spd_test_quantize(CODES[dtype], _ptr(bad), ctypes.c_int64(n),
+                                 ctypes.c_int64(block), _ptr(q), _ptr(scales)) == 0

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from spd_ext.comm import RankError, spawn
-from spd_ext.ops.quantize import dequantize_blockwise, error_bound, quantize_blockwise
 from spd_ext.sync import (
     Groups,
     ParameterServer,
@@ -50,35 +49,6 @@ def test_straggler_schedule() -> None:
     assert jittery.delay(2, 7) == jittery.delay(2, 7) != jittery.delay(2, 8)
     with pytest.raises(ValueError, match="factor must be >= 1"):
         Straggler(factor=0.5)
-
-
-# -- quantization ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n", [1, 255, 256, 1000, 65537])
-def test_quantized_round_trip_within_bound(dtype: torch.dtype, n: int) -> None:
-    g = torch.Generator().manual_seed(n)
-    x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))).to(dtype)
-    q = quantize_blockwise(x, block_size=256)
-    assert q.values.dtype == torch.int8 and q.scales.numel() == -(-n // 256)
-    assert q.nbytes < x.numel() * x.element_size() or n < 8
-    back = dequantize_blockwise(q)
-    assert back.dtype == dtype and back.shape == x.shape
-    # The bound holds in fp32; casting back to a 16-bit dtype adds one rounding.
-    exact = dequantize_blockwise(q, out=torch.empty(x.shape))
-    assert ((exact - x.float()).abs() <= error_bound(x)).all()
-    if dtype != torch.float32:
-        rel = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
-        assert ((back.float() - x.float()).abs() <= error_bound(x) + rel * exact.abs()).all()
-
-
-def test_quantize_refuses_bad_input() -> None:
-    with pytest.raises(TypeError, match="float32"):
-        quantize_blockwise(torch.ones(3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="NaN or inf"):
-        quantize_blockwise(torch.tensor([1.0, float("inf")]))
-    with pytest.raises(ValueError, match="block_size"):
-        quantize_blockwise(torch.ones(3), block_size=0)
 
 
 # -- collective modes ------------------------------------------------------------------------

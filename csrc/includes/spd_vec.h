@@ -6,6 +6,7 @@
 // that go through a small stack buffer so that any length works with one code path.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -28,6 +29,20 @@ struct Vec {
 inline Vec vset1(float x) { return Vec{_mm512_set1_ps(x)}; }
 inline Vec vmul(Vec a, Vec b) { return Vec{_mm512_mul_ps(a.v, b.v)}; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return Vec{_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec vabs(Vec a) { return Vec{_mm512_abs_ps(a.v)}; }
+inline Vec vmax(Vec a, Vec b) { return Vec{_mm512_max_ps(a.v, b.v)}; }
+inline float vhmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
+
+// int8 <-> fp32 lanes: round to nearest even (the MXCSR default) and saturate.
+inline void vstore_i8(int8_t* p, Vec a)
+{
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(a.v)));
+}
+inline Vec vload_i8(const int8_t* p)
+{
+    __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return Vec{_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x))};
+}
 
 inline Vec vload(const float* p) { return Vec{_mm512_loadu_ps(p)}; }
 inline Vec vload(const bf16_t* p)
@@ -85,6 +100,30 @@ struct Vec {
 inline Vec vset1(float x) { return Vec{_mm256_set1_ps(x)}; }
 inline Vec vmul(Vec a, Vec b) { return Vec{_mm256_mul_ps(a.v, b.v)}; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return Vec{_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec vabs(Vec a)
+{
+    return Vec{_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)};
+}
+inline Vec vmax(Vec a, Vec b) { return Vec{_mm256_max_ps(a.v, b.v)}; }
+inline float vhmax(Vec a)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+inline void vstore_i8(int8_t* p, Vec a)
+{
+    __m256i i32 = _mm256_cvtps_epi32(a.v);  // round to nearest even
+    __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(i16, i16));
+}
+inline Vec vload_i8(const int8_t* p)
+{
+    __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return Vec{_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x))};
+}
 
 inline Vec vload(const float* p) { return Vec{_mm256_loadu_ps(p)}; }
 inline Vec vload(const bf16_t* p)
@@ -154,6 +193,35 @@ inline Vec vfma(Vec a, Vec b, Vec c)
 {
     for (int i = 0; i < Vec::kWidth; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;
+}
+inline Vec vabs(Vec a)
+{
+    for (int i = 0; i < Vec::kWidth; ++i) a.v[i] = a.v[i] < 0 ? -a.v[i] : a.v[i];
+    return a;
+}
+inline Vec vmax(Vec a, Vec b)
+{
+    for (int i = 0; i < Vec::kWidth; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+    return a;
+}
+inline float vhmax(Vec a)
+{
+    float m = a.v[0];
+    for (int i = 1; i < Vec::kWidth; ++i) m = a.v[i] > m ? a.v[i] : m;
+    return m;
+}
+inline void vstore_i8(int8_t* p, Vec a)
+{
+    for (int i = 0; i < Vec::kWidth; ++i) {
+        const float r = std::nearbyint(a.v[i]);  // round half to even
+        p[i] = int8_t(r > 127.0f ? 127.0f : (r < -128.0f ? -128.0f : r));
+    }
+}
+inline Vec vload_i8(const int8_t* p)
+{
+    Vec r;
+    for (int i = 0; i < Vec::kWidth; ++i) r.v[i] = float(p[i]);
+    return r;
 }
 template <typename T>
 inline Vec vload(const T* p)

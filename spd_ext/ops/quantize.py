@@ -4,18 +4,42 @@
 
 Error bound, per element: |x - x_hat| <= s / 2 = absmax(block) / 254, plus float32
 rounding of the scale and products (a few units of 2^-24 * absmax), plus one rounding to
-the output dtype when dequantizing to bf16 / fp16. Used for compressed gradient
-pushes. This module is the pure-PyTorch implementation; the C++/CUDA kernels of the
-CUDA issue are not built yet, so it serves every device.
+the output dtype when dequantizing to bf16 / fp16. Used for compressed gradient pushes.
+
+The C++ kernel (csrc/includes/spd_quant.h, CPU) computes with the same float32 operations
+as the PyTorch implementation here, so the two agree bitwise; the PyTorch one serves every
+other device and is the fallback.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from spd_ext.ops.builder import OpBuilder
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Impl = Literal["auto", "kernel", "fallback"]
+
+
+class QuantizeBuilder(OpBuilder):
+    NAME = "quantize"
+    SOURCES = ["cpu/quantize.cpp"]
+
+
+builder = QuantizeBuilder()
+
+
+def _kernel(x: torch.Tensor, impl: Impl):
+    if impl not in ("auto", "kernel", "fallback"):
+        raise ValueError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
+    module = builder.load() if impl != "fallback" and x.device.type == "cpu" else None
+    if module is None and impl == "kernel":
+        raise RuntimeError(f"the quantize kernel is unavailable for {x.device} tensors "
+                           f"({builder.status().reason or 'no kernel for this device'})")
+    return module
 
 
 @dataclass
@@ -31,13 +55,21 @@ class QuantizedTensor:
         return self.values.numel() + 4 * self.scales.numel()
 
 
-def quantize_blockwise(x: torch.Tensor, block_size: int = 256) -> QuantizedTensor:
+def quantize_blockwise(x: torch.Tensor, block_size: int = 256,
+                       impl: Impl = "auto") -> QuantizedTensor:
     """int8 values and one fp32 absmax scale per ``block_size`` elements."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"quantize_blockwise supports float32, bfloat16 and float16, got "
                         f"{x.dtype}")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    module = _kernel(x, impl)
+    if module is not None:
+        try:
+            values, scales = module.quantize(x.detach().reshape(-1).contiguous(), block_size)
+        except RuntimeError as exc:
+            raise ValueError(str(exc).splitlines()[0]) from None
+        return QuantizedTensor(values, scales, x.shape, x.dtype, block_size)
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     pad = (-n) % block_size
@@ -54,8 +86,17 @@ def quantize_blockwise(x: torch.Tensor, block_size: int = 256) -> QuantizedTenso
                            x.dtype, block_size)
 
 
-def dequantize_blockwise(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_blockwise(q: QuantizedTensor, out: torch.Tensor | None = None,
+                         impl: Impl = "auto") -> torch.Tensor:
     """x_hat = values * scale of their block, in the original shape and dtype (or ``out``)."""
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the quantized tensor "
+                         f"{tuple(q.shape)}")
+    module = _kernel(q.values, impl)
+    if module is not None and (out is None or out.is_contiguous()):
+        target = torch.empty(q.shape, dtype=q.dtype) if out is None else out
+        module.dequantize(q.values, q.scales, q.block_size, target.view(-1))
+        return target
     n = q.values.numel()
     pad = (-n) % q.block_size
     values = q.values.float()
@@ -65,9 +106,6 @@ def dequantize_blockwise(q: QuantizedTensor, out: torch.Tensor | None = None) ->
     x = x.view(q.shape)
     if out is None:
         return x.to(q.dtype)
-    if out.shape != q.shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, the quantized tensor "
-                         f"{tuple(q.shape)}")
     return out.copy_(x)
 
 

@@ -2,6 +2,7 @@
 // ISA (scalar, AVX2, AVX-512) so every code path of the kernel is tested on this host.
 #include <cstdint>
 
+#include "spd_quant.h"
 #include "spd_reduce.h"
 
 extern "C" {
@@ -46,6 +47,24 @@ void spd_test_scalar_round_trip(int dtype, const float* in, float* narrow_out, v
             bits[i] = spd::from_float<T>(in[i]);
             narrow_out[i] = spd::to_float(bits[i]);
         }
+    });
+}
+
+int spd_test_quantize(int dtype, const void* x, int64_t n, int64_t block, int8_t* q,
+                      float* scales)
+{
+    return spd::dispatch_dtype(spd::DType(dtype), [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        return int(spd::quantize_blocks(static_cast<const T*>(x), n, block, q, scales, 2));
+    });
+}
+
+void spd_test_dequantize(int dtype, const int8_t* q, const float* scales, int64_t n,
+                         int64_t block, void* out)
+{
+    spd::dispatch_dtype(spd::DType(dtype), [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        spd::dequantize_blocks(q, scales, n, block, static_cast<T*>(out), 2);
     });
 }
 
