@@ -51,7 +51,9 @@ def _report(args: argparse.Namespace) -> int:
     print(format_table(["op", "compatible", "built", "in use", "isa", "flags", "note"], rows))
     print("\ncomm.all_reduce on CPU float32/bfloat16/float16 tensors: shared-memory kernel "
           "when every rank of the group is on this host and shm_allreduce is in use, else "
-          "torch.distributed (other dtypes and devices always use torch.distributed).")
+          "torch.distributed. CUDA tensors: torch.distributed (NCCL; PREMUL_SUM for "
+          "weighted); the CUDA IPC all-reduce is not built yet. Other dtypes: "
+          "torch.distributed.")
     return 0
 
 

@@ -160,3 +160,24 @@ def test_writing_out_bumps_its_version(impl: str) -> None:
     before = out._version
     weighted_reduce([torch.ones(100)], [2.0], out=out, impl=impl)
     assert out._version > before
+
+
+def test_fallback_with_weights_in_a_tensor_matches_float_weights() -> None:
+    # The path CUDA tensors take (weights stay on the device, no host sync).
+    from spd_ext.ops.weighted_reduce import weighted_reduce_torch
+
+    xs, w = _inputs(3001, 4, torch.bfloat16, seed=21)
+    a = weighted_reduce_torch(xs, w, torch.empty_like(xs[0]))
+    b = weighted_reduce_torch(xs, w.tolist(), torch.empty_like(xs[0]))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on CPU-only torch")
+def test_cuda_ops_explain_why_they_are_unavailable() -> None:
+    from spd_ext.ops import ALL_BUILDERS
+
+    for b in ALL_BUILDERS:
+        if b.NAME.endswith("_cuda"):
+            ok, why = b.is_compatible()
+            assert not ok and ("without CUDA" in why or "no CUDA" in why)
+            assert b.status().implementation == "fallback"

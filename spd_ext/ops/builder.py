@@ -84,6 +84,37 @@ def csrc_root() -> Path:
     raise FileNotFoundError(f"spd_ext C++ sources not found next to {here}; reinstall spd_ext")
 
 
+class CUDAOpBuilder:
+    """Mixin for ops with CUDA sources: compatible only where torch has CUDA and nvcc."""
+
+    def is_compatible(self) -> tuple[bool, str]:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if torch.version.cuda is None:
+            return False, f"this torch ({torch.__version__}) is built without CUDA"
+        if CUDA_HOME is None:
+            return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device visible"
+        return super().is_compatible()
+
+    def cxx_flags(self, isa: str | None = None) -> list[str]:
+        return ["-O3", "-std=c++17"]
+
+    def nvcc_flags(self) -> list[str]:
+        # No fast-math: IEEE division and rounding keep the results equal to the CPU's.
+        return ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+
+    def ld_flags(self) -> list[str]:
+        return []
+
+
+def _isa_of(module: ModuleType) -> str:
+    """The vector ISA a built op was compiled for ("scalar" for ops without CPU kernels)."""
+    return module.isa() if hasattr(module, "isa") else "scalar"
+
+
 def cache_root() -> Path:
     root = os.environ.get("SPD_EXT_OPS_CACHE") or Path.home() / ".cache" / "spd_ext" / "ops"
     return Path(root)
@@ -154,12 +185,18 @@ class OpBuilder:
 
     def cpp_extension(self):
         """The setuptools extension that prebuilds this op (used by setup.py)."""
-        from torch.utils.cpp_extension import CppExtension
+        from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
         root = csrc_root()
+        sources = [os.path.relpath(s, root.parent) for s in self.sources()]
+        if hasattr(self, "nvcc_flags"):
+            return CUDAExtension(name=self.prebuilt_name, sources=sources,
+                                 include_dirs=self.include_dirs(),
+                                 extra_compile_args={"cxx": self.cxx_flags(),
+                                                     "nvcc": self.nvcc_flags()})
         return CppExtension(
             name=self.prebuilt_name,
-            sources=[os.path.relpath(s, root.parent) for s in self.sources()],
+            sources=sources,
             include_dirs=self.include_dirs(),
             extra_compile_args=self.cxx_flags(),
             extra_link_args=self.ld_flags(),
@@ -187,7 +224,7 @@ class OpBuilder:
             module = None
         # Skip a prebuilt op built for a wider ISA than this CPU's (it would fault), or
         # older than its sources (an edited checkout): rebuild it with the JIT instead.
-        if module is not None and isa_supported(module.isa()) and not self._stale(module):
+        if module is not None and isa_supported(_isa_of(module)) and not self._stale(module):
             self._how = "prebuilt"
             return module
         try:
@@ -213,6 +250,7 @@ class OpBuilder:
             name=f"spd_ext_{self.NAME}",
             sources=self.sources(),
             extra_cflags=self.cxx_flags(),
+            extra_cuda_cflags=getattr(self, "nvcc_flags", list)(),
             extra_ldflags=self.ld_flags(),
             extra_include_paths=self.include_dirs(),
             build_directory=str(build_dir),
@@ -233,7 +271,7 @@ class OpBuilder:
         if self._loaded:
             built = self._how if self._module is not None else "no"
             impl = "kernel" if self._module is not None else "fallback"
-            isa = self._module.isa() if self._module is not None else isa
+            isa = _isa_of(self._module) if self._module is not None else isa
             return OpStatus(self.NAME, ok, why or self._why_not, built, impl, isa,
                             self.cxx_flags(isa))
         try:

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from spd_ext.ops.builder import OpBuilder
+from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Impl = Literal["auto", "kernel", "fallback"]
@@ -29,16 +29,23 @@ class QuantizeBuilder(OpBuilder):
     SOURCES = ["cpu/quantize.cpp"]
 
 
+class QuantizeCUDABuilder(CUDAOpBuilder, OpBuilder):
+    NAME = "quantize_cuda"
+    SOURCES = ["cuda/quantize.cu", "cuda/quantize_binding.cpp"]
+
+
 builder = QuantizeBuilder()
+cuda_builder = QuantizeCUDABuilder()
 
 
 def _kernel(x: torch.Tensor, impl: Impl):
     if impl not in ("auto", "kernel", "fallback"):
         raise ValueError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
-    module = builder.load() if impl != "fallback" and x.device.type == "cpu" else None
+    chosen = cuda_builder if x.device.type == "cuda" else builder
+    module = chosen.load() if impl != "fallback" else None
     if module is None and impl == "kernel":
         raise RuntimeError(f"the quantize kernel is unavailable for {x.device} tensors "
-                           f"({builder.status().reason or 'no kernel for this device'})")
+                           f"({chosen.status().reason})")
     return module
 
 
@@ -66,9 +73,12 @@ def quantize_blockwise(x: torch.Tensor, block_size: int = 256,
     module = _kernel(x, impl)
     if module is not None:
         try:
-            values, scales = module.quantize(x.detach().reshape(-1).contiguous(), block_size)
+            values, scales, *flags = module.quantize(x.detach().reshape(-1).contiguous(),
+                                                     block_size)
         except RuntimeError as exc:
             raise ValueError(str(exc).splitlines()[0]) from None
+        if flags and bool(flags[0].item()):  # the CUDA kernel flags NaN / inf blocks
+            raise ValueError("cannot quantize a tensor with NaN or inf entries")
         return QuantizedTensor(values, scales, x.shape, x.dtype, block_size)
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
@@ -94,7 +104,8 @@ def dequantize_blockwise(q: QuantizedTensor, out: torch.Tensor | None = None,
                          f"{tuple(q.shape)}")
     module = _kernel(q.values, impl)
     if module is not None and (out is None or out.is_contiguous()):
-        target = torch.empty(q.shape, dtype=q.dtype) if out is None else out
+        target = (torch.empty(q.shape, dtype=q.dtype, device=q.values.device) if out is None
+                  else out)
         module.dequantize(q.values, q.scales, q.block_size, target.view(-1))
         return target
     n = q.values.numel()

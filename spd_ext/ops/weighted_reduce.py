@@ -8,9 +8,10 @@ from typing import Literal
 
 import torch
 
-from spd_ext.ops.builder import OpBuilder
+from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_CUDA_INPUTS = 32  # spd::cuda::kMaxInputs
 
 
 class WeightedReduceBuilder(OpBuilder):
@@ -18,7 +19,13 @@ class WeightedReduceBuilder(OpBuilder):
     SOURCES = ["cpu/weighted_reduce.cpp"]
 
 
+class WeightedReduceCUDABuilder(CUDAOpBuilder, OpBuilder):
+    NAME = "weighted_reduce_cuda"
+    SOURCES = ["cuda/weighted_reduce.cu", "cuda/weighted_reduce_binding.cpp"]
+
+
 builder = WeightedReduceBuilder()
+cuda_builder = WeightedReduceCUDABuilder()
 
 
 def as_weight_list(weights: torch.Tensor | Sequence[float], count: int, what: str) -> list[float]:
@@ -68,12 +75,16 @@ def _check_inputs(xs: list[torch.Tensor], out: torch.Tensor | None) -> None:
                              "exactly")
 
 
-def weighted_reduce_torch(xs: Sequence[torch.Tensor], weights: Sequence[float],
+def weighted_reduce_torch(xs: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor,
                           out: torch.Tensor) -> torch.Tensor:
-    """The pure-PyTorch fallback: fp32 accumulator, then one copy into ``out``."""
+    """The pure-PyTorch fallback: fp32 accumulator, then one copy into ``out``. Weights in
+    a tensor stay on their device (no host sync)."""
     acc = torch.mul(xs[0].to(torch.float32), weights[0])
-    for x, w in zip(xs[1:], weights[1:]):
-        acc.add_(x, alpha=w)
+    for j, x in enumerate(xs[1:], start=1):
+        if isinstance(weights, torch.Tensor):
+            acc.addcmul_(x, weights[j])
+        else:
+            acc.add_(x, alpha=weights[j])
     return out.copy_(acc)
 
 
@@ -93,16 +104,28 @@ def weighted_reduce(xs: Sequence[torch.Tensor], weights: torch.Tensor | Sequence
     """
     xs = list(xs)
     _check_inputs(xs, out)
-    w = as_weight_list(weights, len(xs), "inputs")
+    if impl not in ("auto", "kernel", "fallback"):
+        raise ValueError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
+    cuda = xs[0].device.type == "cuda"
+    if cuda and isinstance(weights, torch.Tensor) and weights.device.type == "cuda":
+        # Device weights are used as they are: checking them for NaN would cost a sync.
+        w = weights.detach().reshape(-1).to(torch.float32)
+        if w.numel() != len(xs):
+            raise ValueError(f"got {w.numel()} weights for {len(xs)} inputs; pass one weight "
+                             "per input")
+    else:
+        w = as_weight_list(weights, len(xs), "inputs")
+        if cuda:
+            w = torch.tensor(w, dtype=torch.float32, device=xs[0].device)
     if out is None:
         out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
     xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
-    if impl not in ("auto", "kernel", "fallback"):
-        raise ValueError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
-    module = builder.load() if impl != "fallback" and out.device.type == "cpu" else None
+    chosen = cuda_builder if cuda else builder
+    usable = impl != "fallback" and (not cuda or len(xs) <= MAX_CUDA_INPUTS)
+    module = chosen.load() if usable else None
     if module is None:
         if impl == "kernel":
             raise RuntimeError(f"the weighted_reduce kernel is unavailable for {out.device} "
-                               f"tensors ({builder.status().reason or 'no CPU kernel'})")
+                               f"tensors ({chosen.status().reason or 'too many inputs'})")
         return weighted_reduce_torch(xs, w, out)
     return module.weighted_reduce(xs, w, out)

@@ -1,0 +1,54 @@
+"""CUDA kernels against float64 references (skipped without a CUDA device).
+
+Run on a GPU machine: `pytest tests/test_cuda.py` (the ops JIT-build on first use).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spd_ext.ops import dequantize_blockwise, quantize_blockwise, weighted_reduce
+
+from conftest import assert_within_bound
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 4097, 2**20 + 3])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: misaligned, the scalar path
+def test_weighted_reduce_cuda(dtype: torch.dtype, n: int, offset: int) -> None:
+    g = torch.Generator().manual_seed(n + offset)
+    xs = [(torch.randn(n + offset, generator=g) * 3).to(dtype).cuda()[offset:] for _ in range(5)]
+    w = torch.randn(5, generator=g)
+    out = torch.full((n + offset,), float("nan"), dtype=dtype, device="cuda")[offset:]
+    weighted_reduce(xs, w.cuda(), out=out, impl="kernel")
+    terms = [float(wj) * x.double().cpu() for wj, x in zip(w, xs)]
+    assert_within_bound(out.cpu(), terms, f"cuda {dtype} n={n} offset={offset}")
+
+
+def test_device_weights_change_without_a_host_sync() -> None:
+    xs = [torch.ones(1000, device="cuda"), torch.full((1000,), 2.0, device="cuda")]
+    w = torch.tensor([1.0, 0.0], device="cuda")
+    a = weighted_reduce(xs, w, impl="kernel").clone()
+    w.copy_(torch.tensor([0.0, 1.0]))  # a later step's weights, written on the device
+    b = weighted_reduce(xs, w, impl="kernel")
+    assert a.eq(1.0).all() and b.eq(2.0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, block", [(1, 256), (1000, 256), (70_001, 64), (2**20, 256)])
+def test_cuda_quantization_matches_cpu_bitwise(dtype: torch.dtype, n: int, block: int) -> None:
+    x = (torch.randn(n) * 3).to(dtype)
+    ref = quantize_blockwise(x, block, impl="fallback")
+    q = quantize_blockwise(x.cuda(), block, impl="kernel")
+    assert torch.equal(q.values.cpu(), ref.values) and torch.equal(q.scales.cpu(), ref.scales)
+    assert torch.equal(dequantize_blockwise(q, impl="kernel").cpu(),
+                       dequantize_blockwise(ref, impl="fallback"))
+    bad = x.cuda()
+    bad[n // 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_blockwise(bad, block, impl="kernel")
