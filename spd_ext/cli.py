@@ -51,8 +51,9 @@ def _report(args: argparse.Namespace) -> int:
     print(format_table(["op", "compatible", "built", "in use", "isa", "flags", "note"], rows))
     print("\ncomm.all_reduce on CPU float32/bfloat16/float16 tensors: shared-memory kernel "
           "when every rank of the group is on this host and shm_allreduce is in use, else "
-          "torch.distributed. CUDA tensors: torch.distributed (NCCL; PREMUL_SUM for "
-          "weighted); the CUDA IPC all-reduce is not built yet. Other dtypes: "
+          "torch.distributed. CUDA tensors: the CUDA IPC kernel when cuda_allreduce is in use, "
+          "the group has 2-8 ranks on this host and the tensor fits the buffer (8 MiB), else "
+          "torch.distributed (NCCL; PREMUL_SUM for weighted). Other dtypes: "
           "torch.distributed.")
     return 0
 

@@ -52,3 +52,53 @@ def test_cuda_quantization_matches_cpu_bitwise(dtype: torch.dtype, n: int, block
     bad[n // 2] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_blockwise(bad, block, impl="kernel")
+
+
+def _ipc_ranks(rank: int, world: int) -> list[str]:
+    import hashlib
+
+    import torch.distributed as dist
+
+    from spd_ext.comm import all_reduce, path
+
+    torch.cuda.set_device(0)  # every process shares the one GPU (CUDA IPC works across them)
+    failures: list[str] = []
+    for dtype in DTYPES:
+        for n in (1, 3, 4097, 2**16 + 5, 2**20 + 7):  # odd sizes, one-shot and two-shot
+            g = torch.Generator().manual_seed(n)
+            xs = [(torch.randn(n, generator=g) * 2).to(dtype) for _ in range(world)]
+            w = torch.softmax(torch.randn(world, generator=g), 0)
+            for op, kwargs, scale in (("sum", {}, [1.0] * world),
+                                      ("weighted", {"weights": w.cuda()}, w.tolist())):
+                t = xs[rank].cuda()
+                if path(t) != "cuda-ipc":
+                    failures.append(f"{dtype} n={n}: path {path(t)}")
+                all_reduce(t, op, **kwargs)
+                try:
+                    assert_within_bound(t.cpu(), [s * x.double() for s, x in zip(scale, xs)],
+                                        f"rank {rank} {dtype} n={n} {op}")
+                except AssertionError as exc:
+                    failures.append(str(exc))
+                digest = hashlib.sha1(t.cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+                everyone: list = [None] * world
+                dist.all_gather_object(everyone, digest)
+                if len(set(everyone)) != 1:
+                    failures.append(f"{dtype} n={n} {op}: ranks differ bitwise")
+    t = torch.empty(4096, device="cuda")
+    for step in range(1000):  # back to back: flag races show up as wrong sums
+        t.fill_(float(rank + step))
+        all_reduce(t)
+        expect = world * step + world * (world - 1) / 2
+        if step % 100 == 0 or step == 999:
+            if not torch.all(t == expect):
+                failures.append(f"call {step}: {t[0].item()} != {expect}")
+                break
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ipc_all_reduce_processes_sharing_the_gpu(world: int) -> None:
+    from spd_ext.comm import spawn
+
+    for failures in spawn(_ipc_ranks, world, timeout=600):
+        assert not failures, "\n".join(failures[:5])

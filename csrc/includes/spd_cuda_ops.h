@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 namespace spd {
 namespace cuda {
@@ -26,6 +27,34 @@ cudaError_t quantize(int dtype, const void* x, int64_t n, int64_t block, int8_t*
                      float* scales, int* flags, cudaStream_t stream);
 cudaError_t dequantize(int dtype, const int8_t* values, const float* scales, int64_t n,
                        int64_t block, void* out, cudaStream_t stream);
+
+constexpr int kMaxIpcRanks = 8;
+constexpr int kMaxIpcBlocks = 36;
+
+// The IPC all-reduce of one process group (see csrc/cuda/custom_allreduce.cu).
+class IpcAllReduce {
+public:
+    IpcAllReduce(int rank, int world, int64_t capacity);  // allocates; check error()
+    ~IpcAllReduce();
+    IpcAllReduce(const IpcAllReduce&) = delete;
+    IpcAllReduce& operator=(const IpcAllReduce&) = delete;
+
+    cudaError_t error() const { return error_; }
+    std::string handle();  // this rank's cudaIpcMemHandle_t, as bytes
+    cudaError_t open(const std::string* handles);  // every rank's handle, in rank order
+    int64_t capacity() const;
+    static int64_t header_bytes();
+
+    // In place on `data` (16-byte aligned, bytes a multiple of 16, <= capacity). Each
+    // rank's contribution is scaled by *my_weight (device) or, if null, by `uniform`.
+    cudaError_t all_reduce(int dtype, void* data, int64_t bytes, bool two_shot,
+                           const float* my_weight, float uniform, cudaStream_t stream);
+
+private:
+    struct State;
+    State* s_;
+    cudaError_t error_ = cudaSuccess;
+};
 
 }  // namespace cuda
 }  // namespace spd

@@ -1,9 +1,10 @@
 """``all_reduce``: sum, mean or weighted sum over a process group, in place.
 
 CPU tensors of float32 / bfloat16 / float16 whose ranks share a host go through the
-shared-memory kernel (fp32 accumulation, bitwise-equal results on every rank). Anything
-else (other dtypes, CUDA tensors, ranks on several hosts, the op unavailable) goes
-through torch.distributed with the same semantics.
+shared-memory kernel, CUDA tensors of those dtypes up to the IPC buffer's capacity through
+the CUDA IPC kernel (both: fp32 accumulation, bitwise-equal results on every rank).
+Anything else (other dtypes, ranks on several hosts, larger CUDA tensors, the op
+unavailable) goes through torch.distributed (NCCL for CUDA) with the same semantics.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.graph import increment_version
 
+from spd_ext.comm.cuda_ipc import ipc_group
 from spd_ext.comm.shm import OP_CODES, cached_shm_group, shm_group
 from spd_ext.ops.weighted_reduce import as_weight_list
 
@@ -121,11 +123,16 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
     flat = tensor if tensor.is_contiguous() else tensor.contiguous()
     if flat.is_cpu and shm is None:
         shm = shm_group(group)  # collective set-up on the group's first CPU all-reduce
+    ipc = ipc_group(group) if flat.is_cuda else None  # collective set-up, first CUDA call
     if shm is not None and flat.is_cpu and flat.dtype in SHM_DTYPES:
         try:
             shm.all_reduce_(flat, op, weight, timeout)
         except (RuntimeError, ValueError) as exc:  # C++ errors arrive as these
             raise CommError(str(exc)) from None
+    elif ipc is not None and ipc.suits(flat):
+        device_weights = (weights if isinstance(weights, torch.Tensor) and weights.is_cuda
+                          and weights.numel() == world_size else None)
+        ipc.all_reduce_(flat, op, weight, device_weights)
     else:
         _torch_all_reduce(flat, op, weight, world_size, group)
     if flat is not tensor:
@@ -134,6 +141,10 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
 
 
 def path(tensor: torch.Tensor, group: Any = None) -> str:
-    """``"shm"`` or ``"torch.distributed"``: which path ``all_reduce(tensor)`` takes."""
-    shm = shm_group(group) if tensor.device.type == "cpu" else None
+    """``"shm"``, ``"cuda-ipc"`` or ``"torch.distributed"``: the path ``all_reduce(tensor)``
+    takes (collective the first time for a group and device type)."""
+    if tensor.is_cuda:
+        ipc = ipc_group(group)
+        return "cuda-ipc" if ipc is not None and ipc.suits(tensor) else "torch.distributed"
+    shm = shm_group(group)
     return "shm" if shm is not None and tensor.dtype in SHM_DTYPES else "torch.distributed"

@@ -1,0 +1,87 @@
+// Torch binding of csrc/cuda/custom_allreduce.cu (built only when torch has CUDA).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "spd_cuda_ops.h"
+
+namespace {
+
+class IpcContext {
+public:
+    IpcContext(int rank, int world, int64_t capacity)
+        : impl_(std::make_unique<spd::cuda::IpcAllReduce>(rank, world, capacity))
+    {
+        TORCH_CHECK(world >= 2 && world <= spd::cuda::kMaxIpcRanks,
+                    "the IPC all-reduce takes 2 to ", spd::cuda::kMaxIpcRanks, " ranks, got ",
+                    world);
+        check(impl_->error(), "allocating the IPC buffer");
+    }
+
+    pybind11::bytes handle()
+    {
+        std::string h = impl_->handle();
+        check(impl_->error(), "cudaIpcGetMemHandle");
+        return pybind11::bytes(h);
+    }
+
+    void open(const std::vector<std::string>& handles)
+    {
+        check(impl_->open(handles.data()), "cudaIpcOpenMemHandle");
+    }
+
+    int64_t capacity() const { return impl_->capacity(); }
+
+    // op: 0 sum, 1 mean, 2 weighted (my_weight: this rank's weight, 1 float on the GPU).
+    void all_reduce_(at::Tensor& t, int64_t op, const c10::optional<at::Tensor>& my_weight,
+                     double uniform, bool two_shot)
+    {
+        TORCH_CHECK(t.is_cuda() && t.is_contiguous(),
+                    "the IPC all-reduce needs a contiguous CUDA tensor");
+        int dtype = 0;
+        switch (t.scalar_type()) {
+            case at::kFloat: dtype = 0; break;
+            case at::kBFloat16: dtype = 1; break;
+            case at::kHalf: dtype = 2; break;
+            default: TORCH_CHECK(false, "the IPC all-reduce supports float32, bfloat16, float16");
+        }
+        const float* w = nullptr;
+        if (op == 2 && my_weight.has_value()) {
+            TORCH_CHECK(my_weight->is_cuda() && my_weight->scalar_type() == at::kFloat &&
+                            my_weight->numel() == 1,
+                        "my_weight must be one float32 on the GPU");
+            w = my_weight->data_ptr<float>();
+        }
+        const c10::cuda::CUDAGuard guard(t.device());
+        check(impl_->all_reduce(dtype, t.data_ptr(), t.numel() * t.element_size(), two_shot, w,
+                                float(uniform), c10::cuda::getCurrentCUDAStream()),
+              "IPC all-reduce");
+    }
+
+private:
+    static void check(cudaError_t err, const char* what)
+    {
+        TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
+    }
+
+    std::unique_ptr<spd::cuda::IpcAllReduce> impl_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
+{
+    namespace py = pybind11;
+    py::class_<IpcContext>(m, "IpcAllReduce")
+        .def(py::init<int, int, int64_t>(), py::arg("rank"), py::arg("world_size"),
+             py::arg("capacity"))
+        .def("handle", &IpcContext::handle)
+        .def("open", &IpcContext::open, py::arg("handles"))
+        .def_property_readonly("capacity", &IpcContext::capacity)
+        .def("all_reduce_", &IpcContext::all_reduce_, py::arg("tensor"), py::arg("op"),
+             py::arg("my_weight"), py::arg("uniform"), py::arg("two_shot"));
+}
