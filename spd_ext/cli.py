@@ -79,6 +79,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="approximate duration of one timed loop")
     a.add_argument("--threads-per-rank", type=int, default=None,
                    help="torch/OpenMP threads per rank (default cores // nproc)")
+    a.add_argument("--device", default="cpu",
+                   help="cpu, or cuda (every rank on GPU 0: the CUDA IPC path)")
     a.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="do not pin each rank to its own cores (pinned when there are enough)")
     a.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -97,6 +99,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--target-ms", type=float, default=50.0,
                    help="approximate duration of one timed loop")
     r.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--markdown", action="store_true", help="print a Markdown table")
     r.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
     r.set_defaults(func=_bench_reduce)
@@ -286,7 +289,7 @@ def _bench_allreduce(args: argparse.Namespace) -> int:
     cfg = allreduce.AllReduceConfig(
         nproc=args.nproc, dtypes=args.dtype, sizes=args.sizes, impls=args.impl,
         warmup=args.warmup, repeats=args.repeats, target_ms=args.target_ms,
-        threads_per_rank=args.threads_per_rank, bind_cores=args.bind_cores)
+        threads_per_rank=args.threads_per_rank, bind_cores=args.bind_cores, device=args.device)
     result = allreduce.run(cfg)
     print(allreduce.describe_run(result, cfg))
     print(allreduce.table(result, cfg, markdown=args.markdown))
@@ -299,7 +302,8 @@ def _bench_reduce(args: argparse.Namespace) -> int:
 
     cfg = reduce.ReduceConfig(inputs=args.inputs, sizes=args.sizes, dtypes=args.dtype,
                               warmup=args.warmup, repeats=args.repeats,
-                              target_ms=args.target_ms, threads=args.threads)
+                              target_ms=args.target_ms, threads=args.threads,
+                              device=args.device)
     rows = reduce.run(cfg)
     print(reduce.describe_run(cfg))
     print(reduce.table(rows, markdown=args.markdown))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from spd_ext.bench.timing import dtype_name, measure, parse_dtypes
+from spd_ext.bench.timing import check_device, dtype_name, measure, parse_dtypes
 from spd_ext.comm import all_reduce, spawn
 from spd_ext.comm.shm import shm_group
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
@@ -29,6 +29,7 @@ class AllReduceConfig:
     target_ms: float = 20.0
     threads_per_rank: int | None = None
     bind_cores: bool = True
+    device: str = "cpu"  # cuda: every rank on GPU 0 (CUDA IPC across processes)
     timeout: float = 1800.0
     extra: dict = field(default_factory=dict)
 
@@ -76,16 +77,22 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
     impls = cfg.impl_list()
     notes: dict[str, str] = {}
     ds_run = None
+    if cfg.device == "cuda":
+        torch.cuda.set_device(0)
+        impls = [i for i in impls if i != "deepspeed"]  # its shm op is CPU-only
+        notes["deepspeed"] = "CPU-only op, not timed on cuda"
     if "deepspeed" in impls:
         ds_run, why = _deepspeed_all_reduce()
         if ds_run is None:
             notes["deepspeed"] = why
-    probe = torch.zeros(1)
-    all_reduce(probe)  # sets up the shm group before timing
-    shm = shm_group()
+    probe = torch.zeros(16, device=cfg.device)
+    all_reduce(probe)  # sets up the shm / IPC group before timing
+    shm = shm_group() if cfg.device == "cpu" else None
     weights = torch.softmax(torch.arange(world, dtype=torch.float32), 0)
 
     def barrier() -> None:
+        if cfg.device == "cuda":
+            torch.cuda.synchronize()
         dist.barrier()
 
     def agree(n: int) -> int:
@@ -100,9 +107,10 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
     for i, dtype in enumerate(dtypes):
         for j, size in enumerate(sizes):
             numel = max(1, size // torch.empty((), dtype=dtype).element_size())
-            x = torch.empty(numel, dtype=dtype).uniform_(-1, 1)
+            x = torch.empty(numel, dtype=dtype, device=cfg.device).uniform_(-1, 1)
             row = {"bytes": size, "dtype": dtype_name(dtype)}
-            runnable = {k: fn for k, fn in _candidates(x, weights, ds_run).items()
+            runnable = {k: fn for k, fn in _candidates(x, weights.to(cfg.device),
+                                                       ds_run).items()
                         if k in impls and fn is not None}
             times = measure(runnable, warmup=cfg.warmup, repeats=cfg.repeats,
                             target_s=cfg.target_ms / 1e3, barrier=barrier, agree=agree)
@@ -119,16 +127,23 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
                       f"{human_bytes(size)}: " + ", ".join(
                           f"{k} {row[k] * 1e6:.1f} us" for k in impls if row[k] == row[k]),
                       file=sys.stderr, flush=True)
-    path = ("shared memory" if shm else "torch.distributed")
+    path = ("shared memory" if shm else describe_path(probe))
     info = {"path": path, "notes": notes}
     if shm:
         info.update(chunk=shm.chunk_bytes, oneshot=shm.oneshot_max_bytes)
     return {"rows": rows, "info": info}
 
 
+def describe_path(probe: torch.Tensor) -> str:
+    from spd_ext.comm import cuda_ipc
+
+    return cuda_ipc.describe() if probe.is_cuda else "torch.distributed"
+
+
 def run(cfg: AllReduceConfig) -> dict:
     """Run the benchmark on ``cfg.nproc`` ranks; returns rows (seconds per call)."""
     cfg.impl_list()
+    check_device(cfg.device)
     parse_sizes(cfg.sizes)
     parse_dtypes(cfg.dtypes)
     if cfg.nproc < 2:

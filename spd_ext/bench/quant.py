@@ -10,8 +10,8 @@ from functools import partial
 
 import torch
 
-from spd_ext.bench.timing import dtype_name, measure, parse_dtypes
-from spd_ext.ops.quantize import builder, dequantize_blockwise, quantize_blockwise
+from spd_ext.bench.timing import check_device, dtype_name, measure, parse_dtypes
+from spd_ext.ops.quantize import builder, cuda_builder, dequantize_blockwise, quantize_blockwise
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
 
@@ -27,14 +27,11 @@ class QuantBenchConfig:
 
 
 def run(cfg: QuantBenchConfig) -> list[dict]:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this torch has no CUDA device")
-    if cfg.device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {cfg.device!r}")
+    check_device(cfg.device)
     timing = dict(warmup=cfg.warmup, repeats=cfg.repeats, target_s=cfg.target_ms / 1e3)
     if cfg.device == "cuda":
         timing["barrier"] = torch.cuda.synchronize
-    kernel = builder.load() is not None and cfg.device == "cpu"
+    kernel = (cuda_builder if cfg.device == "cuda" else builder).load() is not None
     rows = []
     for dtype in parse_dtypes(cfg.dtypes):
         for size in parse_sizes(cfg.sizes):

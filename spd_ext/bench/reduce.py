@@ -10,9 +10,9 @@ from functools import partial
 
 import torch
 
-from spd_ext.bench.timing import dtype_name, measure, parse_dtypes
+from spd_ext.bench.timing import check_device, dtype_name, measure, parse_dtypes
 from spd_ext.ops import weighted_reduce
-from spd_ext.ops.weighted_reduce import builder
+from spd_ext.ops.weighted_reduce import builder, cuda_builder
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
 
@@ -25,6 +25,7 @@ class ReduceConfig:
     repeats: int = 7
     target_ms: float = 50.0
     threads: int | None = None
+    device: str = "cpu"
 
     def input_counts(self) -> list[int]:
         try:
@@ -40,12 +41,17 @@ class ReduceConfig:
 def _candidates(xs: list[torch.Tensor], w: list[float]) -> dict:
     """weighted_reduce and the two torch expressions users would write instead."""
     out = torch.empty_like(xs[0])
-    w_col = torch.tensor(w, dtype=xs[0].dtype).view(len(xs), 1)
+    w_col = torch.tensor(w, dtype=xs[0].dtype, device=xs[0].device).view(len(xs), 1)
+    if xs[0].is_cuda:
+        w = torch.tensor(w, device=xs[0].device)  # device weights: no host sync per call
 
     def chain() -> None:
         torch.mul(xs[0], w[0], out=out)
         for x, wj in zip(xs[1:], w[1:]):
-            out.add_(x, alpha=wj)
+            if isinstance(wj, torch.Tensor):
+                out.add_(x * wj)
+            else:
+                out.add_(x, alpha=wj)
 
     return {
         "spd": lambda: weighted_reduce(xs, w, out),
@@ -60,20 +66,25 @@ def run(cfg: ReduceConfig) -> list[dict]:
     dtypes = parse_dtypes(cfg.dtypes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if builder.load() is None:
-        raise RuntimeError(f"the weighted_reduce kernel is unavailable "
-                           f"({builder.status().reason}); nothing to benchmark")
+    check_device(cfg.device)
+    chosen = cuda_builder if cfg.device == "cuda" else builder
+    if chosen.load() is None:
+        raise RuntimeError(f"the weighted_reduce kernel is unavailable on {cfg.device} "
+                           f"({chosen.status().reason}); nothing to benchmark")
     rows = []
     total = len(counts) * len(sizes) * len(dtypes)
     timing = dict(warmup=cfg.warmup, repeats=cfg.repeats, target_s=cfg.target_ms / 1e3)
+    if cfg.device == "cuda":
+        timing["barrier"] = torch.cuda.synchronize
     for dtype in dtypes:
         for size in sizes:
             numel = max(1, size // torch.empty((), dtype=dtype).element_size())
-            src = torch.empty(numel, dtype=dtype).uniform_(-1, 1)
+            src = torch.empty(numel, dtype=dtype, device=cfg.device).uniform_(-1, 1)
             copy = partial(torch.Tensor.copy_, torch.empty_like(src), src)
             copy_s = measure({"memcpy": copy}, **timing)["memcpy"]
             for n in counts:
-                xs = [torch.empty(numel, dtype=dtype).uniform_(-1, 1) for _ in range(n)]
+                xs = [torch.empty(numel, dtype=dtype, device=cfg.device).uniform_(-1, 1)
+                      for _ in range(n)]
                 row = {"inputs": n, "bytes": size, "dtype": dtype_name(dtype),
                        "memcpy": copy_s}
                 row.update(measure(_candidates(xs, torch.rand(n).tolist()), **timing))
@@ -99,10 +110,14 @@ def table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def describe_run(cfg: ReduceConfig) -> str:
-    module = builder.load()
-    return (f"weighted_reduce on {platform.node()} ({os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads), kernel ISA {module.isa()}, "
-            f"OpenMP {module.openmp()}\n"
+    if cfg.device == "cuda":
+        where = f"weighted_reduce on {torch.cuda.get_device_name()} ({platform.node()})\n"
+    else:
+        module = builder.load()
+        where = (f"weighted_reduce on {platform.node()} ({os.cpu_count()} cores, "
+                 f"{torch.get_num_threads()} torch threads), kernel ISA {module.isa()}, "
+                 f"OpenMP {module.openmp()}\n")
+    return (where +
             "stack = torch.stack(xs).mul_(w).sum(0); chain = torch.mul(x0, w0, out=out) then "
             "out.add_(x, alpha=w); GB/s counts (inputs + 1) x size bytes; memcpy = "
             "dst.copy_(src), 2 x size bytes")

@@ -20,6 +20,13 @@ def parse_dtypes(spec: str) -> list[torch.dtype]:
     return [DTYPES[n] for n in names]
 
 
+def check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch sees no CUDA device")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
