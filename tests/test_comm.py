@@ -178,9 +178,9 @@ def test_other_dtypes_and_groups() -> None:
 
 
 def _two_hosts_ranks(rank: int, world: int) -> dict:
-    import spd_ext.comm.shm as shm
+    import spd_ext.comm.groups as groups
 
-    shm.host_id = lambda: f"node{rank}/boot"  # pretend every rank is on its own host
+    groups.host_id = lambda: f"node{rank}/boot"  # pretend every rank is on its own host
     t = torch.full((1000,), float(rank + 1), dtype=torch.bfloat16)
     all_reduce(t, "weighted", weights=[0.25, 0.75])
     return {"value": t[0].item(), "describe": describe(), "path": path(t)}

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "spd_cuda_ops.h"
+#include "spd_torch_dtype.h"
 
 namespace {
 
@@ -42,13 +43,7 @@ public:
     {
         TORCH_CHECK(t.is_cuda() && t.is_contiguous(),
                     "the IPC all-reduce needs a contiguous CUDA tensor");
-        int dtype = 0;
-        switch (t.scalar_type()) {
-            case at::kFloat: dtype = 0; break;
-            case at::kBFloat16: dtype = 1; break;
-            case at::kHalf: dtype = 2; break;
-            default: TORCH_CHECK(false, "the IPC all-reduce supports float32, bfloat16, float16");
-        }
+        const int dtype = int(spd::to_dtype(t));
         const float* w = nullptr;
         if (op == 2 && my_weight.has_value()) {
             TORCH_CHECK(my_weight->is_cuda() && my_weight->scalar_type() == at::kFloat &&

@@ -4,18 +4,9 @@
 #include <torch/extension.h>
 
 #include "spd_cuda_ops.h"
+#include "spd_torch_dtype.h"
 
 namespace {
-
-int dtype_code(const at::Tensor& t)
-{
-    switch (t.scalar_type()) {
-        case at::kFloat: return 0;
-        case at::kBFloat16: return 1;
-        case at::kHalf: return 2;
-        default: TORCH_CHECK(false, "quantization supports float32, bfloat16 and float16");
-    }
-}
 
 std::vector<at::Tensor> quantize(const at::Tensor& x, int64_t block)
 {
@@ -27,7 +18,7 @@ std::vector<at::Tensor> quantize(const at::Tensor& x, int64_t block)
     auto scales = at::empty({(n + block - 1) / block}, x.options().dtype(at::kFloat));
     auto flags = at::zeros({1}, x.options().dtype(at::kInt));
     const cudaError_t err = spd::cuda::quantize(
-        dtype_code(x), x.data_ptr(), n, block, values.data_ptr<int8_t>(),
+        int(spd::to_dtype(x)), x.data_ptr(), n, block, values.data_ptr<int8_t>(),
         scales.data_ptr<float>(), flags.data_ptr<int>(), c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "quantize kernel: ", cudaGetErrorString(err));
     return {values, scales, flags};  // flags[0] == 1: NaN or inf (checked by the caller)
@@ -45,7 +36,7 @@ at::Tensor dequantize(const at::Tensor& values, const at::Tensor& scales, int64_
                 "out must be a contiguous CUDA tensor with one element per value");
     const c10::cuda::CUDAGuard guard(out.device());
     const cudaError_t err = spd::cuda::dequantize(
-        dtype_code(out), values.data_ptr<int8_t>(), scales.data_ptr<float>(), values.numel(),
+        int(spd::to_dtype(out)), values.data_ptr<int8_t>(), scales.data_ptr<float>(), values.numel(),
         block, out.data_ptr(), c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "dequantize kernel: ", cudaGetErrorString(err));
     return out;

@@ -4,18 +4,9 @@
 #include <torch/extension.h>
 
 #include "spd_cuda_ops.h"
+#include "spd_torch_dtype.h"
 
 namespace {
-
-int dtype_code(const at::Tensor& t)
-{
-    switch (t.scalar_type()) {
-        case at::kFloat: return 0;
-        case at::kBFloat16: return 1;
-        case at::kHalf: return 2;
-        default: TORCH_CHECK(false, "weighted_reduce supports float32, bfloat16 and float16");
-    }
-}
 
 at::Tensor weighted_reduce(const std::vector<at::Tensor>& xs, const at::Tensor& weights,
                            at::Tensor out)
@@ -36,7 +27,7 @@ at::Tensor weighted_reduce(const std::vector<at::Tensor>& xs, const at::Tensor& 
         in.p[j] = xs[j].data_ptr();
     }
     const cudaError_t err = spd::cuda::weighted_reduce(
-        dtype_code(out), out.data_ptr(), in, weights.data_ptr<float>(), k, out.numel(),
+        int(spd::to_dtype(out)), out.data_ptr(), in, weights.data_ptr<float>(), k, out.numel(),
         c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "weighted_reduce kernel: ", cudaGetErrorString(err));
     return out;

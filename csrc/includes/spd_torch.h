@@ -6,21 +6,9 @@
 #include <string>
 
 #include "spd_reduce.h"
+#include "spd_torch_dtype.h"
 
 namespace spd {
-
-inline DType to_dtype(const at::Tensor& t)
-{
-    switch (t.scalar_type()) {
-        case at::kFloat: return DType::kFloat32;
-        case at::kBFloat16: return DType::kBFloat16;
-        case at::kHalf: return DType::kFloat16;
-        default:
-            TORCH_CHECK(false,
-                        "spd_ext ops support float32, bfloat16 and float16 tensors, got ",
-                        t.scalar_type());
-    }
-}
 
 // What the op was compiled with, for `spd-ext report` and the builder's ISA check.
 inline void def_build_info(pybind11::module& m)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm.shm import OP_CODES, _env_bytes, _group_key, host_id
+from spd_ext.comm.groups import GroupRegistry, env_bytes, single_host_reason
+from spd_ext.comm.shm import OP_CODES
 from spd_ext.ops.cuda_allreduce import builder
 
 DEFAULT_CAPACITY = 8 << 20
@@ -56,20 +57,13 @@ class IpcGroup:
             tensor.reshape(-1).copy_(work[:tensor.numel()])
 
 
-_groups: dict[Any, IpcGroup | str] = {}
-
-
 def ipc_group(group: Any = None) -> IpcGroup | None:
     """The group's IPC context, set up on first use (collective); None: use NCCL."""
-    key = _group_key(group)
-    entry = _groups.get(key)
-    if entry is None:
-        entry = _groups[key] = _setup(group)
-    return entry if isinstance(entry, IpcGroup) else None
+    return _registry.get(group)
 
 
 def describe(group: Any = None) -> str:
-    entry = _groups.get(_group_key(group))
+    entry = _registry.entry(group)
     if entry is None:
         return "not set up yet (decided by the first all_reduce of a CUDA tensor)"
     if isinstance(entry, IpcGroup):
@@ -80,18 +74,15 @@ def describe(group: Any = None) -> str:
 
 def _setup(group: Any) -> IpcGroup | str:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    module = builder.load() if 2 <= world <= 8 else None
-    me = {"host": host_id(), "op": module is not None}
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, me, group=group)
-    if not 2 <= world <= 8:
+    if not 2 <= world <= 8:  # the same on every rank: no need to ask the others
         return f"the IPC all-reduce takes 2 to 8 ranks, this group has {world}"
-    if not all(e["op"] for e in everyone):
-        return f"the cuda_allreduce op is unavailable on some ranks: {builder.status().reason}"
-    if len({e["host"] for e in everyone}) > 1:
-        return "ranks span several hosts"
-    capacity = _env_bytes("SPD_EXT_IPC_CAPACITY_BYTES", DEFAULT_CAPACITY) // 16 * 16
-    oneshot = _env_bytes("SPD_EXT_IPC_ONESHOT_MAX_BYTES", DEFAULT_ONESHOT_MAX_BYTES)
+    module = builder.load()
+    reason = single_host_reason(group, module is not None, "cuda_allreduce",
+                                builder.status().reason)
+    if reason:
+        return reason
+    capacity = env_bytes("SPD_EXT_IPC_CAPACITY_BYTES", DEFAULT_CAPACITY) // 16 * 16
+    oneshot = env_bytes("SPD_EXT_IPC_ONESHOT_MAX_BYTES", DEFAULT_ONESHOT_MAX_BYTES)
     settings = [capacity, oneshot] if rank == 0 else [None, None]
     dist.broadcast_object_list(settings, src=dist.get_global_rank(group or dist.group.WORLD, 0),
                                group=group)
@@ -118,6 +109,5 @@ def _setup(group: Any) -> IpcGroup | str:
     return IpcGroup(ctx, rank, world, capacity, oneshot)
 
 
-def release_all() -> None:
-    _groups.clear()
+_registry: GroupRegistry[IpcGroup] = GroupRegistry(_setup)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from spd_ext.comm.groups import GroupRegistry, env_bytes, single_host_reason
 from spd_ext.ops.shm_allreduce import builder
 
 #: Bytes each rank stages per call (and per buffer; every rank has two).
@@ -37,32 +37,9 @@ DEFAULT_ONESHOT_MAX_BYTES = 1 << 18
 OP_CODES = {"sum": 0, "mean": 1, "weighted": 2}
 
 
-def _env_bytes(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of bytes") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
 def default_timeout() -> float:
     """Seconds a rank waits for its peers inside one call (``SPD_EXT_COMM_TIMEOUT``)."""
     return float(os.environ.get("SPD_EXT_COMM_TIMEOUT", "300"))
-
-
-def host_id() -> str:
-    """Two ranks may share memory only if this string is equal for both."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "?"
-    return f"{socket.gethostname()}/{boot}"
 
 
 @dataclass
@@ -85,18 +62,9 @@ class ShmGroup:
                              self.timeout if timeout is None else timeout)
 
 
-# Process group -> its ShmGroup, or the reason it has none.
-_groups: dict[Any, ShmGroup | str] = {}
-
-
-def _group_key(group: Any) -> Any:
-    return dist.group.WORLD if group is None else group
-
-
 def cached_shm_group(group: Any = None) -> ShmGroup | None:
     """The group's context if it is already set up (a dict lookup: the per-call fast path)."""
-    entry = _groups.get(_group_key(group))
-    return entry if isinstance(entry, ShmGroup) else None
+    return _registry.cached(group)
 
 
 def shm_group(group: Any = None) -> ShmGroup | None:
@@ -104,17 +72,12 @@ def shm_group(group: Any = None) -> ShmGroup | None:
 
     Collective on first call for a group: every rank of the group must call it.
     """
-    key = _group_key(group)
-    entry = _groups.get(key)
-    if entry is None:
-        entry = _setup(group)
-        _groups[key] = entry
-    return entry if isinstance(entry, ShmGroup) else None
+    return _registry.get(group)
 
 
 def describe(group: Any = None) -> str:
     """Which path CPU all-reduces on ``group`` take, as set up so far."""
-    entry = _groups.get(_group_key(group))
+    entry = _registry.entry(group)
     if entry is None:
         return "not set up yet (decided by the first all_reduce on this group)"
     if isinstance(entry, ShmGroup):
@@ -127,16 +90,10 @@ def _setup(group: Any) -> ShmGroup | str:
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
     module = builder.load()
-    me = {"host": host_id(), "op": module is not None}
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, me, group=group)
-    no_op = [r for r, info in enumerate(everyone) if not info["op"]]
-    if no_op:
-        return f"the shm_allreduce op is unavailable on ranks {no_op}: {builder.status().reason}"
-    hosts = sorted({info["host"].split("/")[0] for info in everyone})
-    if len({info["host"] for info in everyone}) > 1:
-        return f"ranks span {len(hosts)} hosts ({', '.join(hosts)})"
-
+    reason = single_host_reason(group, module is not None, "shm_allreduce",
+                                builder.status().reason)
+    if reason:
+        return reason
     error = _create_and_attach(group, module, rank, world)
     if isinstance(error, ShmGroup):
         return error
@@ -150,9 +107,9 @@ def _create_and_attach(group: Any, module: Any, rank: int, world: int) -> ShmGro
     ctx, error = None, None
     if rank == 0:
         name = f"/spd_ext_{os.getpid()}_{secrets.token_hex(6)}"
-        chunk = _env_bytes("SPD_EXT_SHM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+        chunk = env_bytes("SPD_EXT_SHM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
         chunk = max(4096, chunk // 4096 * 4096)
-        oneshot = _env_bytes("SPD_EXT_SHM_ONESHOT_MAX_BYTES", DEFAULT_ONESHOT_MAX_BYTES)
+        oneshot = env_bytes("SPD_EXT_SHM_ONESHOT_MAX_BYTES", DEFAULT_ONESHOT_MAX_BYTES)
         try:
             ctx = module.ShmAllReduce(name, 0, world, chunk, True)
         except (RuntimeError, ValueError, OSError) as exc:
@@ -185,9 +142,4 @@ def _create_and_attach(group: Any, module: Any, rank: int, world: int) -> ShmGro
                     timeout=default_timeout())
 
 
-def release_all() -> None:
-    """Unmap every group's segment (tests; process exit does the same)."""
-    for entry in _groups.values():
-        if isinstance(entry, ShmGroup):
-            entry.ctx.close()
-    _groups.clear()
+_registry: GroupRegistry[ShmGroup] = GroupRegistry(_setup)
