@@ -63,13 +63,11 @@ def ipc_group(group: Any = None) -> IpcGroup | None:
 
 
 def describe(group: Any = None) -> str:
-    entry = _registry.entry(group)
-    if entry is None:
-        return "not set up yet (decided by the first all_reduce of a CUDA tensor)"
-    if isinstance(entry, IpcGroup):
-        return (f"CUDA IPC ({entry.world_size} ranks, one-shot up to "
-                f"{entry.oneshot_max_bytes} B, two-shot up to {entry.capacity} B)")
-    return f"torch.distributed ({entry})"
+    """Which path CUDA all-reduces on ``group`` take, as set up so far."""
+    return _registry.describe(
+        group, "the first all_reduce of a CUDA tensor",
+        lambda g: (f"CUDA IPC ({g.world_size} ranks, one-shot up to {g.oneshot_max_bytes} B, "
+                   f"two-shot up to {g.capacity} B)"))
 
 
 def _setup(group: Any) -> IpcGroup | str:

@@ -78,5 +78,14 @@ class GroupRegistry(Generic[T]):
     def entry(self, group: Any = None) -> T | str | None:
         return self._entries.get(group_key(group))
 
+    def describe(self, group: Any, decided_by: str, describe_context: Callable[[T], str]) -> str:
+        """The group's path in words, as set up so far."""
+        entry = self.entry(group)
+        if entry is None:
+            return f"not set up yet (decided by {decided_by})"
+        if isinstance(entry, str):
+            return f"torch.distributed ({entry})"
+        return describe_context(entry)
+
     def clear(self) -> None:
         self._entries.clear()

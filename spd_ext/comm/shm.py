@@ -77,13 +77,10 @@ def shm_group(group: Any = None) -> ShmGroup | None:
 
 def describe(group: Any = None) -> str:
     """Which path CPU all-reduces on ``group`` take, as set up so far."""
-    entry = _registry.entry(group)
-    if entry is None:
-        return "not set up yet (decided by the first all_reduce on this group)"
-    if isinstance(entry, ShmGroup):
-        return (f"shared memory ({entry.world_size} ranks, chunk {entry.chunk_bytes} B, "
-                f"one-shot up to {entry.oneshot_max_bytes} B)")
-    return f"torch.distributed ({entry})"
+    return _registry.describe(
+        group, "the first all_reduce on this group",
+        lambda g: (f"shared memory ({g.world_size} ranks, chunk {g.chunk_bytes} B, one-shot "
+                   f"up to {g.oneshot_max_bytes} B)"))
 
 
 def _setup(group: Any) -> ShmGroup | str:
