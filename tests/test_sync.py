@@ -113,11 +113,14 @@ def test_collective_strategies_refuse_server_modes() -> None:
 # -- parameter server ------------------------------------------------------------------------
 
 def _ps(rank: int, world: int, mode: str, steps: int, straggler: Straggler | None = None,
-        quantize: bool = False, dead_timeout: float = 60.0, stall: int | None = None) -> dict:
+        quantize: bool = False, dead_timeout: float = 60.0, stall: int | None = None,
+        straggler_timeout: float = 60.0) -> dict:
+    # straggler_timeout is long by default: on a loaded 2-core CI machine a worker can lag
+    # by seconds, and a SyncPS step that went on without it would not be comparable.
     task = XORTask(n=3000, batch_size=32, seed=0)
     model = task.model()
     cfg = PSConfig(parse_mode(mode), lr=0.5, quantize=quantize, polyak_beta=0.0,
-                   straggler_timeout=5.0, dead_timeout=dead_timeout)
+                   straggler_timeout=straggler_timeout, dead_timeout=dead_timeout)
     groups = Groups.create()
     if rank == 0:
         server = ParameterServer(model, cfg, groups)
@@ -135,8 +138,10 @@ def _ps(rank: int, world: int, mode: str, steps: int, straggler: Straggler | Non
 def test_ssp_zero_equals_syncps() -> None:
     ssp = spawn(_ps, 4, "ssp:0", 5, timeout=120)[0]
     sync = spawn(_ps, 4, "syncps", 5, timeout=120)[0]
+    assert sync["dropped"] == 0 and sync["updates"] == 5
+    assert ssp["updates"] == 15  # 3 workers x 5 pushes
+    assert all(step == slowest for _, step, slowest in ssp["pulls"])  # lock-step
     assert torch.allclose(ssp["theta"], sync["theta"], rtol=1e-5, atol=1e-6)
-    assert sync["updates"] == 5 and ssp["updates"] == 15  # 3 workers x 5 pushes
     assert all(s == [0] * 5 for s in sync["staleness"].values())
 
 
@@ -153,6 +158,18 @@ def test_asgd_records_staleness_under_a_straggler() -> None:
     server = spawn(_ps, 4, "asgd", 10, slow, timeout=120)[0]
     assert max(max(v) for v in server["staleness"].values()) > 0
     assert server["updates"] == 30
+
+
+def test_syncps_goes_on_without_a_straggler_and_drops_its_late_gradient() -> None:
+    # Worker 1 sleeps 1.5 s on steps 0 and 3; the server waits 0.3 s past the first
+    # gradient of a step, so both of those steps are applied without worker 1's gradient.
+    slow = Straggler(base_delay=0.01, slow_rank=1, factor=150.0, every=3)
+    server = spawn(_ps, 3, "syncps", 6, slow, False, 60.0, None, 0.3, timeout=120)[0]
+    assert server["dropped"] >= 1
+    assert server["updates"] <= 6  # a worker that fell behind skips to the step collected
+    on_time = spawn(_ps, 3, "syncps", 6, slow, timeout=120)[0]
+    assert on_time["dropped"] == 0 and on_time["updates"] == 6
+    assert not torch.allclose(server["theta"], on_time["theta"])
 
 
 def test_quantized_pushes_train_like_full_precision() -> None:
