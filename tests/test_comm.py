@@ -177,6 +177,43 @@ def test_other_dtypes_and_groups() -> None:
                                              else "shared memory")
 
 
+def _weights_forms_ranks(rank: int, world: int) -> dict:
+    out: dict = {}
+    all_reduce(torch.ones(4))  # sets the group up: weights below take the per-call path
+    forms = {
+        "float32": torch.tensor([0.25, 0.75]),
+        "float64": torch.tensor([0.25, 0.75], dtype=torch.float64),
+        "bfloat16": torch.tensor([0.25, 0.75], dtype=torch.bfloat16),  # checked in Python
+        "strided": torch.tensor([0.25, 9.0, 0.75, 9.0])[::2],
+        "2-d": torch.tensor([[0.25], [0.75]]),
+    }
+    for name, w in forms.items():
+        t = torch.full((1000,), float(rank + 1))
+        all_reduce(t, "weighted", weights=w)
+        out[name] = t[0].item()
+    for name, w in {"nan": torch.tensor([float("nan"), 1.0]),
+                    "inf float64": torch.tensor([float("inf"), 1.0], dtype=torch.float64),
+                    "three": torch.tensor([0.2, 0.3, 0.5])}.items():
+        try:
+            all_reduce(torch.ones(8), "weighted", weights=w)
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+    t = torch.full((10,), float(rank + 1))
+    all_reduce(t)  # the group still works after refused calls
+    out["sum after"] = t[0].item()
+    return out
+
+
+def test_every_form_of_weights_tensor() -> None:
+    for r in spawn(_weights_forms_ranks, 2, timeout=120):
+        for name in ("float32", "float64", "bfloat16", "strided", "2-d"):
+            assert r[name] == pytest.approx(1.75), name
+        assert "finite" in r["nan"] and "finite" in r["inf float64"]
+        assert "got 3 weights for 2 ranks" in r["three"]
+        assert r["sum after"] == 3.0
+
+
 def _two_hosts_ranks(rank: int, world: int) -> dict:
     import spd_ext.comm.groups as groups
 

@@ -36,6 +36,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -215,6 +216,36 @@ public:
             off += count;
         } while (off < numel);
         t.unsafeGetTensorImpl()->bump_version();  // written in place, as autograd must know
+    }
+
+    // op 'weighted' with the per-rank weights as a tensor, checked and indexed here rather
+    // than in Python, where the checks cost as much as a small all-reduce. Only the common
+    // case is served (a contiguous CPU float32/float64 tensor of world_size finite entries,
+    // a contiguous CPU tensor to reduce): otherwise returns false having done nothing, and
+    // the caller validates (naming the problem) and calls all_reduce_.
+    bool weighted_all_reduce_(at::Tensor& t, const at::Tensor& weights,
+                              int64_t oneshot_max_bytes, double timeout_s)
+    {
+        const auto st = t.scalar_type();
+        if (!t.is_cpu() || !t.is_contiguous() ||
+            (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) || !weights.is_cpu() ||
+            !weights.is_contiguous() || weights.numel() != world_)
+            return false;
+        double sum = 0.0, own = 0.0;
+        if (weights.scalar_type() == at::kFloat) {
+            const float* w = weights.const_data_ptr<float>();
+            for (int r = 0; r < world_; ++r) sum += w[r];
+            own = w[rank_];
+        } else if (weights.scalar_type() == at::kDouble) {
+            const double* w = weights.const_data_ptr<double>();
+            for (int r = 0; r < world_; ++r) sum += w[r];
+            own = w[rank_];
+        } else {
+            return false;
+        }
+        if (!std::isfinite(sum)) return false;  // NaN or inf anywhere: the caller names it
+        all_reduce_(t, kWeighted, own, oneshot_max_bytes, timeout_s);
+        return true;
     }
 
 private:
@@ -465,6 +496,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
              py::arg("tensor"),
              py::arg("op"),
              py::arg("weight"),
+             py::arg("oneshot_max_bytes"),
+             py::arg("timeout_s"),
+             py::call_guard<py::gil_scoped_release>())
+        .def("weighted_all_reduce_",
+             &ShmAllReduce::weighted_all_reduce_,
+             "in-place weighted all-reduce reading this rank's entry of `weights`; returns "
+             "false (doing nothing) unless both tensors suit the fast path",
+             py::arg("tensor"),
+             py::arg("weights"),
              py::arg("oneshot_max_bytes"),
              py::arg("timeout_s"),
              py::call_guard<py::gil_scoped_release>())

@@ -96,6 +96,13 @@ def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float, world_size: 
         increment_version(tensor)
 
 
+def _shm_call(method: Any, *args: Any) -> Any:
+    try:
+        return method(*args)
+    except (RuntimeError, ValueError) as exc:  # C++ errors arrive as these
+        raise CommError(str(exc)) from None
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum",
                weights: torch.Tensor | Sequence[float] | float | None = None,
                group: Any = None, *, timeout: float | None = None) -> torch.Tensor:
@@ -113,6 +120,10 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
             :class:`CommError` naming it (default ``$SPD_EXT_COMM_TIMEOUT`` or 300).
     """
     shm = cached_shm_group(group)  # per-call fast path: no torch.distributed queries
+    if shm is not None and op == "weighted" and isinstance(weights, torch.Tensor):
+        # Validating weights in Python costs as much as a small all-reduce: C++ does it.
+        if _shm_call(shm.weighted_all_reduce_, tensor, weights, timeout):
+            return tensor
     rank, world_size = (shm.rank, shm.world_size) if shm is not None else _check_ready(group)
     if op == "sum" and weights is None:
         weight = 1.0
@@ -125,10 +136,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
         shm = shm_group(group)  # collective set-up on the group's first CPU all-reduce
     ipc = ipc_group(group) if flat.is_cuda else None  # collective set-up, first CUDA call
     if shm is not None and flat.is_cpu and flat.dtype in SHM_DTYPES:
-        try:
-            shm.all_reduce_(flat, op, weight, timeout)
-        except (RuntimeError, ValueError) as exc:  # C++ errors arrive as these
-            raise CommError(str(exc)) from None
+        _shm_call(shm.all_reduce_, flat, op, weight, timeout)
     elif ipc is not None and ipc.suits(flat):
         device_weights = (weights if isinstance(weights, torch.Tensor) and weights.is_cuda
                           and weights.numel() == world_size else None)

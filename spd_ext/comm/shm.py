@@ -61,6 +61,13 @@ class ShmGroup:
         self.ctx.all_reduce_(tensor, OP_CODES[op], weight, self.oneshot_max_bytes,
                              self.timeout if timeout is None else timeout)
 
+    def weighted_all_reduce_(self, tensor: torch.Tensor, weights: torch.Tensor,
+                             timeout: float | None) -> bool:
+        """op 'weighted' with every rank's weights, checked and indexed in C++; False (and
+        nothing done) unless the tensors suit that fast path: see the C++ method."""
+        return self.ctx.weighted_all_reduce_(tensor, weights, self.oneshot_max_bytes,
+                                             self.timeout if timeout is None else timeout)
+
 
 def cached_shm_group(group: Any = None) -> ShmGroup | None:
     """The group's context if it is already set up (a dict lookup: the per-call fast path)."""

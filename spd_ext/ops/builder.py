@@ -115,6 +115,13 @@ def _isa_of(module: ModuleType) -> str:
     return module.isa() if hasattr(module, "isa") else "scalar"
 
 
+def _older_than_sources(built: Path) -> bool:
+    """Whether any csrc/ source changed after ``built`` was compiled (an edited checkout)."""
+    when = built.stat().st_mtime
+    sources = [p for p in csrc_root().rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")]
+    return any(p.stat().st_mtime > when for p in sources)
+
+
 def cache_root() -> Path:
     root = os.environ.get("SPD_EXT_OPS_CACHE") or Path.home() / ".cache" / "spd_ext" / "ops"
     return Path(root)
@@ -224,7 +231,8 @@ class OpBuilder:
             module = None
         # Skip a prebuilt op built for a wider ISA than this CPU's (it would fault), or
         # older than its sources (an edited checkout): rebuild it with the JIT instead.
-        if module is not None and isa_supported(_isa_of(module)) and not self._stale(module):
+        if (module is not None and isa_supported(_isa_of(module))
+                and not _older_than_sources(Path(module.__file__))):
             self._how = "prebuilt"
             return module
         try:
@@ -233,11 +241,6 @@ class OpBuilder:
             return self._give_up(f"JIT build failed: {str(exc).strip().splitlines()[-1]}")
         self._how = "loaded (jit)"
         return module
-
-    def _stale(self, module: ModuleType) -> bool:
-        built = Path(module.__file__).stat().st_mtime
-        sources = [p for p in csrc_root().rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")]
-        return any(p.stat().st_mtime > built for p in sources)
 
     def jit_load(self, verbose: bool | None = None) -> ModuleType:
         from torch.utils import cpp_extension
@@ -275,9 +278,11 @@ class OpBuilder:
             return OpStatus(self.NAME, ok, why or self._why_not, built, impl, isa,
                             self.cxx_flags(isa))
         try:
-            prebuilt = importlib.util.find_spec(self.prebuilt_name) is not None
+            spec = importlib.util.find_spec(self.prebuilt_name)
         except (ImportError, ValueError):
-            prebuilt = False
+            spec = None
+        prebuilt = spec is not None and spec.origin is not None and not _older_than_sources(
+            Path(spec.origin))  # a stale prebuilt op is rebuilt by the JIT when loaded
         built = "prebuilt" if prebuilt else "jit-cached" if self.jit_cached() else "no"
         if force_fallback():
             impl, why = "fallback", "forced by SPD_EXT_FORCE_FALLBACK=1"
