@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from spd_ext.comm import RankError, spawn
+from spd_ext.comm.buckets import shard_bounds
 from spd_ext.sync import (
     Groups,
     ParameterServer,
     PSConfig,
     Straggler,
+    Worker,
     make_strategy,
     parse_mode,
     train_worker,
@@ -114,24 +116,26 @@ def test_collective_strategies_refuse_server_modes() -> None:
 
 def _ps(rank: int, world: int, mode: str, steps: int, straggler: Straggler | None = None,
         quantize: bool = False, dead_timeout: float = 60.0, stall: int | None = None,
-        straggler_timeout: float = 60.0) -> dict:
+        straggler_timeout: float = 60.0, servers: int = 1, block_size: int = 256) -> dict:
     # straggler_timeout is long by default: on a loaded 2-core CI machine a worker can lag
     # by seconds, and a SyncPS step that went on without it would not be comparable.
     task = XORTask(n=3000, batch_size=32, seed=0)
     model = task.model()
     cfg = PSConfig(parse_mode(mode), lr=0.5, quantize=quantize, polyak_beta=0.0,
-                   straggler_timeout=straggler_timeout, dead_timeout=dead_timeout)
-    groups = Groups.create()
-    if rank == 0:
+                   straggler_timeout=straggler_timeout, dead_timeout=dead_timeout,
+                   servers=servers, block_size=block_size)
+    groups = Groups.create(servers)
+    if rank < servers:
         server = ParameterServer(model, cfg, groups)
         theta = server.serve()
         log = server.log
         return {"theta": theta, "pulls": log.pulls, "staleness": log.staleness,
-                "updates": log.updates, "dropped": log.dropped_late}
+                "versions": log.versions, "applied": log.applied,
+                "updates": log.updates, "dropped": log.dropped_late, "shard": server.theta}
     if stall == rank:
         time.sleep(30)  # never talks to the server
-    metrics = train_worker(model, cfg, groups, task.sampler(rank - 1, world - 1), steps,
-                           straggler)
+    metrics = train_worker(model, cfg, groups,
+                           task.sampler(rank - servers, world - servers), steps, straggler)
     return metrics.summary()
 
 
@@ -151,6 +155,41 @@ def test_ssp_never_exceeds_its_bound_under_a_straggler() -> None:
     gaps = [step - slowest for _, step, slowest in server["pulls"]]
     assert max(gaps) <= 1 and len(gaps) == 3 * 12
     assert any(g == 1 for g in gaps)  # the bound was reached, so it was enforced
+
+
+def _ssp_window(rank: int, world: int, steps: int) -> dict:
+    # Worker 1 pauses after each push, so the others get a step ahead of it and push steps
+    # it must not see when it reads.
+    task = XORTask(n=3000, batch_size=32, seed=0)
+    model = task.model()
+    cfg = PSConfig(parse_mode("ssp:1"), lr=0.5)
+    groups = Groups.create()
+    if rank == 0:
+        server = ParameterServer(model, cfg, groups)
+        server.serve()
+        return {"versions": server.log.versions, "applied": server.log.applied,
+                "held_back": server.log.held_back}
+    worker, batches = Worker(model, cfg, groups), task.sampler(rank - 1, world - 1)
+    for step in range(steps):
+        versions, _ = worker.pull(step)
+        model.zero_grad(set_to_none=True)
+        model(*batches("train", step))[1].backward()
+        worker.push(step, versions)
+        if rank == 1:
+            time.sleep(0.2)
+    worker.done()
+    return {}
+
+
+def test_ssp_reads_stay_inside_the_staleness_window() -> None:
+    server = spawn(_ssp_window, 4, 8, timeout=120)[0]
+    assert server["held_back"] > 0  # pushes a step too far ahead existed ...
+    # ... and the weights read for step c (the first `version` updates applied) hold every
+    # update of steps < c - 1 and none of steps >= c + 1.
+    for worker, step, version in server["versions"]:
+        seen = [t for _, t in server["applied"][:version]]
+        assert all(t < step + 1 for t in seen), (worker, step, seen)
+        assert len([t for t in seen if t < step - 1]) == 3 * max(step - 1, 0), (worker, step)
 
 
 def test_asgd_records_staleness_under_a_straggler() -> None:
@@ -177,6 +216,45 @@ def test_quantized_pushes_train_like_full_precision() -> None:
     quant = spawn(_ps, 3, "syncps", 8, None, True, timeout=120)[0]["theta"]
     assert (quant - full).abs().max() < 0.05 * full.abs().max()
     assert not torch.equal(quant, full)
+
+
+def test_sharded_servers_match_one_server() -> None:
+    # 12 parameters over 2 servers in 4-element quantization blocks: shards of 8 and 4.
+    one = spawn(_ps, 4, "syncps", 5, None, True, 60.0, None, 60.0, 1, 4, timeout=120)
+    two = spawn(_ps, 5, "syncps", 5, None, True, 60.0, None, 60.0, 2, 4, timeout=120)
+    assert torch.equal(two[0]["theta"], one[0]["theta"])  # the same arithmetic, per shard
+    assert torch.equal(two[1]["theta"], one[0]["theta"])  # every server gathers all shards
+    assert two[0]["shard"].numel() == 8 and two[1]["shard"].numel() == 4
+    assert all(r["updates"] == 5 and r["dropped"] == 0 for r in two[:2])
+    assert two[2]["messages_per_step"] == 2  # a push to each server
+    ssp = spawn(_ps, 5, "ssp:0", 5, None, False, 60.0, None, 60.0, 2, timeout=120)
+    sync = spawn(_ps, 4, "syncps", 5, timeout=120)
+    assert torch.allclose(ssp[0]["theta"], sync[0]["theta"], rtol=1e-5, atol=1e-6)
+    assert all(step == slowest for r in ssp[:2] for _, step, slowest in r["pulls"])
+
+
+def test_sharded_asgd_and_a_straggler() -> None:
+    slow = Straggler(base_delay=0.002, slow_rank=2, factor=20.0, every=2)
+    servers = spawn(_ps, 5, "asgd", 8, slow, False, 60.0, None, 60.0, 2, timeout=120)[:2]
+    assert all(s["updates"] == 3 * 8 for s in servers)
+    assert all(max(max(v) for v in s["staleness"].values()) > 0 for s in servers)
+    slow = Straggler(base_delay=0.01, slow_rank=2, factor=150.0, every=3)
+    late = spawn(_ps, 5, "syncps", 6, slow, False, 60.0, None, 0.3, 2, timeout=120)
+    assert all(s["dropped"] >= 1 for s in late[:2])
+    assert torch.equal(late[0]["theta"], late[1]["theta"])
+
+
+def test_shards_and_server_counts() -> None:
+    assert shard_bounds(12, 2, 4) == [(0, 8), (8, 12)]
+    assert shard_bounds(1000, 3, 256) == [(0, 512), (512, 768), (768, 1000)]
+    assert shard_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    cfg = PSConfig(parse_mode("asgd"), servers=3, quantize=True, block_size=4)
+    with pytest.raises(ValueError, match="too few for 3 servers"):
+        cfg.shards(8)
+    with pytest.raises(ValueError, match="needs at least 4 ranks"):
+        cfg.check_world(3)
+    with pytest.raises(ValueError, match="servers and block_size must be >= 1"):
+        PSConfig(parse_mode("asgd"), servers=0)
 
 
 def test_a_silent_worker_stops_the_job_with_its_name() -> None:

@@ -42,6 +42,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -218,33 +219,44 @@ public:
         t.unsafeGetTensorImpl()->bump_version();  // written in place, as autograd must know
     }
 
-    // op 'weighted' with the per-rank weights as a tensor, checked and indexed here rather
-    // than in Python, where the checks cost as much as a small all-reduce. Only the common
-    // case is served (a contiguous CPU float32/float64 tensor of world_size finite entries,
-    // a contiguous CPU tensor to reduce): otherwise returns false having done nothing, and
-    // the caller validates (naming the problem) and calls all_reduce_.
-    bool weighted_all_reduce_(at::Tensor& t, const at::Tensor& weights,
-                              int64_t oneshot_max_bytes, double timeout_s)
+    // The per-call entry point from Python: the argument checks that would cost Python as
+    // much as a small all-reduce are done here. Only the common case is served: a
+    // contiguous CPU float32/bfloat16/float16 tensor; sum or mean without weights, or
+    // weighted with every rank's weights as a contiguous CPU float32/float64 tensor of
+    // world_size finite entries. Anything else returns false having done nothing, and the
+    // caller validates (naming the problem) and calls all_reduce_ or torch.distributed.
+    bool try_all_reduce_(at::Tensor& t, int64_t op, const std::optional<at::Tensor>& weights,
+                         int64_t oneshot_max_bytes, double timeout_s)
     {
         const auto st = t.scalar_type();
         if (!t.is_cpu() || !t.is_contiguous() ||
-            (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) || !weights.is_cpu() ||
-            !weights.is_contiguous() || weights.numel() != world_)
+            (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf))
             return false;
-        double sum = 0.0, own = 0.0;
-        if (weights.scalar_type() == at::kFloat) {
-            const float* w = weights.const_data_ptr<float>();
-            for (int r = 0; r < world_; ++r) sum += w[r];
-            own = w[rank_];
-        } else if (weights.scalar_type() == at::kDouble) {
-            const double* w = weights.const_data_ptr<double>();
-            for (int r = 0; r < world_; ++r) sum += w[r];
-            own = w[rank_];
+        double own = 1.0;
+        if (op == kSum || op == kMean) {
+            if (weights.has_value()) return false;
+            if (op == kMean) own = 1.0 / world_;
+        } else if (op == kWeighted) {
+            if (!weights.has_value()) return false;
+            const at::Tensor& w = *weights;
+            if (!w.is_cpu() || !w.is_contiguous() || w.numel() != world_) return false;
+            double sum = 0.0;
+            if (w.scalar_type() == at::kFloat) {
+                const float* v = w.const_data_ptr<float>();
+                for (int r = 0; r < world_; ++r) sum += v[r];
+                own = v[rank_];
+            } else if (w.scalar_type() == at::kDouble) {
+                const double* v = w.const_data_ptr<double>();
+                for (int r = 0; r < world_; ++r) sum += v[r];
+                own = v[rank_];
+            } else {
+                return false;
+            }
+            if (!std::isfinite(sum)) return false;  // NaN or inf anywhere: the caller names it
         } else {
             return false;
         }
-        if (!std::isfinite(sum)) return false;  // NaN or inf anywhere: the caller names it
-        all_reduce_(t, kWeighted, own, oneshot_max_bytes, timeout_s);
+        all_reduce_(t, op, own, oneshot_max_bytes, timeout_s);
         return true;
     }
 
@@ -499,11 +511,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
              py::arg("oneshot_max_bytes"),
              py::arg("timeout_s"),
              py::call_guard<py::gil_scoped_release>())
-        .def("weighted_all_reduce_",
-             &ShmAllReduce::weighted_all_reduce_,
-             "in-place weighted all-reduce reading this rank's entry of `weights`; returns "
-             "false (doing nothing) unless both tensors suit the fast path",
+        .def("try_all_reduce_",
+             &ShmAllReduce::try_all_reduce_,
+             "in-place all-reduce of the common case (weights: every rank's, op 2 only); "
+             "returns false, doing nothing, for anything else",
              py::arg("tensor"),
+             py::arg("op"),
              py::arg("weights"),
              py::arg("oneshot_max_bytes"),
              py::arg("timeout_s"),

@@ -120,10 +120,9 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
             :class:`CommError` naming it (default ``$SPD_EXT_COMM_TIMEOUT`` or 300).
     """
     shm = cached_shm_group(group)  # per-call fast path: no torch.distributed queries
-    if shm is not None and op == "weighted" and isinstance(weights, torch.Tensor):
-        # Validating weights in Python costs as much as a small all-reduce: C++ does it.
-        if _shm_call(shm.weighted_all_reduce_, tensor, weights, timeout):
-            return tensor
+    # Checking arguments in Python costs as much as a small all-reduce: C++ does it.
+    if shm is not None and _shm_call(shm.try_all_reduce_, tensor, op, weights, timeout):
+        return tensor
     rank, world_size = (shm.rank, shm.world_size) if shm is not None else _check_ready(group)
     if op == "sum" and weights is None:
         weight = 1.0

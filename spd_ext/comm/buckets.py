@@ -16,3 +16,19 @@ def copy_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def shard_bounds(numel: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """Split ``range(numel)`` into ``parts`` contiguous ``(start, end)`` slices, as even as
+    possible in units of ``align`` elements (every boundary but the last end is a multiple
+    of ``align``, so blockwise work on a slice matches the same work on the whole)."""
+    if parts < 1 or align < 1:
+        raise ValueError(f"parts and align must be >= 1, got parts={parts} align={align}")
+    units = -(-numel // align)
+    base, extra = divmod(units, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = min(numel, start + (base + (i < extra)) * align)
+        bounds.append((start, end))
+        start = end
+    return bounds

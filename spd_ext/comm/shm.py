@@ -61,12 +61,15 @@ class ShmGroup:
         self.ctx.all_reduce_(tensor, OP_CODES[op], weight, self.oneshot_max_bytes,
                              self.timeout if timeout is None else timeout)
 
-    def weighted_all_reduce_(self, tensor: torch.Tensor, weights: torch.Tensor,
-                             timeout: float | None) -> bool:
-        """op 'weighted' with every rank's weights, checked and indexed in C++; False (and
-        nothing done) unless the tensors suit that fast path: see the C++ method."""
-        return self.ctx.weighted_all_reduce_(tensor, weights, self.oneshot_max_bytes,
-                                             self.timeout if timeout is None else timeout)
+    def try_all_reduce_(self, tensor: torch.Tensor, op: str, weights: Any,
+                        timeout: float | None) -> bool:
+        """The per-call fast path, checked in C++; False (nothing done) unless the arguments
+        are the common case (see the C++ method): the caller then checks them itself."""
+        if weights is not None and not isinstance(weights, torch.Tensor):
+            return False
+        return self.ctx.try_all_reduce_(tensor, OP_CODES.get(op, -1), weights,
+                                        self.oneshot_max_bytes,
+                                        self.timeout if timeout is None else timeout)
 
 
 def cached_shm_group(group: Any = None) -> ShmGroup | None:

@@ -1,18 +1,29 @@
 """Parameter server on torch.distributed point-to-point (no raw sockets): SSP, ASGD, SyncPS.
 
-Rank 0 of the group serves; the other ranks are workers. A worker's step is: pull the
-parameters (the reply says which version they are), compute a gradient on its batch, push
-it (optionally 8-bit block-quantized) tagged with that version. The server:
+Ranks ``0 .. servers-1`` serve (one by default), the other ranks are workers. With
+several servers the flat parameter vector is split into contiguous shards, one per server
+(boundaries on quantization blocks, so a sharded push quantizes exactly like a whole
+one), and every message below goes to each server with its shard. A worker's step is:
+pull the parameters (each reply says which version its shard is), compute a gradient on
+its batch, push it (optionally 8-bit block-quantized) tagged with those versions. Each
+server runs the rules below on its shard:
 
 - ``asgd``:   applies every push as it arrives (gradient / N, so N pushes make one
               synchronous step's worth); staleness = versions applied since the pull.
-- ``ssp:s``:  the same, but holds back a pull while the worker would be more than s
-              steps ahead of the slowest unfinished worker (s = 0: lock-step).
+- ``ssp:s``:  holds back a pull while the worker would be more than s steps ahead of
+              the slowest unfinished worker, and applies a push of step t once t is
+              below the slowest worker's step + s, so a worker at step c reads every
+              update of steps < c - s and none of steps >= c + s (s = 0: syncps).
 - ``syncps``: a barrier per step: waits for every worker's gradient of the step (up to
               ``straggler_timeout`` seconds after the first arrives, then goes on
               without the late ones and drops them when they come), applies the mean, and
               keeps Polyak-averaged weights that it hands out every ``polyak_every``
               steps and returns as the result.
+
+Every server sees the same pushes in the same per-worker order, so the shards agree on
+who is ahead (SSP) and which step is being collected (SyncPS); where a SyncPS shard has
+moved on without a late worker while another has not yet, the worker pulls again from the
+one behind until all its shards are at the same step.
 
 Messages: worker -> server on one process group (read by a receiver thread with
 any-source receives), server -> worker on another (the server's main thread), so sends
@@ -33,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.comm.buckets import copy_back, flatten, shard_bounds
 from spd_ext.ops.quantize import QuantizedTensor, dequantize_blockwise, quantize_blockwise
 from spd_ext.sync.metrics import WorkerMetrics
 from spd_ext.sync.modes import Mode
@@ -60,6 +71,7 @@ class PSConfig:
     polyak_beta: float = 0.9  # syncps: weight of the running average
     polyak_every: int = 0  # syncps: hand the Polyak weights to workers every n steps (0: never)
     dead_timeout: float = 60.0  # a worker silent this long stops the job
+    servers: int = 1  # ranks 0..servers-1 serve one shard of the parameters each
 
     def __post_init__(self) -> None:
         if not self.mode.server:
@@ -70,19 +82,41 @@ class PSConfig:
             raise ValueError("lr, straggler_timeout and dead_timeout must be > 0")
         if not 0.0 <= self.polyak_beta < 1.0:
             raise ValueError(f"polyak_beta must be in [0, 1), got {self.polyak_beta}")
+        if self.servers < 1 or self.block_size < 1:
+            raise ValueError(f"servers and block_size must be >= 1, got servers={self.servers} "
+                             f"block_size={self.block_size}")
+
+    def check_world(self, world_size: int) -> None:
+        if world_size <= self.servers:
+            raise ValueError(f"mode {self.mode} with {self.servers} server(s) needs at least "
+                             f"{self.servers + 1} ranks: ranks 0..{self.servers - 1} serve, the "
+                             f"others work; got {world_size}")
+
+    def shards(self, numel: int) -> list[tuple[int, int]]:
+        """Each server's (start, end) in the flat parameters."""
+        bounds = shard_bounds(numel, self.servers, self.block_size if self.quantize else 1)
+        if any(end == start for start, end in bounds):
+            raise ValueError(f"{numel} parameters are too few for {self.servers} servers "
+                             f"(shards of whole {self.block_size}-element blocks when "
+                             "quantizing); use fewer servers or a smaller block_size")
+        return bounds
 
 
 @dataclass
 class Groups:
-    """Two process groups over the same ranks: worker->server and server->worker."""
+    """Two process groups over the same ranks, worker->server and server->worker, and one
+    over the servers (None with a single server) that gathers the shards at the end."""
 
     up: Any
     down: Any
+    servers: Any = None
 
     @classmethod
-    def create(cls) -> Groups:
+    def create(cls, servers: int = 1) -> Groups:
+        """Collective: every rank calls it, with the ``PSConfig.servers`` of the job."""
         ranks = list(range(dist.get_world_size()))
-        return cls(dist.new_group(ranks), dist.new_group(ranks))
+        up, down = dist.new_group(ranks), dist.new_group(ranks)
+        return cls(up, down, dist.new_group(list(range(servers))) if servers > 1 else None)
 
 
 def _header(kind: int, step: int, version: int) -> torch.Tensor:
@@ -102,24 +136,34 @@ class _Message:
 class ServerLog:
     versions: list[tuple[int, int, int]] = field(default_factory=list)  # (worker, step, version)
     pulls: list[tuple[int, int, int]] = field(default_factory=list)  # (worker, step, min step)
+    applied: list[tuple[int, int]] = field(default_factory=list)  # asgd/ssp: (worker, step)
+    held_back: int = 0  # ssp: pushes applied later than they arrived (the read window)
     staleness: dict[int, list[float]] = field(default_factory=dict)  # steps
     dropped_late: int = 0
     updates: int = 0
 
 
 class ParameterServer:
-    """Rank 0's side. ``on_update(version, weights)`` runs after every applied update
-    (evaluation curves); it sees the Polyak weights under syncps."""
+    """A server rank's side (its shard of the parameters). ``on_update(version, weights)``
+    runs after every update it applies (evaluation curves) with its shard's weights, the
+    Polyak ones under syncps."""
 
     def __init__(self, model: nn.Module, cfg: PSConfig, groups: Groups,
                  on_update=None) -> None:
         self.cfg, self.groups = cfg, groups
-        self.workers = list(range(1, dist.get_world_size()))
-        if not self.workers:
-            raise ValueError(f"mode {cfg.mode} needs at least 2 ranks: rank 0 serves, the "
-                             "others work")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        cfg.check_world(world)
+        if rank >= cfg.servers:
+            raise ValueError(f"rank {rank} is a worker (ranks 0..{cfg.servers - 1} serve); "
+                             "call train_worker on it")
+        if cfg.servers > 1 and groups.servers is None:
+            raise ValueError(f"{cfg.servers} servers need Groups.create({cfg.servers})")
+        self.workers = list(range(cfg.servers, world))
         self.params = list(model.parameters())
-        self.theta = flatten([p.detach() for p in self.params]).clone()
+        whole = flatten([p.detach() for p in self.params])
+        self.bounds = cfg.shards(whole.numel())
+        start, end = self.bounds[rank]
+        self.theta = whole[start:end].clone()
         self.flat = torch.nn.Parameter(self.theta)
         self.optimizer = (torch.optim.SGD([self.flat], lr=cfg.lr, momentum=cfg.momentum)
                           if cfg.optimizer == "sgd" else
@@ -184,7 +228,19 @@ class ParameterServer:
 
     # -- loop ---------------------------------------------------------------------
     def serve(self) -> torch.Tensor:
-        """Serve until every worker is done; returns the final weights (flat)."""
+        """Serve until every worker is done; returns the final weights (flat, all shards:
+        collective over the servers when there are several)."""
+        shard = self._serve()
+        if self.groups.servers is None:
+            return shard
+        longest = max(end - start for start, end in self.bounds)
+        padded = torch.zeros(longest, dtype=shard.dtype)
+        padded[:shard.numel()] = shard
+        parts = [torch.empty_like(padded) for _ in self.bounds]
+        dist.all_gather(parts, padded, group=self.groups.servers)
+        return torch.cat([part[:end - start] for part, (start, end) in zip(parts, self.bounds)])
+
+    def _serve(self) -> torch.Tensor:
         kind, s = self.cfg.mode.kind, self.cfg.mode.value
         clock = {w: 0 for w in self.workers}  # pushes received
         done: set[int] = set()
@@ -193,16 +249,20 @@ class ParameterServer:
         step_grads: dict[int, torch.Tensor] = {}  # syncps: this step's gradients
         step_started: float | None = None
         sync_step = 0
+        held: list[_Message] = []  # ssp: pushes not yet applied (see release_held)
         any_message = False
         threading.Thread(target=self._receive_forever, name="spd_ext-ps-recv", daemon=True).start()
 
-        def can_start(worker: int, step: int) -> bool:
+        def slowest(default: int | None = None) -> int | None:
+            """The step the slowest unfinished worker is at (``default`` once all are done)."""
             live = [clock[w] for w in self.workers if w not in done]
-            slowest = min(live) if live else step
+            return min(live) if live else default
+
+        def can_start(worker: int, step: int) -> bool:
             if kind == "asgd":
                 return True
             if kind == "ssp":
-                return step - slowest <= s
+                return step - slowest(step) <= s
             return step <= sync_step  # syncps: once the previous step is applied
 
         def answer_pulls() -> None:
@@ -210,14 +270,32 @@ class ParameterServer:
                 if can_start(w, step):
                     if kind == "syncps":  # a late worker skips to the step being collected
                         step = max(step, sync_step)
-                    live = [clock[x] for x in self.workers if x not in done]
-                    self.log.pulls.append((w, step, min(live) if live else step))
+                    self.log.pulls.append((w, step, slowest(step)))
                     self._reply(w, OK, step)
                     del waiting_pulls[w]
 
+        def apply_push(msg: _Message) -> None:
+            # Staleness in steps: N pushes make one step's worth of updates.
+            self.log.staleness[msg.source].append((self.version - msg.version) / len(self.workers))
+            self.log.applied.append((msg.source, msg.step))
+            self._apply(msg.grad / len(self.workers))
+
+        def release_held() -> None:
+            # SSP's read window (Ho et al., 2013): a worker at step c sees every update of
+            # steps < c - s and none of steps >= c + s. The earliest step anyone can still
+            # read at is the slowest worker's, so a push of step t is applied once
+            # t < slowest + s. For s = 0 that is when every worker has pushed step t: the
+            # same weights as syncps.
+            low = slowest()
+            ready = [m for m in held if low is None or m.step < low + s]
+            held[:] = [m for m in held if not (low is None or m.step < low + s)]
+            for m in sorted(ready, key=lambda m: (m.step, m.source)):
+                apply_push(m)
+
         def finish_sync_step() -> None:
             nonlocal sync_step, step_started
-            self._apply(torch.stack(list(step_grads.values())).mean(0))
+            # In worker order, not arrival order: the same sum on every run and every shard.
+            self._apply(torch.stack([step_grads[w] for w in sorted(step_grads)]).mean(0))
             for w in step_grads:
                 self.log.staleness[w].append(0)
             step_grads.clear()
@@ -251,12 +329,16 @@ class ParameterServer:
                             step_started = step_started or now
                         else:
                             self.log.dropped_late += 1  # a step already applied: stale
-                    else:  # staleness in steps: N pushes make one step's worth of updates
-                        lag = (self.version - msg.version) / len(self.workers)
-                        self.log.staleness[msg.source].append(lag)
-                        self._apply(msg.grad / len(self.workers))
+                    elif kind == "ssp":
+                        held.append(msg)
+                    else:
+                        apply_push(msg)
                 elif msg.kind == DONE:
                     done.add(msg.source)
+            if kind == "ssp" and held:
+                release_held()
+                if msg is not None and any(m is msg for m in held):
+                    self.log.held_back += 1
             if kind == "syncps" and step_grads:
                 everyone = set(step_grads) >= {w for w in self.workers if w not in done}
                 if everyone or now - step_started > self.cfg.straggler_timeout:
@@ -293,41 +375,60 @@ class Worker:
     def __init__(self, model: nn.Module, cfg: PSConfig, groups: Groups) -> None:
         self.model, self.cfg, self.groups = model, cfg, groups
         self.rank = dist.get_rank()
+        cfg.check_world(dist.get_world_size())
+        if self.rank < cfg.servers:
+            raise ValueError(f"rank {self.rank} is a server (ranks 0..{cfg.servers - 1} "
+                             "serve); run ParameterServer(...).serve() on it")
         self.params = list(model.parameters())
         self.metrics = WorkerMetrics(self.rank)
         self._flat = flatten([p.detach() for p in self.params])
+        self.bounds = cfg.shards(self._flat.numel())
 
-    def pull(self, step: int) -> tuple[int, int]:
-        """Fetch the weights for ``step``; returns (their version, the step to compute),
-        which SyncPS moves forward for a worker that fell behind."""
+    def pull(self, step: int) -> tuple[list[int], int]:
+        """Fetch the weights for ``step``; returns (each shard's version, the step to
+        compute), which SyncPS moves forward for a worker that fell behind."""
         start = time.perf_counter()
-        dist.send(_header(PULL, step, 0), dst=0, group=self.groups.up)
-        reply = torch.empty(HEADER, dtype=torch.int64)
-        dist.recv(reply, src=0, group=self.groups.down)
-        if int(reply[0]) == STOP:
-            raise ServerStopped(f"worker {self.rank}: the parameter server stopped the job "
-                                "(another worker died or stalled; see rank 0's error)")
-        dist.recv(self._flat, src=0, group=self.groups.down)
+        steps = [step] * len(self.bounds)
+        versions = [0] * len(self.bounds)
+        ask = list(range(len(self.bounds)))
+        while ask:
+            for server in ask:
+                dist.send(_header(PULL, steps[server], 0), dst=server, group=self.groups.up)
+            for server in ask:
+                reply = torch.empty(HEADER, dtype=torch.int64)
+                dist.recv(reply, src=server, group=self.groups.down)
+                if int(reply[0]) == STOP:
+                    raise ServerStopped(f"worker {self.rank}: the parameter server stopped "
+                                        f"the job (server rank {server}: another worker died "
+                                        "or stalled; see that rank's error)")
+                lo, hi = self.bounds[server]
+                dist.recv(self._flat[lo:hi], src=server, group=self.groups.down)
+                steps[server], versions[server] = int(reply[1]), int(reply[2])
+            # SyncPS shards that moved this worker to different steps: catch up the others.
+            ask = [server for server, s in enumerate(steps) if s < max(steps)]
+            steps = [max(steps)] * len(steps)
         self.metrics.add_idle(time.perf_counter() - start)
         with torch.no_grad():
             copy_back(self._flat, self.params)
-        return int(reply[2]), int(reply[1])
+        return versions, steps[0]
 
-    def push(self, step: int, version: int) -> None:
+    def push(self, step: int, versions: list[int]) -> None:
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p)
                         for p in self.params])
-        dist.send(_header(PUSH, step, version), dst=0, group=self.groups.up)
-        if self.cfg.quantize:
-            q = quantize_blockwise(grad, self.cfg.block_size)
-            dist.send(q.values, dst=0, group=self.groups.up)
-            dist.send(q.scales, dst=0, group=self.groups.up)
-        else:
-            dist.send(grad, dst=0, group=self.groups.up)
-        self.metrics.messages += 1
+        for server, (lo, hi) in enumerate(self.bounds):
+            dist.send(_header(PUSH, step, versions[server]), dst=server, group=self.groups.up)
+            if self.cfg.quantize:
+                q = quantize_blockwise(grad[lo:hi], self.cfg.block_size)
+                dist.send(q.values, dst=server, group=self.groups.up)
+                dist.send(q.scales, dst=server, group=self.groups.up)
+            else:
+                dist.send(grad[lo:hi], dst=server, group=self.groups.up)
+            self.metrics.messages += 1
         self.metrics.steps += 1
 
     def done(self) -> None:
-        dist.send(_header(DONE, 0, 0), dst=0, group=self.groups.up)
+        for server in range(len(self.bounds)):
+            dist.send(_header(DONE, 0, 0), dst=server, group=self.groups.up)
 
 
 def train_worker(model: nn.Module, cfg: PSConfig, groups: Groups, batches, steps: int,
@@ -337,7 +438,7 @@ def train_worker(model: nn.Module, cfg: PSConfig, groups: Groups, batches, steps
     worker = Worker(model, cfg, groups)
     step = 0
     while step < steps:
-        version, step = worker.pull(step)
+        versions, step = worker.pull(step)
         if step >= steps:
             break
         if straggler is not None:  # simulated compute: between the pull and the push, so a
@@ -346,7 +447,7 @@ def train_worker(model: nn.Module, cfg: PSConfig, groups: Groups, batches, steps
         model.zero_grad(set_to_none=True)
         _, loss = model(x, y)
         loss.backward()
-        worker.push(step, version)
+        worker.push(step, versions)
         if on_step is not None:
             on_step(step, loss.item())
         step += 1
