@@ -8,6 +8,9 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from spd_ext.utils.files import write_json
 
 _HELP = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
 
@@ -277,10 +280,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
 
 def _write_json(path: str | None, payload: object) -> None:
     if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
+        write_json(Path(path), payload)
 
 
 def _bench_allreduce(args: argparse.Namespace) -> int:

@@ -89,3 +89,16 @@ def test_divergence_stops_with_a_clear_error(corpus) -> None:
                       TrainConfig(max_steps=3, batch_size=4, eval_batches=1, quiet=True))
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         trainer.train()
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path) -> None:
+    from spd_ext.utils.files import atomic_path, read_json, write_json
+
+    path = tmp_path / "sub" / "results.json"
+    write_json(path, [1])
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("[2, ")
+            raise RuntimeError("crash mid-write")
+    assert read_json(path, None) == [1]
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]

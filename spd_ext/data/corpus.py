@@ -8,6 +8,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from spd_ext.utils.files import atomic_path
+
 
 @dataclass(frozen=True)
 class KnownCorpus:
@@ -62,14 +64,10 @@ def resolve_corpus(name_or_path: str | os.PathLike, data_dir: str | os.PathLike 
         raise FileNotFoundError(f"{known.filename} not found in {looked}; set SPD_EXT_DATA_DIR "
                                 "to the folder holding it")
     target = cache_dir() / "data" / known.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".part{os.getpid()}")
     try:
-        with urllib.request.urlopen(known.url, timeout=30) as response, open(tmp, "wb") as f:
-            f.write(response.read())
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp, urllib.request.urlopen(known.url, timeout=30) as got:
+            tmp.write_bytes(got.read())
     except (urllib.error.URLError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
         raise FileNotFoundError(
             f"{known.filename} is not in {looked} and downloading {known.url} failed ({exc}); "
             "when offline, put the file in a folder and set SPD_EXT_DATA_DIR to it") from None

@@ -11,6 +11,7 @@ import torch
 
 from spd_ext.data.corpus import cache_dir, read_corpus, resolve_corpus
 from spd_ext.data.tokenizers import CharTokenizer, GPT2Tokenizer, get_tokenizer
+from spd_ext.utils.files import atomic_path
 
 
 def windows(tokens: np.ndarray, starts: torch.Tensor,
@@ -44,10 +45,8 @@ class TokenDataset:
         key = hashlib.sha1(raw + json.dumps(self.tokenizer.state()).encode()).hexdigest()[:16]
         self.cache_path = cache_dir() / "tokens" / f"{self.path.stem}-{tokenizer}-{key}.bin"
         if not self.cache_path.is_file():
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
-            np.asarray(self.tokenizer.encode(text), dtype=np.uint16).tofile(tmp)
-            os.replace(tmp, self.cache_path)
+            with atomic_path(self.cache_path) as tmp:
+                np.asarray(self.tokenizer.encode(text), dtype=np.uint16).tofile(tmp)
         tokens = np.memmap(self.cache_path, dtype=np.uint16, mode="r")
         n_val = max(1, int(len(tokens) * val_fraction))
         self.splits = {"train": tokens[:-n_val], "val": tokens[-n_val:]}

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
+from spd_ext.utils.files import read_json, write_json
 
-def write_json(path: Path, payload: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, default: object) -> object:
-    return json.loads(path.read_text()) if path.is_file() else default
+__all__ = ["finished_runs", "pyplot", "read_json", "write_json"]
 
 
 def finished_runs(results_path: Path, key, selected, force: bool) -> dict:

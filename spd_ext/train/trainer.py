@@ -9,7 +9,6 @@ parallel strategies reduce gradients.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_ext.train.logging import RunLog
+from spd_ext.utils.files import atomic_path
 
 BatchFn = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -135,10 +135,8 @@ class Trainer:
         state = self.state()  # collective for distributed tensor-parallel models
         path = self.checkpoint_path()
         if is_main_process():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
         return path
 
     def _resume(self) -> None:
