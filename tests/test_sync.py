@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from spd_ext.sync import (
     ParameterServer,
     PSConfig,
     Straggler,
-    Worker,
     make_strategy,
     parse_mode,
     train_worker,
@@ -114,34 +114,54 @@ def test_collective_strategies_refuse_server_modes() -> None:
 
 # -- parameter server ------------------------------------------------------------------------
 
-def _ps(rank: int, world: int, mode: str, steps: int, straggler: Straggler | None = None,
-        quantize: bool = False, dead_timeout: float = 60.0, stall: int | None = None,
-        straggler_timeout: float = 60.0, servers: int = 1, block_size: int = 256) -> dict:
-    # straggler_timeout is long by default: on a loaded 2-core CI machine a worker can lag
-    # by seconds, and a SyncPS step that went on without it would not be comparable.
+@dataclass(frozen=True)
+class PSRun:
+    """One parameter-server job of the tests: XOR task, rank 0..servers-1 serve."""
+
+    mode: str
+    steps: int
+    straggler: Straggler | None = None
+    quantize: bool = False
+    block_size: int = 256
+    servers: int = 1
+    # Long by default: on a loaded 2-core CI machine a worker can lag by seconds, and a
+    # SyncPS step that went on without it would not be comparable.
+    straggler_timeout: float = 60.0
+    dead_timeout: float = 60.0
+    stall: int | None = None  # this rank never talks to the server
+    pause_after_push: int | None = None  # this rank sleeps 0.2 s after every push
+
+
+def _ps(rank: int, world: int, run: PSRun) -> dict:
     task = XORTask(n=3000, batch_size=32, seed=0)
     model = task.model()
-    cfg = PSConfig(parse_mode(mode), lr=0.5, quantize=quantize, polyak_beta=0.0,
-                   straggler_timeout=straggler_timeout, dead_timeout=dead_timeout,
-                   servers=servers, block_size=block_size)
-    groups = Groups.create(servers)
-    if rank < servers:
+    cfg = PSConfig(parse_mode(run.mode), lr=0.5, quantize=run.quantize, polyak_beta=0.0,
+                   straggler_timeout=run.straggler_timeout, dead_timeout=run.dead_timeout,
+                   servers=run.servers, block_size=run.block_size)
+    groups = Groups.create(run.servers)
+    if rank < run.servers:
         server = ParameterServer(model, cfg, groups)
         theta = server.serve()
         log = server.log
         return {"theta": theta, "pulls": log.pulls, "staleness": log.staleness,
-                "versions": log.versions, "applied": log.applied,
+                "versions": log.versions, "applied": log.applied, "held_back": log.held_back,
                 "updates": log.updates, "dropped": log.dropped_late, "shard": server.theta}
-    if stall == rank:
+    if run.stall == rank:
         time.sleep(30)  # never talks to the server
-    metrics = train_worker(model, cfg, groups,
-                           task.sampler(rank - servers, world - servers), steps, straggler)
+
+    def after_push(step: int, loss: float) -> None:
+        if run.pause_after_push == rank:
+            time.sleep(0.2)
+
+    metrics = train_worker(model, cfg, groups, task.sampler(rank - run.servers,
+                                                            world - run.servers),
+                           run.steps, run.straggler, after_push)
     return metrics.summary()
 
 
 def test_ssp_zero_equals_syncps() -> None:
-    ssp = spawn(_ps, 4, "ssp:0", 5, timeout=120)[0]
-    sync = spawn(_ps, 4, "syncps", 5, timeout=120)[0]
+    ssp = spawn(_ps, 4, PSRun("ssp:0", 5), timeout=120)[0]
+    sync = spawn(_ps, 4, PSRun("syncps", 5), timeout=120)[0]
     assert sync["dropped"] == 0 and sync["updates"] == 5
     assert ssp["updates"] == 15  # 3 workers x 5 pushes
     assert all(step == slowest for _, step, slowest in ssp["pulls"])  # lock-step
@@ -151,38 +171,16 @@ def test_ssp_zero_equals_syncps() -> None:
 
 def test_ssp_never_exceeds_its_bound_under_a_straggler() -> None:
     slow = Straggler(base_delay=0.002, slow_rank=1, factor=20.0, every=3)
-    server = spawn(_ps, 4, "ssp:1", 12, slow, timeout=120)[0]
+    server = spawn(_ps, 4, PSRun("ssp:1", 12, slow), timeout=120)[0]
     gaps = [step - slowest for _, step, slowest in server["pulls"]]
     assert max(gaps) <= 1 and len(gaps) == 3 * 12
     assert any(g == 1 for g in gaps)  # the bound was reached, so it was enforced
 
 
-def _ssp_window(rank: int, world: int, steps: int) -> dict:
+def test_ssp_reads_stay_inside_the_staleness_window() -> None:
     # Worker 1 pauses after each push, so the others get a step ahead of it and push steps
     # it must not see when it reads.
-    task = XORTask(n=3000, batch_size=32, seed=0)
-    model = task.model()
-    cfg = PSConfig(parse_mode("ssp:1"), lr=0.5)
-    groups = Groups.create()
-    if rank == 0:
-        server = ParameterServer(model, cfg, groups)
-        server.serve()
-        return {"versions": server.log.versions, "applied": server.log.applied,
-                "held_back": server.log.held_back}
-    worker, batches = Worker(model, cfg, groups), task.sampler(rank - 1, world - 1)
-    for step in range(steps):
-        versions, _ = worker.pull(step)
-        model.zero_grad(set_to_none=True)
-        model(*batches("train", step))[1].backward()
-        worker.push(step, versions)
-        if rank == 1:
-            time.sleep(0.2)
-    worker.done()
-    return {}
-
-
-def test_ssp_reads_stay_inside_the_staleness_window() -> None:
-    server = spawn(_ssp_window, 4, 8, timeout=120)[0]
+    server = spawn(_ps, 4, PSRun("ssp:1", 8, pause_after_push=1), timeout=120)[0]
     assert server["held_back"] > 0  # pushes a step too far ahead existed ...
     # ... and the weights read for step c (the first `version` updates applied) hold every
     # update of steps < c - 1 and none of steps >= c + 1.
@@ -194,7 +192,7 @@ def test_ssp_reads_stay_inside_the_staleness_window() -> None:
 
 def test_asgd_records_staleness_under_a_straggler() -> None:
     slow = Straggler(base_delay=0.002, slow_rank=1, factor=20.0, every=2)
-    server = spawn(_ps, 4, "asgd", 10, slow, timeout=120)[0]
+    server = spawn(_ps, 4, PSRun("asgd", 10, slow), timeout=120)[0]
     assert max(max(v) for v in server["staleness"].values()) > 0
     assert server["updates"] == 30
 
@@ -203,43 +201,45 @@ def test_syncps_goes_on_without_a_straggler_and_drops_its_late_gradient() -> Non
     # Worker 1 sleeps 1.5 s on steps 0 and 3; the server waits 0.3 s past the first
     # gradient of a step, so both of those steps are applied without worker 1's gradient.
     slow = Straggler(base_delay=0.01, slow_rank=1, factor=150.0, every=3)
-    server = spawn(_ps, 3, "syncps", 6, slow, False, 60.0, None, 0.3, timeout=120)[0]
+    server = spawn(_ps, 3, PSRun("syncps", 6, slow, straggler_timeout=0.3), timeout=120)[0]
     assert server["dropped"] >= 1
     assert server["updates"] <= 6  # a worker that fell behind skips to the step collected
-    on_time = spawn(_ps, 3, "syncps", 6, slow, timeout=120)[0]
+    on_time = spawn(_ps, 3, PSRun("syncps", 6, slow), timeout=120)[0]
     assert on_time["dropped"] == 0 and on_time["updates"] == 6
     assert not torch.allclose(server["theta"], on_time["theta"])
 
 
 def test_quantized_pushes_train_like_full_precision() -> None:
-    full = spawn(_ps, 3, "syncps", 8, timeout=120)[0]["theta"]
-    quant = spawn(_ps, 3, "syncps", 8, None, True, timeout=120)[0]["theta"]
+    full = spawn(_ps, 3, PSRun("syncps", 8), timeout=120)[0]["theta"]
+    quant = spawn(_ps, 3, PSRun("syncps", 8, quantize=True), timeout=120)[0]["theta"]
     assert (quant - full).abs().max() < 0.05 * full.abs().max()
     assert not torch.equal(quant, full)
 
 
 def test_sharded_servers_match_one_server() -> None:
     # 12 parameters over 2 servers in 4-element quantization blocks: shards of 8 and 4.
-    one = spawn(_ps, 4, "syncps", 5, None, True, 60.0, None, 60.0, 1, 4, timeout=120)
-    two = spawn(_ps, 5, "syncps", 5, None, True, 60.0, None, 60.0, 2, 4, timeout=120)
+    one = spawn(_ps, 4, PSRun("syncps", 5, quantize=True, block_size=4), timeout=120)
+    two = spawn(_ps, 5, PSRun("syncps", 5, quantize=True, block_size=4, servers=2),
+                timeout=120)
     assert torch.equal(two[0]["theta"], one[0]["theta"])  # the same arithmetic, per shard
     assert torch.equal(two[1]["theta"], one[0]["theta"])  # every server gathers all shards
     assert two[0]["shard"].numel() == 8 and two[1]["shard"].numel() == 4
     assert all(r["updates"] == 5 and r["dropped"] == 0 for r in two[:2])
     assert two[2]["messages_per_step"] == 2  # a push to each server
-    ssp = spawn(_ps, 5, "ssp:0", 5, None, False, 60.0, None, 60.0, 2, timeout=120)
-    sync = spawn(_ps, 4, "syncps", 5, timeout=120)
+    ssp = spawn(_ps, 5, PSRun("ssp:0", 5, servers=2), timeout=120)
+    sync = spawn(_ps, 4, PSRun("syncps", 5), timeout=120)
     assert torch.allclose(ssp[0]["theta"], sync[0]["theta"], rtol=1e-5, atol=1e-6)
     assert all(step == slowest for r in ssp[:2] for _, step, slowest in r["pulls"])
 
 
 def test_sharded_asgd_and_a_straggler() -> None:
     slow = Straggler(base_delay=0.002, slow_rank=2, factor=20.0, every=2)
-    servers = spawn(_ps, 5, "asgd", 8, slow, False, 60.0, None, 60.0, 2, timeout=120)[:2]
+    servers = spawn(_ps, 5, PSRun("asgd", 8, slow, servers=2), timeout=120)[:2]
     assert all(s["updates"] == 3 * 8 for s in servers)
     assert all(max(max(v) for v in s["staleness"].values()) > 0 for s in servers)
     slow = Straggler(base_delay=0.01, slow_rank=2, factor=150.0, every=3)
-    late = spawn(_ps, 5, "syncps", 6, slow, False, 60.0, None, 0.3, 2, timeout=120)
+    late = spawn(_ps, 5, PSRun("syncps", 6, slow, servers=2, straggler_timeout=0.3),
+                 timeout=120)
     assert all(s["dropped"] >= 1 for s in late[:2])
     assert torch.equal(late[0]["theta"], late[1]["theta"])
 
@@ -259,7 +259,7 @@ def test_shards_and_server_counts() -> None:
 
 def test_a_silent_worker_stops_the_job_with_its_name() -> None:
     with pytest.raises(RankError, match=r"parameter server stopped"):
-        spawn(_ps, 3, "syncps", 50, None, False, 2.0, 2, timeout=60)
+        spawn(_ps, 3, PSRun("syncps", 50, dead_timeout=2.0, stall=2), timeout=60)
 
 
 def _single_rank_server(rank: int, world: int) -> str:
