@@ -123,7 +123,7 @@ def _header(kind: int, step: int, version: int) -> torch.Tensor:
     return torch.tensor([kind, step, version, 0], dtype=torch.int64)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a message is one event, not a value
 class _Message:
     source: int
     kind: int
@@ -288,7 +288,7 @@ class ParameterServer:
             # same weights as syncps.
             low = slowest()
             ready = [m for m in held if low is None or m.step < low + s]
-            held[:] = [m for m in held if not (low is None or m.step < low + s)]
+            held[:] = [m for m in held if m not in ready]
             for m in sorted(ready, key=lambda m: (m.step, m.source)):
                 apply_push(m)
 
@@ -337,7 +337,7 @@ class ParameterServer:
                     done.add(msg.source)
             if kind == "ssp" and held:
                 release_held()
-                if msg is not None and any(m is msg for m in held):
+                if msg is not None and msg in held:
                     self.log.held_back += 1
             if kind == "syncps" and step_grads:
                 everyone = set(step_grads) >= {w for w in self.workers if w not in done}
