@@ -241,17 +241,16 @@ public:
             const at::Tensor& w = *weights;
             if (!w.is_cpu() || !w.is_contiguous() || w.numel() != world_) return false;
             double sum = 0.0;
-            if (w.scalar_type() == at::kFloat) {
-                const float* v = w.const_data_ptr<float>();
+            const auto read = [&](const auto* v) {
                 for (int r = 0; r < world_; ++r) sum += v[r];
                 own = v[rank_];
-            } else if (w.scalar_type() == at::kDouble) {
-                const double* v = w.const_data_ptr<double>();
-                for (int r = 0; r < world_; ++r) sum += v[r];
-                own = v[rank_];
-            } else {
+            };
+            if (w.scalar_type() == at::kFloat)
+                read(w.const_data_ptr<float>());
+            else if (w.scalar_type() == at::kDouble)
+                read(w.const_data_ptr<double>());
+            else
                 return false;
-            }
             if (!std::isfinite(sum)) return false;  // NaN or inf anywhere: the caller names it
         } else {
             return false;
