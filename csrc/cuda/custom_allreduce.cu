@@ -52,8 +52,7 @@ __device__ __forceinline__ void barrier(const Peers& peers, int phase, int rank,
         volatile uint32_t* theirs = &peers.signal[threadIdx.x]->flags[phase][blockIdx.x][rank];
         *theirs = flag;
         volatile uint32_t* mine = &peers.signal[rank]->flags[phase][blockIdx.x][threadIdx.x];
-        while (*mine != flag) {
-        }
+        while (*mine != flag) SPD_SPIN_HINT();
     }
     __syncthreads();
 }
@@ -196,7 +195,7 @@ cudaError_t IpcAllReduce::all_reduce(int dtype, void* data, int64_t bytes, bool 
     constexpr int kThreads = 512;
     dispatch_cuda_dtype(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        ipc_all_reduce<T><<<s_->blocks, kThreads, 0, stream>>>(
+        SPD_LAUNCH(ipc_all_reduce<T>, s_->blocks, kThreads, stream)(
             s_->peers, s_->rank, s_->world, packs, two_shot, my_weight, uniform,
             static_cast<T*>(data));
     });

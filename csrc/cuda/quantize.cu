@@ -74,7 +74,7 @@ cudaError_t quantize(int dtype, const void* x, int64_t n, int64_t block, int8_t*
     if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
     dispatch_cuda_dtype(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        quantize_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(
+        SPD_LAUNCH(quantize_kernel<T>, unsigned(blocks), kThreads, stream)(
             static_cast<const T*>(x), n, block, values, scales, flags);
     });
     return cudaGetLastError();
@@ -88,8 +88,8 @@ cudaError_t dequantize(int dtype, const int8_t* values, const float* scales, int
     const int64_t grid = (n + kThreads - 1) / kThreads;
     dispatch_cuda_dtype(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        dequantize_kernel<T><<<unsigned(grid < 65535 * 8 ? grid : 65535 * 8), kThreads, 0,
-                               stream>>>(values, scales, n, block, static_cast<T*>(out));
+        SPD_LAUNCH(dequantize_kernel<T>, unsigned(grid < 65535 * 8 ? grid : 65535 * 8),
+                   kThreads, stream)(values, scales, n, block, static_cast<T*>(out));
     });
     return cudaGetLastError();
 }

@@ -67,11 +67,12 @@ cudaError_t weighted_reduce(int dtype, void* out, const InputPtrs& in, const flo
         using T = std::remove_pointer_t<decltype(tag)>;
         const int64_t packs = aligned ? n / Pack<T>::kCount : 0;
         if (packs > 0)
-            weighted_reduce_packs<T><<<grid_for(packs, kThreads), kThreads, 0, stream>>>(
+            SPD_LAUNCH(weighted_reduce_packs<T>, grid_for(packs, kThreads), kThreads, stream)(
                 static_cast<T*>(out), in, weights, k, packs);
         const int64_t begin = packs * Pack<T>::kCount;
         if (begin < n)
-            weighted_reduce_scalar<T><<<grid_for(n - begin, kThreads), kThreads, 0, stream>>>(
+            SPD_LAUNCH(weighted_reduce_scalar<T>, grid_for(n - begin, kThreads), kThreads,
+                       stream)(
                 static_cast<T*>(out), in, weights, k, begin, n);
     });
     return cudaGetLastError();

@@ -10,6 +10,15 @@
 
 #include <cstdint>
 
+// Kernel launches and spin waits go through these macros so that tests/csrc/cuda_emu (a
+// CPU emulation of CUDA, found first on the include path in tests) can run the kernels.
+#ifndef SPD_LAUNCH
+#define SPD_LAUNCH(kernel, grid, threads, stream) kernel<<<(grid), (threads), 0, (stream)>>>
+#endif
+#ifndef SPD_SPIN_HINT
+#define SPD_SPIN_HINT()
+#endif
+
 namespace spd {
 namespace cuda {
 
@@ -35,10 +44,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x)
     return __float2bfloat16_rn(x);
 }
 
-// 16 bytes of T: what one vectorized (ld.global.v4) load moves.
+// 16 bytes of T: what one vectorized (ld.global.v4) load moves. A union, so the vector and
+// its elements are the same object (casting a T array to uint4 breaks strict aliasing).
 template <typename T>
-struct alignas(16) Pack {
+union alignas(16) Pack {
     static constexpr int kCount = 16 / sizeof(T);
+    uint4 raw;
     T v[kCount];
 };
 
@@ -46,14 +57,14 @@ template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* p)
 {
     Pack<T> out;
-    *reinterpret_cast<uint4*>(&out) = *reinterpret_cast<const uint4*>(p);
+    out.raw = *reinterpret_cast<const uint4*>(p);
     return out;
 }
 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& x)
 {
-    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&x);
+    *reinterpret_cast<uint4*>(p) = x.raw;
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

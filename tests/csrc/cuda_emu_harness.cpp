@@ -1,0 +1,246 @@
+// C entry points over csrc/cuda, compiled with the CPU emulation of CUDA in cuda_emu/ by
+// tests/test_cuda_emulation.py: the kernels' logic runs on machines without a GPU.
+//
+// "Device" pointers are plain host pointers in the emulation, so the tests pass torch CPU
+// tensors straight in. The all-reduce check forks one process per rank; their buffers live
+// in the emulation's shared arena and meet through IPC handles as on a GPU.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "spd_cuda.cuh"
+#include "spd_cuda_ops.h"
+
+using namespace spd::cuda;
+
+extern "C" {
+
+int spd_emu_weighted_reduce(int dtype, void* out, const void* const* in, const float* w, int k,
+                            int64_t n)
+{
+    InputPtrs ptrs{};
+    for (int j = 0; j < k && j < kMaxInputs; ++j) ptrs.p[j] = in[j];
+    return int(weighted_reduce(dtype, out, ptrs, w, k, n, nullptr));
+}
+
+int spd_emu_quantize(int dtype, const void* x, int64_t n, int64_t block, int8_t* values,
+                     float* scales, int* flags)
+{
+    return int(quantize(dtype, x, n, block, values, scales, flags, nullptr));
+}
+
+int spd_emu_dequantize(int dtype, const int8_t* values, const float* scales, int64_t n,
+                       int64_t block, void* out)
+{
+    return int(dequantize(dtype, values, scales, n, block, out, nullptr));
+}
+
+}  // extern "C"
+
+namespace {
+
+// ---- the all-reduce check ---------------------------------------------------------------
+
+struct Coordination {  // in the shared arena: what the rank processes exchange
+    std::atomic<uint64_t> arrived, generation;
+    char handles[kMaxIpcRanks][64];
+};
+
+void host_barrier(Coordination* c, int world)
+{
+    const uint64_t gen = c->generation.load();
+    if (c->arrived.fetch_add(1) + 1 == uint64_t(world)) {
+        c->arrived = 0;
+        c->generation.fetch_add(1);
+    } else {
+        while (c->generation.load() == gen) sched_yield();
+    }
+}
+
+uint32_t mix(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+// Rank p's input of call c at element i: never zero, in [-4, 4).
+float input_value(int p, int c, int64_t i)
+{
+    const uint32_t h = mix(uint32_t(i) * 2654435761u ^ mix(uint32_t(c) * 97u + uint32_t(p)));
+    const float v = float(h >> 8) / float(1 << 24) * 8.0f - 4.0f;
+    return v == 0.0f ? 0.5f : v;
+}
+
+float weight_of(int op, int p, int c, int world)
+{
+    if (op == 0) return 1.0f;
+    if (op == 1) return 1.0f / float(world);
+    return 0.05f + float((p * 7 + c * 3) % 11) / 10.0f;  // changes every call
+}
+
+template <typename T>
+T narrow(float x);
+template <>
+float narrow<float>(float x) { return x; }
+template <>
+__nv_bfloat16 narrow<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__half narrow<__half>(float x) { return __float2half_rn(x); }
+
+template <typename T>
+double unit_roundoff()
+{
+    return sizeof(T) == 4 ? std::ldexp(1.0, -24) : (std::is_same_v<T, __half> ? std::ldexp(1.0, -11)
+                                                                                : std::ldexp(1.0, -8));
+}
+
+uint64_t fnv1a(const void* p, size_t bytes)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < bytes; ++i) h = (h ^ static_cast<const unsigned char*>(p)[i]) * 1099511628211ull;
+    return h;
+}
+
+struct Check {
+    int world, dtype, op, two_shot, calls;
+    int64_t numel, capacity;
+    uint64_t* digests;  // [calls][world], in the arena
+    double* worst;      // [world]: max |out - ref| / bound seen by each rank
+};
+
+// One rank's life: set up, `calls` all-reduces of fresh data, each checked against a float64
+// reference; exits 0 (all within the bound), 1 (a wrong value) or 2 (a CUDA error).
+template <typename T>
+int run_rank(const Check& k, Coordination* coord, int rank)
+{
+    IpcAllReduce ar(rank, k.world, k.capacity);
+    if (ar.error() != cudaSuccess) return 2;
+    const std::string h = ar.handle();
+    std::copy(h.begin(), h.end(), coord->handles[rank]);
+    host_barrier(coord, k.world);
+    std::vector<std::string> handles;
+    for (int p = 0; p < k.world; ++p) handles.emplace_back(coord->handles[p], 64);
+    if (ar.open(handles.data()) != cudaSuccess) return 2;
+    host_barrier(coord, k.world);
+
+    T* data = nullptr;
+    float* my_weight = nullptr;
+    if (cudaMalloc(&data, size_t(k.numel) * sizeof(T)) != cudaSuccess) return 2;
+    if (cudaMalloc(&my_weight, sizeof(float)) != cudaSuccess) return 2;
+    const double u = unit_roundoff<T>();
+    double worst = 0.0;
+    for (int c = 0; c < k.calls; ++c) {
+        for (int64_t i = 0; i < k.numel; ++i) data[i] = narrow<T>(input_value(rank, c, i));
+        *my_weight = weight_of(k.op, rank, c, k.world);
+        const cudaError_t err =
+            ar.all_reduce(k.dtype, data, k.numel * int64_t(sizeof(T)), k.two_shot != 0,
+                          k.op == 2 ? my_weight : nullptr, weight_of(k.op, rank, c, k.world),
+                          nullptr);
+        if (err != cudaSuccess) {
+            std::fprintf(stderr, "rank %d call %d: %s\n", rank, c, cudaGetErrorString(err));
+            return 2;
+        }
+        for (int64_t i = 0; i < k.numel; ++i) {
+            double ref = 0.0, mass = 0.0;
+            for (int p = 0; p < k.world; ++p) {
+                const double term = double(weight_of(k.op, p, c, k.world)) *
+                                    double(spd::cuda::to_float(narrow<T>(input_value(p, c, i))));
+                ref += term;
+                mass += std::fabs(term);
+            }
+            // fp32 fma accumulation, then one rounding to T (plus fp16's subnormal spacing).
+            const double acc = k.world * std::ldexp(1.0, -23) * mass;
+            const double bound = u * (std::fabs(ref) + acc) + acc + std::ldexp(1.0, -25);
+            const double got = spd::cuda::to_float(data[i]);
+            const double ratio = std::isfinite(got) ? std::fabs(got - ref) / bound : 1e30;
+            if (ratio > 1.0) {
+                std::fprintf(stderr, "rank %d call %d element %lld: got %.9g, expected %.9g\n",
+                             rank, c, static_cast<long long>(i), got, ref);
+                k.worst[rank] = ratio;
+                return 1;
+            }
+            worst = std::max(worst, ratio);
+        }
+        k.digests[int64_t(c) * k.world + rank] = fnv1a(data, size_t(k.numel) * sizeof(T));
+    }
+    k.worst[rank] = worst;
+    host_barrier(coord, k.world);  // nobody tears down while a peer still reads its buffer
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Forks `world` rank processes that run `calls` all-reduces (op 0 sum, 1 mean, 2 weighted
+// with per-call device weights) of `numel` elements. Returns 0 when every rank's result
+// was within the bound of the float64 reference and bitwise-equal across ranks; otherwise
+// a code and a message in `message`. `worst` receives the largest error / bound ratio.
+int spd_emu_all_reduce_check(int world, int dtype, int op, int two_shot, int64_t numel,
+                             int calls, int64_t capacity, int timeout_s, double* worst,
+                             char* message, int message_len)
+{
+    Coordination* coord = nullptr;
+    Check k{world, dtype, op, two_shot, calls, numel, capacity, nullptr, nullptr};
+    if (cudaMalloc(&coord, sizeof(Coordination)) != cudaSuccess ||
+        cudaMalloc(&k.digests, sizeof(uint64_t) * size_t(calls) * size_t(world)) != cudaSuccess ||
+        cudaMalloc(&k.worst, sizeof(double) * size_t(world)) != cudaSuccess) {
+        std::snprintf(message, size_t(message_len), "emulated device memory exhausted");
+        return 3;
+    }
+    new (coord) Coordination{};
+    std::fill(k.worst, k.worst + world, 0.0);
+    std::fflush(nullptr);
+    std::vector<pid_t> pids;
+    for (int rank = 0; rank < world; ++rank) {
+        const pid_t pid = fork();
+        if (pid == 0) {
+            alarm(unsigned(timeout_s));  // a hang ends the process (SIGALRM), not the test run
+            int code = 0;
+            dispatch_cuda_dtype(dtype, [&](auto* tag) {
+                using T = std::remove_pointer_t<decltype(tag)>;
+                code = run_rank<T>(k, coord, rank);
+            });
+            std::fflush(nullptr);
+            _exit(code);
+        }
+        pids.push_back(pid);
+    }
+    std::string problems;
+    for (int rank = 0; rank < world; ++rank) {
+        int status = 0;
+        waitpid(pids[size_t(rank)], &status, 0);
+        if (WIFSIGNALED(status))
+            problems += "rank " + std::to_string(rank) + " died of signal " +
+                        std::to_string(WTERMSIG(status)) +
+                        (WTERMSIG(status) == SIGALRM ? " (timeout: a hang)" : "") + "; ";
+        else if (WEXITSTATUS(status) != 0)
+            problems += "rank " + std::to_string(rank) + " exited " +
+                        std::to_string(WEXITSTATUS(status)) +
+                        (WEXITSTATUS(status) == 1 ? " (a value outside the bound)" : " (a CUDA error)") +
+                        "; ";
+    }
+    *worst = *std::max_element(k.worst, k.worst + world);
+    if (problems.empty())
+        for (int c = 0; c < calls && problems.empty(); ++c)
+            for (int p = 1; p < world; ++p)
+                if (k.digests[int64_t(c) * world + p] != k.digests[int64_t(c) * world]) {
+                    problems = "call " + std::to_string(c) + ": rank " + std::to_string(p) +
+                               " differs bitwise from rank 0";
+                    break;
+                }
+    std::snprintf(message, size_t(message_len), "%s", problems.c_str());
+    return problems.empty() ? 0 : 1;
+}
+
+}  // extern "C"

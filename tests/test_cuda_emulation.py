@@ -1,0 +1,149 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU through tests/csrc/cuda_emu.
+
+The emulation compiles the .cu files unchanged with g++ (a few seconds) and runs each
+launch's blocks one after another, the threads of a block as cooperative fibers and the
+ranks of the IPC all-reduce as forked processes sharing an arena of "device memory". It
+checks the kernels' logic: index arithmetic, vector packs and scalar tails, block and warp
+reductions, bitwise agreement with the CPU and PyTorch implementations, the all-reduce's
+flag protocol over many back-to-back calls. It cannot check the GPU's memory ordering or
+speed: tests/test_cuda.py does, on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_ext.ops import dequantize_blockwise, quantize_blockwise
+from spd_ext.ops.builder import csrc_root
+
+from conftest import assert_within_bound
+
+HERE = Path(__file__).parent / "csrc"
+CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+CUDA_SUCCESS, CUDA_INVALID_VALUE = 0, 1
+OPS = {"sum": 0, "mean": 1, "weighted": 2}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the CUDA emulation")
+    so = tmp_path_factory.mktemp("cuda_emu") / "cuda_emu.so"
+    sources = sorted(str(p) for p in (csrc_root() / "cuda").glob("*.cu"))
+    built = subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+         "-I", str(HERE / "cuda_emu"), "-I", str(csrc_root() / "includes"),
+         "-x", "c++", *sources, str(HERE / "cuda_emu_harness.cpp"), "-o", str(so)],
+        capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    lib = ctypes.CDLL(str(so))
+    lib.spd_emu_all_reduce_check.argtypes = [
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
+        ctypes.c_int]
+    return lib
+
+
+def _p(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _weighted_reduce(emu: ctypes.CDLL, xs: list[torch.Tensor], w: torch.Tensor,
+                     out: torch.Tensor) -> int:
+    ptrs = (ctypes.c_void_p * max(len(xs), 1))(*[x.data_ptr() for x in xs])
+    return emu.spd_emu_weighted_reduce(CODES[out.dtype], _p(out), ptrs, _p(w), len(xs),
+                                       ctypes.c_int64(out.numel()))
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4097, 20_003])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: misaligned inputs, the scalar path
+@pytest.mark.parametrize("k", [1, 5])
+def test_weighted_reduce_kernel(emu, dtype: torch.dtype, n: int, offset: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n * 10 + offset + k)
+    xs = [(torch.randn(n + offset, generator=g) * 3).to(dtype)[offset:] for _ in range(k)]
+    w = torch.randn(k, generator=g)
+    out = torch.full((n + offset,), float("nan"), dtype=dtype)[offset:]  # poisoned
+    assert _weighted_reduce(emu, xs, w, out) == CUDA_SUCCESS
+    assert_within_bound(out, [float(wj) * x.double() for wj, x in zip(w, xs)],
+                        f"emulated cuda weighted_reduce {dtype} n={n} offset={offset} k={k}")
+
+
+def test_weighted_reduce_kernel_rejects_bad_input_counts(emu) -> None:
+    out = torch.zeros(4)
+    assert _weighted_reduce(emu, [], torch.ones(1), out) == CUDA_INVALID_VALUE
+    xs = [torch.ones(4)] * 33
+    assert _weighted_reduce(emu, xs, torch.ones(33), out) == CUDA_INVALID_VALUE
+
+
+def _quantize(emu: ctypes.CDLL, x: torch.Tensor, block: int):
+    blocks = -(-x.numel() // block)
+    values = torch.full((x.numel(),), 99, dtype=torch.int8)
+    scales = torch.full((blocks,), float("nan"))
+    flags = torch.zeros(1, dtype=torch.int32)
+    code = emu.spd_emu_quantize(CODES[x.dtype], _p(x), ctypes.c_int64(x.numel()),
+                                ctypes.c_int64(block), _p(values), _p(scales), _p(flags))
+    return code, values, scales, int(flags)
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("n, block", [(1, 256), (1000, 256), (7001, 64), (4096, 1024),
+                                      (300, 7)])
+def test_quantization_kernel_matches_pytorch_bitwise(emu, dtype: torch.dtype, n: int,
+                                                      block: int) -> None:
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
+    ref = quantize_blockwise(x, block, impl="fallback")
+    code, values, scales, flags = _quantize(emu, x, block)
+    assert code == CUDA_SUCCESS and flags == 0
+    assert torch.equal(values, ref.values) and torch.equal(scales, ref.scales)
+    out = torch.full((n,), float("nan"), dtype=dtype)
+    assert emu.spd_emu_dequantize(CODES[dtype], _p(values), _p(scales), ctypes.c_int64(n),
+                                  ctypes.c_int64(block), _p(out)) == CUDA_SUCCESS
+    assert torch.equal(out, dequantize_blockwise(ref, impl="fallback"))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_quantization_kernel_flags_non_finite_blocks(emu, bad: float) -> None:
+    x = torch.randn(1000)
+    x[517] = bad
+    code, _, _, flags = _quantize(emu, x, 256)
+    assert code == CUDA_SUCCESS and flags == 1
+
+
+def _all_reduce(emu: ctypes.CDLL, world: int, dtype: torch.dtype, op: str, two_shot: bool,
+                numel: int, calls: int, capacity: int = 1 << 20) -> float:
+    worst = ctypes.c_double(0.0)
+    message = ctypes.create_string_buffer(4096)
+    code = emu.spd_emu_all_reduce_check(world, CODES[dtype], OPS[op], int(two_shot), numel,
+                                        calls, capacity, 120, ctypes.byref(worst), message,
+                                        len(message))
+    assert code == 0, message.value.decode()
+    return worst.value
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+def test_ipc_all_reduce_every_world_size(emu, world: int, two_shot: bool) -> None:
+    # 4100 float32 = 1025 packs: two-shot slices of uneven length for every world size here.
+    assert _all_reduce(emu, world, torch.float32, "weighted", two_shot, 4100, 20) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+def test_ipc_all_reduce_every_dtype_and_op(emu, dtype: torch.dtype, op: str,
+                                           two_shot: bool) -> None:
+    assert _all_reduce(emu, 2, dtype, op, two_shot, 16 // dtype.itemsize * 301, 10) <= 1.0
+
+
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+def test_ipc_all_reduce_1000_back_to_back_calls(emu, two_shot: bool) -> None:
+    # Fresh data and weights every call: a flag race shows up as a peer's old or next data.
+    assert _all_reduce(emu, 4, torch.bfloat16, "weighted", two_shot, 8 * 64, 1000) <= 1.0
