@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm import CommError, RankError, all_reduce, describe, path, spawn
+from spd_ext.comm import CommError, RankError, all_reduce, describe, ipc_buffer, path, spawn
 from spd_ext.comm.all_reduce import rank_weight
 
 from conftest import FORCED_FALLBACK, assert_within_bound, needs_kernels
@@ -382,3 +382,24 @@ def test_spawn_times_out_instead_of_hanging() -> None:
     with pytest.raises(RankError, match=r"ranks \[0, 1\] did not finish within 3 s"):
         spawn(_hang, 2, timeout=3)
     assert time.monotonic() - start < 20
+
+
+def _ipc_buffer_ranks(rank: int, world: int) -> list[str]:
+    messages = []
+    for kwargs in ({"shape": 16, "dtype": torch.int32}, {"shape": (4, -1)}, {"shape": 16}):
+        try:
+            ipc_buffer(**kwargs)
+            messages.append(f"{kwargs}: no error")
+        except (TypeError, ValueError, RuntimeError) as exc:
+            messages.append(f"{type(exc).__name__}: {exc}")
+    return messages
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
+def test_ipc_buffer_without_cuda_says_why() -> None:
+    for messages in spawn(_ipc_buffer_ranks, 2, timeout=120):
+        assert messages[0].startswith("TypeError: ipc_buffer supports"), messages[0]
+        assert messages[1].startswith("ValueError: ipc_buffer: negative"), messages[1]
+        assert messages[2].startswith("RuntimeError: spd_ext.comm.ipc_buffer: this group has "
+                                      "no CUDA IPC path (torch.distributed ("), messages[2]
+        assert "cuda_allreduce op is unavailable" in messages[2], messages[2]

@@ -102,3 +102,69 @@ def test_ipc_all_reduce_processes_sharing_the_gpu(world: int) -> None:
 
     for failures in spawn(_ipc_ranks, world, timeout=600):
         assert not failures, "\n".join(failures[:5])
+
+
+def _ipc_registered_ranks(rank: int, world: int) -> list[str]:
+    import torch.distributed as dist
+
+    from spd_ext.comm import all_reduce, ipc_buffer
+
+    torch.cuda.set_device(0)
+    failures: list[str] = []
+
+    def check(t: torch.Tensor, expect: torch.Tensor, what: str) -> None:
+        if not torch.allclose(t.double(), expect.double(), rtol=1e-6, atol=1e-6):
+            failures.append(f"rank {rank} {what}: max error "
+                            f"{(t.double() - expect.double()).abs().max().item():.3g}")
+
+    # Zero-copy: the whole buffer, views at offsets, one-shot and two-shot sizes.
+    buf = ipc_buffer(2**18 + 64)  # 1 MiB: past the one-shot threshold
+    for lo, n in ((0, 2**18 + 64), (16, 1000), (64, 2**17), (4, 7)):
+        view = buf[lo:lo + n]
+        view.copy_(torch.arange(n, device="cuda", dtype=torch.float32) * (rank + 1))
+        all_reduce(view)
+        check(view, torch.arange(n, device="cuda") * (world * (world + 1) / 2), f"view {lo}+{n}")
+    # CUDA graphs: set up outside capture, then replay with new data and weights each time.
+    plain = torch.zeros(4096, device="cuda")
+    registered = ipc_buffer(4096, torch.bfloat16)
+    weights = torch.full((world,), 1.0 / world, device="cuda")
+    all_reduce(plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        all_reduce(plain)
+        all_reduce(registered, "weighted", weights=weights)
+    for step in range(100):
+        plain.fill_(float(rank + step))
+        registered.fill_(float(rank + 1))
+        w = torch.softmax(torch.arange(world, dtype=torch.float32) * (step % 3), 0)
+        weights.copy_(w)
+        graph.replay()
+        check(plain, torch.full_like(plain, world * step + world * (world - 1) / 2),
+              f"graph replay {step} (staged)")
+        expect = sum(float(w[p]) * (p + 1) for p in range(world))
+        if (registered.float() - expect).abs().max().item() > 2e-2:
+            failures.append(f"rank {rank} graph replay {step} (registered): "
+                            f"{registered[0].item()} != {expect}")
+    # Ranks passing different memory (registered on rank 0 only): NaN, not a wrong sum.
+    odd = buf[:1024] if rank == 0 else torch.ones(1024, device="cuda")
+    all_reduce(odd)
+    if not torch.isnan(odd).all():
+        failures.append(f"rank {rank}: disagreeing ranks did not give NaN")
+    # Capturing a group's first all-reduce cannot work (its set-up is collective): it says so.
+    pair = dist.new_group(list(range(world)))
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            all_reduce(torch.ones(16, device="cuda"), group=pair)
+        failures.append(f"rank {rank}: capture of a group's set-up did not raise")
+    except RuntimeError as exc:
+        if "before capturing" not in str(exc):
+            failures.append(f"rank {rank}: unexpected error {exc}")
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ipc_registered_buffers_and_cuda_graphs(world: int) -> None:
+    from spd_ext.comm import spawn
+
+    for failures in spawn(_ipc_registered_ranks, world, timeout=600):
+        assert not failures, "\n".join(failures[:5])

@@ -22,12 +22,16 @@ import torch
 from spd_ext.ops import dequantize_blockwise, quantize_blockwise
 from spd_ext.ops.builder import csrc_root
 
-from conftest import assert_within_bound
+from conftest import FORCED_FALLBACK, assert_within_bound
 
 HERE = Path(__file__).parent / "csrc"
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CUDA_SUCCESS, CUDA_INVALID_VALUE = 0, 1
 OPS = {"sum": 0, "mean": 1, "weighted": 2}
+PLACEMENTS = {"staged": 0, "registered": 1, "registered-on-rank-0": 2}
+
+# Nothing here goes through spd_ext's dispatch, so the fallback run has nothing to add.
+pytestmark = pytest.mark.skipif(FORCED_FALLBACK, reason="tests kernels, not the fallback")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,8 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     assert built.returncode == 0, built.stderr[-4000:]
     lib = ctypes.CDLL(str(so))
     lib.spd_emu_all_reduce_check.argtypes = [
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+        ctypes.c_int,
         ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
         ctypes.c_int]
     return lib
@@ -118,12 +123,13 @@ def test_quantization_kernel_flags_non_finite_blocks(emu, bad: float) -> None:
 
 
 def _all_reduce(emu: ctypes.CDLL, world: int, dtype: torch.dtype, op: str, two_shot: bool,
-                numel: int, calls: int, capacity: int = 1 << 20) -> float:
+                numel: int, calls: int, placement: str = "staged",
+                capacity: int = 1 << 20) -> float:
     worst = ctypes.c_double(0.0)
     message = ctypes.create_string_buffer(4096)
-    code = emu.spd_emu_all_reduce_check(world, CODES[dtype], OPS[op], int(two_shot), numel,
-                                        calls, capacity, 120, ctypes.byref(worst), message,
-                                        len(message))
+    code = emu.spd_emu_all_reduce_check(world, CODES[dtype], OPS[op], int(two_shot),
+                                        PLACEMENTS[placement], numel, calls, capacity, 60,
+                                        ctypes.byref(worst), message, len(message))
     assert code == 0, message.value.decode()
     return worst.value
 
@@ -147,3 +153,26 @@ def test_ipc_all_reduce_every_dtype_and_op(emu, dtype: torch.dtype, op: str,
 def test_ipc_all_reduce_1000_back_to_back_calls(emu, two_shot: bool) -> None:
     # Fresh data and weights every call: a flag race shows up as a peer's old or next data.
     assert _all_reduce(emu, 4, torch.bfloat16, "weighted", two_shot, 8 * 64, 1000) <= 1.0
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+def test_ipc_all_reduce_in_registered_buffers(emu, world: int, two_shot: bool,
+                                              dtype: torch.dtype) -> None:
+    # No staging copy: peers read each other's registered buffers, the result lands in place.
+    numel = 16 // dtype.itemsize * 1025
+    assert _all_reduce(emu, world, dtype, "weighted", two_shot, numel, 30, "registered") <= 1.0
+
+
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+def test_ipc_all_reduce_registered_1000_back_to_back_calls(emu, two_shot: bool) -> None:
+    assert _all_reduce(emu, 4, torch.float32, "weighted", two_shot, 4 * 64, 1000,
+                       "registered") <= 1.0
+
+
+@pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
+def test_ipc_all_reduce_ranks_disagreeing_on_the_buffer_get_nan(emu, two_shot: bool) -> None:
+    # Rank 0 passes its registered buffer, the others unregistered memory: no rank may
+    # return a plausible wrong sum, so every rank's result is NaN.
+    _all_reduce(emu, 3, torch.float32, "sum", two_shot, 4 * 100, 5, "registered-on-rank-0")

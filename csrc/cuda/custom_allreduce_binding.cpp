@@ -15,7 +15,8 @@ namespace {
 class IpcContext {
 public:
     IpcContext(int rank, int world, int64_t capacity)
-        : impl_(std::make_unique<spd::cuda::IpcAllReduce>(rank, world, capacity))
+        : impl_(std::make_shared<spd::cuda::IpcAllReduce>(rank, world, capacity)),
+          device_(c10::cuda::current_device())
     {
         TORCH_CHECK(world >= 2 && world <= spd::cuda::kMaxIpcRanks,
                     "the IPC all-reduce takes 2 to ", spd::cuda::kMaxIpcRanks, " ranks, got ",
@@ -36,6 +37,42 @@ public:
     }
 
     int64_t capacity() const { return impl_->capacity(); }
+
+    // Registered buffers (collective through the caller: allocate, exchange the handles,
+    // open; see spd_ext/comm/cuda_ipc.py).
+    int64_t allocate_buffer(int64_t bytes)
+    {
+        const c10::cuda::CUDAGuard guard(device_);
+        int index = -1;
+        check(impl_->allocate_buffer(bytes, &index), "allocating a registered IPC buffer");
+        return index;
+    }
+
+    pybind11::bytes buffer_handle(int64_t index)
+    {
+        std::string h = impl_->buffer_handle(int(index));
+        check(impl_->error(), "cudaIpcGetMemHandle");
+        return pybind11::bytes(h);
+    }
+
+    void open_buffer(int64_t index, const std::vector<std::string>& handles)
+    {
+        check(impl_->open_buffer(int(index), handles.data()), "cudaIpcOpenMemHandle");
+    }
+
+    // The buffer as a tensor; it keeps the context (and so the mappings) alive.
+    at::Tensor buffer(int64_t index, at::IntArrayRef sizes, at::ScalarType dtype)
+    {
+        void* p = impl_->buffer(int(index));
+        TORCH_CHECK(p != nullptr, "no registered IPC buffer ", index);
+        const int64_t bytes = c10::multiply_integers(sizes) * int64_t(c10::elementSize(dtype));
+        TORCH_CHECK(bytes <= impl_->buffer_bytes(int(index)), "a ", bytes,
+                    "-byte tensor does not fit registered buffer ", index, " (",
+                    impl_->buffer_bytes(int(index)), " bytes)");
+        std::shared_ptr<spd::cuda::IpcAllReduce> keep = impl_;
+        return torch::from_blob(p, sizes, [keep](void*) {},
+                                at::TensorOptions().dtype(dtype).device(at::kCUDA, device_));
+    }
 
     // op: 0 sum, 1 mean, 2 weighted (my_weight: this rank's weight, 1 float on the GPU).
     void all_reduce_(at::Tensor& t, int64_t op, const c10::optional<at::Tensor>& my_weight,
@@ -63,7 +100,8 @@ private:
         TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
     }
 
-    std::unique_ptr<spd::cuda::IpcAllReduce> impl_;
+    std::shared_ptr<spd::cuda::IpcAllReduce> impl_;
+    c10::DeviceIndex device_;
 };
 
 }  // namespace
@@ -77,6 +115,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
         .def("handle", &IpcContext::handle)
         .def("open", &IpcContext::open, py::arg("handles"))
         .def_property_readonly("capacity", &IpcContext::capacity)
+        .def("allocate_buffer", &IpcContext::allocate_buffer, py::arg("bytes"))
+        .def("buffer_handle", &IpcContext::buffer_handle, py::arg("index"))
+        .def("open_buffer", &IpcContext::open_buffer, py::arg("index"), py::arg("handles"))
+        .def("buffer", &IpcContext::buffer, py::arg("index"), py::arg("sizes"), py::arg("dtype"))
         .def("all_reduce_", &IpcContext::all_reduce_, py::arg("tensor"), py::arg("op"),
              py::arg("my_weight"), py::arg("uniform"), py::arg("two_shot"));
 }

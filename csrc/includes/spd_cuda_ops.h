@@ -45,8 +45,21 @@ public:
     int64_t capacity() const;
     static int64_t header_bytes();
 
+    // Registered buffers: IPC memory the peers map once, so all-reduces of data inside it
+    // read the peers' copies directly (no staging copy; fixed addresses, so a captured CUDA
+    // graph replays them). Collective through the caller: every rank allocates the same
+    // size, the callers exchange buffer_handle(index), then every rank opens the others'.
+    cudaError_t allocate_buffer(int64_t bytes, int* index);
+    std::string buffer_handle(int index);  // sets error()
+    cudaError_t open_buffer(int index, const std::string* handles);  // rank order
+    void* buffer(int index) const;
+    int64_t buffer_bytes(int index) const;
+
     // In place on `data` (16-byte aligned, bytes a multiple of 16, <= capacity). Each
     // rank's contribution is scaled by *my_weight (device) or, if null, by `uniform`.
+    // Data inside an opened registered buffer must sit at the same offset on every rank;
+    // if the ranks disagree (registered on some ranks only, other offsets), every rank's
+    // result is NaN rather than a wrong sum.
     cudaError_t all_reduce(int dtype, void* data, int64_t bytes, bool two_shot,
                            const float* my_weight, float uniform, cudaStream_t stream);
 

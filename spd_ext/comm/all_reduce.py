@@ -70,8 +70,8 @@ def rank_weight(op: str, weights: torch.Tensor | Sequence[float] | float | None,
     return 1.0 if op == "sum" else 1.0 / world_size
 
 
-def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float, world_size: int,
-                      group: Any) -> None:
+def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float | torch.Tensor,
+                      world_size: int, group: Any) -> None:
     # Low-precision CPU sums go through fp32 so the fallback accumulates like the kernel.
     work = tensor.float() if (tensor.device.type == "cpu" and tensor.dtype in
                               (torch.bfloat16, torch.float16)) else tensor
@@ -96,6 +96,16 @@ def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float, world_size: 
         increment_version(tensor)
 
 
+def _device_weight(weights: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's weight as a 1-element view of ``weights``: read on the device."""
+    if weights.numel() != world_size:
+        raise ValueError(f"got {weights.numel()} weights for {world_size} ranks; pass one "
+                         "weight per rank")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be floating point, got {weights.dtype}")
+    return weights.reshape(-1)[rank:rank + 1]
+
+
 def _shm_call(method: Any, *args: Any) -> Any:
     try:
         return method(*args)
@@ -114,7 +124,9 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
         op: ``"sum"``, ``"mean"`` or ``"weighted"`` (``sum_i weights[i] * tensor_i``).
         weights: for ``"weighted"`` only: one finite weight per rank (the same on every
             rank; each rank's own entry scales its contribution inside the reduction) or
-            this rank's weight as a float.
+            this rank's weight as a float. For a CUDA tensor, weights in a CUDA tensor stay
+            on the device (no host sync, so they may change every step and the call can be
+            captured in a CUDA graph); they are not checked for NaN, which would need one.
         group: a torch.distributed process group (default: the world).
         timeout: seconds to wait for a peer inside the shared-memory kernel before raising
             :class:`CommError` naming it (default ``$SPD_EXT_COMM_TIMEOUT`` or 300).
@@ -124,8 +136,12 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
     if shm is not None and _shm_call(shm.try_all_reduce_, tensor, op, weights, timeout):
         return tensor
     rank, world_size = (shm.rank, shm.world_size) if shm is not None else _check_ready(group)
+    weight: float | torch.Tensor
     if op == "sum" and weights is None:
         weight = 1.0
+    elif op == "weighted" and tensor.is_cuda and isinstance(weights, torch.Tensor) \
+            and weights.is_cuda:
+        weight = _device_weight(weights, rank, world_size)
     else:
         weight = rank_weight(op, weights, rank, world_size)
     if world_size == 1:
@@ -137,9 +153,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
     if shm is not None and flat.is_cpu and flat.dtype in SHM_DTYPES:
         _shm_call(shm.all_reduce_, flat, op, weight, timeout)
     elif ipc is not None and ipc.suits(flat):
-        device_weights = (weights if isinstance(weights, torch.Tensor) and weights.is_cuda
-                          and weights.numel() == world_size else None)
-        ipc.all_reduce_(flat, op, weight, device_weights)
+        ipc.all_reduce_(flat, op, weight)
     else:
         _torch_all_reduce(flat, op, weight, world_size, group)
     if flat is not tensor:

@@ -6,10 +6,16 @@ rank allocate its buffer, exchanges the cudaIpcMemHandles over the process group
 the peers' buffers. Groups that do not suit use torch.distributed (NCCL); ``describe``
 says why. Sizes up to the one-shot threshold take the one-shot kernel, larger ones up to
 the buffer capacity the two-shot kernel, larger still NCCL.
+
+A call stages its input into the rank's buffer with one copy, unless the input lies in a
+tensor from :func:`ipc_buffer`: memory every peer mapped when it was made, which the
+kernel reads in place. Both paths can be captured in a CUDA graph once the group is set
+up (the set-up itself is collective and host-synchronous: run one all-reduce first).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +44,9 @@ class IpcGroup:
         padded = -(-tensor.numel() * tensor.element_size() // 16) * 16
         return tensor.dtype in IPC_DTYPES and 0 < padded <= self.capacity
 
-    def all_reduce_(self, tensor: torch.Tensor, op: str, weight: float,
-                    weights: torch.Tensor | None) -> None:
+    def all_reduce_(self, tensor: torch.Tensor, op: str, weight: float | torch.Tensor) -> None:
+        """``weight``: this rank's factor, or for op="weighted" a 1-element CUDA tensor
+        holding it (read by the kernel: no host sync)."""
         nbytes = tensor.numel() * tensor.element_size()
         # The kernel moves 16-byte packs: pad odd sizes and realign odd offsets in a copy.
         direct = nbytes % 16 == 0 and tensor.data_ptr() % 16 == 0
@@ -48,18 +55,85 @@ class IpcGroup:
             work = torch.zeros(-(-nbytes // 16) * 16 // tensor.element_size(),
                                dtype=tensor.dtype, device=tensor.device)
             work[:tensor.numel()].copy_(tensor.reshape(-1))
-        my_weight = None
-        if op == "weighted" and weights is not None:  # stays on the GPU: no host sync
-            my_weight = weights.reshape(-1)[self.rank:self.rank + 1].to(torch.float32)
-        self.ctx.all_reduce_(work, OP_CODES[op], my_weight, weight,
+        my_weight, uniform = None, weight
+        if isinstance(weight, torch.Tensor):
+            my_weight, uniform = weight.to(torch.float32), 1.0
+        self.ctx.all_reduce_(work, OP_CODES[op], my_weight, uniform,
                              work.numel() * work.element_size() > self.oneshot_max_bytes)
         if not direct:
             tensor.reshape(-1).copy_(work[:tensor.numel()])
 
+    def new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, group: Any) -> torch.Tensor:
+        """A zeroed tensor in memory every rank maps (collective; see :func:`ipc_buffer`)."""
+        numel = math.prod(shape)
+        nbytes = max(16, -(-numel * dtype.itemsize // 16) * 16)
+        index, handle, error = -1, b"", None
+        try:
+            index = self.ctx.allocate_buffer(nbytes)
+            handle = self.ctx.buffer_handle(index)
+        except RuntimeError as exc:
+            error = f"rank {self.rank}: {exc}"
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, (tuple(shape), str(dtype), index, handle, error),
+                               group=group)
+        asked = {(s, d) for s, d, _, _, _ in everyone}
+        errors = [e for _, _, _, _, e in everyone if e]
+        if len(asked) > 1:
+            errors.append("ranks asked for different buffers: " + ", ".join(
+                f"rank {r}: {s} {d}" for r, (s, d, _, _, _) in enumerate(everyone)))
+        elif len({i for _, _, i, _, _ in everyone}) > 1:
+            errors.append("ranks disagree on the buffer's index (ipc_buffer was called a "
+                          "different number of times on some ranks)")
+        if not errors:
+            try:
+                self.ctx.open_buffer(index, [h for _, _, _, h, _ in everyone])
+            except RuntimeError as exc:
+                error = f"rank {self.rank}: {exc}"
+            opened: list[Any] = [None] * self.world_size
+            dist.all_gather_object(opened, error, group=group)
+            errors = [e for e in opened if e]
+        if errors:
+            raise RuntimeError("spd_ext.comm.ipc_buffer failed: " + "; ".join(errors))
+        return self.ctx.buffer(index, list(shape), dtype).zero_()
+
 
 def ipc_group(group: Any = None) -> IpcGroup | None:
     """The group's IPC context, set up on first use (collective); None: use NCCL."""
+    if (_registry.entry(group) is None and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(
+            "spd_ext.comm.all_reduce: the first CUDA all-reduce on a group sets it up "
+            "collectively (host synchronization, not allowed while a CUDA graph is being "
+            "captured); run one all_reduce on this group before capturing")
     return _registry.get(group)
+
+
+def ipc_buffer(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32,
+               group: Any = None) -> torch.Tensor:
+    """A zeroed CUDA tensor in memory that every rank of ``group`` maps (collective: the same
+    shape and dtype on every rank, called in the same order).
+
+    ``all_reduce`` of this tensor, or of a view into it at the same offset on every rank (up
+    to the group's IPC capacity, ``$SPD_EXT_IPC_CAPACITY_BYTES``), reads the peers' copies
+    in place instead of staging a copy, so gradients or activations can be written straight
+    into it; its address is fixed, as a captured CUDA graph needs. If the ranks pass
+    different tensors (registered on some ranks only, other offsets), every rank's result
+    is NaN rather than a wrong sum. The memory stays mapped for the life of the process:
+    make buffers once, at start-up, and reuse them.
+
+    Raises RuntimeError when the group has no IPC path (``describe`` says why).
+    """
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if dtype not in IPC_DTYPES:
+        raise TypeError(f"ipc_buffer supports {', '.join(map(str, IPC_DTYPES))}, got {dtype}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"ipc_buffer: negative dimension in shape {shape}")
+    ipc = ipc_group(group)
+    if ipc is None:
+        raise RuntimeError(f"spd_ext.comm.ipc_buffer: this group has no CUDA IPC path "
+                           f"({describe(group)}); use ordinary tensors, which go through "
+                           "torch.distributed")
+    return ipc.new_buffer(shape, dtype, group)
 
 
 def describe(group: Any = None) -> str:

@@ -100,11 +100,11 @@ class CUDAOpBuilder:
         return super().is_compatible()
 
     def cxx_flags(self, isa: str | None = None) -> list[str]:
-        return ["-O3", "-std=c++17"]
+        return ["-O3"]  # the C++ standard is torch's (C++20 for torch 2.13's headers)
 
     def nvcc_flags(self) -> list[str]:
         # No fast-math: IEEE division and rounding keep the results equal to the CPU's.
-        return ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        return ["-O3", "--expt-relaxed-constexpr"]
 
     def ld_flags(self) -> list[str]:
         return []
@@ -165,7 +165,8 @@ class OpBuilder:
         return [str(csrc_root() / "includes")]
 
     def cxx_flags(self, isa: str | None = None) -> list[str]:
-        return ["-O3", "-std=c++17", "-fopenmp", *ISA_FLAGS[isa or host_isa()]]
+        # The C++ standard is torch's (C++20 for torch 2.13's headers).
+        return ["-O3", "-fopenmp", *ISA_FLAGS[isa or host_isa()]]
 
     def ld_flags(self) -> list[str]:
         # Resolves to the libgomp torch already loaded (same soname): one OpenMP runtime,

@@ -367,6 +367,12 @@ T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask)
 }
 inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 inline int __float2int_rn(float x) { return int(nearbyintf(x)); }  // ties to even
+inline float __int_as_float(int x)
+{
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
 
 // ---- half and bfloat16 -----------------------------------------------------------------
 
