@@ -50,12 +50,13 @@ def _report(args: argparse.Namespace) -> int:
             b.load()
         s = b.status()
         rows.append([s.name, "yes" if s.compatible else "no", s.built, s.implementation,
-                     s.isa, " ".join(s.flags), s.reason or "-"])
-    print(format_table(["op", "compatible", "built", "in use", "isa", "flags", "note"], rows))
+                     s.target, " ".join(s.flags), s.reason or "-"])
+    print(format_table(["op", "compatible", "built", "in use", "target", "flags", "note"], rows))
     print("\ncomm.all_reduce on CPU float32/bfloat16/float16 tensors: shared-memory kernel "
           "when every rank of the group is on this host and shm_allreduce is in use, else "
           "torch.distributed. CUDA tensors: the CUDA IPC kernel when cuda_allreduce is in use, "
-          "the group has 2-8 ranks on this host and the tensor fits the buffer (8 MiB), else "
+          "the group has 2-8 ranks on this host and the tensor fits the buffer (8 MiB; one "
+          "staging copy, none for tensors in spd_ext.comm.ipc_buffer memory), else "
           "torch.distributed (NCCL; PREMUL_SUM for weighted). Other dtypes: "
           "torch.distributed.")
     return 0

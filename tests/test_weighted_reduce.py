@@ -175,9 +175,14 @@ def test_fallback_with_weights_in_a_tensor_matches_float_weights() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on CPU-only torch")
 def test_cuda_ops_explain_why_they_are_unavailable() -> None:
     from spd_ext.ops import ALL_BUILDERS
+    from spd_ext.ops.builder import CUDAOpBuilder
 
-    for b in ALL_BUILDERS:
-        if b.NAME.endswith("_cuda"):
-            ok, why = b.is_compatible()
-            assert not ok and ("without CUDA" in why or "no CUDA" in why)
-            assert b.status().implementation == "fallback"
+    cuda_builders = [b for b in ALL_BUILDERS if isinstance(b, CUDAOpBuilder)]
+    assert {b.NAME for b in cuda_builders} == {"weighted_reduce_cuda", "quantize_cuda",
+                                               "cuda_allreduce"}
+    for b in cuda_builders:
+        ok, why = b.is_compatible()
+        assert not ok and ("without CUDA" in why or "no CUDA" in why)
+        status = b.status()
+        assert status.implementation == "fallback"
+        assert status.target == "cuda" and "--expt-relaxed-constexpr" in status.flags

@@ -109,6 +109,18 @@ class CUDAOpBuilder:
     def ld_flags(self) -> list[str]:
         return []
 
+    def target(self, module: ModuleType | None = None) -> str:
+        """What the op runs on: this GPU's architecture, or "cuda" without one."""
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"sm_{major}{minor}"
+        return "cuda"
+
+    def shown_flags(self, target: str) -> list[str]:
+        return self.nvcc_flags()
+
 
 def _isa_of(module: ModuleType) -> str:
     """The vector ISA a built op was compiled for ("scalar" for ops without CPU kernels)."""
@@ -136,7 +148,7 @@ class OpStatus:
     reason: str
     built: str  # "prebuilt", "jit-cached", "loaded (jit)", "no"
     implementation: str  # "kernel", "fallback", "kernel (JIT on first use)"
-    isa: str
+    target: str  # vector ISA (CPU ops) or GPU architecture (CUDA ops)
     flags: list[str] = field(default_factory=list)
 
 
@@ -271,13 +283,12 @@ class OpBuilder:
     def status(self) -> OpStatus:
         """State without triggering a build (unless the op was already loaded)."""
         ok, why = self.is_compatible()
-        isa = host_isa()
         if self._loaded:
             built = self._how if self._module is not None else "no"
             impl = "kernel" if self._module is not None else "fallback"
-            isa = _isa_of(self._module) if self._module is not None else isa
-            return OpStatus(self.NAME, ok, why or self._why_not, built, impl, isa,
-                            self.cxx_flags(isa))
+            target = self.target(self._module)
+            return OpStatus(self.NAME, ok, why or self._why_not, built, impl, target,
+                            self.shown_flags(target))
         try:
             spec = importlib.util.find_spec(self.prebuilt_name)
         except (ImportError, ValueError):
@@ -291,4 +302,12 @@ class OpBuilder:
             impl = "fallback"
         else:
             impl = "kernel" if built != "no" else "kernel (JIT on first use)"
-        return OpStatus(self.NAME, ok, why, built, impl, isa, self.cxx_flags(isa))
+        target = self.target()
+        return OpStatus(self.NAME, ok, why, built, impl, target, self.shown_flags(target))
+
+    def target(self, module: ModuleType | None = None) -> str:
+        """What the op runs on: the vector ISA it was (or would be) compiled for."""
+        return host_isa() if module is None else _isa_of(module)
+
+    def shown_flags(self, target: str) -> list[str]:
+        return self.cxx_flags(target)
