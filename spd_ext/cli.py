@@ -76,7 +76,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--sizes", default="4K..64M",
                    help="bytes per tensor: LO..HI[:FACTOR] (default factor 4) or a comma list")
     a.add_argument("--impl", default="gloo,deepspeed,spd,spd-weighted",
-                   help="comma list of gloo,deepspeed,spd,spd-weighted")
+                   help="comma list of gloo,deepspeed,spd,spd-weighted, and with --device "
+                   "cuda spd-registered (a registered buffer: no staging copy) and spd-graph "
+                   "(the same in a replayed CUDA graph: close to kernel time)")
     a.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
     a.add_argument("--warmup", type=int, default=5, help="untimed calls per point")
     a.add_argument("--target-ms", type=float, default=20.0,

@@ -139,3 +139,8 @@ def test_sensitivity_of_a_local_hugging_face_model(data_env, tmp_path, capsys) -
 def test_bench_quant(capsys) -> None:
     assert main(["bench", "quant", "--sizes", "64K", "--dtype", "bf16", "--repeats", "1"]) == 0
     assert "quantize (torch) GB/s" in capsys.readouterr().out
+
+
+def test_bench_allreduce_cuda_only_impls_need_cuda(capsys) -> None:
+    assert main(["bench", "allreduce", "--impl", "spd,spd-graph", "--sizes", "4K"]) == 2
+    assert "use them with --device cuda" in capsys.readouterr().err

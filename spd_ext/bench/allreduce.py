@@ -1,4 +1,10 @@
-"""`spd-ext bench allreduce`: gloo vs DeepSpeed's shm op vs spd_ext, on N local CPU ranks."""
+"""`spd-ext bench allreduce`: gloo vs DeepSpeed's shm op vs spd_ext, on N local ranks.
+
+On CPU the ranks use the shared-memory kernel. With ``--device cuda`` they share GPU 0
+through CUDA IPC; there ``spd-registered`` reduces a registered buffer (no staging copy)
+and ``spd-graph`` replays a CUDA graph of ``GRAPH_CALLS`` such calls, which leaves out
+the Python and launch overhead: close to the kernel's own time.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,10 @@ from spd_ext.comm import all_reduce, spawn
 from spd_ext.comm.shm import shm_group
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
-IMPLS = ("gloo", "deepspeed", "spd", "spd-weighted")
+IMPLS = ("gloo", "deepspeed", "spd", "spd-weighted", "spd-registered", "spd-graph")
+CUDA_ONLY = ("spd-registered", "spd-graph")
+DEFAULT_IMPLS = ("gloo", "deepspeed", "spd", "spd-weighted")
+GRAPH_CALLS = 20
 
 
 @dataclass
@@ -23,7 +32,7 @@ class AllReduceConfig:
     nproc: int = 2
     dtypes: str = "fp32,bf16"
     sizes: str = "4K..64M"
-    impls: str = ",".join(IMPLS)
+    impls: str = ",".join(DEFAULT_IMPLS)
     warmup: int = 5
     repeats: int = 7
     target_ms: float = 20.0
@@ -63,14 +72,26 @@ def _deepspeed_all_reduce():
     return run, ""
 
 
-def _candidates(x: torch.Tensor, weights: torch.Tensor, ds_run) -> dict:
+def _candidates(x: torch.Tensor, weights: torch.Tensor, ds_run,
+                registered: torch.Tensor | None) -> dict:
     """The timed calls on one tensor, by implementation name (None: not runnable)."""
-    return {
+    fns = {
         "gloo": lambda: dist.all_reduce(x),
         "deepspeed": (lambda: ds_run(x)) if ds_run else None,
         "spd": lambda: all_reduce(x),
         "spd-weighted": lambda: all_reduce(x, "weighted", weights=weights),
+        "spd-registered": None,
+        "spd-graph": None,
     }
+    if registered is not None:
+        view = registered[:x.numel() * x.element_size()].view(x.dtype)
+        view.copy_(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                all_reduce(view)
+        fns.update({"spd-registered": lambda: all_reduce(view), "spd-graph": graph.replay})
+    return fns
 
 
 def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
@@ -81,6 +102,8 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
         torch.cuda.set_device(0)
         impls = [i for i in impls if i != "deepspeed"]  # its shm op is CPU-only
         notes["deepspeed"] = "CPU-only op, not timed on cuda"
+    else:
+        impls = [i for i in impls if i not in CUDA_ONLY]
     if "deepspeed" in impls:
         ds_run, why = _deepspeed_all_reduce()
         if ds_run is None:
@@ -89,6 +112,17 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
     all_reduce(probe)  # sets up the shm / IPC group before timing
     shm = shm_group() if cfg.device == "cpu" else None
     weights = torch.softmax(torch.arange(world, dtype=torch.float32), 0)
+    registered = None
+    if any(i in CUDA_ONLY for i in impls):
+        from spd_ext.comm import cuda_ipc
+
+        ipc = cuda_ipc.ipc_group()
+        if ipc is None:
+            notes["spd-registered"] = f"no CUDA IPC path: {cuda_ipc.describe()}"
+        else:  # raw bytes, viewed as each dtype; sizes past the IPC capacity go to NCCL
+            registered = cuda_ipc.ipc_buffer(ipc.capacity, torch.uint8)
+            notes["spd-graph"] = (f"time per all_reduce in a CUDA graph of {GRAPH_CALLS}; "
+                                  f"registered and graph: sizes up to {ipc.capacity} B")
 
     def barrier() -> None:
         if cfg.device == "cuda":
@@ -109,11 +143,16 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
             numel = max(1, size // torch.empty((), dtype=dtype).element_size())
             x = torch.empty(numel, dtype=dtype, device=cfg.device).uniform_(-1, 1)
             row = {"bytes": size, "dtype": dtype_name(dtype)}
-            runnable = {k: fn for k, fn in _candidates(x, weights.to(cfg.device),
-                                                       ds_run).items()
+            fits = registered is not None and x.numel() * x.element_size() <= registered.numel()
+            runnable = {k: fn for k, fn in _candidates(x, weights.to(cfg.device), ds_run,
+                                                       registered if fits else None).items()
                         if k in impls and fn is not None}
             times = measure(runnable, warmup=cfg.warmup, repeats=cfg.repeats,
-                            target_s=cfg.target_ms / 1e3, barrier=barrier, agree=agree)
+                            target_s=cfg.target_ms / 1e3, barrier=barrier, agree=agree,
+                            finish=torch.cuda.synchronize if cfg.device == "cuda" else
+                            (lambda: None))
+            if "spd-graph" in times:
+                times["spd-graph"] /= GRAPH_CALLS
             for name in impls:
                 if name not in times:
                     row[name] = float("nan")
@@ -142,8 +181,11 @@ def describe_path(probe: torch.Tensor) -> str:
 
 def run(cfg: AllReduceConfig) -> dict:
     """Run the benchmark on ``cfg.nproc`` ranks; returns rows (seconds per call)."""
-    cfg.impl_list()
+    impls = cfg.impl_list()
     check_device(cfg.device)
+    if cfg.device != "cuda" and any(i in CUDA_ONLY for i in impls):
+        raise ValueError(f"{', '.join(CUDA_ONLY)} time CUDA IPC paths; use them with "
+                         "--device cuda")
     parse_sizes(cfg.sizes)
     parse_dtypes(cfg.dtypes)
     if cfg.nproc < 2:

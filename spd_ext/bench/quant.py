@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from spd_ext.bench.timing import check_device, dtype_name, measure, parse_dtypes
+from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
 from spd_ext.ops.quantize import builder, cuda_builder, dequantize_blockwise, quantize_blockwise
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
@@ -28,9 +28,7 @@ class QuantBenchConfig:
 
 def run(cfg: QuantBenchConfig) -> list[dict]:
     check_device(cfg.device)
-    timing = dict(warmup=cfg.warmup, repeats=cfg.repeats, target_s=cfg.target_ms / 1e3)
-    if cfg.device == "cuda":
-        timing["barrier"] = torch.cuda.synchronize
+    timing = device_timing(cfg.device, cfg.warmup, cfg.repeats, cfg.target_ms / 1e3)
     kernel = (cuda_builder if cfg.device == "cuda" else builder).load() is not None
     rows = []
     for dtype in parse_dtypes(cfg.dtypes):

@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from spd_ext.bench.timing import check_device, dtype_name, measure, parse_dtypes
+from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
 from spd_ext.ops import weighted_reduce
 from spd_ext.ops.weighted_reduce import builder, cuda_builder
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
@@ -73,9 +73,7 @@ def run(cfg: ReduceConfig) -> list[dict]:
                            f"({chosen.status().reason}); nothing to benchmark")
     rows = []
     total = len(counts) * len(sizes) * len(dtypes)
-    timing = dict(warmup=cfg.warmup, repeats=cfg.repeats, target_s=cfg.target_ms / 1e3)
-    if cfg.device == "cuda":
-        timing["barrier"] = torch.cuda.synchronize
+    timing = device_timing(cfg.device, cfg.warmup, cfg.repeats, cfg.target_ms / 1e3)
     for dtype in dtypes:
         for size in sizes:
             numel = max(1, size // torch.empty((), dtype=dtype).element_size())
