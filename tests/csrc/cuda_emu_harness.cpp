@@ -100,14 +100,15 @@ __half narrow<__half>(float x) { return __float2half_rn(x); }
 template <typename T>
 double unit_roundoff()
 {
-    return sizeof(T) == 4 ? std::ldexp(1.0, -24) : (std::is_same_v<T, __half> ? std::ldexp(1.0, -11)
-                                                                                : std::ldexp(1.0, -8));
+    if (std::is_same_v<T, float>) return std::ldexp(1.0, -24);
+    return std::is_same_v<T, __half> ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
 }
 
 uint64_t fnv1a(const void* p, size_t bytes)
 {
     uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < bytes; ++i) h = (h ^ static_cast<const unsigned char*>(p)[i]) * 1099511628211ull;
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    for (size_t i = 0; i < bytes; ++i) h = (h ^ c[i]) * 1099511628211ull;
     return h;
 }
 
@@ -215,8 +216,9 @@ int run_rank(const Check& k, Coordination* coord, int rank)
 extern "C" {
 
 // Forks `world` rank processes that run `calls` all-reduces (op 0 sum, 1 mean, 2 weighted
-// with per-call device weights) of `numel` elements placed as `placement` says. Returns 0 when every rank's result
-// was within the bound of the float64 reference and bitwise-equal across ranks; otherwise
+// with per-call device weights) of `numel` elements placed as `placement` says. Returns 0
+// when every rank's result was within the bound of the float64 reference and bitwise-equal
+// across ranks; otherwise
 // a code and a message in `message`. `worst` receives the largest error / bound ratio.
 int spd_emu_all_reduce_check(int world, int dtype, int op, int two_shot, int placement,
                              int64_t numel, int calls, int64_t capacity, int timeout_s,
@@ -259,7 +261,8 @@ int spd_emu_all_reduce_check(int world, int dtype, int op, int two_shot, int pla
         else if (WEXITSTATUS(status) != 0)
             problems += "rank " + std::to_string(rank) + " exited " +
                         std::to_string(WEXITSTATUS(status)) +
-                        (WEXITSTATUS(status) == 1 ? " (a value outside the bound)" : " (a CUDA error)") +
+                        (WEXITSTATUS(status) == 1 ? " (a value outside the bound)"
+                                                  : " (a CUDA error)") +
                         "; ";
     }
     *worst = *std::max_element(k.worst, k.worst + world);

@@ -33,6 +33,8 @@
 #include <utility>
 #include <vector>
 
+#include "spd_dtype.h"  // bit casts (csrc/includes is on the include path)
+
 #define __global__
 #define __device__
 #define __host__
@@ -367,12 +369,7 @@ T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask)
 }
 inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 inline int __float2int_rn(float x) { return int(nearbyintf(x)); }  // ties to even
-inline float __int_as_float(int x)
-{
-    float f;
-    std::memcpy(&f, &x, 4);
-    return f;
-}
+inline float __int_as_float(int x) { return spd::f32_from_bits(uint32_t(x)); }
 
 // ---- half and bfloat16 -----------------------------------------------------------------
 
@@ -398,15 +395,11 @@ inline __half __float2half_rn(float x)
 }
 inline float __bfloat162float(__nv_bfloat16 b)
 {
-    const uint32_t u = uint32_t(b.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+    return spd::f32_from_bits(uint32_t(b.bits) << 16);
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float x)
 {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
+    uint32_t u = spd::f32_bits(x);
     if (isnan(x)) return __nv_bfloat16{uint16_t(0x7fff)};  // CUDA's canonical NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     return __nv_bfloat16{uint16_t(u >> 16)};
