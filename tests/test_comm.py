@@ -403,3 +403,4 @@ def test_ipc_buffer_without_cuda_says_why() -> None:
         assert messages[2].startswith("RuntimeError: spd_ext.comm.ipc_buffer: this group has "
                                       "no CUDA IPC path (torch.distributed ("), messages[2]
         assert "cuda_allreduce op is unavailable" in messages[2], messages[2]
+

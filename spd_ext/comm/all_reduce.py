@@ -78,6 +78,8 @@ def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float | torch.Tenso
     if op == "weighted":
         if not work.is_floating_point():
             raise TypeError(f"op='weighted' needs a floating-point tensor, got {tensor.dtype}")
+        if isinstance(weight, torch.Tensor):  # NCCL reads the factor as the tensor's dtype
+            weight = weight.to(work.dtype)
         if dist.get_backend(group) == "nccl":
             dist.all_reduce(work, op=dist._make_nccl_premul_sum(weight), group=group)
         else:
