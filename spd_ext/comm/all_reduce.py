@@ -19,9 +19,8 @@ from torch.autograd.graph import increment_version
 
 from spd_ext.comm.cuda_ipc import ipc_group
 from spd_ext.comm.shm import OP_CODES, cached_shm_group, shm_group
+from spd_ext.ops.dtypes import KERNEL_DTYPES
 from spd_ext.ops.weighted_reduce import as_weight_list
-
-SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class CommError(RuntimeError):
@@ -152,7 +151,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
     if flat.is_cpu and shm is None:
         shm = shm_group(group)  # collective set-up on the group's first CPU all-reduce
     ipc = ipc_group(group) if flat.is_cuda else None  # collective set-up, first CUDA call
-    if shm is not None and flat.is_cpu and flat.dtype in SHM_DTYPES:
+    if shm is not None and flat.is_cpu and flat.dtype in KERNEL_DTYPES:
         _shm_call(shm.all_reduce_, flat, op, weight, timeout)
     elif ipc is not None and ipc.suits(flat):
         ipc.all_reduce_(flat, op, weight)
@@ -170,4 +169,4 @@ def path(tensor: torch.Tensor, group: Any = None) -> str:
         ipc = ipc_group(group)
         return "cuda-ipc" if ipc is not None and ipc.suits(tensor) else "torch.distributed"
     shm = shm_group(group)
-    return "shm" if shm is not None and tensor.dtype in SHM_DTYPES else "torch.distributed"
+    return "shm" if shm is not None and tensor.dtype in KERNEL_DTYPES else "torch.distributed"

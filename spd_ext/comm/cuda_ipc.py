@@ -16,6 +16,7 @@ up (the set-up itself is collective and host-synchronous: run one all-reduce fir
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,10 @@ import torch.distributed as dist
 from spd_ext.comm.groups import GroupRegistry, env_bytes, single_host_reason
 from spd_ext.comm.shm import OP_CODES
 from spd_ext.ops.cuda_allreduce import builder
+from spd_ext.ops.dtypes import KERNEL_DTYPES
 
 DEFAULT_CAPACITY = 8 << 20
 DEFAULT_ONESHOT_MAX_BYTES = 512 << 10
-IPC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -41,8 +42,8 @@ class IpcGroup:
 
     def suits(self, tensor: torch.Tensor) -> bool:
         """Decided on what every rank shares (dtype, size), never on pointers."""
-        padded = -(-tensor.numel() * tensor.element_size() // 16) * 16
-        return tensor.dtype in IPC_DTYPES and 0 < padded <= self.capacity
+        padded = _packs_bytes(tensor.numel() * tensor.element_size())
+        return tensor.dtype in KERNEL_DTYPES and 0 < padded <= self.capacity
 
     def all_reduce_(self, tensor: torch.Tensor, op: str, weight: float | torch.Tensor) -> None:
         """``weight``: this rank's factor, or for op="weighted" a 1-element CUDA tensor
@@ -52,7 +53,7 @@ class IpcGroup:
         direct = nbytes % 16 == 0 and tensor.data_ptr() % 16 == 0
         work = tensor
         if not direct:
-            work = torch.zeros(-(-nbytes // 16) * 16 // tensor.element_size(),
+            work = torch.zeros(_packs_bytes(nbytes) // tensor.element_size(),
                                dtype=tensor.dtype, device=tensor.device)
             work[:tensor.numel()].copy_(tensor.reshape(-1))
         my_weight, uniform = None, weight
@@ -65,36 +66,53 @@ class IpcGroup:
 
     def new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, group: Any) -> torch.Tensor:
         """A zeroed tensor in memory every rank maps (collective; see :func:`ipc_buffer`)."""
-        numel = math.prod(shape)
-        nbytes = max(16, -(-numel * dtype.itemsize // 16) * 16)
-        index, handle, error = -1, b"", None
-        try:
-            index = self.ctx.allocate_buffer(nbytes)
-            handle = self.ctx.buffer_handle(index)
-        except RuntimeError as exc:
-            error = f"rank {self.rank}: {exc}"
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, (tuple(shape), str(dtype), index, handle, error),
-                               group=group)
-        asked = {(s, d) for s, d, _, _, _ in everyone}
-        errors = [e for _, _, _, _, e in everyone if e]
-        if len(asked) > 1:
-            errors.append("ranks asked for different buffers: " + ", ".join(
-                f"rank {r}: {s} {d}" for r, (s, d, _, _, _) in enumerate(everyone)))
-        elif len({i for _, _, i, _, _ in everyone}) > 1:
-            errors.append("ranks disagree on the buffer's index (ipc_buffer was called a "
-                          "different number of times on some ranks)")
-        if not errors:
-            try:
-                self.ctx.open_buffer(index, [h for _, _, _, h, _ in everyone])
-            except RuntimeError as exc:
-                error = f"rank {self.rank}: {exc}"
-            opened: list[Any] = [None] * self.world_size
-            dist.all_gather_object(opened, error, group=group)
-            errors = [e for e in opened if e]
+        index = -1
+
+        def allocate() -> tuple[bytes, str]:
+            nonlocal index
+            index = self.ctx.allocate_buffer(max(16, _packs_bytes(math.prod(shape) *
+                                                                  dtype.itemsize)))
+            # The index differs if ipc_buffer was called a different number of times.
+            return self.ctx.buffer_handle(index), f"{shape} {dtype} as buffer #{index}"
+
+        errors = _map_peers(group, self.rank, allocate,
+                            lambda handles: self.ctx.open_buffer(index, handles))
         if errors:
             raise RuntimeError("spd_ext.comm.ipc_buffer failed: " + "; ".join(errors))
         return self.ctx.buffer(index, list(shape), dtype).zero_()
+
+
+def _packs_bytes(nbytes: int) -> int:
+    """``nbytes`` rounded up to the kernel's 16-byte packs."""
+    return -(-nbytes // 16) * 16
+
+
+def _map_peers(group: Any, rank: int, allocate: Callable[[], tuple[bytes, str]],
+               open_handles: Callable[[list[bytes]], None]) -> list[str]:
+    """Collective: every rank allocates IPC memory (``allocate`` returns its handle and a
+    description that must be equal on every rank), the handles are exchanged and every
+    rank maps its peers' (``open_handles``, in rank order). Returns every rank's errors:
+    none when all ranks succeeded."""
+    handle, agreed, error = b"", "", None
+    try:
+        handle, agreed = allocate()
+    except RuntimeError as exc:
+        error = f"rank {rank}: {exc}"
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (handle, agreed, error), group=group)
+    errors = [e for _, _, e in everyone if e]
+    if not errors and len({a for _, a, _ in everyone}) > 1:
+        errors = ["ranks disagree: " + ", ".join(f"rank {r}: {a}"
+                                                 for r, (_, a, _) in enumerate(everyone))]
+    if errors:
+        return errors
+    try:
+        open_handles([h for h, _, _ in everyone])
+    except RuntimeError as exc:
+        error = f"rank {rank}: {exc}"
+    opened: list[Any] = [None] * len(everyone)
+    dist.all_gather_object(opened, error, group=group)
+    return [e for e in opened if e]
 
 
 def ipc_group(group: Any = None) -> IpcGroup | None:
@@ -124,8 +142,8 @@ def ipc_buffer(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32,
     Raises RuntimeError when the group has no IPC path (``describe`` says why).
     """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    if dtype not in IPC_DTYPES:
-        raise TypeError(f"ipc_buffer supports {', '.join(map(str, IPC_DTYPES))}, got {dtype}")
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"ipc_buffer supports {', '.join(map(str, KERNEL_DTYPES))}, got {dtype}")
     if any(d < 0 for d in shape):
         raise ValueError(f"ipc_buffer: negative dimension in shape {shape}")
     ipc = ipc_group(group)
@@ -159,23 +177,14 @@ def _setup(group: Any) -> IpcGroup | str:
     dist.broadcast_object_list(settings, src=dist.get_global_rank(group or dist.group.WORLD, 0),
                                group=group)
     capacity, oneshot = settings
-    ctx, error, handle = None, None, b""
-    try:
+    ctx = None
+
+    def allocate() -> tuple[bytes, str]:
+        nonlocal ctx
         ctx = module.IpcAllReduce(rank, world, capacity)
-        handle = ctx.handle()
-    except RuntimeError as exc:
-        error = f"rank {rank}: {exc}"
-    handles: list[Any] = [None] * world
-    dist.all_gather_object(handles, (handle, error), group=group)
-    errors = [e for _, e in handles if e]
-    if not errors:
-        try:
-            ctx.open([h for h, _ in handles])
-        except RuntimeError as exc:
-            errors = [f"rank {rank}: {exc}"]
-        opened: list[Any] = [None] * world
-        dist.all_gather_object(opened, errors[0] if errors else None, group=group)
-        errors = [e for e in opened if e]
+        return ctx.handle(), ""
+
+    errors = _map_peers(group, rank, allocate, lambda handles: ctx.open(handles))
     if errors:
         return "; ".join(errors)
     return IpcGroup(ctx, rank, world, capacity, oneshot)

@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 
 from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
+from spd_ext.ops.dtypes import KERNEL_DTYPES
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Impl = Literal["auto", "kernel", "fallback"]
 
 
@@ -65,7 +65,7 @@ class QuantizedTensor:
 def quantize_blockwise(x: torch.Tensor, block_size: int = 256,
                        impl: Impl = "auto") -> QuantizedTensor:
     """int8 values and one fp32 absmax scale per ``block_size`` elements."""
-    if x.dtype not in SUPPORTED_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"quantize_blockwise supports float32, bfloat16 and float16, got "
                         f"{x.dtype}")
     if block_size < 1:

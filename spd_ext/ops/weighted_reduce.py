@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 
 from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
+from spd_ext.ops.dtypes import KERNEL_DTYPES
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_CUDA_INPUTS = 32  # spd::cuda::kMaxInputs
 
 
@@ -48,7 +48,7 @@ def _check_inputs(xs: list[torch.Tensor], out: torch.Tensor | None) -> None:
         raise ValueError("weighted_reduce needs at least one input tensor")
     first = xs[0]
     shape, dtype, device = first.shape, first.dtype, first.device
-    if dtype not in SUPPORTED_DTYPES:
+    if dtype not in KERNEL_DTYPES:
         raise TypeError(f"weighted_reduce supports float32, bfloat16 and float16, got {dtype}")
     for j, x in enumerate(xs):
         if x.shape != shape or x.dtype != dtype or x.device != device:
