@@ -64,6 +64,18 @@ void host_barrier(Coordination* c, int world)
     }
 }
 
+// Every rank's IPC handle, in rank order (what the Python layer does with all_gather).
+std::vector<std::string> exchange_handles(Coordination* c, int world, int rank,
+                                          const std::string& mine)
+{
+    std::copy(mine.begin(), mine.end(), c->handles[rank]);
+    host_barrier(c, world);
+    std::vector<std::string> handles;
+    for (int p = 0; p < world; ++p) handles.emplace_back(c->handles[p], 64);
+    host_barrier(c, world);  // everyone has read the slots before the next exchange
+    return handles;
+}
+
 uint32_t mix(uint32_t x)
 {
     x ^= x >> 16;
@@ -130,13 +142,9 @@ int run_rank(const Check& k, Coordination* coord, int rank)
 {
     IpcAllReduce ar(rank, k.world, k.capacity);
     if (ar.error() != cudaSuccess) return 2;
-    const std::string h = ar.handle();
-    std::copy(h.begin(), h.end(), coord->handles[rank]);
-    host_barrier(coord, k.world);
-    std::vector<std::string> handles;
-    for (int p = 0; p < k.world; ++p) handles.emplace_back(coord->handles[p], 64);
-    if (ar.open(handles.data()) != cudaSuccess) return 2;
-    host_barrier(coord, k.world);
+    if (ar.open(exchange_handles(coord, k.world, rank, ar.handle()).data()) != cudaSuccess)
+        return 2;
+    host_barrier(coord, k.world);  // every rank has mapped its peers
 
     T* data = nullptr;
     float* my_weight = nullptr;
@@ -149,14 +157,11 @@ int run_rank(const Check& k, Coordination* coord, int rank)
             if (ar.allocate_buffer(k.numel * int64_t(sizeof(T)) + 256, &index) != cudaSuccess ||
                 index != b)
                 return 2;
-            const std::string bh = ar.buffer_handle(index);
+            const std::string mine = ar.buffer_handle(index);
             if (ar.error() != cudaSuccess) return 2;
-            std::copy(bh.begin(), bh.end(), coord->handles[rank]);
-            host_barrier(coord, k.world);
-            std::vector<std::string> peers;
-            for (int p = 0; p < k.world; ++p) peers.emplace_back(coord->handles[p], 64);
-            host_barrier(coord, k.world);  // everyone has read the handles before reuse
-            if (ar.open_buffer(index, peers.data()) != cudaSuccess) return 2;
+            if (ar.open_buffer(index, exchange_handles(coord, k.world, rank, mine).data()) !=
+                cudaSuccess)
+                return 2;
         }
         if (k.placement == kRegistered || rank == 0)
             data = reinterpret_cast<T*>(static_cast<char*>(ar.buffer(1)) + 48);

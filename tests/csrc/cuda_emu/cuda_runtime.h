@@ -148,21 +148,40 @@ struct Fiber {
     uint64_t wait_gen = 0;              // ... while it still holds this value
 };
 
+// A barrier among cooperative fibers: arrivals count up; the last one moves the
+// generation on, which wakes the fibers waiting on it.
+struct Barrier {
+    unsigned arrived = 0;
+    uint64_t generation = 0;
+
+    void release()
+    {
+        arrived = 0;
+        ++generation;
+    }
+};
+
 struct Block {
     std::vector<Fiber> fibers;
     ucontext_t scheduler;
     void (*body)(void*) = nullptr;
     void* body_arg = nullptr;
-    unsigned current = 0, finished = 0, arrived = 0;
-    uint64_t generation = 0;
+    unsigned current = 0, finished = 0;
+    Barrier sync;  // __syncthreads; threads that exited count as arrived
     int or_accum = 0, or_result = 0;
     bool spun = false;
     struct Warp {
-        unsigned arrived = 0;
-        uint64_t generation = 0;
+        Barrier sync;
         uint64_t slot[32];
     };
     std::vector<Warp> warps;
+
+    void release_sync()  // publishes the OR of the predicates (__syncthreads_or)
+    {
+        or_result = or_accum;
+        or_accum = 0;
+        sync.release();
+    }
 };
 
 inline Block*& running_block()
@@ -204,18 +223,24 @@ inline void wait_for(const uint64_t* generation, uint64_t gen)
     f.wait_on = nullptr;
 }
 
+// Arrives at `barrier`; returns true if this arrival completes it (the caller releases
+// it), else sleeps until another does.
+inline bool arrive(Barrier& barrier, unsigned expected)
+{
+    const uint64_t gen = barrier.generation;
+    if (++barrier.arrived == expected) return true;
+    wait_for(&barrier.generation, gen);
+    return false;
+}
+
 inline void fiber_entry()
 {
     Block& b = *running_block();
     b.body(b.body_arg);
     b.fibers[b.current].done = true;
     ++b.finished;
-    if (b.arrived > 0 && b.arrived + b.finished == blockDim.x) {  // exited threads count
-        b.arrived = 0;
-        b.or_result = b.or_accum;
-        b.or_accum = 0;
-        ++b.generation;
-    }
+    // An exited thread counts as arrived: it may complete a barrier the others wait at.
+    if (b.sync.arrived > 0 && b.sync.arrived + b.finished == blockDim.x) b.release_sync();
 }  // returns to the scheduler through uc_link
 
 inline void run_block(unsigned threads, void (*body)(void*), void* arg)
@@ -261,15 +286,7 @@ inline int block_barrier(int predicate)
 {
     Block& b = *running_block();
     b.or_accum |= predicate;
-    const uint64_t gen = b.generation;
-    if (++b.arrived + b.finished == blockDim.x) {
-        b.arrived = 0;
-        b.or_result = b.or_accum;
-        b.or_accum = 0;
-        ++b.generation;
-        return b.or_result;
-    }
-    wait_for(&b.generation, gen);
+    if (arrive(b.sync, blockDim.x - b.finished)) b.release_sync();
     return b.or_result;
 }
 
@@ -282,13 +299,7 @@ T warp_exchange(T v, int source_lane)
     Block::Warp& w = b.warps[warp];
     const unsigned lanes = blockDim.x - warp * 32 < 32 ? blockDim.x - warp * 32 : 32;
     auto sync = [&] {
-        const uint64_t gen = w.generation;
-        if (++w.arrived == lanes) {
-            w.arrived = 0;
-            ++w.generation;
-            return;
-        }
-        wait_for(&w.generation, gen);
+        if (arrive(w.sync, lanes)) w.sync.release();
     };
     std::memcpy(&w.slot[lane], &v, sizeof(T));
     sync();
