@@ -19,6 +19,12 @@ def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.A
     return sub.add_parser(name, formatter_class=_HELP, **kwargs)
 
 
+def _add_table_args(p: argparse.ArgumentParser) -> None:
+    """The output options every benchmark shares."""
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "report", help="each op: compatible, built, implementation in use",
                  description="Report every C++ op of spd_ext: whether it can be built "
@@ -89,8 +95,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="cpu, or cuda (every rank on GPU 0: the CUDA IPC path)")
     a.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="do not pin each rank to its own cores (pinned when there are enough)")
-    a.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    a.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
+    _add_table_args(a)
     a.set_defaults(func=_bench_allreduce)
 
     r = _command(bench, "reduce", help="weighted_reduce vs torch expressions",
@@ -106,8 +111,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="approximate duration of one timed loop")
     r.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
-    r.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    r.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
+    _add_table_args(r)
     r.set_defaults(func=_bench_reduce)
 
     q = _command(bench, "quant", help="8-bit block quantize / dequantize bandwidth",
@@ -118,8 +122,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--block-size", type=int, default=256)
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
-    q.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    q.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
+    _add_table_args(q)
     q.set_defaults(func=_bench_quant)
 
     t = _command(bench, "tp", help="training step time per tensor-parallel sync pattern",
@@ -137,8 +140,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=64)
     t.add_argument("--repeats", type=int, default=7, help="timed loops per pattern (median)")
-    t.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    t.add_argument("--json", metavar="PATH", help="also write the raw timings as JSON")
+    _add_table_args(t)
     t.set_defaults(func=_bench_tp)
 
 

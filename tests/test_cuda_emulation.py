@@ -22,16 +22,14 @@ import torch
 from spd_ext.ops import dequantize_blockwise, quantize_blockwise
 from spd_ext.ops.builder import csrc_root
 
-from conftest import FORCED_FALLBACK, assert_within_bound
+from conftest import DTYPE_CODES, assert_within_bound, c_ptr, needs_kernels
 
 HERE = Path(__file__).parent / "csrc"
-CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CUDA_SUCCESS, CUDA_INVALID_VALUE = 0, 1
 OPS = {"sum": 0, "mean": 1, "weighted": 2}
 PLACEMENTS = {"staged": 0, "registered": 1, "registered-on-rank-0": 2}
 
-# Nothing here goes through spd_ext's dispatch, so the fallback run has nothing to add.
-pytestmark = pytest.mark.skipif(FORCED_FALLBACK, reason="tests kernels, not the fallback")
+pytestmark = needs_kernels  # no spd_ext dispatch here: the fallback run adds nothing
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +54,15 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return lib
 
 
-def _p(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
-
 
 def _weighted_reduce(emu: ctypes.CDLL, xs: list[torch.Tensor], w: torch.Tensor,
                      out: torch.Tensor) -> int:
     ptrs = (ctypes.c_void_p * max(len(xs), 1))(*[x.data_ptr() for x in xs])
-    return emu.spd_emu_weighted_reduce(CODES[out.dtype], _p(out), ptrs, _p(w), len(xs),
+    return emu.spd_emu_weighted_reduce(DTYPE_CODES[out.dtype], c_ptr(out), ptrs, c_ptr(w), len(xs),
                                        ctypes.c_int64(out.numel()))
 
 
-@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 4097, 20_003])
 @pytest.mark.parametrize("offset", [0, 1])  # 1: misaligned inputs, the scalar path
 @pytest.mark.parametrize("k", [1, 5])
@@ -93,12 +88,12 @@ def _quantize(emu: ctypes.CDLL, x: torch.Tensor, block: int):
     values = torch.full((x.numel(),), 99, dtype=torch.int8)
     scales = torch.full((blocks,), float("nan"))
     flags = torch.zeros(1, dtype=torch.int32)
-    code = emu.spd_emu_quantize(CODES[x.dtype], _p(x), ctypes.c_int64(x.numel()),
-                                ctypes.c_int64(block), _p(values), _p(scales), _p(flags))
+    code = emu.spd_emu_quantize(DTYPE_CODES[x.dtype], c_ptr(x), ctypes.c_int64(x.numel()),
+                                ctypes.c_int64(block), c_ptr(values), c_ptr(scales), c_ptr(flags))
     return code, values, scales, int(flags)
 
 
-@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("n, block", [(1, 256), (1000, 256), (7001, 64), (4096, 1024),
                                       (300, 7)])
 def test_quantization_kernel_matches_pytorch_bitwise(emu, dtype: torch.dtype, n: int,
@@ -109,8 +104,9 @@ def test_quantization_kernel_matches_pytorch_bitwise(emu, dtype: torch.dtype, n:
     assert code == CUDA_SUCCESS and flags == 0
     assert torch.equal(values, ref.values) and torch.equal(scales, ref.scales)
     out = torch.full((n,), float("nan"), dtype=dtype)
-    assert emu.spd_emu_dequantize(CODES[dtype], _p(values), _p(scales), ctypes.c_int64(n),
-                                  ctypes.c_int64(block), _p(out)) == CUDA_SUCCESS
+    assert emu.spd_emu_dequantize(DTYPE_CODES[dtype], c_ptr(values), c_ptr(scales),
+                                  ctypes.c_int64(n), ctypes.c_int64(block),
+                                  c_ptr(out)) == CUDA_SUCCESS
     assert torch.equal(out, dequantize_blockwise(ref, impl="fallback"))
 
 
@@ -127,7 +123,7 @@ def _all_reduce(emu: ctypes.CDLL, world: int, dtype: torch.dtype, op: str, two_s
                 capacity: int = 1 << 20) -> float:
     worst = ctypes.c_double(0.0)
     message = ctypes.create_string_buffer(4096)
-    code = emu.spd_emu_all_reduce_check(world, CODES[dtype], OPS[op], int(two_shot),
+    code = emu.spd_emu_all_reduce_check(world, DTYPE_CODES[dtype], OPS[op], int(two_shot),
                                         PLACEMENTS[placement], numel, calls, capacity, 60,
                                         ctypes.byref(worst), message, len(message))
     assert code == 0, message.value.decode()
@@ -141,7 +137,7 @@ def test_ipc_all_reduce_every_world_size(emu, world: int, two_shot: bool) -> Non
     assert _all_reduce(emu, world, torch.float32, "weighted", two_shot, 4100, 20) <= 1.0
 
 
-@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
 def test_ipc_all_reduce_every_dtype_and_op(emu, dtype: torch.dtype, op: str,
@@ -157,7 +153,7 @@ def test_ipc_all_reduce_1000_back_to_back_calls(emu, two_shot: bool) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
-@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 def test_ipc_all_reduce_in_registered_buffers(emu, world: int, two_shot: bool,
                                               dtype: torch.dtype) -> None:
     # No staging copy: peers read each other's registered buffers, the result lands in place.

@@ -17,10 +17,9 @@ import torch
 
 from spd_ext.ops.builder import ISA_FLAGS, csrc_root, isa_supported
 
-from conftest import assert_within_bound
+from conftest import DTYPE_CODES, assert_within_bound, c_ptr
 
 HARNESS = Path(__file__).parent / "csrc" / "reduce_harness.cpp"
-CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
@@ -41,19 +40,16 @@ def lib(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     return handle
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
-
 
 def _reduce(lib, xs: list[torch.Tensor], w: list[float], out: torch.Tensor, threads: int,
             stream: bool) -> None:
     ptrs = (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
     weights = (ctypes.c_float * len(w))(*w)
-    lib.spd_test_weighted_reduce(CODES[out.dtype], _ptr(out), ptrs, weights, len(xs),
+    lib.spd_test_weighted_reduce(DTYPE_CODES[out.dtype], c_ptr(out), ptrs, weights, len(xs),
                                  ctypes.c_int64(out.numel()), threads, int(stream))
 
 
-@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("n", [1, 7, 17, 64, 1000, 300_001])
 @pytest.mark.parametrize("stream", [False, True])
 def test_weighted_reduce_every_isa(lib, dtype: torch.dtype, n: int, stream: bool) -> None:
@@ -81,7 +77,8 @@ def test_conversions_match_torch_bitwise(lib, dtype: torch.dtype, entry: str) ->
     x = _special_floats()
     bits = torch.empty(x.numel(), dtype=dtype)
     back = torch.empty_like(x)
-    getattr(lib, entry)(CODES[dtype], _ptr(x), _ptr(back), _ptr(bits), ctypes.c_int64(x.numel()))
+    getattr(lib, entry)(DTYPE_CODES[dtype], c_ptr(x), c_ptr(back), c_ptr(bits),
+                        ctypes.c_int64(x.numel()))
     expected = x.to(dtype)
     mismatch = (bits.view(torch.int16) != expected.view(torch.int16)).nonzero()
     assert mismatch.numel() == 0, f"first mismatch at input {x[int(mismatch[0])].item()!r}"
@@ -93,7 +90,7 @@ def test_nan_stays_nan(lib, dtype: torch.dtype) -> None:
     x = torch.tensor([float("nan"), -float("nan"), 1.0] * 7)
     bits = torch.empty(x.numel(), dtype=dtype)
     back = torch.empty_like(x)
-    lib.spd_test_round_trip(CODES[dtype], _ptr(x), _ptr(back), _ptr(bits),
+    lib.spd_test_round_trip(DTYPE_CODES[dtype], c_ptr(x), c_ptr(back), c_ptr(bits),
                             ctypes.c_int64(x.numel()))
     assert torch.equal(back.isnan(), x.isnan())
 
@@ -109,7 +106,7 @@ def test_last_level_cache_size_is_what_lscpu_reports(lib) -> None:
     assert lib.spd_test_llc_bytes() == expected
 
 
-@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("n, block", [(1, 256), (37, 16), (1000, 256), (70_001, 64)])
 def test_quantization_matches_pytorch_bitwise(lib, dtype: torch.dtype, n: int,
                                               block: int) -> None:
@@ -120,14 +117,14 @@ def test_quantization_matches_pytorch_bitwise(lib, dtype: torch.dtype, n: int,
     ref = quantize_blockwise(x, block, impl="fallback")
     q = torch.empty(n, dtype=torch.int8)
     scales = torch.empty(-(-n // block), dtype=torch.float32)
-    assert lib.spd_test_quantize(CODES[dtype], _ptr(x), ctypes.c_int64(n), ctypes.c_int64(block),
-                                 _ptr(q), _ptr(scales)) == 1
+    assert lib.spd_test_quantize(DTYPE_CODES[dtype], c_ptr(x), ctypes.c_int64(n),
+                                 ctypes.c_int64(block), c_ptr(q), c_ptr(scales)) == 1
     assert torch.equal(q, ref.values) and torch.equal(scales, ref.scales)
     out = torch.empty(n, dtype=dtype)
-    lib.spd_test_dequantize(CODES[dtype], _ptr(q), _ptr(scales), ctypes.c_int64(n),
-                            ctypes.c_int64(block), _ptr(out))
+    lib.spd_test_dequantize(DTYPE_CODES[dtype], c_ptr(q), c_ptr(scales), ctypes.c_int64(n),
+                            ctypes.c_int64(block), c_ptr(out))
     assert torch.equal(out, dequantize_blockwise(ref, impl="fallback"))
     bad = x.clone()
     bad[n // 2] = float("nan")
-    assert lib.spd_test_quantize(CODES[dtype], _ptr(bad), ctypes.c_int64(n),
-                                 ctypes.c_int64(block), _ptr(q), _ptr(scales)) == 0
+    assert lib.spd_test_quantize(DTYPE_CODES[dtype], c_ptr(bad), ctypes.c_int64(n),
+                                 ctypes.c_int64(block), c_ptr(q), c_ptr(scales)) == 0

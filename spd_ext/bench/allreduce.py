@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from spd_ext.bench.timing import check_device, dtype_name, measure, parse_dtypes
+from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
 from spd_ext.comm import all_reduce, spawn
 from spd_ext.comm.shm import shm_group
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
@@ -134,6 +134,7 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    timing = device_timing(cfg.device, cfg.warmup, cfg.repeats, cfg.target_ms / 1e3)
     rows = []
     sizes = parse_sizes(cfg.sizes)
     dtypes = parse_dtypes(cfg.dtypes)
@@ -147,10 +148,7 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
             runnable = {k: fn for k, fn in _candidates(x, weights.to(cfg.device), ds_run,
                                                        registered if fits else None).items()
                         if k in impls and fn is not None}
-            times = measure(runnable, warmup=cfg.warmup, repeats=cfg.repeats,
-                            target_s=cfg.target_ms / 1e3, barrier=barrier, agree=agree,
-                            finish=torch.cuda.synchronize if cfg.device == "cuda" else
-                            (lambda: None))
+            times = measure(runnable, **{**timing, "barrier": barrier}, agree=agree)
             if "spd-graph" in times:
                 times["spd-graph"] /= GRAPH_CALLS
             for name in impls:
