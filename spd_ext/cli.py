@@ -143,6 +143,24 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _add_table_args(t)
     t.set_defaults(func=_bench_tp)
 
+    d = _command(bench, "deepspeed", help="DeepSpeed engine step and gradient reduction",
+                 description="Time a DeepSpeed (ZeRO-0, fp32) training step of a GPT of about "
+                 "10M parameters on N local CPU ranks and its gradient reduction: DeepSpeed's "
+                 "own reduction vs spd_ext's fused all-reduce (\"comm\": {\"backend\": "
+                 "\"spd\"}), plain and signal-weighted.")
+    d.add_argument("--nproc", type=int, default=2, help="data-parallel ranks")
+    d.add_argument("--variants", default="deepspeed,deepspeed-weighted,spd,spd-weighted",
+                   help="comma list of deepspeed, deepspeed-weighted, spd, spd-weighted")
+    d.add_argument("--n-layer", type=int, default=6)
+    d.add_argument("--n-embd", type=int, default=384)
+    d.add_argument("--n-head", type=int, default=6)
+    d.add_argument("--batch-size", type=int, default=4, help="sequences per rank and step")
+    d.add_argument("--seq-len", type=int, default=64)
+    d.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    d.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
+    _add_table_args(d)
+    d.set_defaults(func=_bench_deepspeed)
+
 
 def _add_tp(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "tp", help="tensor-parallel sync patterns: counts, sensitivity")
@@ -339,6 +357,25 @@ def _bench_tp(args: argparse.Namespace) -> int:
     rows = tp.run(cfg)
     print(tp.describe_run(cfg))
     print(tp.table(rows, markdown=args.markdown))
+    _write_json(args.json, rows)
+    return 0
+
+
+def _bench_deepspeed(args: argparse.Namespace) -> int:
+    from spd_ext.bench import ds_engine
+
+    cfg = ds_engine.DeepSpeedBenchConfig(
+        nproc=args.nproc, variants=args.variants, n_layer=args.n_layer, n_embd=args.n_embd,
+        n_head=args.n_head, batch_size=args.batch_size, seq_len=args.seq_len,
+        warmup=args.warmup, steps=args.steps)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ValueError("spd-ext bench deepspeed needs DeepSpeed: pip install "
+                         "'spd_ext[deepspeed]'") from None
+    rows = ds_engine.run(cfg)
+    print(ds_engine.describe_run(cfg, rows))
+    print(ds_engine.table(rows, markdown=args.markdown))
     _write_json(args.json, rows)
     return 0
 

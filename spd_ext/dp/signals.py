@@ -19,6 +19,20 @@ class Signal:
     name: str = ""
     higher_is_better: bool = True
     needs_previous_global: bool = False
+    _state: tuple[str, ...] = ()  # the attributes a checkpoint carries (plain data)
+
+    def state_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, deque) else v)
+                for k, v in ((k, getattr(self, k)) for k in self._state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self._state:
+            current = getattr(self, key)
+            if isinstance(current, deque):
+                current.clear()
+                current.extend(state[key])
+            else:
+                setattr(self, key, state[key])
 
     def observe_loss(self, loss: float) -> None:
         pass
@@ -43,6 +57,7 @@ class LossEMA(Signal):
 
     name = "loss_ema"
     higher_is_better = False
+    _state = ("value",)
 
     def __init__(self, beta: float = 0.9) -> None:
         if not 0.0 <= beta < 1.0:
@@ -61,6 +76,7 @@ class GradNormStability(Signal):
     """mean / std of this rank's recent gradient norms; steadier gradients, more trust."""
 
     name = "grad_norm_stability"
+    _state = ("norms",)
 
     def __init__(self, window: int = 20) -> None:
         if window < 2:
@@ -91,6 +107,7 @@ class CosineToPrevGlobal(Signal):
 
     name = "cosine_to_prev_global"
     needs_previous_global = True
+    _state = ("value",)
 
     def __init__(self, beta: float = 0.9) -> None:
         if not 0.0 <= beta < 1.0:

@@ -27,6 +27,12 @@ class WeightMap:
     def raw_weights(self, values: list[float], higher_is_better: bool) -> list[float]:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        return {"previous": self._previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._previous = state["previous"]
+
     def __call__(self, values: list[float], step: int, higher_is_better: bool) -> list[float]:
         n = len(values)
         if self.floor * n > 1.0 + 1e-12:

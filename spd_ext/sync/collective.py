@@ -52,6 +52,14 @@ class SyncStrategy:
         model itself is left alone). Synchronous modes: the model's own."""
         return [p.detach().clone() for p in model.parameters()]
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly (plain data and tensors, so it
+        loads with weights_only=True). Collective where collectives are in flight."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class SynchronousSGD(SyncStrategy):
     """``ssgd``: average the gradients every step."""
@@ -98,33 +106,46 @@ class DelayedAllReduce(SyncStrategy):
             self._in_flight.popleft()[2].result()
         self._worker.shutdown()
 
+    def state_dict(self) -> dict:
+        """The gradients in flight, completed (every rank waits for the same ones)."""
+        for _, _, future in self._in_flight:
+            future.result()
+        return {"in_flight": [(issued, buffer) for issued, buffer, _ in self._in_flight]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._in_flight.clear()
+        for issued, buffer in state["in_flight"]:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(buffer)
+            self._in_flight.append((issued, buffer, done))
+
 
 class LocalSGD(SyncStrategy):
-    """``local_sgd:H``: local steps, parameters averaged every H steps (PyTorch's
-    PeriodicModelAverager does the averaging)."""
+    """``local_sgd:H``: local steps, parameters averaged after every H-th step (PyTorch's
+    PeriodicModelAverager with warm-up H-1; averaged here through spd_ext.comm, and every
+    parameter, with or without a gradient at that moment: a DeepSpeed engine has already
+    released the gradients when its step returns)."""
 
     def __init__(self, mode: Mode, group: Any = None) -> None:
         super().__init__(mode, group)
-        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
-
-        # warmup_steps=H-1: the first average follows the H-th step, then every H steps.
-        self.averager = PeriodicModelAverager(period=mode.value, warmup_steps=mode.value - 1,
-                                              process_group=group)
+        self.H = mode.value
         self._since_average = 0
 
     def after_step(self, model: nn.Module, step: int) -> None:
         super().after_step(model, step)
-        a = self.averager
-        averaging = a.step >= a.warmup_steps and (a.step - a.warmup_steps) % a.period == 0
-        start = time.perf_counter()
-        self.averager.average_parameters(model.parameters())
-        if averaging:
-            self.metrics.add_idle(time.perf_counter() - start)
-            self.metrics.messages += 1
+        if (step + 1) % self.H == 0:
+            with torch.no_grad():
+                self._average_(list(model.parameters()))
             self._since_average = 0
         else:
             self._since_average += 1
         self.metrics.record_staleness(self._since_average)
+
+    def state_dict(self) -> dict:
+        return {"since_average": self._since_average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._since_average = state["since_average"]
 
     def evaluation_weights(self, model: nn.Module) -> list[torch.Tensor]:
         weights = [p.detach().clone() for p in model.parameters()]
@@ -137,33 +158,50 @@ class LocalSGD(SyncStrategy):
 class DiLoCo(SyncStrategy):
     """``diloco:H`` (arXiv 2311.08105): H inner optimizer steps (the trainer's optimizer,
     AdamW by default), then an outer Nesterov SGD step on the averaged pseudo-gradient
-    anchor - mean_i(theta_i), and every worker restarts from the new anchor."""
+    anchor - mean_i(theta_i), and every worker restarts from the new anchor.
+
+    The outer step acts on ``self.weights(model)``: the model's parameters here; a
+    subclass may point it at other tensors of the same values (ZeRO's fp32 master shards).
+    """
 
     def __init__(self, mode: Mode, model: nn.Module, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, group: Any = None) -> None:
         super().__init__(mode, group)
         self.H = mode.value
-        self.anchor = [p.detach().clone().requires_grad_(False) for p in model.parameters()]
+        self.anchor = [w.detach().clone().requires_grad_(False) for w in self.weights(model)]
         self.outer = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum,
                                      nesterov=outer_momentum > 0)
+
+    def weights(self, model: nn.Module) -> list[torch.Tensor]:
+        return list(model.parameters())
 
     def after_step(self, model: nn.Module, step: int) -> None:
         super().after_step(model, step)
         if (step + 1) % self.H != 0:
             self.metrics.record_staleness((step + 1) % self.H)
             return
-        params = list(model.parameters())
+        weights = self.weights(model)
         with torch.no_grad():
-            self._average_(params)
-            for a, p in zip(self.anchor, params):
-                a.grad = a - p  # pseudo-gradient: how far the (averaged) workers moved
+            self._average_(weights)
+            for a, w in zip(self.anchor, weights):
+                a.grad = a - w  # pseudo-gradient: how far the (averaged) workers moved
             self.outer.step()
-            for a, p in zip(self.anchor, params):
-                p.copy_(a)
+            for a, w in zip(self.anchor, weights):
+                w.copy_(a)
         self.metrics.record_staleness(self.H)
 
     def evaluation_weights(self, model: nn.Module) -> list[torch.Tensor]:
         return [a.clone() for a in self.anchor]
+
+    def state_dict(self) -> dict:
+        return {"anchor": [a.detach().clone() for a in self.anchor],
+                "outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for a, saved in zip(self.anchor, state["anchor"]):
+                a.copy_(saved)
+        self.outer.load_state_dict(state["outer"])
 
 
 def make_strategy(mode: Mode, model: nn.Module, group: Any = None, **diloco_args) -> SyncStrategy:

@@ -31,24 +31,33 @@ def check_tp_size(tp_size: int, world_size: int) -> None:
                          f"of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
 
 
+def block_and_strided_groups(block: int) -> tuple[tuple[Any, tuple[int, ...]],
+                                                  tuple[Any, tuple[int, ...]]]:
+    """This rank's ``(group, ranks)`` among the contiguous blocks ``[k*block, (k+1)*block)``
+    and among the strided sets ``{j, j+block, ...}`` (collective: every rank creates every
+    group, in the same order)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine: dict[str, Any] = {}
+    for k in range(world // block):
+        ranks = tuple(range(k * block, (k + 1) * block))
+        group = dist.new_group(list(ranks))
+        if rank in ranks:
+            mine["block"] = (group, ranks)
+    for j in range(block):
+        ranks = tuple(range(j, world, block))
+        group = dist.new_group(list(ranks))
+        if rank in ranks:
+            mine["strided"] = (group, ranks)
+    return mine["block"], mine["strided"]
+
+
 def initialize_model_parallel(tp_size: int) -> ParallelGroups:
     """Create the groups (collective: every rank calls it with the same ``tp_size``)."""
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed initialized first")
     world, rank = dist.get_world_size(), dist.get_rank()
     check_tp_size(tp_size, world)
-    mine: dict[str, Any] = {}
-    for k in range(world // tp_size):  # every rank must create every group
-        ranks = tuple(range(k * tp_size, (k + 1) * tp_size))
-        group = dist.new_group(list(ranks))
-        if rank in ranks:
-            mine["tp"] = (group, ranks)
-    for j in range(tp_size):
-        ranks = tuple(range(j, world, tp_size))
-        group = dist.new_group(list(ranks))
-        if rank in ranks:
-            mine["dp"] = (group, ranks)
-    (tp_group, tp_ranks), (dp_group, dp_ranks) = mine["tp"], mine["dp"]
+    (tp_group, tp_ranks), (dp_group, dp_ranks) = block_and_strided_groups(tp_size)
     return ParallelGroups(tp_size=tp_size, dp_size=world // tp_size,
                           tp_rank=tp_ranks.index(rank), dp_rank=dp_ranks.index(rank),
                           tp_group=tp_group, dp_group=dp_group, tp_ranks=tp_ranks,

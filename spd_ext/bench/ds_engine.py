@@ -1,0 +1,143 @@
+"""`spd-ext bench deepspeed`: DeepSpeed engine step and gradient-reduction time, DeepSpeed's
+own reduction vs spd_ext's fused all-reduce, plain and signal-weighted.
+
+Each variant builds a ZeRO-0 fp32 engine around the same GPT on N local CPU ranks and
+times ``engine(x); engine.backward(loss); engine.step()``; the reduction time is the
+engine's ``allreduce_gradients`` call at the accumulation boundary (spd_ext times it in
+its wrapper, whichever backend carries it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.comm import spawn
+from spd_ext.utils.table import format_table
+
+VARIANTS = {  # name -> the "spd_ext" section
+    "deepspeed": {},
+    "deepspeed-weighted": {"signal_weighting": {"warmup_steps": 0}},
+    "spd": {"comm": {"backend": "spd"}},
+    "spd-weighted": {"signal_weighting": {"warmup_steps": 0}, "comm": {"backend": "spd"}},
+}
+
+
+@dataclass
+class DeepSpeedBenchConfig:
+    nproc: int = 2
+    variants: str = ",".join(VARIANTS)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    batch_size: int = 4
+    seq_len: int = 64
+    vocab_size: int = 65
+    warmup: int = 3
+    steps: int = 10
+
+    def variant_list(self) -> list[str]:
+        names = [v.strip() for v in self.variants.split(",") if v.strip()]
+        bad = [v for v in names if v not in VARIANTS]
+        if bad or not names:
+            raise ValueError(f"unknown variant(s) {bad}; use a comma list of "
+                             f"{', '.join(VARIANTS)}")
+        return names
+
+    def check(self) -> None:
+        self.variant_list()
+        if self.nproc < 2:
+            raise ValueError(f"--nproc must be at least 2, got {self.nproc}")
+        for name in ("steps", "batch_size", "seq_len", "n_layer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        from spd_ext.tp import GPTConfig
+
+        GPTConfig(block_size=self.seq_len, vocab_size=self.vocab_size, n_layer=self.n_layer,
+                  n_head=self.n_head, n_embd=self.n_embd, pattern=f"tp*{self.n_layer}",
+                  tp_size=1)
+
+
+def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    import spd_ext.deepspeed as sd
+    from spd_ext.tp import GPTConfig, ReducedSyncGPT
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
+    y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
+    rows = []
+    for variant in cfg.variant_list():
+        model = ReducedSyncGPT(GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size,
+                                         n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                         n_embd=cfg.n_embd, pattern=f"tp*{cfg.n_layer}",
+                                         tp_size=1))
+        ds_config = {"train_batch_size": cfg.batch_size * world,
+                     "train_micro_batch_size_per_gpu": cfg.batch_size,
+                     "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+                     "zero_optimization": {"stage": 0}, "steps_per_print": 1_000_000,
+                     "spd_ext": VARIANTS[variant]}
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config)
+        engine.spd_ext.barrier_before_reduce = True
+        step_times = []
+        for i in range(cfg.warmup + cfg.steps):
+            dist.barrier()
+            start = time.perf_counter()
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            step_times.append(time.perf_counter() - start)
+        reduce_times = engine.spd_ext.reduce_seconds[cfg.warmup:]
+        stats = torch.tensor([statistics.median(step_times[cfg.warmup:]),
+                              statistics.median(reduce_times)], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        rows.append({"variant": variant, "step_s": stats[0].item(),
+                     "reduce_s": stats[1].item(), "grad_bytes": grad_bytes,
+                     "params": model.num_params()})
+        del engine
+    return rows
+
+
+def run(cfg: DeepSpeedBenchConfig) -> list[dict]:
+    cfg.check()
+    return spawn(_rank, cfg.nproc, cfg, timeout=1800, bind_cores=True)[0]
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    base = {r["variant"]: r for r in rows}
+    body = []
+    for r in rows:
+        ds = base.get("deepspeed-weighted" if "weighted" in r["variant"] else "deepspeed")
+        plain = base.get(r["variant"].replace("-weighted", ""))
+        body.append([r["variant"], r["step_s"] * 1e3, r["reduce_s"] * 1e3,
+                     r["grad_bytes"] / r["reduce_s"] / 1e9,
+                     ds["reduce_s"] / r["reduce_s"] if ds else float("nan"),
+                     r["reduce_s"] / plain["reduce_s"] if plain else float("nan")])
+    return format_table(["variant", "step ms", "reduce ms", "reduce GB/s",
+                         "x faster than DeepSpeed (same weighting)", "x its plain time"],
+                        body, markdown)
+
+
+def describe_run(cfg: DeepSpeedBenchConfig, rows: list[dict]) -> str:
+    params = rows[0]["params"] if rows else 0
+    mb = rows[0]["grad_bytes"] / 2**20 if rows else 0
+    return (f"DeepSpeed ZeRO-0 fp32 engine step on {cfg.nproc} CPU ranks of "
+            f"{platform.node()} ({os.cpu_count()} cores); GPT {cfg.n_layer}L/{cfg.n_embd}d/"
+            f"{cfg.n_head}h ({params / 1e6:.1f}M parameters, {mb:.1f} MiB of gradients), "
+            f"batch {cfg.batch_size} x {cfg.seq_len} per rank; median of {cfg.steps} steps "
+            f"after {cfg.warmup}, slowest rank; deepspeed = DeepSpeed's reduction (gloo), "
+            "spd = spd_ext's fused all-reduce; weighted = signal weights (loss_ema, softmax)")

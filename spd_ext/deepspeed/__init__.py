@@ -1,0 +1,154 @@
+"""DeepSpeed engine integration: signal weighting, staleness control and tensor x data
+parallelism inside ``DeepSpeedEngine``, configured by a ``"spd_ext"`` ds_config section.
+
+    engine, optimizer, loader, scheduler = spd_ext.deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config="ds_config.json")
+    for batch in ...:
+        loss = engine(batch); engine.backward(loss); engine.step()   # unchanged
+
+``initialize`` takes ``deepspeed.initialize``'s arguments and returns its tuple. It reads
+and validates the ``"spd_ext"`` section, removes it from what DeepSpeed validates, builds
+the tensor-parallel / data-parallel groups or DiLoCo islands (handing DeepSpeed an
+``mpu``), and attaches to the engine. ``attach(engine)`` does the last step for an
+engine someone else created (Hugging Face Trainer, Accelerate); ``SpdExtCallback`` is a
+``transformers.TrainerCallback`` that calls it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from spd_ext.deepspeed.config import (
+    SECTION,
+    SpdExtConfig,
+    SpdExtConfigError,
+    split_config,
+    validate_against_deepspeed,
+)
+from spd_ext.deepspeed.engine import EngineIntegration
+from spd_ext.deepspeed.topology import ModelParallelUnit, Topology, build_topology
+
+__all__ = ["SECTION", "EngineIntegration", "ModelParallelUnit", "SpdExtCallback",
+           "SpdExtConfig", "SpdExtConfigError", "Topology", "attach", "build_topology",
+           "initialize", "parse_config"]
+
+
+def parse_config(ds_config: dict | str | None,
+                 world_size: int | None = None) -> tuple[dict | None, SpdExtConfig]:
+    """``(the ds_config without the section, the validated section)``; no collective.
+
+    ``world_size`` defaults to ``$WORLD_SIZE`` (set by the launchers), so a size that
+    does not divide the world fails here, before any rank waits on another."""
+    rest, section = split_config(ds_config)
+    cfg = SpdExtConfig.from_dict(section)
+    if world_size is None and os.environ.get("WORLD_SIZE", "").isdigit():
+        world_size = int(os.environ["WORLD_SIZE"])
+    validate_against_deepspeed(cfg, rest or {}, world_size)
+    return rest, cfg
+
+
+def _mark_tensor_parallel(model: Any, topology: Topology, cfg: SpdExtConfig) -> None:
+    """Check the model fits the tensor-parallel group and mark its sharded parameters the
+    way DeepSpeed's gradient norm reads them (Megatron's ``tensor_model_parallel``)."""
+    import torch.distributed as dist
+
+    comm = getattr(model, "comm", None)
+    group = getattr(comm, "group", "missing")
+    if group == "missing" or getattr(comm, "tp_size", None) != topology.tp_size:
+        raise SpdExtConfigError(
+            f"tensor_parallel.size {topology.tp_size} needs a model sharded over the tensor-"
+            "parallel group, e.g. ReducedSyncGPT(GPTConfig(..., tp_size=T), "
+            "DistributedComm(build_topology(T).tp_group)); this model is "
+            f"{type(model).__name__} with comm {type(comm).__name__}")
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else \
+        tuple(range(dist.get_world_size()))
+    if ranks != topology.tp_ranks:
+        raise SpdExtConfigError(
+            f"the model's tensor-parallel group holds ranks {ranks}, but tensor_parallel.size "
+            f"{topology.tp_size} puts this rank in {topology.tp_ranks}; build the model's "
+            "DistributedComm on spd_ext.deepspeed.build_topology(size).tp_group")
+    pattern = cfg.tensor_parallel.pattern
+    model_pattern = getattr(getattr(model, "config", None), "pattern", None)
+    if pattern is not None and model_pattern is not None and pattern != model_pattern:
+        raise SpdExtConfigError(
+            f"tensor_parallel.pattern {pattern!r} does not match the model's pattern "
+            f"{model_pattern!r}; make them agree (or leave the pattern out of the section)")
+    for p in model.parameters():
+        if getattr(p, "tp_sharded", False):
+            p.tensor_model_parallel = True
+            p.partition_dim = 0
+            p.partition_stride = 1
+
+
+def initialize(args: Any = None, model: Any = None, *, config: Any = None,
+               config_params: Any = None, mpu: Any = None, **kwargs: Any) -> tuple:
+    """``deepspeed.initialize`` with the ``"spd_ext"`` section honoured (same arguments,
+    same return tuple; the engine carries ``engine.spd_ext``)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if config is None:
+        config = config_params
+    if config is None and getattr(args, "deepspeed_config", None) is not None:
+        config = args.deepspeed_config
+        args = copy.copy(args)
+        args.deepspeed_config = None  # DeepSpeed gets the config without the section
+    rest, cfg = parse_config(config)
+    if rest is None:
+        raise SpdExtConfigError("spd_ext.deepspeed.initialize needs a DeepSpeed config: pass "
+                                "config=... or --deepspeed_config")
+    if model is None:
+        raise SpdExtConfigError("spd_ext.deepspeed.initialize needs model=...")
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    validate_against_deepspeed(cfg, rest, dist.get_world_size())
+    topology = build_topology(cfg.tensor_parallel.size, cfg.staleness.islands)
+    if topology.mpu is not None:
+        if mpu is not None:
+            raise SpdExtConfigError(
+                "mpu= was given together with spd_ext's tensor_parallel or islands, which "
+                "build their own; pass one or the other")
+        mpu = topology.mpu
+    if topology.tp_size > 1:
+        _mark_tensor_parallel(model, topology, cfg)
+    out = deepspeed.initialize(args=args, model=model, config=rest, mpu=mpu, **kwargs)
+    EngineIntegration(out[0], cfg, topology)
+    return out
+
+
+def attach(engine: Any, config: dict | SpdExtConfig | None = None) -> EngineIntegration:
+    """Attach spd_ext to an engine created elsewhere. ``config`` is the ``"spd_ext"``
+    section (default: the one in the engine's own ds_config). Tensor parallelism and
+    islands change DeepSpeed's groups, so they must be given to ``initialize`` instead."""
+    if getattr(engine, "spd_ext", None) is not None:
+        return engine.spd_ext
+    ds_config = getattr(getattr(engine, "_config", None), "_param_dict", None) or {}
+    if isinstance(config, SpdExtConfig):
+        cfg = config
+    else:
+        cfg = SpdExtConfig.from_dict(config if config is not None else ds_config.get(SECTION))
+    validate_against_deepspeed(cfg, ds_config, None)
+    if cfg.tensor_parallel.size > 1 or cfg.staleness.islands > 1:
+        raise SpdExtConfigError(
+            "tensor_parallel.size > 1 and staleness.islands > 1 change the groups DeepSpeed "
+            "reduces over, which are fixed when the engine is created: create the engine "
+            "with spd_ext.deepspeed.initialize instead of attaching afterwards")
+    import torch.distributed as dist
+
+    topology = build_topology(1, 1)
+    mpu = getattr(engine, "mpu", None)
+    if mpu is not None:
+        topology = Topology(1, 1, mpu, dp_group=mpu.get_data_parallel_group(),
+                            dp_ranks=tuple(dist.get_process_group_ranks(
+                                mpu.get_data_parallel_group())))
+    return EngineIntegration(engine, cfg, topology)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SpdExtCallback":  # needs transformers: imported on first use only
+        from spd_ext.deepspeed.callback import SpdExtCallback
+
+        return SpdExtCallback
+    raise AttributeError(name)

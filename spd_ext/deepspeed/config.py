@@ -1,0 +1,346 @@
+"""The ``"spd_ext"`` section of a ds_config: schema, defaults and validation.
+
+    "spd_ext": {
+      "signal_weighting": {"signal": "loss_ema", "map": "softmax", "temperature": 1.0,
+                           "floor": 0.05, "warmup_steps": 20},
+      "staleness": {"mode": "diloco:50", "islands": 2},
+      "tensor_parallel": {"size": 2, "pattern": "spd*12"},
+      "comm": {"backend": "spd"},
+      "metrics": {"jsonl": "out/spd_ext.jsonl", "interval": 1}
+    }
+
+Everything is checked here, before DeepSpeed sees the config and before any collective
+runs, so a mistake is one ``SpdExtConfigError`` naming the key, the value and the fix on
+every rank alike. ``validate_against_deepspeed`` checks the combinations with the rest of
+the ds_config (ZeRO stage, precision) that cannot be sound.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from spd_ext.dp.signals import SIGNALS
+from spd_ext.dp.weights import WEIGHT_MAPS
+from spd_ext.sync.modes import Mode, parse_mode
+from spd_ext.tp.patterns import PatternError, parse_pattern
+
+SECTION = "spd_ext"
+ENGINE_MODES = ("ssgd", "delayed", "local_sgd", "diloco")  # the collective staleness modes
+BACKENDS = ("deepspeed", "spd")
+
+
+class SpdExtConfigError(ValueError):
+    """The ``"spd_ext"`` section (or its combination with the ds_config) is unusable."""
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _check_keys(where: str, given: dict, valid: list[str]) -> None:
+    if not isinstance(given, dict):
+        raise SpdExtConfigError(f"{where} must be a JSON object, got {type(given).__name__} "
+                                f"{given!r}")
+    for key in given:
+        if key not in valid:
+            raise SpdExtConfigError(f"{where}: unknown key {key!r}{_closest(key, valid)} "
+                                    f"(valid keys: {', '.join(valid)})")
+
+
+def _number(where: str, value: Any, *, low: float | None = None, high: float | None = None,
+            integer: bool = False, low_open: bool = False) -> float:
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and not isinstance(value, int)) or not math.isfinite(value):
+        raise SpdExtConfigError(f"{where} must be {kind}, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise SpdExtConfigError(f"{where} must be {bound}, got {value!r}")
+    if high is not None and value > high:
+        raise SpdExtConfigError(f"{where} must be <= {high}, got {value!r}")
+    return value
+
+
+@dataclass
+class SignalWeightingConfig:
+    signal: str = "loss_ema"
+    map: str = "softmax"
+    temperature: float = 1.0
+    floor: float = 0.05
+    ema: float = 0.0
+    warmup_steps: int = 20
+    signal_args: dict = field(default_factory=dict)
+
+    def check(self, where: str) -> None:
+        if self.signal not in SIGNALS:
+            raise SpdExtConfigError(f"{where}.signal: unknown signal {self.signal!r}"
+                                    f"{_closest(str(self.signal), list(SIGNALS))}; use one of "
+                                    f"{', '.join(SIGNALS)}")
+        if self.map not in WEIGHT_MAPS:
+            raise SpdExtConfigError(f"{where}.map: unknown weight map {self.map!r}; use one of "
+                                    f"{', '.join(WEIGHT_MAPS)}")
+        if self.map == "inverse" and SIGNALS[self.signal].higher_is_better:
+            raise SpdExtConfigError(f"{where}: map 'inverse' needs a lower-is-better signal "
+                                    f"(loss_ema), not {self.signal!r}; use map 'softmax'")
+        _number(f"{where}.temperature", self.temperature, low=0.0, low_open=True)
+        _number(f"{where}.floor", self.floor, low=0.0, high=1.0)
+        _number(f"{where}.ema", self.ema, low=0.0)
+        if self.ema >= 1.0:
+            raise SpdExtConfigError(f"{where}.ema must be in [0, 1), got {self.ema!r}")
+        _number(f"{where}.warmup_steps", self.warmup_steps, low=0, integer=True)
+        if not isinstance(self.signal_args, dict):
+            raise SpdExtConfigError(f"{where}.signal_args must be an object, got "
+                                    f"{self.signal_args!r}")
+        try:
+            SIGNALS[self.signal](**self.signal_args)
+        except (TypeError, ValueError) as exc:
+            raise SpdExtConfigError(f"{where}.signal_args {self.signal_args!r} do not fit "
+                                    f"signal {self.signal!r}: {exc}") from None
+
+
+@dataclass
+class StalenessConfig:
+    mode: str = "ssgd"
+    islands: int = 1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.mode, str):
+            raise SpdExtConfigError(f"{where}.mode must be a string such as 'diloco:50', got "
+                                    f"{self.mode!r}")
+        try:
+            mode = parse_mode(self.mode)
+        except ValueError as exc:
+            raise SpdExtConfigError(f"{where}.mode: {exc}") from None
+        if mode.kind not in ENGINE_MODES:
+            raise SpdExtConfigError(
+                f"{where}.mode {self.mode!r} needs a parameter server, which does not run "
+                f"inside a DeepSpeed engine; use one of ssgd, delayed:k, local_sgd:H, diloco:H "
+                "(or spd_ext.sync.parameter_server outside DeepSpeed)")
+        _number(f"{where}.islands", self.islands, low=1, integer=True)
+        if self.islands > 1 and mode.kind != "diloco":
+            raise SpdExtConfigError(
+                f"{where}.islands = {self.islands} needs mode diloco:H (islands average their "
+                f"pseudo-gradients every H steps), got mode {self.mode!r}; set islands to 1 or "
+                "use diloco")
+        _number(f"{where}.outer_lr", self.outer_lr, low=0.0, low_open=True)
+        _number(f"{where}.outer_momentum", self.outer_momentum, low=0.0)
+        if self.outer_momentum >= 1.0:
+            raise SpdExtConfigError(f"{where}.outer_momentum must be in [0, 1), got "
+                                    f"{self.outer_momentum!r}")
+
+    @property
+    def parsed(self) -> Mode:
+        return parse_mode(self.mode)
+
+
+@dataclass
+class TensorParallelConfig:
+    size: int = 1
+    pattern: str | None = None
+
+    def check(self, where: str) -> None:
+        _number(f"{where}.size", self.size, low=1, integer=True)
+        if self.pattern is not None:
+            if not isinstance(self.pattern, str):
+                raise SpdExtConfigError(f"{where}.pattern must be a string such as 'spd*12', "
+                                        f"got {self.pattern!r}")
+            k = self.pattern.strip().partition("grouped:")[2]
+            try:  # grouped:K needs a layer count: K layers make one group
+                parse_pattern(self.pattern, int(k) if k.isdigit() and int(k) > 0 else None)
+            except PatternError as exc:
+                raise SpdExtConfigError(f"{where}.pattern: {exc}") from None
+
+
+@dataclass
+class CommConfig:
+    backend: str = "deepspeed"
+    bucket_mb: float = 64.0
+
+    def check(self, where: str) -> None:
+        if self.backend not in BACKENDS:
+            raise SpdExtConfigError(f"{where}.backend: unknown backend {self.backend!r}; use "
+                                    "'deepspeed' (DeepSpeed's own reduction) or 'spd' "
+                                    "(spd_ext's fused all-reduce, ZeRO stage 0)")
+        _number(f"{where}.bucket_mb", self.bucket_mb, low=0.0, low_open=True)
+
+
+@dataclass
+class MetricsConfig:
+    jsonl: str | None = None
+    interval: int = 1
+
+    def check(self, where: str) -> None:
+        if self.jsonl is not None and not isinstance(self.jsonl, str):
+            raise SpdExtConfigError(f"{where}.jsonl must be a file path, got {self.jsonl!r}")
+        _number(f"{where}.interval", self.interval, low=1, integer=True)
+
+
+_SUBSECTIONS: dict[str, type] = {
+    "signal_weighting": SignalWeightingConfig, "staleness": StalenessConfig,
+    "tensor_parallel": TensorParallelConfig, "comm": CommConfig, "metrics": MetricsConfig,
+}
+
+
+@dataclass
+class SpdExtConfig:
+    """The parsed section; ``signal_weighting`` is None when weighting is off."""
+
+    signal_weighting: SignalWeightingConfig | None = None
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> SpdExtConfig:
+        section = {} if section is None else section
+        _check_keys(f'"{SECTION}"', section, list(_SUBSECTIONS))
+        parsed: dict[str, Any] = {}
+        for key, value in section.items():
+            where = f"{SECTION}.{key}"
+            if value is None or value is False:
+                if key != "signal_weighting":
+                    raise SpdExtConfigError(f"{where} cannot be {value!r}; leave it out for "
+                                            "the defaults")
+                continue
+            sub = _SUBSECTIONS[key]
+            if value is True and key == "signal_weighting":
+                value = {}
+            _check_keys(where, value, [f.name for f in fields(sub)])
+            obj = sub(**value)
+            obj.check(where)
+            parsed[key] = obj
+        return cls(**parsed)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything differs from plain DeepSpeed."""
+        return (self.signal_weighting is not None or self.staleness.parsed.kind != "ssgd"
+                or self.tensor_parallel.size > 1 or self.comm.backend != "deepspeed")
+
+
+def _zero_stage(ds_config: dict) -> int:
+    zero = ds_config.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    return int(stage)
+
+
+def _enabled(ds_config: dict, key: str) -> bool:
+    section = ds_config.get(key) or {}
+    return bool(section.get("enabled", False)) if isinstance(section, dict) else False
+
+
+def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
+                               world_size: int | None) -> None:
+    """Refuse combinations with the rest of the ds_config that cannot be sound."""
+    stage = _zero_stage(ds_config)
+    mode = cfg.staleness.parsed
+    if not cfg.active:
+        return
+    if stage >= 2:
+        raise SpdExtConfigError(
+            f"zero_optimization.stage {stage} with spd_ext: ZeRO-2/3 reduce gradients bucket "
+            "by bucket during backward (reduce-scatter hooks), before the step's weights and "
+            "the accumulation boundary are known, so spd_ext cannot scale or delay them; use "
+            "stage 0 or 1")
+    if _enabled(ds_config, "fp16"):
+        raise SpdExtConfigError(
+            "fp16 with spd_ext: dynamic loss scaling skips steps on overflow, which would "
+            "desynchronize signal weights and staleness schedules from the applied updates; "
+            "use bf16 (\"bf16\": {\"enabled\": true}) or fp32")
+    zero = ds_config.get("zero_optimization") or {}
+    if stage == 1 and cfg.active and isinstance(zero, dict) and zero.get("overlap_comm"):
+        raise SpdExtConfigError(
+            "zero_optimization.overlap_comm with spd_ext at stage 1: gradients are reduced "
+            "from backward hooks before the weights of the step exist; set overlap_comm "
+            "to false")
+    data_types = ds_config.get("data_types") or {}
+    grad_accum = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
+    if _enabled(ds_config, "bf16") and grad_accum not in (None, "bf16"):
+        raise SpdExtConfigError(
+            f"data_types.grad_accum_dtype {grad_accum!r} with bf16: DeepSpeed then routes "
+            "gradients through its BF16_Optimizer, whose buffers spd_ext does not drive; leave "
+            "grad_accum_dtype out")
+    if cfg.comm.backend == "spd" and stage != 0:
+        raise SpdExtConfigError(
+            f"comm.backend 'spd' with zero_optimization.stage {stage}: ZeRO-1 reduce-scatters "
+            "into optimizer-state partitions with its own buckets; spd_ext's fused all-reduce "
+            "replaces DeepSpeed's reduction at stage 0 only. Use backend 'deepspeed' (weights "
+            "are still applied, as a per-rank scale) or stage 0")
+    if mode.kind in ("delayed", "local_sgd") or (mode.kind == "diloco"
+                                                  and cfg.staleness.islands == 1):
+        if stage != 0:
+            raise SpdExtConfigError(
+                f"staleness.mode {mode} with zero_optimization.stage {stage}: ZeRO-1 "
+                "partitions the optimizer state and all-gathers the updated weights every "
+                "step, so the replicas can never drift apart (and a delayed gradient would "
+                "be reduce-scattered anyway); use stage 0, or diloco:H with islands > 1 "
+                "(ZeRO-1 inside each island)")
+        if _enabled(ds_config, "bf16"):
+            raise SpdExtConfigError(
+                f"staleness.mode {mode} with bf16 at stage 0: DeepSpeed keeps the fp32 master "
+                "weights inside its optimizer wrapper, out of reach of the averaging; use fp32, "
+                "or diloco:H with islands > 1 and ZeRO-1 (bf16 works there)")
+    if mode.kind != "ssgd" and cfg.signal_weighting is not None:
+        raise SpdExtConfigError(
+            f"signal_weighting with staleness.mode {mode}: the weights are computed for the "
+            "gradient of the current step, but this mode applies an older gradient or none; "
+            "use one of the two")
+    if mode.kind != "ssgd" and cfg.tensor_parallel.size > 1:
+        raise SpdExtConfigError(
+            f"tensor_parallel.size {cfg.tensor_parallel.size} with staleness.mode {mode}: not "
+            "supported together yet (the staleness modes average whole replicas); use one of "
+            "the two")
+    if cfg.staleness.islands > 1 and stage != 1:
+        raise SpdExtConfigError(
+            f"staleness.islands {cfg.staleness.islands} needs zero_optimization.stage 1 (each "
+            f"island runs ZeRO-1 on its own ranks), got stage {stage}")
+    if cfg.comm.backend == "spd" and mode.kind != "ssgd":
+        raise SpdExtConfigError(
+            f"comm.backend 'spd' with staleness.mode {mode}: the staleness modes carry their "
+            "own communication through spd_ext already; leave comm.backend out")
+    if world_size is not None:
+        tp, islands = cfg.tensor_parallel.size, cfg.staleness.islands
+        for what, size in (("tensor_parallel.size", tp), ("staleness.islands", islands)):
+            if world_size % size != 0:
+                divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+                raise SpdExtConfigError(
+                    f"{what} {size} does not divide the world size {world_size}; launch a "
+                    f"multiple of {size} ranks or use one of {divisors}")
+        dp = world_size // tp
+        sw = cfg.signal_weighting
+        if sw is not None and sw.floor * dp > 1.0 + 1e-12:
+            raise SpdExtConfigError(
+                f"signal_weighting.floor {sw.floor} leaves no room for {dp} data-parallel "
+                f"ranks (every weight is at least the floor and they sum to 1): use a floor "
+                f"<= 1/{dp} = {1 / dp:.4g}")
+
+
+def split_config(ds_config: dict | str | None) -> tuple[dict | None, dict | None]:
+    """``(ds_config without the section, the section)``; a path is read as JSON."""
+    if ds_config is None:
+        return None, None
+    if isinstance(ds_config, str):
+        import json
+        from pathlib import Path
+
+        path = Path(ds_config)
+        if not path.is_file():
+            raise SpdExtConfigError(f"DeepSpeed config {ds_config!r} is not a file; pass a "
+                                    "path to a JSON ds_config or a dict")
+        try:
+            ds_config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SpdExtConfigError(f"DeepSpeed config {ds_config!r} is not valid JSON: line "
+                                    f"{exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(ds_config, dict):
+        raise SpdExtConfigError(f"DeepSpeed config must be a dict or a path, got "
+                                f"{type(ds_config).__name__}")
+    rest = {k: v for k, v in ds_config.items() if k != SECTION}
+    return rest, ds_config.get(SECTION)

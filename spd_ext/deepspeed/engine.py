@@ -1,0 +1,455 @@
+"""spd_ext inside a DeepSpeed engine: signal weighting, staleness control, tensor parallelism.
+
+``EngineIntegration`` attaches to one ``DeepSpeedEngine`` by replacing, on that engine
+instance only, five of its methods with wrappers that call the originals:
+
+* ``backward(loss)``: records the micro-batch loss (the signals' input);
+* ``allreduce_gradients()`` (DeepSpeed calls it once per accumulation boundary at ZeRO
+  stages 0 and 1): sums tensor-parallel partial gradients over the tp group, computes the
+  step's weights (one scalar all-gather on the data-parallel group), scales each rank's
+  accumulated gradient by ``w_i * N`` (DeepSpeed then averages: sum_i w_i g_i) or reduces
+  with spd_ext's fused weighted all-reduce (``comm.backend = "spd"``, stage 0); staleness
+  modes replace the reduction with their own (delayed, or none for local SGD / DiLoCo);
+* ``_take_model_step()``: skips the optimizer while ``delayed:k`` has nothing to apply;
+* ``step()``: after DeepSpeed's update, parameter averaging (local SGD / DiLoCo), metrics;
+* ``save_checkpoint`` / ``load_checkpoint``: spd_ext's per-rank state beside DeepSpeed's,
+  in ``<save_dir>/<tag>/spd_ext/rank<R>.pt``.
+
+The DeepSpeed internals relied on are listed in ``REQUIRED_ENGINE_ATTRIBUTES`` and
+``REQUIRED_ZERO1_ATTRIBUTES`` and checked when attaching.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spd_ext.comm import all_reduce
+from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.deepspeed.config import SpdExtConfig, SpdExtConfigError
+from spd_ext.deepspeed.topology import Topology
+from spd_ext.dp.aggregator import SignalWeightedAggregator
+from spd_ext.sync.collective import DiLoCo, SyncStrategy, make_strategy
+from spd_ext.train.logging import RunLog
+from spd_ext.utils.files import atomic_path
+
+REQUIRED_ENGINE_ATTRIBUTES = (
+    "allreduce_gradients", "backward", "step", "_take_model_step", "clip_fp32_gradients",
+    "is_gradient_accumulation_boundary", "gradient_average", "zero_optimization_stage",
+    "gradient_accumulation_steps", "gradient_clipping", "global_steps", "global_samples",
+    "get_global_grad_norm",
+    "save_checkpoint", "load_checkpoint", "monitor", "module", "optimizer",
+)
+REQUIRED_ZERO1_ATTRIBUTES = ("bit16_groups", "get_gradient_for_reduction",
+                             "single_partition_of_fp32_groups", "update_lp_params")
+STATE_VERSION = 1
+
+
+class IslandDiLoCo(DiLoCo):
+    """DiLoCo across islands, each running ZeRO-1: the outer step acts on this rank's fp32
+    master shard (averaged with the same shard of the other islands), then the
+    low-precision weights are refreshed from the masters inside the island."""
+
+    def __init__(self, mode: Any, zero_optimizer: Any, outer_lr: float, outer_momentum: float,
+                 group: Any) -> None:
+        self.zero_optimizer = zero_optimizer
+        super().__init__(mode, nn.Module(), outer_lr, outer_momentum, group)
+
+    def weights(self, model: nn.Module) -> list[torch.Tensor]:
+        return list(self.zero_optimizer.single_partition_of_fp32_groups)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        super().after_step(model, step)
+        if (step + 1) % self.H == 0:
+            self.zero_optimizer.update_lp_params()  # all-gather inside the island
+
+
+class EngineIntegration:
+    """spd_ext's state on one engine (``engine.spd_ext``)."""
+
+    def __init__(self, engine: Any, cfg: SpdExtConfig, topology: Topology) -> None:
+        missing = [a for a in REQUIRED_ENGINE_ATTRIBUTES if not hasattr(engine, a)]
+        stage = engine.zero_optimization_stage() if hasattr(engine,
+                                                            "zero_optimization_stage") else 0
+        if stage == 1 and cfg.active:
+            missing += [f"optimizer.{a}" for a in REQUIRED_ZERO1_ATTRIBUTES
+                        if not hasattr(engine.optimizer, a)]
+        if missing:
+            import deepspeed
+
+            raise RuntimeError(
+                f"spd_ext.deepspeed cannot attach to this DeepSpeed {deepspeed.__version__} "
+                f"engine: it lacks {', '.join(missing)}, which spd_ext relies on (see the "
+                "README's DeepSpeed section); use a DeepSpeed version between 0.14 and 0.19")
+        self.engine, self.cfg, self.topology = engine, cfg, topology
+        self.stage = stage
+        self.module: nn.Module = engine.module
+        self.dp_group = topology.dp_group
+        self.dp_rank = dist.get_rank(self.dp_group)
+        self.dp_size = dist.get_world_size(self.dp_group)
+        self._micro_losses: list[float] = []
+        self._skip_optimizer = False
+        self.last: dict[str, Any] = {}
+        self.reduce_seconds: list[float] = []  # per boundary, for benchmarks
+        # Benchmarks set this: a barrier before the reduction's clock starts, so that the
+        # time measures the reduction, not the ranks' skew in arriving at it.
+        self.barrier_before_reduce = False
+        mode = cfg.staleness.parsed
+        self.mode = mode
+        self.aggregator: SignalWeightedAggregator | None = None
+        if cfg.signal_weighting is not None:
+            sw = cfg.signal_weighting
+            if sw.signal == "cosine_to_prev_global" and stage != 0:
+                raise SpdExtConfigError(
+                    "signal_weighting.signal cosine_to_prev_global needs the whole reduced "
+                    "gradient, which ZeRO-1 keeps partitioned across ranks; use loss_ema or "
+                    "grad_norm_stability, or ZeRO stage 0")
+            self.aggregator = SignalWeightedAggregator(
+                sw.signal, sw.map, temperature=sw.temperature, floor=sw.floor, ema=sw.ema,
+                warmup_steps=sw.warmup_steps, signal_args=sw.signal_args, group=self.dp_group)
+        self.strategy: SyncStrategy | None = None
+        if topology.islands > 1:
+            self.strategy = IslandDiLoCo(mode, engine.optimizer, cfg.staleness.outer_lr,
+                                         cfg.staleness.outer_momentum,
+                                         topology.cross_island_group)
+        elif mode.kind != "ssgd":
+            self.strategy = make_strategy(mode, self.module, group=self.dp_group,
+                                          outer_lr=cfg.staleness.outer_lr,
+                                          outer_momentum=cfg.staleness.outer_momentum) \
+                if mode.kind == "diloco" else make_strategy(mode, self.module,
+                                                            group=self.dp_group)
+        self._partial = [p for p in self.module.parameters()
+                         if getattr(p, "tp_partial_grad", False)] if topology.tp_size > 1 else []
+        self._counter = getattr(self.module, "sync_counter", None) if topology.tp_size > 1 \
+            else None
+        self.log: RunLog | None = None
+        if cfg.metrics.jsonl and dist.get_rank() == 0:
+            self.log = RunLog(Path(cfg.metrics.jsonl), run_name="spd_ext", quiet=True,
+                              config={"spd_ext": _plain(cfg)})
+        self._grad_buffers: dict[torch.dtype, torch.Tensor] = {}
+        if cfg.comm.backend == "spd" and stage == 0 and self.strategy is None:
+            self._grad_buffers = self._make_grad_buffers()
+        self._originals = {name: getattr(engine, name) for name in (
+            "backward", "allreduce_gradients", "_take_model_step", "step", "save_checkpoint",
+            "load_checkpoint", "clip_fp32_gradients")}
+        engine.backward = self.backward
+        engine.allreduce_gradients = self.allreduce_gradients
+        engine._take_model_step = self._take_model_step
+        engine.step = self.step
+        engine.save_checkpoint = self.save_checkpoint
+        engine.load_checkpoint = self.load_checkpoint
+        engine.clip_fp32_gradients = self.clip_fp32_gradients
+        engine.spd_ext = self
+
+    # -- the wrapped engine methods ----------------------------------------------------
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self._micro_losses.append(float(loss.detach()))
+        if self._grad_buffers:
+            self._attach_grad_views()
+        return self._originals["backward"](loss, *args, **kwargs)
+
+    # -- gradients as views of flat buffers (comm.backend "spd", stage 0) ----------------
+    def _make_grad_buffers(self) -> dict[torch.dtype, torch.Tensor]:
+        """One flat buffer per dtype, reused every step: the reduction runs in place on it
+        with no flatten / copy-back (PyTorch DDP's gradient_as_bucket_view). Fresh
+        buffers each step would also pay the page faults of first touch."""
+        sizes: dict[torch.dtype, int] = {}
+        for p in self.module.parameters():
+            if p.requires_grad:
+                sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        return {dtype: torch.zeros(n, dtype=dtype) for dtype, n in sizes.items()}
+
+    def _attach_grad_views(self) -> None:
+        """Point every parameter's .grad at its slice of the buffers before backward, so
+        autograd accumulates into them. DeepSpeed's zero_grad sets .grad to None after
+        each step: then the buffers are zeroed and the views attached again. No Python
+        reference to a view is kept, so autograd may accumulate in place."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if all(p.grad is not None for p in params):
+            return  # accumulating micro-batches into the attached views
+        for buffer in self._grad_buffers.values():
+            buffer.zero_()
+        offsets = dict.fromkeys(self._grad_buffers, 0)
+        for p in params:
+            start = offsets[p.dtype]
+            if p.grad is not None:  # kept by the caller: keep its value
+                self._grad_buffers[p.dtype][start:start + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = self._grad_buffers[p.dtype][start:start + p.numel()].view_as(p)
+            offsets[p.dtype] = start + p.numel()
+
+    def _grads_are_views(self) -> bool:
+        return bool(self._grad_buffers) and all(
+            p.grad is not None and p.grad.untyped_storage().data_ptr()
+            == self._grad_buffers[p.dtype].untyped_storage().data_ptr()
+            for p in self.module.parameters() if p.requires_grad)
+
+    def allreduce_gradients(self, *args: Any, **kwargs: Any) -> None:
+        engine = self.engine
+        if not engine.is_gradient_accumulation_boundary():
+            return self._originals["allreduce_gradients"](*args, **kwargs)
+        if self.barrier_before_reduce:
+            dist.barrier(group=self.dp_group)
+        start = time.perf_counter()
+        losses, self._micro_losses = self._micro_losses, []
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        step = engine.global_steps
+        self.last = {"step": step, "loss": loss}
+        grads = self._reduction_grads()
+        if self._partial:
+            self._sum_partial_grads()
+        if self.strategy is not None and self.topology.islands == 1:
+            out = self.strategy.after_backward(self.module, step, loss) or {}
+            self._skip_optimizer = bool(out.get("skip_optimizer", False))
+        elif self.aggregator is not None:
+            self._weighted_reduce(grads, loss, step, args, kwargs)
+        elif self.cfg.comm.backend == "spd":
+            self._spd_reduce(grads, "mean" if engine.gradient_average else "sum", None)
+        else:
+            self._originals["allreduce_gradients"](*args, **kwargs)
+        self.reduce_seconds.append(time.perf_counter() - start)
+
+    def _take_model_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._skip_optimizer:
+            return self._originals["_take_model_step"](*args, **kwargs)
+        optimizer = self.engine.optimizer
+        optimizer.step = lambda *a, **k: None  # this instance only, for this one call
+        try:
+            return self._originals["_take_model_step"](*args, **kwargs)
+        finally:
+            del optimizer.step
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        out = self._originals["step"](*args, **kwargs)
+        if boundary:
+            step = self.engine.global_steps - 1  # the step just taken
+            if self.strategy is not None:
+                self.strategy.after_step(self.module, step)
+            if self._counter is not None:
+                syncs = self._counter.step()
+                self.last.update(syncs_forward=syncs["forward"],
+                                 syncs_backward=syncs["backward"])
+            norm = self.engine.get_global_grad_norm() if self.stage == 1 else None
+            if norm is not None:
+                self.last["grad_norm"] = float(norm)
+            self.last["skipped_optimizer"] = self._skip_optimizer
+            self._skip_optimizer = False
+            self._write_metrics(step)
+        return out
+
+    def clip_fp32_gradients(self) -> None:
+        """DeepSpeed's stage-0 fp32 clipping, keeping the norm for the metrics. Local SGD /
+        DiLoCo replicas train alone between syncs: each clips its own gradient, as a worker
+        of spd_ext.sync does (DeepSpeed's clip would average the norm over the dp group)."""
+        engine = self.engine
+        if self.replicas_diverge:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                  engine.gradient_clipping())
+        else:
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            norm = clip_grad_norm_(parameters=self.module.parameters(),
+                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        self.last["grad_norm"] = float(norm)
+
+    # -- reductions ---------------------------------------------------------------
+    def _reduction_grads(self) -> list[torch.Tensor]:
+        """The accumulated gradients DeepSpeed is about to reduce, in a fixed order."""
+        if self.stage == 1:
+            opt = self.engine.optimizer
+            grads = (opt.get_gradient_for_reduction(p) for group in opt.bit16_groups
+                     for p in group)
+        else:
+            grads = (p.grad for p in self.module.parameters())
+        return [g for g in grads if g is not None]
+
+    def _grad_of(self, p: nn.Parameter) -> torch.Tensor | None:
+        if self.stage == 1:
+            return self.engine.optimizer.get_gradient_for_reduction(p)
+        return p.grad
+
+    def _sum_partial_grads(self) -> None:
+        """Replicated parameters applied to rank-local views (LayerNorms inside reduced-
+        sync blocks) hold partial gradients: sum them over the tensor-parallel group."""
+        grads = [g for g in (self._grad_of(p) for p in self._partial) if g is not None]
+        if grads:
+            flat = flatten(grads)
+            all_reduce(flat, "sum", group=self.topology.tp_group)
+            copy_back(flat, grads)
+            if self._counter is not None:
+                self._counter.grad_syncs += 1
+
+    def _weighted_reduce(self, grads: list[torch.Tensor], loss: float, step: int,
+                         args: tuple, kwargs: dict) -> None:
+        agg = self.aggregator
+        assert agg is not None
+        weights = agg.compute_weights(loss, step)  # collective; raises WeightError on NaN
+        agg.signal.begin_gradient()
+        for i, g in enumerate(grads):
+            agg.observe_local_piece(i, g.reshape(-1))
+        agg.signal.end_gradient()
+        if self.cfg.comm.backend == "spd":
+            self._spd_reduce(grads, "weighted", weights)
+        else:
+            # DeepSpeed averages (or sums, with gradient_allreduce_op "sum"): pre-scale so
+            # that its reduction yields exactly sum_i w_i g_i.
+            scale = weights[self.dp_rank] * (self.dp_size if self.engine.gradient_average
+                                             else 1)
+            for g in grads:
+                g.mul_(scale)
+            self._originals["allreduce_gradients"](*args, **kwargs)
+        if self.stage == 0 and agg.signal.needs_previous_global:
+            for i, g in enumerate(self._reduction_grads()):
+                agg.remember_global_piece(i, g.reshape(-1))
+        self.last.update(weight=weights[self.dp_rank], weights=weights,
+                         signals=agg.last.get("signals"))
+
+    def _spd_reduce(self, grads: list[torch.Tensor], op: str,
+                    weights: list[float] | None) -> None:
+        """spd_ext's fused all-reduce over the dp group, in buckets of one dtype."""
+        if self._grads_are_views():
+            for buffer in self._grad_buffers.values():  # in place: the grads are its views
+                all_reduce(buffer, op, weights=weights, group=self.dp_group)
+            return
+        limit = int(self.cfg.comm.bucket_mb * 2**20)
+        bucket: list[torch.Tensor] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal bucket, size
+            if bucket:
+                flat = flatten(bucket)
+                all_reduce(flat, op, weights=weights, group=self.dp_group)
+                copy_back(flat, bucket)
+            bucket, size = [], 0
+
+        for g in grads:
+            if bucket and (g.dtype != bucket[0].dtype or size + g.numel() * g.element_size()
+                           > limit):
+                flush()
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        flush()
+
+    # -- metrics ------------------------------------------------------------------
+    def _write_metrics(self, step: int) -> None:
+        if (step + 1) % self.cfg.metrics.interval != 0:
+            return
+        values: dict[str, float] = {"loss": self.last.get("loss", float("nan"))}
+        for r, w in enumerate(self.last.get("weights") or []):
+            values[f"weight/rank{r}"] = w
+        for r, s in enumerate(self.last.get("signals") or []):
+            values[f"signal/rank{r}"] = s
+        if self.strategy is not None:
+            m = self.strategy.metrics
+            if m.staleness:
+                values["staleness"] = float(m.staleness[-1])
+            values["sync_messages"] = float(m.messages)
+        for key in ("syncs_forward", "syncs_backward", "grad_norm"):
+            if key in self.last:
+                values[key] = float(self.last[key])
+        values["skipped_optimizer"] = float(self.last.get("skipped_optimizer", False))
+        engine = self.engine
+        if dist.get_rank() == 0:
+            if getattr(engine.monitor, "enabled", False):
+                engine.monitor.write_events([(f"spd_ext/{k}", v, engine.global_samples)
+                                             for k, v in values.items() if math.isfinite(v)])
+            if self.log is not None:
+                self.log.metrics(step=step + 1, **values)
+
+    # -- checkpoints --------------------------------------------------------------
+    @property
+    def replicas_diverge(self) -> bool:
+        """Local SGD / DiLoCo at stage 0: every rank's weights and optimizer state are its
+        own between syncs, while DeepSpeed checkpoints data-parallel rank 0's only."""
+        return self.mode.kind in ("local_sgd", "diloco") and self.topology.islands == 1
+
+    def state_dict(self) -> dict:
+        state = {"version": STATE_VERSION, "global_steps": self.engine.global_steps,
+                 "aggregator": self.aggregator.state_dict() if self.aggregator else None,
+                 "strategy": self.strategy.state_dict() if self.strategy else None}
+        if self.replicas_diverge:
+            state["replica"] = {
+                "params": [p.detach().clone() for p in self.module.parameters()],
+                "optimizer": self.engine.optimizer.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise RuntimeError(f"spd_ext state version {state.get('version')} is not "
+                               f"{STATE_VERSION}: saved by another spd_ext version")
+        for name in ("aggregator", "strategy"):
+            obj, saved = getattr(self, name), state[name]
+            if (obj is None) != (saved is None):
+                raise RuntimeError(
+                    f"the checkpoint's spd_ext state {'has' if saved is not None else 'lacks'} "
+                    f"a {name} but this engine's \"spd_ext\" section "
+                    f"{'does not use' if obj is None else 'uses'} one; resume with the "
+                    "section the checkpoint was saved with")
+            if obj is not None:
+                obj.load_state_dict(saved)
+        if self.replicas_diverge:
+            replica = state["replica"]
+            with torch.no_grad():
+                for p, saved in zip(self.module.parameters(), replica["params"]):
+                    p.copy_(saved)
+            self.engine.optimizer.load_state_dict(replica["optimizer"])
+
+    def _state_path(self, root: str, tag: str) -> Path:
+        return Path(root) / tag / "spd_ext" / f"rank{dist.get_rank():05d}.pt"
+
+    def _deepspeed_dir(self, root: str) -> str:
+        """Islands train apart between syncs and repeat each other's data-parallel ranks,
+        so each island keeps its own DeepSpeed checkpoint (``<root>/island<k>``)."""
+        if self.topology.islands == 1:
+            return root
+        return str(Path(root) / f"island{self.topology.island}")
+
+    def save_checkpoint(self, save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        tag = f"global_step{self.engine.global_steps}" if tag is None else str(tag)
+        state = self.state_dict()  # collective for delayed:k (waits for gradients in flight)
+        out = self._originals["save_checkpoint"](self._deepspeed_dir(save_dir), tag, *args,
+                                                 **kwargs)
+        with atomic_path(self._state_path(save_dir, tag)) as tmp:
+            torch.save(state, tmp)
+        if self.topology.islands > 1 and dist.get_rank() == 0:
+            with atomic_path(Path(save_dir) / "latest") as tmp:
+                tmp.write_text(tag)
+        dist.barrier()
+        return out
+
+    def load_checkpoint(self, load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if tag is None and self.topology.islands > 1:
+            latest = Path(load_dir) / "latest"
+            if not latest.is_file():
+                raise FileNotFoundError(f"{latest} is missing: no checkpoint of an islands run "
+                                        f"in {load_dir}; pass tag= or the directory given to "
+                                        "save_checkpoint")
+            tag = latest.read_text().strip()
+        out = self._originals["load_checkpoint"](self._deepspeed_dir(load_dir), tag, *args,
+                                                 **kwargs)
+        if out is None or out[0] is None:
+            return out  # DeepSpeed found nothing to load and said so
+        if tag is None:
+            tag = (Path(load_dir) / "latest").read_text().strip()
+        path = self._state_path(load_dir, str(tag))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint in {load_dir} (tag {tag}) was not saved by "
+                "an engine with spd_ext attached, or with a different world size; resume "
+                "from a checkpoint saved through spd_ext")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state)
+        return out
+
+
+def _plain(cfg: SpdExtConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -1,0 +1,121 @@
+"""Which ranks reduce with which: tensor-parallel x data-parallel groups, or DiLoCo islands,
+and the ``mpu`` object through which DeepSpeed learns them.
+
+DeepSpeed asks an ``mpu`` (Megatron's parallel-state interface) for its data-parallel
+group (broadcasts at start, batch-size arithmetic, gradient reduction, ZeRO partitions)
+and for the model-parallel group (gradient norms: sharded parameters count on every
+rank, replicated ones on model-parallel rank 0 only).
+
+* tensor parallelism T: ranks ``[k*T, (k+1)*T)`` form tensor-parallel group k (one model
+  replica), ranks at the same position of their group form a data-parallel group.
+* islands K (DiLoCo): ranks ``[k*S, (k+1)*S)``, S = world / K, form island k, DeepSpeed's
+  data-parallel group (ZeRO-1 inside it); ranks at the same position of their island hold
+  the same ZeRO partition and average it across islands every H steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from spd_ext.tp.parallel_state import block_and_strided_groups, initialize_model_parallel
+
+
+class ModelParallelUnit:
+    """DeepSpeed's ``mpu`` interface over a model-parallel and a data-parallel group."""
+
+    def __init__(self, mp_group: Any, mp_ranks: tuple[int, ...], dp_group: Any,
+                 dp_ranks: tuple[int, ...]) -> None:
+        rank = dist.get_rank()
+        self._mp = (mp_group, mp_ranks, mp_ranks.index(rank))
+        self._dp = (dp_group, dp_ranks, dp_ranks.index(rank))
+
+    # model (tensor) parallel: Megatron's old and new names, both read by DeepSpeed
+    def get_model_parallel_group(self) -> Any:
+        return self._mp[0]
+
+    def get_model_parallel_world_size(self) -> int:
+        return len(self._mp[1])
+
+    def get_model_parallel_rank(self) -> int:
+        return self._mp[2]
+
+    def get_model_parallel_src_rank(self) -> int:
+        return self._mp[1][0]
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_src_rank = get_model_parallel_src_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    # data parallel
+    def get_data_parallel_group(self) -> Any:
+        return self._dp[0]
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self._dp[1])
+
+    def get_data_parallel_rank(self) -> int:
+        return self._dp[2]
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self._dp[1])
+
+
+@dataclass(frozen=True)
+class Topology:
+    tp_size: int
+    islands: int
+    mpu: ModelParallelUnit | None
+    tp_group: Any = None  # this rank's tensor-parallel group (tp_size > 1)
+    tp_ranks: tuple[int, ...] = ()
+    dp_group: Any = None  # what DeepSpeed reduces over (None: the world)
+    dp_ranks: tuple[int, ...] = ()
+    cross_island_group: Any = None  # same ZeRO partition on every island (islands > 1)
+    cross_island_ranks: tuple[int, ...] = ()
+
+    @property
+    def island(self) -> int:
+        return dist.get_rank() // (dist.get_world_size() // self.islands)
+
+
+_CACHE: dict[tuple, Topology] = {}
+
+
+def build_topology(tp_size: int = 1, islands: int = 1) -> Topology:
+    """The groups for ``tp_size`` and ``islands`` (collective the first time; cached for
+    the life of the process group, so every engine of a process shares them)."""
+    if not dist.is_initialized():
+        raise RuntimeError("spd_ext.deepspeed needs torch.distributed initialized; call "
+                           "deepspeed.init_distributed() first (initialize() does)")
+    key = (id(dist.group.WORLD), tp_size, islands)
+    if key in _CACHE:
+        return _CACHE[key]
+    world = dist.get_world_size()
+    if tp_size > 1 and islands > 1:
+        raise ValueError("tensor parallelism and islands together are not supported")
+    if tp_size > 1:
+        groups = initialize_model_parallel(tp_size)
+        topo = Topology(tp_size, 1, ModelParallelUnit(groups.tp_group, groups.tp_ranks,
+                                                       groups.dp_group, groups.dp_ranks),
+                        tp_group=groups.tp_group, tp_ranks=groups.tp_ranks,
+                        dp_group=groups.dp_group, dp_ranks=groups.dp_ranks)
+    elif islands > 1:
+        if world % islands != 0:
+            raise ValueError(f"{islands} islands do not divide the world size {world}")
+        (island_group, island_ranks), (cross_group, cross_ranks) = \
+            block_and_strided_groups(world // islands)
+        (self_group, self_ranks), _ = block_and_strided_groups(1)  # model parallel: alone
+        topo = Topology(1, islands, ModelParallelUnit(self_group, self_ranks, island_group,
+                                                       island_ranks),
+                        dp_group=island_group, dp_ranks=island_ranks,
+                        cross_island_group=cross_group, cross_island_ranks=cross_ranks)
+    else:
+        topo = Topology(1, 1, None, dp_ranks=tuple(range(world)))
+    _CACHE[key] = topo
+    return topo

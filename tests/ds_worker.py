@@ -1,0 +1,358 @@
+"""Runs under the real ``deepspeed`` launcher for tests/test_deepspeed.py.
+
+    deepspeed --num_gpus N tests/ds_worker.py --scenario NAME --out DIR
+
+Each scenario trains tiny GPTs through ``spd_ext.deepspeed`` and, in the same job, the
+reference the test compares against (computed without DeepSpeed), and writes
+``DIR/<scenario>.rank<R>.json``. Batches depend only on (data-parallel rank, step), so
+a reference can rebuild any rank's batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+import spd_ext.deepspeed as sd
+from spd_ext.dp.signals import LossEMA
+from spd_ext.dp.weights import SoftmaxWeights
+from spd_ext.sync import make_strategy, parse_mode
+from spd_ext.tp import DistributedComm, EmulatedComm, GPTConfig, ReducedSyncGPT
+
+VOCAB, BLOCK, MICRO = 32, 16, 2
+LR, WD, CLIP = 3e-3, 0.1, 1.0
+
+
+def gpt_config(**overrides) -> GPTConfig:
+    base = dict(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16,
+                pattern="tp*2", tp_size=1, bias=False)
+    return GPTConfig(**{**base, **overrides})
+
+
+def batch(dp_rank: int, step: int, micro: int = 0, size: int = MICRO) -> tuple:
+    g = torch.Generator().manual_seed(100_000 * step + 100 * dp_rank + micro)
+    x = torch.randint(0, VOCAB, (size, BLOCK), generator=g)
+    # Rank-dependent difficulty, so the loss signals (and weights) differ across ranks.
+    y = torch.where(torch.rand(size, BLOCK, generator=g) < 0.3 * (dp_rank + 1),
+                    torch.randint(0, VOCAB, (size, BLOCK), generator=g), (x + 1) % VOCAB)
+    return x, y
+
+
+def ds_config(stage: int = 0, bf16: bool = False, gas: int = 1, dp: int = 2,
+              section: dict | None = None, clip: float = CLIP) -> dict:
+    cfg = {"train_batch_size": MICRO * gas * dp, "train_micro_batch_size_per_gpu": MICRO,
+           "gradient_accumulation_steps": gas, "gradient_clipping": clip,
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD,
+                                                     "betas": [0.9, 0.99], "eps": 1e-8,
+                                                     "torch_adam": True}},
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10_000,
+           "wall_clock_breakdown": False}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if section is not None:
+        cfg["spd_ext"] = section
+    return cfg
+
+
+def reference_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.99),
+                             eps=1e-8)
+
+
+def flat_params(model: torch.nn.Module) -> list[float]:
+    dense = model.dense_state_dict() if hasattr(model, "dense_state_dict") else \
+        model.state_dict()
+    return torch.cat([v.float().reshape(-1) for _, v in sorted(dense.items())]).tolist()
+
+
+def train_engine(engine, steps: int, dp_rank: int, gas: int = 1, first: int = 0) -> list[float]:
+    """Every rank's mean micro-batch loss per step."""
+    losses = []
+    for step in range(first, first + steps):
+        total = 0.0
+        for micro in range(gas):
+            x, y = batch(dp_rank, step, micro)
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            total += loss.item()
+        losses.append(total / gas)
+    return losses
+
+
+# -- signal weighting -------------------------------------------------------------
+SIGNAL = {"signal": "loss_ema", "map": "softmax", "temperature": 0.05, "floor": 0.1,
+          "warmup_steps": 1}
+
+
+def weighting_reference(steps: int, world: int, gas: int) -> dict:
+    """All ranks in one process: g = sum_i w_i g_i, then clip and AdamW (no DeepSpeed)."""
+    model = ReducedSyncGPT(gpt_config())
+    opt = reference_optimizer(model)
+    signals = [LossEMA() for _ in range(world)]
+    wmap = SoftmaxWeights(temperature=SIGNAL["temperature"], floor=SIGNAL["floor"],
+                          warmup_steps=SIGNAL["warmup_steps"])
+    history = []
+    for step in range(steps):
+        grads, losses = [], []
+        for r in range(world):
+            model.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(gas):
+                _, loss = model(*batch(r, step, micro))
+                (loss / gas).backward()
+                total += loss.item()
+            losses.append(total / gas)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for r in range(world):
+            signals[r].observe_loss(losses[r])
+        weights = wmap([s.raw() for s in signals], step, False)
+        for i, p in enumerate(model.parameters()):
+            p.grad = sum(w * g[i] for w, g in zip(weights, grads))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        history.append({"losses": losses, "weights": weights})
+    return {"history": history, "params": flat_params(model)}
+
+
+def scenario_weighting(rank: int, world: int, out: dict) -> None:
+    steps = 4
+    cases = {  # name -> (stage, bf16, gas, backend)
+        "z0_fp32": (0, False, 1, "deepspeed"), "z0_fp32_spd": (0, False, 1, "spd"),
+        "z0_fp32_gas2": (0, False, 2, "deepspeed"), "z0_fp32_spd_gas2": (0, False, 2, "spd"),
+        "z1_fp32": (1, False, 1, "deepspeed"),
+        "z1_fp32_gas2": (1, False, 2, "deepspeed"), "z0_bf16": (0, True, 1, "deepspeed"),
+        "z0_bf16_spd": (0, True, 1, "spd"), "z1_bf16": (1, True, 1, "deepspeed"),
+    }
+    for name, (stage, bf16, gas, backend) in cases.items():
+        model = ReducedSyncGPT(gpt_config())
+        if bf16:
+            model = model.to(torch.bfloat16)
+        section = {"signal_weighting": SIGNAL, "comm": {"backend": backend}}
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config(stage, bf16, gas, section=section))
+        weights = []
+        losses = []
+        for step in range(steps):
+            losses += train_engine(engine, 1, rank, gas, first=step)
+            weights.append(engine.spd_ext.last["weights"])
+        out[name] = {"losses": losses, "weights": weights, "params": flat_params(model),
+                     "gas": gas}
+    # attach() to an engine made by plain deepspeed.initialize (section in its config)
+    model = ReducedSyncGPT(gpt_config())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config(0, section={"signal_weighting": SIGNAL}))
+    sd.attach(engine)
+    losses = train_engine(engine, steps, rank)
+    out["attach"] = {"losses": losses, "params": flat_params(model), "gas": 1}
+    if rank == 0:
+        out["reference"] = {1: weighting_reference(steps, world, 1),
+                            2: weighting_reference(steps, world, 2)}
+
+
+# -- staleness ----------------------------------------------------------------------
+def staleness_reference(mode: str, steps: int, rank: int) -> dict:
+    """spd_ext.sync's strategy with the Trainer's order of operations (no DeepSpeed)."""
+    model = ReducedSyncGPT(gpt_config())
+    opt = reference_optimizer(model)
+    strategy = make_strategy(parse_mode(mode), model)
+    losses = []
+    for step in range(steps):
+        _, loss = model(*batch(rank, step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        extra = strategy.after_backward(model, step, loss.item()) or {}
+        if not extra.get("skip_optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+        strategy.after_step(model, step)
+        losses.append(loss.item())
+    strategy.finish(model)
+    return {"losses": losses, "params": flat_params(model)}
+
+
+def scenario_staleness(rank: int, world: int, out: dict) -> None:
+    steps = 6
+    for mode in ("delayed:2", "local_sgd:2", "diloco:3"):
+        model = ReducedSyncGPT(gpt_config())
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config(0, section={"staleness": {"mode": mode}}))
+        losses = train_engine(engine, steps, rank)
+        out[mode] = {"losses": losses, "params": flat_params(model),
+                     "reference": staleness_reference(mode, steps, rank)}
+
+
+# -- checkpoints ----------------------------------------------------------------------
+def scenario_resume(rank: int, world: int, out: dict) -> None:
+    steps, cut = 6, 3
+    cases = {"weighted_z0": (0, {"signal_weighting": SIGNAL}),
+             "weighted_z1": (1, {"signal_weighting": {**SIGNAL, "signal": "grad_norm_stability",
+                                                      "signal_args": {"window": 3}}}),
+             "delayed": (0, {"staleness": {"mode": "delayed:2"}}),
+             "diloco": (0, {"staleness": {"mode": "diloco:2"}})}
+    root = Path(tempfile.mkdtemp(prefix="spd_ext_ds_ckpt_")) if rank == 0 else None
+    shared = [str(root)]
+    dist.broadcast_object_list(shared, src=0)
+    for name, (stage, section) in cases.items():
+        def make():
+            model = ReducedSyncGPT(gpt_config())
+            engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(stage, section=section))
+            return engine
+        full = train_engine(make(), steps, rank)
+        first = make()
+        part = train_engine(first, cut, rank)
+        first.save_checkpoint(f"{shared[0]}/{name}")
+        resumed = make()
+        resumed.load_checkpoint(f"{shared[0]}/{name}")
+        part += train_engine(resumed, steps - cut, rank, first=cut)
+        # the same resume without spd_ext's state: what the test shows differs
+        bare = make()
+        bare.spd_ext.load_state_dict = lambda state: None
+        bare.load_checkpoint(f"{shared[0]}/{name}")
+        lost = train_engine(bare, steps - cut, rank, first=cut)
+        out[name] = {"full": full, "resumed": part, "without_state": full[:cut] + lost,
+                     "files": sorted(str(p.relative_to(shared[0])) for p in
+                                     Path(shared[0], name).rglob("rank*.pt"))}
+
+
+# -- islands -------------------------------------------------------------------------
+def scenario_islands(rank: int, world: int, out: dict) -> None:
+    steps, H, cut = 6, 2, 3
+    islands = 2
+    per = world // islands
+    section = {"staleness": {"mode": f"diloco:{H}", "islands": islands}}
+
+    def make():
+        model = ReducedSyncGPT(gpt_config())
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config(1, dp=per, section=section))
+        return model, engine
+
+    model, engine = make()
+    topo = engine.spd_ext.topology
+    local = topo.dp_ranks.index(rank)
+    island = rank // per
+    losses = []
+    for step in range(steps):
+        x, y = batch(per * island + local, step)
+        _, loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        t = torch.tensor([loss.item()])
+        dist.all_reduce(t, group=topo.dp_group)
+        losses.append(t.item() / per)
+    out["engine"] = {"island_losses": losses, "params": flat_params(model), "island": island}
+    # the same run, checkpointed after `cut` steps and resumed in a new engine
+    root = [tempfile.mkdtemp(prefix="spd_ext_ds_islands_") if rank == 0 else None]
+    dist.broadcast_object_list(root, src=0)
+    resumed = []
+    _, first = make()
+    for step in range(steps):
+        if step == cut:
+            first.save_checkpoint(root[0])
+            _, first = make()
+            first.load_checkpoint(root[0])
+        _, loss = first(*batch(per * island + local, step))
+        first.backward(loss)
+        first.step()
+        t = torch.tensor([loss.item()])
+        dist.all_reduce(t, group=topo.dp_group)
+        resumed.append(t.item() / per)
+    out["resumed"] = {"island_losses": resumed}
+    # Reference: spd_ext.sync's diloco:H with one worker per island (ranks 0, per, ...)
+    # whose batch is the island's batch.
+    workers = list(range(0, world, per))
+    group = dist.new_group(workers)
+    if rank in workers:
+        ref = ReducedSyncGPT(gpt_config())
+        opt = reference_optimizer(ref)
+        strategy = make_strategy(parse_mode(f"diloco:{H}"), ref, group=group)
+        ref_losses = []
+        for step in range(steps):
+            parts = [batch(per * island + j, step) for j in range(per)]
+            x = torch.cat([p[0] for p in parts])
+            y = torch.cat([p[1] for p in parts])
+            _, loss = ref(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+            opt.step()
+            strategy.after_step(ref, step)
+            ref_losses.append(loss.item())
+        out["reference"] = {"island_losses": ref_losses, "params": flat_params(ref)}
+
+
+# -- tensor x data parallel ----------------------------------------------------------
+TP_PATTERN = "parallel,spd"
+TP_CLIP = 0.3  # below the gradient norms of these steps, so clipping acts every step
+
+
+def scenario_tp(rank: int, world: int, out: dict) -> None:
+    steps, tp = 4, 2
+    dp = world // tp
+    for stage in (0, 1):
+        topo = sd.build_topology(tp)
+        model = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp),
+                               DistributedComm(topo.tp_group))
+        section = {"tensor_parallel": {"size": tp, "pattern": TP_PATTERN}}
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config(stage, dp=dp, section=section,
+                                                    clip=TP_CLIP))
+        dp_rank = topo.dp_ranks.index(rank)
+        losses, syncs, norms = [], [], []
+        for step in range(steps):
+            _, loss = engine(*batch(dp_rank, step))
+            engine.backward(loss)
+            engine.step()
+            norms.append(engine.spd_ext.last.get("grad_norm"))
+            t = torch.tensor([loss.item()])
+            dist.all_reduce(t, group=topo.dp_group)
+            losses.append(t.item() / dp)
+            syncs.append([engine.spd_ext.last.get("syncs_forward"),
+                          engine.spd_ext.last.get("syncs_backward")])
+        out[f"z{stage}"] = {"losses": losses, "params": flat_params(model), "syncs": syncs,
+                            "grad_norms": norms}
+    if rank == 0:  # the emulated model on the union of the dp ranks' batches
+        ref = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp), EmulatedComm(tp))
+        opt = reference_optimizer(ref)
+        losses, norms = [], []
+        for step in range(steps):
+            parts = [batch(d, step) for d in range(dp)]
+            _, loss = ref(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), TP_CLIP).item())
+            opt.step()
+            losses.append(loss.item())
+        out["reference"] = {"losses": losses, "params": flat_params(ref), "grad_norms": norms}
+
+
+SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
+             "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict = {}
+    SCENARIOS[args.scenario](rank, world, out)
+    path = Path(args.out) / f"{args.scenario}.rank{rank}.json"
+    path.write_text(json.dumps(out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

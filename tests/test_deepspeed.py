@@ -1,0 +1,266 @@
+"""spd_ext.deepspeed: the config section (in process) and the engine integration under the
+real ``deepspeed`` launcher (2 and 4 CPU ranks, gloo) against references computed without
+DeepSpeed (tests/ds_worker.py computes both in one job)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_ext.comm.launch import free_port
+
+from conftest import FORCED_FALLBACK
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED or shutil.which("deepspeed") is None,
+                                     reason="deepspeed not installed")
+if HAVE_DEEPSPEED:
+    import spd_ext.deepspeed as sd
+    from spd_ext.deepspeed import SpdExtConfigError, parse_config
+
+pytestmark = needs_deepspeed
+
+
+# -- the config section ---------------------------------------------------------------
+def base(stage: int = 0, **extra) -> dict:
+    return {"train_batch_size": 4, "zero_optimization": {"stage": stage}, **extra}
+
+
+def refused(section: dict, match: str, world: int | None = 2, **ds) -> None:
+    with pytest.raises(SpdExtConfigError, match=match):
+        parse_config({**base(**ds), "spd_ext": section}, world_size=world)
+
+
+def test_defaults_and_section_removed() -> None:
+    rest, cfg = parse_config({**base(), "spd_ext": {"signal_weighting": {}}}, world_size=2)
+    assert "spd_ext" not in rest and rest["zero_optimization"] == {"stage": 0}
+    sw = cfg.signal_weighting
+    assert (sw.signal, sw.map, sw.temperature, sw.floor, sw.warmup_steps) == \
+        ("loss_ema", "softmax", 1.0, 0.05, 20)
+    assert cfg.staleness.mode == "ssgd" and cfg.comm.backend == "deepspeed"
+    _, plain = parse_config(base(), world_size=2)
+    assert plain.signal_weighting is None and not plain.active
+
+
+def test_the_issue_example_parses() -> None:
+    section = {"signal_weighting": {"signal": "loss_ema", "map": "softmax", "temperature": 1.0,
+                                    "floor": 0.05, "warmup_steps": 20},
+               "staleness": {"mode": "diloco:50", "islands": 2}}
+    _, cfg = parse_config({**base(1), "spd_ext": {k: v for k, v in section.items()
+                                                  if k != "signal_weighting"}}, world_size=4)
+    assert cfg.staleness.parsed.value == 50 and cfg.staleness.islands == 2
+    _, cfg = parse_config({**base(0), "spd_ext": {
+        "tensor_parallel": {"size": 2, "pattern": "spd*12"}, "comm": {"backend": "spd"}}},
+        world_size=4)
+    assert cfg.tensor_parallel.size == 2
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"signal_weigthing": {}}, "unknown key 'signal_weigthing'; did you mean 'signal_weighting'"),
+    ({"signal_weighting": {"temprature": 1}}, "did you mean 'temperature'"),
+    ({"signal_weighting": {"signal": "foo"}}, r"signal_weighting.signal: unknown signal 'foo'"),
+    ({"signal_weighting": {"map": "linear"}}, "unknown weight map 'linear'"),
+    ({"signal_weighting": {"temperature": 0}}, r"temperature must be > 0"),
+    ({"signal_weighting": {"floor": 0.9}}, r"floor 0.9 leaves no room for 2 data-parallel ranks.*floor <= 1/2"),
+    ({"signal_weighting": {"floor": "a"}}, r"floor must be a number, got 'a'"),
+    ({"signal_weighting": {"warmup_steps": -3}}, r"warmup_steps must be >= 0"),
+    ({"signal_weighting": {"warmup_steps": 1.5}}, r"warmup_steps must be an integer"),
+    ({"signal_weighting": {"map": "inverse", "signal": "grad_norm_stability"}},
+     "needs a lower-is-better signal"),
+    ({"signal_weighting": {"signal_args": {"beta": 2}}}, r"signal_args .* do not fit"),
+    ({"staleness": {"mode": "ssp:2"}}, "needs a parameter server"),
+    ({"staleness": {"mode": "diloco"}}, "needs an integer H"),
+    ({"staleness": {"mode": "delayed:2", "islands": 2}}, "islands = 2 needs mode diloco"),
+    ({"tensor_parallel": {"size": 0}}, r"size must be >= 1"),
+    ({"tensor_parallel": {"size": 2, "pattern": "spd*x"}}, r"tensor_parallel.pattern"),
+    ({"tensor_parallel": {"size": 3}}, r"tensor_parallel.size 3 does not divide the world "
+                                       r"size 2; .* use one of \[1, 2\]"),
+    ({"comm": {"backend": "nccl"}}, "unknown backend 'nccl'"),
+    ({"metrics": {"interval": 0}}, "interval must be >= 1"),
+    ({"staleness": None}, "cannot be None"),
+    ([], "must be a JSON object"),
+])
+def test_bad_values_name_key_value_and_fix(section, match) -> None:
+    refused(section, match)
+
+
+@pytest.mark.parametrize("section, ds, match", [
+    ({"signal_weighting": {}}, {"stage": 2}, "stage 2 with spd_ext: ZeRO-2/3"),
+    ({"signal_weighting": {}}, {"stage": 3}, "stage 3 with spd_ext"),
+    ({"signal_weighting": {}}, {"fp16": {"enabled": True}}, "fp16 with spd_ext"),
+    ({"comm": {"backend": "spd"}}, {"stage": 1}, "backend 'spd' with zero_optimization.stage 1"),
+    ({"staleness": {"mode": "local_sgd:4"}}, {"stage": 1},
+     "local_sgd:4 with zero_optimization.stage 1: ZeRO-1 partitions the optimizer state"),
+    ({"staleness": {"mode": "diloco:4"}}, {"stage": 1}, "or diloco:H with islands > 1"),
+    ({"staleness": {"mode": "delayed:1"}}, {"bf16": {"enabled": True}},
+     "with bf16 at stage 0"),
+    ({"staleness": {"mode": "diloco:4", "islands": 2}}, {"stage": 0},
+     "islands 2 needs zero_optimization.stage 1"),
+    ({"staleness": {"mode": "delayed:1"}, "signal_weighting": {}}, {},
+     "signal_weighting with staleness.mode delayed:1"),
+    ({"staleness": {"mode": "delayed:1"}, "tensor_parallel": {"size": 2}}, {},
+     "tensor_parallel.size 2 with staleness.mode delayed:1"),
+    ({"staleness": {"mode": "delayed:1"}, "comm": {"backend": "spd"}}, {},
+     "backend 'spd' with staleness.mode"),
+    ({"signal_weighting": {}}, {"stage": 1, "zero_optimization": {"stage": 1,
+                                                                  "overlap_comm": True}},
+     "overlap_comm"),
+    ({"signal_weighting": {}}, {"bf16": {"enabled": True},
+                                "data_types": {"grad_accum_dtype": "fp32"}}, "BF16_Optimizer"),
+])
+def test_unsound_combinations_name_both_features(section, ds, match) -> None:
+    stage = ds.pop("stage", 0)
+    refused(section, match, world=4, stage=stage, **ds)
+
+
+def test_world_size_from_the_launcher_environment(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(SpdExtConfigError, match="size 4 does not divide the world size 6"):
+        parse_config({**base(), "spd_ext": {"tensor_parallel": {"size": 4}}})
+
+
+def test_config_files(tmp_path) -> None:
+    with pytest.raises(SpdExtConfigError, match="is not a file"):
+        parse_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": 4,}')
+    with pytest.raises(SpdExtConfigError, match="bad.json' is not valid JSON: line 1"):
+        parse_config(str(bad))
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({**base(), "spd_ext": {"signal_weighting": {"floor": 0.1}}}))
+    rest, cfg = parse_config(str(good), world_size=2)
+    assert cfg.signal_weighting.floor == 0.1 and "spd_ext" not in rest
+
+
+def test_initialize_checks_the_section_before_any_collective() -> None:
+    # No process group exists here: the error must come first, not a hang or a traceback
+    # from torch.distributed.
+    with pytest.raises(SpdExtConfigError, match="unknown staleness mode"):
+        sd.initialize(model=torch.nn.Linear(2, 2),
+                      config={**base(), "spd_ext": {"staleness": {"mode": "sync"}}})
+
+
+def test_attach_names_missing_deepspeed_internals() -> None:
+    class OldEngine:  # a DeepSpeed without the hook point spd_ext relies on
+        def zero_optimization_stage(self) -> int:
+            return 0
+
+    with pytest.raises(RuntimeError, match="lacks allreduce_gradients, backward"):
+        sd.EngineIntegration(OldEngine(), sd.SpdExtConfig(), None)
+
+
+# -- under the deepspeed launcher -------------------------------------------------------
+def run_scenario(name: str, nproc: int, tmp_path: Path, timeout: float = 300) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "DS_ACCELERATOR": "cpu"}
+    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           str(ROOT / "tests" / "ds_worker.py"), "--scenario", name, "--out", str(tmp_path)]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{name}: the deepspeed job outlived {timeout} s:\n{exc.stdout}\n"
+                    f"{exc.stderr}")
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def close(a: list[float], b: list[float], atol: float, what: str) -> None:
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    worst = (ta - tb).abs().max().item()
+    assert worst <= atol, f"{what}: differs by {worst:.3g} > {atol:.3g}"
+
+
+def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> None:
+    """The engine's gradient is sum_i w_i g_i (stage 0 and 1, DeepSpeed's reduction and
+    spd_ext's, gradient accumulation, clipping on): fp32 equals the reference bitwise up
+    to the fused kernel's rounding; bf16 within bf16 rounding."""
+    ranks = run_scenario("weighting", 2, tmp_path)
+    refs = {int(k): v for k, v in ranks[0]["reference"].items()}
+    for name, result in ranks[0].items():
+        if name == "reference":
+            continue
+        ref = refs[result["gas"]]
+        bf16 = "bf16" in name
+        for r, rank in enumerate(ranks):
+            close(rank[name]["losses"], [h["losses"][r] for h in ref["history"]],
+                  5e-2 if bf16 else 1e-6, f"{name} rank {r} losses")
+        # every rank holds the same weights afterwards
+        assert ranks[0][name]["params"] == ranks[1][name]["params"], name
+        close(result["params"], ref["params"], 2e-2 if bf16 else 1e-6, f"{name} weights")
+        if "weights" in result and not bf16:
+            for step, (got, want) in enumerate(zip(result["weights"], ref["history"])):
+                close(got, want["weights"], 1e-5, f"{name} step {step} weights")
+    # the signals made the weights move off uniform, so the test sees the weighting
+    assert abs(ref["history"][-1]["weights"][0] - 0.5) > 0.02
+
+
+@pytest.mark.skipif(FORCED_FALLBACK, reason="staleness modes reduce like any all-reduce: "
+                    "covered by the kernel run; the fallback run covers the weighting job")
+def test_staleness_modes_equal_spd_ext_sync(tmp_path) -> None:
+    """delayed:k, local_sgd:H, diloco:H inside the engine (ZeRO-0) give the losses and
+    weights of the same mode of spd_ext.sync on the same batches (tolerance 1e-6)."""
+    ranks = run_scenario("staleness", 2, tmp_path)
+    for r, rank in enumerate(ranks):
+        for mode, result in rank.items():
+            close(result["losses"], result["reference"]["losses"], 1e-6, f"{mode} rank {r}")
+            close(result["params"], result["reference"]["params"], 1e-6, f"{mode} rank {r}")
+    # the modes differ from each other (each one's own schedule reached the engine)
+    losses = [tuple(ranks[0][mode]["losses"]) for mode in ranks[0]]
+    assert len(set(losses)) == len(losses)
+
+
+@pytest.mark.skipif(FORCED_FALLBACK, reason="checkpoint state is independent of the kernels")
+def test_resume_continues_with_the_same_losses(tmp_path) -> None:
+    """save_checkpoint / load_checkpoint carry the signal EMAs, the delayed-gradient queue,
+    the DiLoCo anchor and outer momentum, and each replica's own weights: a resumed run
+    continues exactly; without that state it does not."""
+    ranks = run_scenario("resume", 2, tmp_path)
+    for r, rank in enumerate(ranks):
+        for name, result in rank.items():
+            assert result["resumed"] == result["full"], f"{name} rank {r}"
+            assert result["files"] == [f"{name}/global_step3/spd_ext/rank00000.pt",
+                                       f"{name}/global_step3/spd_ext/rank00001.pt"]
+    for name in ("weighted_z0", "delayed", "diloco"):
+        assert any(rank[name]["without_state"] != rank[name]["full"] for rank in ranks), name
+
+
+@pytest.mark.skipif(FORCED_FALLBACK, reason="4-rank jobs run once, against the kernels")
+def test_islands_diloco_with_zero1_equals_two_diloco_workers(tmp_path) -> None:
+    """4 ranks = 2 islands x ZeRO-1 over 2 ranks == spd_ext.sync's diloco:H with 2 workers
+    whose batch is an island's batch; resuming from a checkpoint is exact."""
+    ranks = run_scenario("islands", 4, tmp_path)
+    for r, rank in enumerate(ranks):
+        ref = ranks[2 * (r // 2)]["reference"]
+        close(rank["engine"]["island_losses"], ref["island_losses"], 1e-5, f"rank {r} losses")
+        close(rank["engine"]["params"], ref["params"], 1e-6, f"rank {r} weights")
+        assert rank["resumed"]["island_losses"] == rank["engine"]["island_losses"]
+    # the islands trained apart between syncs: their losses differ
+    assert ranks[0]["engine"]["island_losses"] != ranks[2]["engine"]["island_losses"]
+
+
+@pytest.mark.skipif(FORCED_FALLBACK, reason="4-rank jobs run once, against the kernels")
+def test_tensor_x_data_parallel_trains_like_the_emulated_model(tmp_path) -> None:
+    """tp 2 x dp 2 with a reduced pattern, ZeRO 0 and 1, clipping acting every step ==
+    the emulated model on the union of the dp ranks' batches; DeepSpeed's gradient norm
+    counts sharded parameters once per shard and replicated ones once."""
+    ranks = run_scenario("tp", 4, tmp_path)
+    ref = ranks[0]["reference"]
+    assert min(ref["grad_norms"]) > 0.3  # above TP_CLIP: clipping acts
+    for r, rank in enumerate(ranks):
+        for stage in ("z0", "z1"):
+            result = rank[stage]
+            close(result["losses"], ref["losses"], 1e-6, f"{stage} rank {r} losses")
+            close(result["params"], ref["params"], 1e-5, f"{stage} rank {r} weights")
+            close(result["grad_norms"], ref["grad_norms"], 1e-5, f"{stage} rank {r} norm")
+            # [parallel, spd]: the spd block syncs once forward and once backward
+            assert result["syncs"] == [[1, 1]] * len(ref["losses"])
