@@ -58,7 +58,8 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14,<1"],
-        "hf": ["transformers>=4.40,<6", "datasets>=2.18,<5", "tiktoken>=0.6,<1"],
+        "hf": ["transformers>=4.40,<6", "accelerate>=1.1,<2", "datasets>=2.18,<5",
+               "tiktoken>=0.6,<1"],
         "wandb": ["wandb>=0.16,<1"],
         "experiments": ["matplotlib>=3.7,<4"],  # the experiments' PNG plots
         "dev": ["pytest>=8,<10", "ruff>=0.5,<1"],

@@ -200,7 +200,7 @@ def scenario_resume(rank: int, world: int, out: dict) -> None:
     shared = [str(root)]
     dist.broadcast_object_list(shared, src=0)
     for name, (stage, section) in cases.items():
-        def make():
+        def make(stage=stage, section=section):
             model = ReducedSyncGPT(gpt_config())
             engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
                                        config=ds_config(stage, section=section))
@@ -334,8 +334,59 @@ def scenario_tp(rank: int, world: int, out: dict) -> None:
         out["reference"] = {"losses": losses, "params": flat_params(ref), "grad_norms": norms}
 
 
+# -- Hugging Face Trainer, metrics -----------------------------------------------------
+def scenario_trainer(rank: int, world: int, out: dict) -> None:
+    """transformers.Trainer + DeepSpeed ZeRO-1 + SpdExtCallback on a small random-init
+    GPT2LMHeadModel; then spd_ext's metrics through DeepSpeed's CSV monitor and the JSONL
+    log of an engine of our own."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> dict:
+            g = torch.Generator().manual_seed(i)
+            x = torch.randint(0, VOCAB, (BLOCK,), generator=g)
+            return {"input_ids": x, "labels": x}
+
+    tmp = [tempfile.mkdtemp(prefix="spd_ext_ds_trainer_") if rank == 0 else None]
+    dist.broadcast_object_list(tmp, src=0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=16,
+                                       n_layer=2, n_head=2))
+    ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+          "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1},
+          "spd_ext": {"signal_weighting": {**SIGNAL, "temperature": 0.01}}}
+    args = TrainingArguments(output_dir=f"{tmp[0]}/hf", per_device_train_batch_size=4,
+                             max_steps=4, deepspeed=ds, use_cpu=True, report_to=[],
+                             logging_steps=1, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens())
+    trainer.add_callback(sd.SpdExtCallback(trainer))
+    trainer.train()
+    integration = trainer.model_wrapped.spd_ext
+    out["trainer"] = {"attached": integration is not None, "last": integration.last,
+                      "logged": [{k: v for k, v in h.items() if k.startswith("spd_ext/")}
+                                 for h in trainer.state.log_history if "loss" in h]}
+    # metrics: DeepSpeed's own monitor (CSV) and the JSONL log
+    csv_dir = f"{tmp[0]}/csv"
+    section = {"signal_weighting": SIGNAL, "metrics": {"jsonl": f"{tmp[0]}/spd_ext.jsonl"}}
+    config = {**ds_config(0, section=section),
+              "csv_monitor": {"enabled": True, "output_path": csv_dir, "job_name": "job"}}
+    model = ReducedSyncGPT(gpt_config())
+    engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(), config=config)
+    train_engine(engine, 3, rank)
+    dist.barrier()
+    out["csv"] = sorted(str(p.relative_to(csv_dir)) for p in Path(csv_dir).rglob("*.csv")) \
+        if rank == 0 else []
+    out["jsonl"] = Path(f"{tmp[0]}/spd_ext.jsonl").read_text().splitlines() if rank == 0 else []
+    if rank == 0:
+        weight0 = Path(csv_dir, "job", "spd_ext_weight_rank0.csv")
+        out["csv_weight0"] = weight0.read_text().splitlines() if weight0.is_file() else []
+
+
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
-             "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp}
+             "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
+             "trainer": scenario_trainer}
 
 
 def main() -> None:

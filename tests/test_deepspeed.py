@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,7 +69,8 @@ def test_the_issue_example_parses() -> None:
     ({"signal_weighting": {"signal": "foo"}}, r"signal_weighting.signal: unknown signal 'foo'"),
     ({"signal_weighting": {"map": "linear"}}, "unknown weight map 'linear'"),
     ({"signal_weighting": {"temperature": 0}}, r"temperature must be > 0"),
-    ({"signal_weighting": {"floor": 0.9}}, r"floor 0.9 leaves no room for 2 data-parallel ranks.*floor <= 1/2"),
+    ({"signal_weighting": {"floor": 0.9}},
+     r"floor 0.9 leaves no room for 2 data-parallel ranks.*floor <= 1/2"),
     ({"signal_weighting": {"floor": "a"}}, r"floor must be a number, got 'a'"),
     ({"signal_weighting": {"warmup_steps": -3}}, r"warmup_steps must be >= 0"),
     ({"signal_weighting": {"warmup_steps": 1.5}}, r"warmup_steps must be an integer"),
@@ -264,3 +264,27 @@ def test_tensor_x_data_parallel_trains_like_the_emulated_model(tmp_path) -> None
             close(result["grad_norms"], ref["grad_norms"], 1e-5, f"{stage} rank {r} norm")
             # [parallel, spd]: the spd block syncs once forward and once backward
             assert result["syncs"] == [[1, 1]] * len(ref["losses"])
+
+
+@pytest.mark.skipif(FORCED_FALLBACK, reason="integration only: covered by the kernel run")
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or
+                    importlib.util.find_spec("accelerate") is None,
+                    reason="transformers / accelerate not installed")
+def test_trainer_callback_and_metrics(tmp_path) -> None:
+    """SpdExtCallback attaches to the engine transformers.Trainer creates (ZeRO-1, a small
+    random-init GPT2LMHeadModel) and weights its gradients; spd_ext's weights, signals and
+    norms reach DeepSpeed's CSV monitor and the JSONL log."""
+    ranks = run_scenario("trainer", 2, tmp_path)
+    trainer = ranks[0]["trainer"]
+    assert trainer["attached"] and trainer["last"]["step"] == 3
+    weights = trainer["last"]["weights"]
+    assert abs(sum(weights) - 1) < 1e-12 and abs(weights[0] - 0.5) > 0.01
+    assert all("spd_ext/weight/rank0" in h for h in trainer["logged"])
+    assert ranks[1]["trainer"]["last"]["weights"] == weights  # every rank agrees
+    assert {"job/spd_ext_weight_rank0.csv", "job/spd_ext_signal_rank1.csv",
+            "job/spd_ext_grad_norm.csv"} <= set(ranks[0]["csv"])
+    assert ranks[0]["csv_weight0"][:2] == ["step,rank0", "4,0.5"]  # warm-up: uniform
+    records = [json.loads(line) for line in ranks[0]["jsonl"]]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(abs(r["weight/rank0"] + r["weight/rank1"] - 1) < 1e-12 for r in steps)

@@ -93,7 +93,7 @@ def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
                                    config=ds_config)
         engine.spd_ext.barrier_before_reduce = True
         step_times = []
-        for i in range(cfg.warmup + cfg.steps):
+        for _ in range(cfg.warmup + cfg.steps):
             dist.barrier()
             start = time.perf_counter()
             _, loss = engine(x, y)
