@@ -78,7 +78,7 @@ def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
     y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
-    rows = []
+    engines = {}
     for variant in cfg.variant_list():
         model = ReducedSyncGPT(GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size,
                                          n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -92,23 +92,29 @@ def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
         engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
                                    config=ds_config)
         engine.spd_ext.barrier_before_reduce = True
-        step_times = []
-        for _ in range(cfg.warmup + cfg.steps):
+        engines[variant] = engine
+    # Round-robin: every round steps each variant once, so a slow phase of the machine
+    # hits all variants alike instead of whichever ran then.
+    step_times: dict[str, list[float]] = {v: [] for v in engines}
+    for _ in range(cfg.warmup + cfg.steps):
+        for variant, engine in engines.items():
             dist.barrier()
             start = time.perf_counter()
             _, loss = engine(x, y)
             engine.backward(loss)
             engine.step()
-            step_times.append(time.perf_counter() - start)
-        reduce_times = engine.spd_ext.reduce_seconds[cfg.warmup:]
-        stats = torch.tensor([statistics.median(step_times[cfg.warmup:]),
-                              statistics.median(reduce_times)], dtype=torch.float64)
+            step_times[variant].append(time.perf_counter() - start)
+    rows = []
+    for variant, engine in engines.items():
+        stats = torch.tensor([statistics.median(step_times[variant][cfg.warmup:]),
+                              statistics.median(engine.spd_ext.reduce_seconds[cfg.warmup:])],
+                             dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        params = list(engine.module.parameters())
         rows.append({"variant": variant, "step_s": stats[0].item(),
-                     "reduce_s": stats[1].item(), "grad_bytes": grad_bytes,
-                     "params": model.num_params()})
-        del engine
+                     "reduce_s": stats[1].item(),
+                     "grad_bytes": sum(p.numel() * p.element_size() for p in params),
+                     "params": engine.module.num_params()})
     return rows
 
 
@@ -139,5 +145,6 @@ def describe_run(cfg: DeepSpeedBenchConfig, rows: list[dict]) -> str:
             f"{platform.node()} ({os.cpu_count()} cores); GPT {cfg.n_layer}L/{cfg.n_embd}d/"
             f"{cfg.n_head}h ({params / 1e6:.1f}M parameters, {mb:.1f} MiB of gradients), "
             f"batch {cfg.batch_size} x {cfg.seq_len} per rank; median of {cfg.steps} steps "
-            f"after {cfg.warmup}, slowest rank; deepspeed = DeepSpeed's reduction (gloo), "
-            "spd = spd_ext's fused all-reduce; weighted = signal weights (loss_ema, softmax)")
+            f"after {cfg.warmup} (variants interleaved step by step), slowest rank; "
+            "deepspeed = DeepSpeed's reduction (gloo), spd = spd_ext's fused all-reduce; "
+            "weighted = signal weights (loss_ema, softmax)")
