@@ -60,6 +60,12 @@ def ds_config(stage: int = 0, bf16: bool = False, gas: int = 1, dp: int = 2,
     return cfg
 
 
+def sgd(params) -> torch.optim.SGD:
+    """The weighting jobs use SGD: its update is proportional to the gradient, so a wrong
+    overall scale of the aggregate shows (AdamW would normalize it away)."""
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+
 def reference_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.99),
                              eps=1e-8)
@@ -94,7 +100,7 @@ SIGNAL = {"signal": "loss_ema", "map": "softmax", "temperature": 0.05, "floor": 
 def weighting_reference(steps: int, world: int, gas: int) -> dict:
     """All ranks in one process: g = sum_i w_i g_i, then clip and AdamW (no DeepSpeed)."""
     model = ReducedSyncGPT(gpt_config())
-    opt = reference_optimizer(model)
+    opt = sgd(model.parameters())
     signals = [LossEMA() for _ in range(world)]
     wmap = SoftmaxWeights(temperature=SIGNAL["temperature"], floor=SIGNAL["floor"],
                           warmup_steps=SIGNAL["warmup_steps"])
@@ -123,20 +129,27 @@ def weighting_reference(steps: int, world: int, gas: int) -> dict:
 
 def scenario_weighting(rank: int, world: int, out: dict) -> None:
     steps = 4
-    cases = {  # name -> (stage, bf16, gas, backend)
-        "z0_fp32": (0, False, 1, "deepspeed"), "z0_fp32_spd": (0, False, 1, "spd"),
-        "z0_fp32_gas2": (0, False, 2, "deepspeed"), "z0_fp32_spd_gas2": (0, False, 2, "spd"),
-        "z1_fp32": (1, False, 1, "deepspeed"),
-        "z1_fp32_gas2": (1, False, 2, "deepspeed"), "z0_bf16": (0, True, 1, "deepspeed"),
-        "z0_bf16_spd": (0, True, 1, "spd"), "z1_bf16": (1, True, 1, "deepspeed"),
+    cases = {  # name -> (stage, bf16, gas, backend, gradient_allreduce_op)
+        "z0_fp32": (0, False, 1, "deepspeed", "mean"), "z0_fp32_spd": (0, False, 1, "spd", "mean"),
+        "z0_fp32_gas2": (0, False, 2, "deepspeed", "mean"),
+        "z0_fp32_spd_gas2": (0, False, 2, "spd", "mean"),
+        "z0_fp32_sum_op": (0, False, 1, "deepspeed", "sum"),
+        "z1_fp32": (1, False, 1, "deepspeed", "mean"),
+        "z1_fp32_gas2": (1, False, 2, "deepspeed", "mean"),
+        "z1_fp32_sum_op": (1, False, 1, "deepspeed", "sum"),
+        "z0_bf16": (0, True, 1, "deepspeed", "mean"), "z0_bf16_spd": (0, True, 1, "spd", "mean"),
+        "z1_bf16": (1, True, 1, "deepspeed", "mean"),
     }
-    for name, (stage, bf16, gas, backend) in cases.items():
+    for name, (stage, bf16, gas, backend, op) in cases.items():
         model = ReducedSyncGPT(gpt_config())
         if bf16:
             model = model.to(torch.bfloat16)
         section = {"signal_weighting": SIGNAL, "comm": {"backend": backend}}
-        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
-                                   config=ds_config(stage, bf16, gas, section=section))
+        config = {**ds_config(stage, bf16, gas, section=section), "gradient_allreduce_op": op,
+                  "zero_allow_untested_optimizer": True}
+        del config["optimizer"]  # the client's SGD
+        engine, *_ = sd.initialize(model=model, optimizer=sgd(model.parameters()),
+                                   config=config)
         weights = []
         losses = []
         for step in range(steps):
@@ -146,8 +159,10 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
                      "gas": gas}
     # attach() to an engine made by plain deepspeed.initialize (section in its config)
     model = ReducedSyncGPT(gpt_config())
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(0, section={"signal_weighting": SIGNAL}))
+    config = ds_config(0, section={"signal_weighting": SIGNAL})
+    del config["optimizer"]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd(model.parameters()),
+                                      config=config)
     sd.attach(engine)
     losses = train_engine(engine, steps, rank)
     out["attach"] = {"losses": losses, "params": flat_params(model), "gas": 1}

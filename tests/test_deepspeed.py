@@ -174,16 +174,19 @@ def run_scenario(name: str, nproc: int, tmp_path: Path, timeout: float = 300) ->
     return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(nproc)]
 
 
-def close(a: list[float], b: list[float], atol: float, what: str) -> None:
+def close(a: list[float], b: list[float], atol: float, what: str, rtol: float = 0.0) -> None:
     ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    worst = (ta - tb).abs().max().item()
-    assert worst <= atol, f"{what}: differs by {worst:.3g} > {atol:.3g}"
+    excess = (ta - tb).abs() - (atol + rtol * tb.abs())
+    worst = int(excess.argmax())
+    assert excess[worst] <= 0, (f"{what}: element {worst} is {ta[worst].item():.6g}, reference "
+                                f"{tb[worst].item():.6g} (atol {atol:.3g}, rtol {rtol:.3g})")
 
 
 def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> None:
     """The engine's gradient is sum_i w_i g_i (stage 0 and 1, DeepSpeed's reduction and
-    spd_ext's, gradient accumulation, clipping on): fp32 equals the reference bitwise up
-    to the fused kernel's rounding; bf16 within bf16 rounding."""
+    spd_ext's, gradient accumulation, gradient_allreduce_op mean and sum, clipping on; SGD,
+    so the aggregate's scale shows): fp32 equals the reference to the fused kernel's
+    rounding (1e-6); bf16 within bf16 rounding."""
     ranks = run_scenario("weighting", 2, tmp_path)
     refs = {int(k): v for k, v in ranks[0]["reference"].items()}
     for name, result in ranks[0].items():
@@ -196,10 +199,16 @@ def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> Non
                   5e-2 if bf16 else 1e-6, f"{name} rank {r} losses")
         # every rank holds the same weights afterwards
         assert ranks[0][name]["params"] == ranks[1][name]["params"], name
-        close(result["params"], ref["params"], 2e-2 if bf16 else 1e-6, f"{name} weights")
+        # bf16 computes forward and backward in bf16: after 4 SGD steps at lr 0.5 its
+        # weights are within 0.05 of the fp32 reference (measured 0.022)
+        close(result["params"], ref["params"], 5e-2 if bf16 else 1e-6, f"{name} weights")
         if "weights" in result and not bf16:
             for step, (got, want) in enumerate(zip(result["weights"], ref["history"])):
                 close(got, want["weights"], 1e-5, f"{name} step {step} weights")
+    # bf16: DeepSpeed's reduction of the pre-scaled gradients and spd_ext's weighted kernel
+    # agree to bf16 rounding, and stage 1 computes what stage 0 does
+    close(ranks[0]["z0_bf16"]["params"], ranks[0]["z0_bf16_spd"]["params"], 4e-3, "bf16 spd")
+    close(ranks[0]["z0_bf16"]["params"], ranks[0]["z1_bf16"]["params"], 4e-3, "bf16 stage 1")
     # the signals made the weights move off uniform, so the test sees the weighting
     assert abs(ref["history"][-1]["weights"][0] - 0.5) > 0.02
 
