@@ -210,7 +210,7 @@ def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> Non
     close(ranks[0]["z0_bf16"]["params"], ranks[0]["z0_bf16_spd"]["params"], 4e-3, "bf16 spd")
     close(ranks[0]["z0_bf16"]["params"], ranks[0]["z1_bf16"]["params"], 4e-3, "bf16 stage 1")
     # the signals made the weights move off uniform, so the test sees the weighting
-    assert abs(ref["history"][-1]["weights"][0] - 0.5) > 0.02
+    assert max(abs(h["weights"][0] - 0.5) for h in ref["history"]) > 0.02
 
 
 @pytest.mark.skipif(FORCED_FALLBACK, reason="staleness modes reduce like any all-reduce: "
