@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -60,6 +61,20 @@ def test_bench_tp_on_two_ranks(capsys) -> None:
     assert "tp*2" in out and "spd*2" in out and "x most-sync step" in out
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed not installed")
+def test_bench_deepspeed_on_two_ranks(capsys) -> None:
+    assert main(["bench", "deepspeed", "--nproc", "2", "--n-layer", "1", "--n-embd", "16",
+                 "--n-head", "2", "--batch-size", "2", "--seq-len", "8", "--warmup", "1",
+                 "--steps", "2", "--variants", "deepspeed,spd-weighted"]) == 0
+    out = capsys.readouterr().out
+    assert "deepspeed " in out and "spd-weighted" in out and "reduce best ms" in out
+    assert main(["bench", "deepspeed", "--nproc", "1"]) == 2
+    assert "--nproc must be at least 2" in capsys.readouterr().err
+    assert main(["bench", "deepspeed", "--variants", "spd,nccl"]) == 2
+    assert "unknown variant(s) ['nccl']" in capsys.readouterr().err
+
+
 def test_tp_syncs_command(capsys) -> None:
     assert main(["tp", "syncs", "--pattern", "[spd,parallel]*6"]) == 0
     assert "7 forward and 7 backward" in capsys.readouterr().out
@@ -70,7 +85,8 @@ def test_tp_syncs_command(capsys) -> None:
 def test_every_command_has_help(capsys) -> None:
     parser = build_parser()
     commands = [[], ["report"], ["bench"], ["bench", "allreduce"], ["bench", "reduce"],
-                ["bench", "tp"], ["bench", "quant"], ["tp"], ["tp", "syncs"], ["tp", "sensitivity"],
+                ["bench", "tp"], ["bench", "quant"], ["bench", "deepspeed"], ["tp"],
+                ["tp", "syncs"], ["tp", "sensitivity"],
                 ["experiment"], ["experiment", "sync-sweep"], ["experiment", "sadpt"],
                 ["experiment", "staleness"]]
     for cmd in commands:
