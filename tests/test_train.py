@@ -102,3 +102,47 @@ def test_a_failed_atomic_write_keeps_the_old_file(tmp_path) -> None:
             raise RuntimeError("crash mid-write")
     assert read_json(path, None) == [1]
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+class _Payload:
+    """What a crafted checkpoint carries: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_load_without_running_code(corpus, tmp_path, capsys) -> None:
+    """Trainer resume and `spd-ext tp sensitivity` read checkpoints with weights_only=True:
+    a crafted file is refused without running its code; garbage, truncated and
+    tensor-only files get one line naming the file."""
+    from spd_ext.cli import main
+
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted" / "ckpt.pt"
+    crafted.parent.mkdir()
+    torch.save({"model": _Payload(str(marker)), "step": 1}, crafted)
+    cfg = TrainConfig(max_steps=2, batch_size=4, eval_batches=1, out_dir=str(crafted.parent),
+                      resume=True, quiet=True)
+    with pytest.raises(ValueError, match="weights_only=True so that a file cannot run code"):
+        Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg)
+    assert main(["tp", "sensitivity", "--checkpoint", str(crafted)]) == 2
+    assert "cannot run code" in capsys.readouterr().err
+    assert not marker.exists()
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    good = tmp_path / "good.pt"
+    torch.save({"model": {}, "model_config": {}, "tokenizer": {}}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    tensor_only = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor_only)
+    for path, message in ((garbage, "is not a readable checkpoint"),
+                          (truncated, "is not a readable checkpoint"),
+                          (tensor_only, "holds a Tensor, not a checkpoint dict")):
+        assert main(["tp", "sensitivity", "--checkpoint", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err and "Traceback" not in err

@@ -37,7 +37,7 @@ from spd_ext.deepspeed.topology import Topology
 from spd_ext.dp.aggregator import SignalWeightedAggregator
 from spd_ext.sync.collective import DiLoCo, SyncStrategy, make_strategy
 from spd_ext.train.logging import RunLog
-from spd_ext.utils.files import atomic_path
+from spd_ext.utils.files import atomic_path, load_checkpoint
 
 REQUIRED_ENGINE_ATTRIBUTES = (
     "allreduce_gradients", "backward", "step", "_take_model_step", "clip_fp32_gradients",
@@ -444,8 +444,7 @@ class EngineIntegration:
                 f"{path} is missing: the checkpoint in {load_dir} (tag {tag}) was not saved by "
                 "an engine with spd_ext attached, or with a different world size; resume "
                 "from a checkpoint saved through spd_ext")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
+        self.load_state_dict(load_checkpoint(path, "spd_ext engine state"))
         return out
 
 

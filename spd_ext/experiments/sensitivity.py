@@ -15,6 +15,7 @@ import torch
 
 from spd_ext.data import TokenDataset
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
+from spd_ext.utils.files import load_checkpoint
 from spd_ext.utils.table import format_table
 
 
@@ -37,8 +38,8 @@ def _load(cfg: SensitivityConfig) -> tuple[dict, GPTConfig, TokenDataset]:
     if cfg.checkpoint is not None:
         if not os.path.isfile(cfg.checkpoint):
             raise FileNotFoundError(f"no checkpoint at {cfg.checkpoint}")
-        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-        if "model_config" not in state or "tokenizer" not in state:
+        state = load_checkpoint(cfg.checkpoint)
+        if not {"model", "model_config", "tokenizer"} <= set(state):
             raise ValueError(f"{cfg.checkpoint} lacks model_config/tokenizer; it was not written "
                              "by an spd_ext experiment")
         model_cfg = GPTConfig(**{**state["model_config"], "tp_size": cfg.tp_size})

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_ext.train.logging import RunLog
-from spd_ext.utils.files import atomic_path
+from spd_ext.utils.files import atomic_path, load_checkpoint
 
 BatchFn = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -143,7 +143,11 @@ class Trainer:
         path = self.checkpoint_path()
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
+        missing = [k for k in ("model", "optimizer", "step", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by "
+                             "spd_ext's Trainer; resume from the run's own ckpt.pt")
         if hasattr(self.model, "load_dense_state_dict"):
             self.model.load_dense_state_dict(state["model"])
         else:

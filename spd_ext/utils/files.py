@@ -29,3 +29,39 @@ def write_json(path: Path, payload: object) -> None:
 
 def read_json(path: Path, default: object) -> object:
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
+    """A checkpoint's dict, read with ``torch.load(weights_only=True)``: tensors and plain
+    data only, so a crafted file cannot run code. Garbage, truncated, crafted or
+    non-dict files raise ValueError naming the file and the problem."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            global_name = next((line.strip() for line in text.splitlines()
+                                if "GLOBAL" in line or "Unsupported global" in line), "")
+            global_name = global_name.split(" was not")[0].replace("WeightsUnpickler error: ", "")
+            raise ValueError(
+                f"{path} is not a {what} spd_ext can load: it holds objects other than "
+                "tensors and plain data, and spd_ext loads checkpoints with weights_only=True "
+                f"so that a file cannot run code ({global_name})") from None
+        raise ValueError(f"{path} is not a readable {what} (not written by torch.save, or "
+                         "damaged)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{path} is not a readable {what} (truncated or not written by "
+                         f"torch.save?): {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a {what} dict; pass a "
+                         "checkpoint written by spd_ext")
+    return state
