@@ -56,7 +56,7 @@ def test_training_lowers_the_loss_and_logs(corpus, tmp_path) -> None:
 def test_resume_after_a_crash_continues_exactly(corpus, tmp_path) -> None:
     def cfg(out: str, resume: bool = False) -> TrainConfig:
         return TrainConfig(max_steps=10, batch_size=4, lr=1e-2, warmup_steps=2,
-                           eval_interval=0, eval_batches=2, log_interval=100,
+                           eval_interval=0, eval_batches=2, log_interval=1,
                            checkpoint_interval=5, out_dir=str(tmp_path / out), resume=resume,
                            quiet=True)
 
@@ -75,6 +75,12 @@ def test_resume_after_a_crash_continues_exactly(corpus, tmp_path) -> None:
     resumed = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("b", True))
     assert resumed.step == 5
     resumed.train()
+    # the log holds every step once: the crashed run's steps 6-7 were dropped on resume
+    records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text()
+               .splitlines()]
+    steps = [r["step"] for r in records if "event" not in r and "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 10
+    assert [r.get("dropped_records") for r in records if r.get("event") == "resume"] == [2]
     for k, v in straight.model.dense_state_dict().items():
         torch.testing.assert_close(resumed.model.dense_state_dict()[k], v, rtol=1e-6, atol=1e-7)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -102,6 +108,30 @@ def test_a_failed_atomic_write_keeps_the_old_file(tmp_path) -> None:
             raise RuntimeError("crash mid-write")
     assert read_json(path, None) == [1]
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_a_killed_writer_leaves_no_temporary_behind(tmp_path) -> None:
+    """A writer killed outright (SIGKILL) cannot clean up: the next write removes its
+    ``.tmp<pid>`` file; a live writer's temporary is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from spd_ext.utils.files import read_json, write_json
+
+    path = tmp_path / "ckpt.json"
+    code = ("import os, sys; from pathlib import Path; from spd_ext.utils.files import "
+            "atomic_path\nwith atomic_path(Path(sys.argv[1])) as tmp:\n"
+            "    tmp.write_text('half')\n    os.kill(os.getpid(), 9)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)])
+    assert proc.returncode == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith("ckpt.json.tmp")
+    live = tmp_path / f"ckpt.json.tmp{os.getppid()}"
+    live.write_text("a live writer's")
+    write_json(path, {"step": 5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", live.name]
+    assert read_json(path, None) == {"step": 5}
 
 
 class _Payload:

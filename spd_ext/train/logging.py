@@ -49,6 +49,31 @@ class RunLog:
                      for k, v in values.items()]
             print(f"[{self.run_name}] " + "  ".join(parts), file=sys.stderr, flush=True)
 
+    def drop_after(self, step: int) -> int:
+        """Remove the metric records of steps after ``step`` (a resumed run redoes them
+        from its checkpoint, so they would appear twice); returns how many went. The file
+        is rewritten atomically."""
+        if self.path is None or self._file is None:
+            return 0
+        from spd_ext.utils.files import atomic_path
+
+        self._file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1  # a line cut short by the crash
+                continue
+            if "event" not in record and record.get("step", -1) > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+        self._file = open(self.path, "a", buffering=1)
+        return dropped
+
     def close(self) -> None:
         self.event("end")
         if self._file is not None:

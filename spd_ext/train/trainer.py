@@ -159,7 +159,8 @@ class Trainer:
                            "parallel: AdamW moments restart from zero")
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
-        self.log.event("resume", step=self.step, path=str(path))
+        dropped = self.log.drop_after(self.step)  # the crashed run's steps past the checkpoint
+        self.log.event("resume", step=self.step, path=str(path), dropped_records=dropped)
 
     # -- loop ---------------------------------------------------------------------
     def _hook(self, name: str):

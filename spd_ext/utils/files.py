@@ -9,11 +9,39 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete ``<name>.tmp<pid>`` files beside ``path`` left by writers that were killed
+    mid-write (their process is gone); a live writer's file is kept."""
+    removed = []
+    prefix = f"{path.name}.tmp"
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.iterdir():
+        suffix = candidate.name[len(prefix):]
+        if candidate.name.startswith(prefix) and suffix.isdigit() and \
+                not _pid_alive(int(suffix)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write; renamed over ``path`` when the block
-    ends normally, removed when it raises (a crash mid-write leaves the old file)."""
+    ends normally, removed when it raises (a crash mid-write leaves the old file; the
+    temporary of a writer killed outright is removed by the next write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
