@@ -15,6 +15,35 @@ from spd_ext.utils.files import write_json
 _HELP = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
 
 
+def _bounded(kind: type, low: float, *, low_open: bool = False, high: float | None = None,
+             high_open: bool = False):
+    """An argparse type: a ``kind`` number within bounds, so a bad flag is one usage line
+    before anything runs (no traceback from inside a rank)."""
+    lower = f"> {low}" if low_open else f">= {low}"
+    what = ("an integer " if kind is int else "a number ") + lower + (
+        "" if high is None else f" and {'<' if high_open else '<='} {high}")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = _bounded(int, 1)
+NONNEGATIVE = _bounded(int, 0)
+POSITIVE_FLOAT = _bounded(float, 0.0, low_open=True)
+PROBABILITY = _bounded(float, 0.0, high=1.0)
+
+
 def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
     return sub.add_parser(name, formatter_class=_HELP, **kwargs)
 
@@ -134,12 +163,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="';'-separated patterns (default: tp*12;[tp,spd]*6;spd*12;"
                    "[spd,parallel]*6;grouped:4;ladder*12)")
     t.add_argument("--backends", default="torch,spd", help="comma list of torch,spd")
-    t.add_argument("--n-layer", type=int, default=12)
-    t.add_argument("--n-embd", type=int, default=64)
-    t.add_argument("--n-head", type=int, default=4)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=64)
-    t.add_argument("--repeats", type=int, default=7, help="timed loops per pattern (median)")
+    t.add_argument("--n-layer", type=POSITIVE, default=12)
+    t.add_argument("--n-embd", type=POSITIVE, default=64)
+    t.add_argument("--n-head", type=POSITIVE, default=4)
+    t.add_argument("--batch-size", type=POSITIVE, default=8)
+    t.add_argument("--seq-len", type=POSITIVE, default=64)
+    t.add_argument("--repeats", type=POSITIVE, default=7, help="timed loops per pattern (median)")
     _add_table_args(t)
     t.set_defaults(func=_bench_tp)
 
@@ -151,13 +180,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--nproc", type=int, default=2, help="data-parallel ranks")
     d.add_argument("--variants", default="deepspeed,deepspeed-weighted,spd,spd-weighted",
                    help="comma list of deepspeed, deepspeed-weighted, spd, spd-weighted")
-    d.add_argument("--n-layer", type=int, default=6)
-    d.add_argument("--n-embd", type=int, default=384)
-    d.add_argument("--n-head", type=int, default=6)
-    d.add_argument("--batch-size", type=int, default=4, help="sequences per rank and step")
-    d.add_argument("--seq-len", type=int, default=64)
-    d.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    d.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
+    d.add_argument("--n-layer", type=POSITIVE, default=6)
+    d.add_argument("--n-embd", type=POSITIVE, default=384)
+    d.add_argument("--n-head", type=POSITIVE, default=6)
+    d.add_argument("--batch-size", type=POSITIVE, default=4, help="sequences per rank and step")
+    d.add_argument("--seq-len", type=POSITIVE, default=64)
+    d.add_argument("--warmup", type=NONNEGATIVE, default=3, help="untimed steps per variant")
+    d.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per variant (median)")
     _add_table_args(d)
     d.set_defaults(func=_bench_deepspeed)
 
@@ -172,11 +201,11 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--pattern", help="e.g. 'tp*12', '[tp,spd]*6', 'grouped:4'")
     src.add_argument("--config", help="a JSON file from configs/tp")
-    s.add_argument("--n-layer", type=int, default=12)
-    s.add_argument("--n-head", type=int, default=12)
-    s.add_argument("--n-embd", type=int, default=768)
-    s.add_argument("--vocab-size", type=int, default=50304)
-    s.add_argument("--tp-size", type=int, default=2)
+    s.add_argument("--n-layer", type=POSITIVE, default=12)
+    s.add_argument("--n-head", type=POSITIVE, default=12)
+    s.add_argument("--n-embd", type=POSITIVE, default=768)
+    s.add_argument("--vocab-size", type=POSITIVE, default=50304)
+    s.add_argument("--tp-size", type=POSITIVE, default=2)
     s.set_defaults(func=_tp_syncs)
 
     v = _command(tp, "sensitivity", help="loss change when each block alone drops a sync",
@@ -185,29 +214,29 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--checkpoint", help="ckpt.pt written by an spd_ext experiment (tp*L run)")
     v.add_argument("--hf", help="a local Hugging Face GPT-2 folder instead")
     v.add_argument("--data", default="tinyshakespeare", help="corpus name or path")
-    v.add_argument("--tp-size", type=int, default=2, help="emulated shards")
-    v.add_argument("--eval-batches", type=int, default=20)
-    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--tp-size", type=POSITIVE, default=2, help="emulated shards")
+    v.add_argument("--eval-batches", type=POSITIVE, default=20)
+    v.add_argument("--batch-size", type=POSITIVE, default=16)
     v.add_argument("--markdown", action="store_true", help="print a Markdown table")
     v.set_defaults(func=_tp_sensitivity)
 
 
 def _add_gpt_args(p: argparse.ArgumentParser, defaults) -> None:
     """Model-shape flags; ``defaults`` is the experiment's config (the one source of them)."""
-    p.add_argument("--n-layer", type=int, default=defaults.n_layer)
-    p.add_argument("--n-head", type=int, default=defaults.n_head)
-    p.add_argument("--n-embd", type=int, default=defaults.n_embd)
-    p.add_argument("--block-size", type=int, default=defaults.block_size,
+    p.add_argument("--n-layer", type=POSITIVE, default=defaults.n_layer)
+    p.add_argument("--n-head", type=POSITIVE, default=defaults.n_head)
+    p.add_argument("--n-embd", type=POSITIVE, default=defaults.n_embd)
+    p.add_argument("--block-size", type=POSITIVE, default=defaults.block_size,
                    help="context length")
 
 
 def _add_train_args(p: argparse.ArgumentParser, train) -> None:
-    p.add_argument("--steps", type=int, default=train.max_steps)
-    p.add_argument("--batch-size", type=int, default=train.batch_size)
-    p.add_argument("--lr", type=float, default=train.lr,
+    p.add_argument("--steps", type=POSITIVE, default=train.max_steps)
+    p.add_argument("--batch-size", type=POSITIVE, default=train.batch_size)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=train.lr,
                    help="peak learning rate (cosine to lr/10)")
-    p.add_argument("--eval-interval", type=int, default=train.eval_interval)
-    p.add_argument("--eval-batches", type=int, default=train.eval_batches)
+    p.add_argument("--eval-interval", type=NONNEGATIVE, default=train.eval_interval)
+    p.add_argument("--eval-batches", type=POSITIVE, default=train.eval_batches)
 
 
 def _add_run_args(p: argparse.ArgumentParser, defaults) -> None:
@@ -229,6 +258,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    from spd_ext.dp import SIGNALS, WEIGHT_MAPS
     from spd_ext.experiments.sadpt import SADPTConfig
     from spd_ext.experiments.staleness import StalenessConfig
     from spd_ext.experiments.sync_sweep import SyncSweepConfig
@@ -244,7 +274,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                  "patterns are kept in OUT/results.json and skipped on a rerun.")
     s.add_argument("--patterns", default=None, help="';'-separated patterns (default: the "
                    "ten GPT-2 124M patterns of configs/tp)")
-    s.add_argument("--tp-size", type=int, default=sweep.tp_size, help="emulated shards")
+    s.add_argument("--tp-size", type=POSITIVE, default=sweep.tp_size, help="emulated shards")
     _add_gpt_args(s, sweep)
     _add_train_args(s, sweep.train)
     _add_run_args(s, sweep)
@@ -261,16 +291,19 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                    "4rank_weighted, 4rank_trimmed_mean, 4rank_median, 4rank_centered_clipping)")
     a.add_argument("--corruption", default=dp.corruption.kind,
                    help="token_swap, shuffle, label_noise or duplicate")
-    a.add_argument("--corruption-prob", type=float, default=dp.corruption.probability)
-    a.add_argument("--signal", default=dp.signal,
-                   help="loss_ema, grad_norm_stability or cosine_to_prev_global")
-    a.add_argument("--weighting", default=dp.weighting, help="softmax or inverse")
-    a.add_argument("--temperature", type=float, default=dp.temperature,
+    a.add_argument("--corruption-prob", type=PROBABILITY, default=dp.corruption.probability)
+    a.add_argument("--signal", default=dp.signal, choices=sorted(SIGNALS),
+                   help="per-rank trust signal")
+    a.add_argument("--weighting", default=dp.weighting, choices=sorted(WEIGHT_MAPS),
+                   help="signals -> weights")
+    a.add_argument("--temperature", type=POSITIVE_FLOAT, default=dp.temperature,
                    help="softmax temperature")
-    a.add_argument("--floor", type=float, default=dp.floor, help="minimum weight of any rank")
-    a.add_argument("--weight-ema", type=float, default=dp.weight_ema,
+    a.add_argument("--floor", type=_bounded(float, 0.0, high=1.0, high_open=True), default=dp.floor,
+                   help="minimum weight of any rank (at most 1/ranks)")
+    a.add_argument("--weight-ema", type=_bounded(float, 0.0, high=1.0, high_open=True),
+                   default=dp.weight_ema,
                    help="EMA smoothing of weights")
-    a.add_argument("--warmup", type=int, default=dp.warmup_steps,
+    a.add_argument("--warmup", type=NONNEGATIVE, default=dp.warmup_steps,
                    help="steps of uniform weights first")
     _add_gpt_args(a, dp)
     _add_train_args(a, dp.train)
@@ -289,13 +322,14 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--tasks", default="xor,gpt", help="comma list of xor, gpt")
     st.add_argument("--straggler", default="both", choices=["both", "off", "on"],
                     help="run without, with, or both")
-    st.add_argument("--nproc", type=int, default=stale.nproc,
+    st.add_argument("--nproc", type=_bounded(int, 2), default=stale.nproc,
                     help="ranks (PS modes: 1 server + N-1 workers)")
-    st.add_argument("--straggler-factor", type=float, default=stale.straggler_factor)
-    st.add_argument("--straggler-every", type=int, default=stale.straggler_every)
-    st.add_argument("--xor-steps", type=int, default=None,
+    st.add_argument("--straggler-factor", type=_bounded(float, 1.0),
+                    default=stale.straggler_factor)
+    st.add_argument("--straggler-every", type=POSITIVE, default=stale.straggler_every)
+    st.add_argument("--xor-steps", type=POSITIVE, default=None,
                     help=f"default {stale.task('xor').steps}")
-    st.add_argument("--gpt-steps", type=int, default=None,
+    st.add_argument("--gpt-steps", type=POSITIVE, default=None,
                     help=f"default {stale.task('gpt').steps}")
     _add_run_args(st, stale)
     st.set_defaults(func=_staleness)
@@ -380,6 +414,40 @@ def _bench_deepspeed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpt_config_file(path: str):
+    """The ``"model"`` section of a JSON config as a GPTConfig; every mistake in the file
+    is one message naming the file."""
+    import difflib
+    from dataclasses import fields
+
+    from spd_ext.tp import GPTConfig
+
+    if not Path(path).is_file():
+        raise ValueError(f"--config {path} is not a file; pass a JSON file such as "
+                         "configs/tp/gpt2-124m-12sync.json")
+    try:
+        spec = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: line {exc.lineno} column {exc.colno}: "
+                         f"{exc.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (JSON) file") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ValueError(f"{path} has no \"model\" object; a config holds "
+                         "{\"model\": {\"pattern\": ..., \"n_layer\": ..., ...}}")
+    valid = [f.name for f in fields(GPTConfig)]
+    for key in spec["model"]:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{path}: unknown model field {key!r}{hint} (fields: "
+                             f"{', '.join(valid)})")
+    try:
+        return GPTConfig(**spec["model"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def _tp_syncs(args: argparse.Namespace) -> int:
     import torch
 
@@ -387,9 +455,7 @@ def _tp_syncs(args: argparse.Namespace) -> int:
     from spd_ext.utils.table import format_table
 
     if args.config:
-        with open(args.config) as f:
-            spec = json.load(f)
-        config = GPTConfig(**spec["model"])
+        config = _gpt_config_file(args.config)
     else:
         config = GPTConfig(pattern=args.pattern, n_layer=args.n_layer, n_head=args.n_head,
                            n_embd=args.n_embd, vocab_size=args.vocab_size, tp_size=args.tp_size)
@@ -445,6 +511,11 @@ def _sadpt(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown run(s) {unknown}; choose from {', '.join(known)}")
         runs = tuple(known[w] for w in wanted)
+    most = max(r.nproc for r in runs)
+    if args.floor * most > 1.0 + 1e-12:
+        raise ValueError(f"--floor {args.floor} leaves no room for {most} ranks (every weight "
+                         f"is at least the floor and they sum to 1): use --floor <= "
+                         f"{1 / most:.4g}, or fewer ranks with --runs")
     cfg = sadpt.SADPTConfig(
         runs=runs, corruption=Corruption(args.corruption, args.corruption_prob, seed=args.seed),
         signal=args.signal, weighting=args.weighting, temperature=args.temperature,
@@ -462,9 +533,9 @@ def _staleness(args: argparse.Namespace) -> int:
     from spd_ext.experiments import staleness
 
     overrides = {}
-    if args.xor_steps:
+    if args.xor_steps is not None:
         overrides["xor"] = {"steps": args.xor_steps}
-    if args.gpt_steps:
+    if args.gpt_steps is not None:
         overrides["gpt"] = {"steps": args.gpt_steps}
     cfg = staleness.StalenessConfig(
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),

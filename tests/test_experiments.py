@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -160,3 +161,41 @@ def test_bench_quant(capsys) -> None:
 def test_bench_allreduce_cuda_only_impls_need_cuda(capsys) -> None:
     assert main(["bench", "allreduce", "--impl", "spd,spd-graph", "--sizes", "4K"]) == 2
     assert "use them with --device cuda" in capsys.readouterr().err
+
+
+def test_bad_inputs_get_one_line_before_anything_runs(tmp_path, capsys) -> None:
+    """Each mistake is one line naming the problem and the fix, from argparse or the
+    command, before data is read or ranks are spawned (no traceback)."""
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"model": ')
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"model": {"pattern": "tp*12", "n_layr": 12}}))
+    results = tmp_path / "out"
+    results.mkdir()
+    (results / "results.json").write_text("[{")
+    cases = [
+        (["tp", "syncs", "--pattern", "tp*12", "--tp-size", "0"],
+         "argument --tp-size: must be an integer >= 1, got 0"),
+        (["tp", "syncs", "--pattern", "tp*12", "--n-head", "0"], "argument --n-head"),
+        (["tp", "syncs", "--config", str(tmp_path)], "is not a file"),
+        (["tp", "syncs", "--config", str(bad_json)], "bad.json is not valid JSON: line 1"),
+        (["tp", "syncs", "--config", str(unknown)], "unknown model field 'n_layr'; did you "
+                                                    "mean 'n_layer'?"),
+        (["tp", "syncs", "--pattern", "tp*1000000000"], "gives 1000000000 blocks"),
+        (["bench", "tp", "--repeats", "0"], "argument --repeats: must be an integer >= 1"),
+        (["experiment", "sadpt", "--floor", "1.5"], "argument --floor: must be a number >= 0.0"),
+        (["experiment", "sadpt", "--floor", "0.4"], "--floor 0.4 leaves no room for 4 ranks"),
+        (["experiment", "sadpt", "--signal", "foo"], "argument --signal: invalid choice"),
+        (["experiment", "staleness", "--xor-steps", "-3"], "argument --xor-steps"),
+        (["experiment", "staleness", "--xor-steps", "0"], "argument --xor-steps"),
+        (["experiment", "sync-sweep", "--out", str(results), "--patterns", "tp*4",
+          "--n-layer", "4"], "results.json is not valid JSON (line 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) if "argument" in message else nullcontext():
+            code = main(argv)
+            assert code == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        assert "Traceback" not in err
+

@@ -78,7 +78,11 @@ def read_corpus(path: str | os.PathLike, loader: str = "plain") -> str:
     """The corpus text: read directly, or through Hugging Face ``datasets`` ("text" builder:
     one example per line, cached in the datasets cache) with ``loader="datasets"``."""
     if loader == "plain":
-        return Path(path).read_text(encoding="utf-8")
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus {path} is not UTF-8 text (byte {exc.start}); pass a "
+                             "plain-text file") from None
     if loader != "datasets":
         raise ValueError(f"unknown loader {loader!r}; use 'plain' or 'datasets'")
     try:

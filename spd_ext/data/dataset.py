@@ -38,6 +38,9 @@ class TokenDataset:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.path = resolve_corpus(corpus, data_dir)
         text = read_corpus(self.path, loader)
+        if len(text) < 2:
+            raise ValueError(f"corpus {self.path} holds {len(text)} characters: too short to "
+                             "train on (it needs at least a few blocks of text)")
         raw = text.encode("utf-8")
         self.tokenizer: CharTokenizer | GPT2Tokenizer = get_tokenizer(tokenizer, text=text)
         if self.tokenizer.vocab_size > 1 << 16:

@@ -13,7 +13,15 @@ __all__ = ["finished_runs", "pyplot", "read_json", "write_json"]
 def finished_runs(results_path: Path, key, selected, force: bool) -> dict:
     """Results already in ``results_path`` by ``key(row)``; with ``force`` the selected
     runs are dropped (to be rerun) and the others kept."""
-    done = {key(row): row for row in read_json(results_path, [])}
+    rows = read_json(results_path, [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{results_path} is not a list of result rows (JSON objects); move it "
+                         "away to start over")
+    try:
+        done = {key(row): row for row in rows}
+    except KeyError as exc:
+        raise ValueError(f"{results_path}: a row lacks the field {exc}; it was not written by "
+                         "this experiment (move it away, or use another --out)") from None
     if force:
         done = {k: v for k, v in done.items() if k not in set(selected)}
     return done

@@ -37,6 +37,12 @@ class GPTConfig:
     tp_size: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tp_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         parse_pattern(self.pattern, self.n_layer)  # fail early, naming the bad token
         for name in ("n_head", "n_embd"):
             if getattr(self, name) % self.tp_size != 0:

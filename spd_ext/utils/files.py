@@ -56,7 +56,15 @@ def write_json(path: Path, payload: object) -> None:
 
 
 def read_json(path: Path, default: object) -> object:
-    return json.loads(path.read_text()) if path.is_file() else default
+    """The file's JSON, or ``default`` when there is no file; a malformed file raises
+    ValueError naming it (never silently replaced: it may hold finished results)."""
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: "
+                         f"{exc.msg}); repair it, or move it away to start over") from None
 
 
 def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
