@@ -285,6 +285,29 @@ def test_nan_weights_refuse_the_step_on_every_rank() -> None:
         assert r["untouched"] and r["mean"] == pytest.approx(1.5)
 
 
+def _inf_gradient_refused(rank: int, world: int) -> dict:
+    model = _model()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1.0 + rank)
+    if rank == 1:
+        next(model.parameters()).grad.view(-1)[3] = float("inf")
+    before = [p.grad.clone() for p in model.parameters()]
+    agg = SignalWeightedAggregator("loss_ema", "softmax", warmup_steps=0)
+    try:
+        agg.reduce(model, loss=2.0, step=0)  # finite losses everywhere
+        message = "no error"
+    except WeightError as exc:
+        message = str(exc)
+    untouched = all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+    return {"message": message, "untouched": untouched}
+
+
+def test_non_finite_gradients_refuse_the_step_on_every_rank() -> None:
+    for r in spawn(_inf_gradient_refused, 2, timeout=120):
+        assert "ranks [1] have NaN or inf gradients" in r["message"]
+        assert r["untouched"]
+
+
 def _bad_aggregators(rank: int, world: int) -> list[str]:
     messages = []
     for make in (lambda: SignalWeightedAggregator("accuracy"),

@@ -136,9 +136,26 @@ class SignalWeightedAggregator:
         self.observe_local_piece(0, flat)
         self.signal.end_gradient()
         all_reduce(flat, "weighted", weights=weights, group=self.group)
+        self.refuse_non_finite(flat, grads, step)
         self.remember_global_piece(0, flat)
         copy_back(flat, grads)
         return {"weight": weights[self.rank], "weights": weights}
+
+    def refuse_non_finite(self, reduced: torch.Tensor, local: list[torch.Tensor],
+                          step: int) -> None:
+        """A NaN or inf gradient on any rank (with a finite loss) makes the reduced buffer
+        non-finite, identically on every rank: every rank then raises WeightError, naming
+        the ranks whose own gradients were non-finite, before its gradients are touched.
+        The check is one sum over the reduced buffer; naming the ranks costs a collective
+        only when the step is refused."""
+        if math.isfinite(float(reduced.sum(dtype=torch.float64))):
+            return
+        mine = 1.0 if all(bool(torch.isfinite(g).all()) for g in local) else 0.0
+        flags = gather_scalars(mine, self.rank, self.world_size, self.group)
+        bad = [r for r, ok in enumerate(flags) if ok != 1.0]
+        raise WeightError(f"step {step}: ranks {bad} have NaN or inf gradients (with finite "
+                          "losses); the step is refused and no gradient was changed; lower "
+                          "the learning rate or check those ranks' data")
 
     def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
         """The Trainer's hook (note its argument order: step, then loss)."""
