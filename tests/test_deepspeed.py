@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,9 @@ from conftest import FORCED_FALLBACK
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED or shutil.which("deepspeed") is None,
-                                     reason="deepspeed not installed")
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed not installed")
+# The `deepspeed` launcher as this interpreter runs it (the venv's bin/ need not be on PATH)
+LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 if HAVE_DEEPSPEED:
     import spd_ext.deepspeed as sd
     from spd_ext.deepspeed import SpdExtConfigError, parse_config
@@ -162,7 +163,7 @@ def test_attach_names_missing_deepspeed_internals() -> None:
 def run_scenario(name: str, nproc: int, tmp_path: Path, timeout: float = 300) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu"}
-    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    cmd = [*LAUNCHER, "--num_gpus", str(nproc), "--master_port", str(free_port()),
            str(ROOT / "tests" / "ds_worker.py"), "--scenario", name, "--out", str(tmp_path)]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
