@@ -160,10 +160,30 @@ def test_attach_names_missing_deepspeed_internals() -> None:
 
 
 # -- under the deepspeed launcher -------------------------------------------------------
+def deepspeed_segments(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments of the job on ``port`` left in /dev/shm."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def run_scenario(name: str, nproc: int, tmp_path: Path, timeout: float = 300) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu"}
-    cmd = [*LAUNCHER, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    port = free_port()
+    left: list[Path] = []
+    try:
+        result = _run_job(name, nproc, tmp_path, timeout, env, port)
+    finally:
+        left = deepspeed_segments(port)
+        for path in left:  # whatever a failed job left: never fill CI's /dev/shm
+            path.unlink(missing_ok=True)
+    # spd_ext.deepspeed releases DeepSpeed's segment names once every rank mapped them
+    assert not left, f"{name}: the job left {[p.name for p in left]} in /dev/shm"
+    return result
+
+
+def _run_job(name: str, nproc: int, tmp_path: Path, timeout: float, env: dict,
+             port: int) -> list[dict]:
+    cmd = [*LAUNCHER, "--num_gpus", str(nproc), "--master_port", str(port),
            str(ROOT / "tests" / "ds_worker.py"), "--scenario", name, "--out", str(tmp_path)]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -49,6 +49,29 @@ def parse_config(ds_config: dict | str | None,
     return rest, cfg
 
 
+def release_deepspeed_shm_name() -> bool:
+    """Unlink the name of this rank's DeepSpeed CPU all-reduce segment (collective).
+
+    DeepSpeed's CPU communication op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_
+    <addr>_<port>_<rank>`` (69 MB) for every rank in ``init_distributed`` and never
+    unlinks it, so each job leaves its ranks' segments behind. By the time every rank has
+    passed a barrier after ``init_distributed``, every peer has mapped every segment, so
+    the names can go: the memory lives until the last mapping does (process exit), as
+    with any unlinked POSIX shared memory. Returns whether a name was removed."""
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and dist.is_initialized()):
+        return False
+    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _mark_tensor_parallel(model: Any, topology: Topology, cfg: SpdExtConfig) -> None:
     """Check the model fits the tensor-parallel group and mark its sharded parameters the
     way DeepSpeed's gradient norm reads them (Megatron's ``tensor_model_parallel``)."""
@@ -115,6 +138,7 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
         _mark_tensor_parallel(model, topology, cfg)
     out = deepspeed.initialize(args=args, model=model, config=rest, mpu=mpu, **kwargs)
     EngineIntegration(out[0], cfg, topology)
+    release_deepspeed_shm_name()
     return out
 
 
@@ -143,7 +167,9 @@ def attach(engine: Any, config: dict | SpdExtConfig | None = None) -> EngineInte
         topology = Topology(1, 1, mpu, dp_group=mpu.get_data_parallel_group(),
                             dp_ranks=tuple(dist.get_process_group_ranks(
                                 mpu.get_data_parallel_group())))
-    return EngineIntegration(engine, cfg, topology)
+    integration = EngineIntegration(engine, cfg, topology)
+    release_deepspeed_shm_name()
+    return integration
 
 
 def __getattr__(name: str) -> Any:
