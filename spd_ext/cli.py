@@ -64,6 +64,29 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_report)
 
 
+def _add_clean(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "clean", help="remove shared-memory segments left by dead jobs",
+                 description="List and remove /dev/shm segments that outlived their job: "
+                 "spd_ext's (left when a rank is killed while a group sets up; the creating "
+                 "process is gone) and DeepSpeed's CPU all-reduce buffers that no process "
+                 "maps any more.")
+    p.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    p.set_defaults(func=_clean)
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from spd_ext.comm.segments import remove_stale_segments, stale_segments
+
+    found = stale_segments() if args.dry_run else remove_stale_segments(deepspeed=True)
+    verb = "stale" if args.dry_run else "removed"
+    for segment in found:
+        print(f"{verb}: {segment.path} ({segment.size / 2**20:.1f} MiB; {segment.reason})")
+    total = sum(s.size for s in found) / 2**20
+    print(f"{len(found)} segment(s) {verb}, {total:.1f} MiB" if found else
+          "no stale shared-memory segments")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     import torch
 
@@ -560,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_report(sub)
+    _add_clean(sub)
     _add_bench(sub)
     _add_tp(sub)
     _add_experiment(sub)

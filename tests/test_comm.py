@@ -404,3 +404,66 @@ def test_ipc_buffer_without_cuda_says_why() -> None:
                                       "no CUDA IPC path (torch.distributed ("), messages[2]
         assert "cuda_allreduce op is unavailable" in messages[2], messages[2]
 
+
+
+def _dead_pid() -> int:
+    proc = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
+    proc.start()
+    proc.join()
+    return proc.pid
+
+
+def _reduce_once(rank: int, world: int) -> float:
+    t = torch.ones(16)
+    all_reduce(t)
+    return t[0].item()
+
+
+@needs_kernels
+def test_group_setup_removes_segments_left_by_killed_ranks() -> None:
+    """A rank killed while its group set up leaves ``/dev/shm/spd_ext_<pid>_<token>``
+    (SIGKILL cannot be caught); the next set-up on the host removes names whose creator
+    is gone and keeps those of live processes."""
+    stale = f"/dev/shm/spd_ext_{_dead_pid()}_0123456789ab"
+    live = f"/dev/shm/spd_ext_{os.getpid()}_0123456789ab"
+    for name in (stale, live):
+        with open(name, "wb") as f:
+            f.write(b"\0" * 4096)
+    try:
+        assert spawn(_reduce_once, 2) == [2.0, 2.0]
+        assert not os.path.exists(stale) and os.path.exists(live)
+    finally:
+        for name in (stale, live):
+            if os.path.exists(name):
+                os.unlink(name)
+
+
+def test_clean_command_lists_and_removes_stale_segments(capsys) -> None:
+    import mmap
+
+    from spd_ext.cli import main
+
+    port = 40000 + os.getpid() % 20000
+    names = {"stale": f"/dev/shm/spd_ext_{_dead_pid()}_0123456789ac",
+             "live": f"/dev/shm/spd_ext_{os.getpid()}_0123456789ac",
+             "ds_unmapped": f"/dev/shm/deepspeed_allreduce_buffer_0_127.0.0.1_{port}_0",
+             "ds_mapped": f"/dev/shm/deepspeed_allreduce_buffer_0_127.0.0.1_{port}_1"}
+    for name in names.values():
+        with open(name, "wb") as f:
+            f.write(b"\0" * 8192)
+    with open(names["ds_mapped"], "r+b") as f:
+        mapping = mmap.mmap(f.fileno(), 8192)  # a live job's buffer: mapped, so kept
+    try:
+        assert main(["clean", "--dry-run"]) == 0
+        listed = capsys.readouterr().out
+        assert names["stale"] in listed and names["ds_unmapped"] in listed
+        assert names["live"] not in listed and names["ds_mapped"] not in listed
+        assert all(os.path.exists(n) for n in names.values())  # a dry run removes nothing
+        assert main(["clean"]) == 0
+        assert "removed: " + names["stale"] in capsys.readouterr().out
+        assert [k for k, n in names.items() if os.path.exists(n)] == ["live", "ds_mapped"]
+    finally:
+        mapping.close()
+        for name in names.values():
+            if os.path.exists(name):
+                os.unlink(name)

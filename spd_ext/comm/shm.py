@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.comm.groups import GroupRegistry, env_bytes, single_host_reason
+from spd_ext.comm.segments import remove_stale_segments
 from spd_ext.ops.shm_allreduce import builder
 
 #: Bytes each rank stages per call (and per buffer; every rank has two).
@@ -113,6 +118,7 @@ def _setup(group: Any) -> ShmGroup | str:
 def _create_and_attach(group: Any, module: Any, rank: int, world: int) -> ShmGroup | str:
     ctx, error = None, None
     if rank == 0:
+        remove_stale_segments()  # names left by earlier jobs' ranks killed during set-up
         name = f"/spd_ext_{os.getpid()}_{secrets.token_hex(6)}"
         chunk = env_bytes("SPD_EXT_SHM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
         chunk = max(4096, chunk // 4096 * 4096)
@@ -124,6 +130,37 @@ def _create_and_attach(group: Any, module: Any, rank: int, world: int) -> ShmGro
         settings = [name, oneshot, error]
     else:
         settings = [None, None, None]
+    with _unlink_on_sigterm(ctx):
+        return _attach(group, module, rank, world, ctx, settings)
+
+
+@contextmanager
+def _unlink_on_sigterm(ctx: Any) -> Iterator[None]:
+    """While rank 0 holds a named segment, a SIGTERM (torchrun's teardown) unlinks the name
+    before the process dies as it would have; SIGKILL cannot be caught: the next set-up
+    on this host, or ``spd-ext clean``, removes that name."""
+    if ctx is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        ctx.unlink()
+        signal.signal(signal.SIGTERM, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # the default: die of SIGTERM, as without us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _attach(group: Any, module: Any, rank: int, world: int, ctx: Any,
+            settings: list) -> ShmGroup | str:
     dist.broadcast_object_list(settings, src=dist.get_global_rank(group or dist.group.WORLD, 0),
                                group=group)
     name, oneshot, error = settings

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a process of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -29,7 +30,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     for candidate in path.parent.iterdir():
         suffix = candidate.name[len(prefix):]
         if candidate.name.startswith(prefix) and suffix.isdigit() and \
-                not _pid_alive(int(suffix)):
+                not pid_alive(int(suffix)):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
