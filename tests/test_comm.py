@@ -467,3 +467,25 @@ def test_clean_command_lists_and_removes_stale_segments(capsys) -> None:
         for name in names.values():
             if os.path.exists(name):
                 os.unlink(name)
+
+
+def test_sigterm_during_setup_unlinks_the_segment_name(tmp_path) -> None:
+    """torchrun tears a job down with SIGTERM: rank 0, holding a named segment while its
+    group sets up, unlinks the name before dying of the signal as it would have."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "unlinked"
+    code = f"""
+import os, signal
+from spd_ext.comm.shm import _unlink_on_sigterm
+class Segment:
+    def unlink(self):
+        open({str(marker)!r}, "w").write("yes")
+with _unlink_on_sigterm(Segment()):
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pause()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert proc.returncode == -15  # still dies of SIGTERM
+    assert marker.read_text() == "yes"

@@ -87,7 +87,7 @@ def test_every_command_has_help(capsys) -> None:
     parser = build_parser()
     commands = [[], ["report"], ["bench"], ["bench", "allreduce"], ["bench", "reduce"],
                 ["bench", "tp"], ["bench", "quant"], ["bench", "deepspeed"], ["tp"],
-                ["tp", "syncs"], ["tp", "sensitivity"],
+                ["tp", "syncs"], ["tp", "sensitivity"], ["clean"],
                 ["experiment"], ["experiment", "sync-sweep"], ["experiment", "sadpt"],
                 ["experiment", "staleness"]]
     for cmd in commands:
