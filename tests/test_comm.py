@@ -489,3 +489,35 @@ with _unlink_on_sigterm(Segment()):
     proc = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert proc.returncode == -15  # still dies of SIGTERM
     assert marker.read_text() == "yes"
+
+
+def _listening_addresses(rank: int, world: int) -> list[str]:
+    """The local addresses this rank listens on (its sockets in /proc/net/tcp{,6})."""
+    t = torch.ones(4)
+    dist.all_reduce(t)  # gloo's connections are up
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN, ours
+                    found.append(f"{table[-4:]} {fields[1]}")
+    return found
+
+
+def test_local_jobs_listen_on_loopback_only() -> None:
+    """spawn's rendezvous store and gloo's sockets listen on 127.0.0.1, not on every
+    interface (a single-host job has no reason to accept connections from elsewhere)."""
+    for addresses in spawn(_listening_addresses, 2):
+        assert addresses, "found no listening socket to check"
+        for entry in addresses:
+            table, local = entry.split()
+            assert table == "/tcp" and local.startswith("0100007F:"), addresses

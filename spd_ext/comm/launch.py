@@ -38,6 +38,28 @@ def _bind_cores(rank: int, nproc: int, threads: int) -> None:
         os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
 
 
+_LISTENERS: list[socket.socket] = []
+
+
+def _loopback_store(rank: int, nproc: int, port: int, timeout: float) -> Any:
+    """The rendezvous store, listening on 127.0.0.1 only: every rank of these jobs is on
+    this host, and torch's own TCPStore server would listen on every interface. Rank 0
+    binds the socket itself and hands it to the store (``master_listen_fd``)."""
+    import torch.distributed as dist
+
+    listener = None
+    if rank == 0:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(128)
+    store = dist.TCPStore("127.0.0.1", port, nproc, rank == 0, timedelta(seconds=timeout),
+                          master_listen_fd=listener.fileno() if listener else None)
+    if listener is not None:
+        _LISTENERS.append(listener)  # the store serves on this fd: keep it open
+    return store
+
+
 def _by_value(value: Any) -> bytes:
     """Serialize a result by value: torch's queue pickling would share tensors through file
     descriptors that vanish when this process exits."""
@@ -54,7 +76,9 @@ def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend
     os.environ.update({
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
         "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc), **env,
+        "LOCAL_WORLD_SIZE": str(nproc),
+        # gloo's own connections on the loopback interface too (unless the caller chose)
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), **env,
     })
     import torch
     import torch.distributed as dist
@@ -64,7 +88,8 @@ def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend
         _bind_cores(rank, nproc, threads)
     try:
         dist.init_process_group(backend, rank=rank, world_size=nproc,
-                                timeout=timedelta(seconds=pg_timeout))
+                                timeout=timedelta(seconds=pg_timeout),
+                                store=_loopback_store(rank, nproc, port, pg_timeout))
         value = fn(rank, nproc, *args)
         results.put(("ok", rank, _by_value(value)))
         # Gloo fails a rank whose peers tear their connections down while it still talks
