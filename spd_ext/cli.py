@@ -304,7 +304,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sync_sweep)
 
     a = _command(ex, "sadpt", help="signal-aware DP on clean and corrupted shards",
-                 description="The seed's signal-aware data-parallel table: 2 ranks IID / "
+                 description="The signal-aware data-parallel table: 2 ranks IID / "
                  "non-IID (one rank's data corrupted) with uniform or signal-weighted "
                  "aggregation, then 4 ranks with one corrupt rank against the robust "
                  "baselines. Clean validation loss, time, final weights; a plot of weights "

@@ -155,6 +155,8 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
                 raise RankError(f"rank {rank} failed:\n{value}")
             import torch
 
+            # Bytes a child of this call wrote through its own queue (never a file):
+            # results may be any picklable object, so the full unpickler is needed.
             done[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:

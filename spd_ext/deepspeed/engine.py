@@ -119,11 +119,10 @@ class EngineIntegration:
                                          cfg.staleness.outer_momentum,
                                          topology.cross_island_group)
         elif mode.kind != "ssgd":
-            self.strategy = make_strategy(mode, self.module, group=self.dp_group,
-                                          outer_lr=cfg.staleness.outer_lr,
-                                          outer_momentum=cfg.staleness.outer_momentum) \
-                if mode.kind == "diloco" else make_strategy(mode, self.module,
-                                                            group=self.dp_group)
+            outer = ({"outer_lr": cfg.staleness.outer_lr,
+                      "outer_momentum": cfg.staleness.outer_momentum}
+                     if mode.kind == "diloco" else {})
+            self.strategy = make_strategy(mode, self.module, group=self.dp_group, **outer)
         self._partial = [p for p in self.module.parameters()
                          if getattr(p, "tp_partial_grad", False)] if topology.tp_size > 1 else []
         self._counter = getattr(self.module, "sync_counter", None) if topology.tp_size > 1 \

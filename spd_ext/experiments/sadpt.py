@@ -1,6 +1,6 @@
 """`spd-ext experiment sadpt`: signal-aware data parallelism on clean and corrupted shards.
 
-The seed's table on TinyShakespeare with a small char GPT: 2 CPU ranks, IID or non-IID
+The signal-aware table on TinyShakespeare with a small char GPT: 2 CPU ranks, IID or non-IID
 (rank 1 sees 30% token_swap), uniform averaging or signal weighting; then 4 ranks with
 one corrupt rank, comparing uniform, weighted and the robust baselines. Every run starts
 from the same model and batches; validation data is clean.

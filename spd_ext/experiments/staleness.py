@@ -1,7 +1,7 @@
 """`spd-ext experiment staleness`: synchronous, delayed, local, DiLoCo and parameter-server
 training side by side, with and without a straggler.
 
-Two tasks: the seeds' XOR-with-polynomial-features logistic regression (fast; SGD) and a
+Two tasks: the XOR-with-polynomial-features logistic regression (fast; SGD) and a
 small char GPT on TinyShakespeare (AdamW). Every mode runs on the same number of CPU
 ranks; collective modes use all of them as workers, parameter-server modes use rank 0 as
 the server and the rest as workers. Each step sleeps a base delay (simulated compute);

@@ -18,7 +18,7 @@ from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
 from spd_ext.utils.table import format_table
 
-# The seeds' GPT-2 124M patterns (configs/tp), scaled down by width only.
+# The GPT-2 124M patterns (configs/tp), scaled down by width only.
 DEFAULT_PATTERNS = ("tp*12", "[tp,spd]*6", "[tp,spd,spd]*4", "spd*12", "[spd,parallel]*6",
                     "[spd,parallel,parallel]*4", "grouped:2", "grouped:3", "grouped:4",
                     "grouped:6")

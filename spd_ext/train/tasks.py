@@ -1,4 +1,4 @@
-"""The seeds' synthetic task: XOR made linearly separable by polynomial features.
+"""The synthetic task: XOR made linearly separable by polynomial features.
 
 x ~ N(0, 1)^d, label y = (x0 > 0) XOR (x1 > 0) (flipped with probability ``noise``);
 features [x, x0^2, x1^2, x0 * x1] let a linear classifier learn it (x0 * x1 < 0 exactly
