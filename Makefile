@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,deepspeed,hf,experiments
+EXTRAS ?= dev,deepspeed,hf,experiments,serve
 # The shared data folder beside the checkout (TinyShakespeare, gpt2.tiktoken), if present;
 # otherwise the product downloads what it needs.
 export SPD_EXT_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
@@ -27,10 +27,12 @@ setup: $(VENV)/.installed
 report: setup
 	$(BIN)/spd-ext report
 
-# Quickstart: three sync patterns of a small char GPT on TinyShakespeare (a few minutes).
+# The main job (about 5 minutes on 2 cores): `spd-ext train` on 2 CPU ranks under the
+# deepspeed launcher, ZeRO-1, a small char GPT on TinyShakespeare: tensor parallelism 2 with
+# the dense pattern tp*4 against the reduced spd*4, then data parallelism 2 with rank 1's
+# shard corrupted, uniform against signal-weighted. One table, one plot, logs in out/demo/.
 demo: report
-	$(BIN)/spd-ext experiment sync-sweep --patterns "tp*12;spd*12;grouped:4" --steps 200 \
-		--eval-interval 100 --out out/demo
+	$(BIN)/python -m spd_ext.train.demo --out out/demo
 
 bench: setup
 	$(BIN)/spd-ext bench allreduce --nproc 2 --dtype fp32,bf16 --sizes 4K..64M

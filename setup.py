@@ -51,10 +51,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["spd_ext", "spd_ext.*"]),
+    package_data={"spd_ext.serve": ["page.html"]},
     install_requires=[
         "torch>=2.1,<3",  # 2.13 (CPU or CUDA) satisfies this; install torch first
         "numpy>=1.24,<3",
         "ninja>=1.11,<2",  # JIT builds of the C++ ops
+        "pyyaml>=6,<7",  # spd-ext train's YAML run configs
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14,<1"],
@@ -62,6 +64,7 @@ setup(
                "tiktoken>=0.6,<1"],
         "wandb": ["wandb>=0.16,<1"],
         "experiments": ["matplotlib>=3.7,<4"],  # the experiments' PNG plots
+        "serve": ["aiohttp>=3.9,<4"],  # spd-ext serve
         "dev": ["pytest>=8,<10", "ruff>=0.5,<1"],
     },
     entry_points={"console_scripts": ["spd-ext=spd_ext.cli:main"]},

@@ -1,4 +1,4 @@
-"""`spd-ext` command line: environment report and benchmarks."""
+"""`spd-ext` command line: environment report, benchmarks, experiments and training."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _report(args: argparse.Namespace) -> int:
     print(format_table(["op", "compatible", "built", "in use", "target", "flags", "note"], rows))
     print("\ncomm.all_reduce on CPU float32/bfloat16/float16 tensors: shared-memory kernel "
           "when every rank of the group is on this host and shm_allreduce is in use, else "
-          "torch.distributed. CUDA tensors: the CUDA IPC kernel when cuda_allreduce is in use, "
+          "torch.distributed. CUDA tensors: the CUDA IPC kernel when ipc_allreduce is in use, "
           "the group has 2-8 ranks on this host and the tensor fits the buffer (8 MiB; one "
           "staging copy, none for tensors in spd_ext.comm.ipc_buffer memory), else "
           "torch.distributed (NCCL; PREMUL_SUM for weighted). Other dtypes: "
@@ -171,7 +171,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                  "PyTorch) against a copy of the same tensor.")
     q.add_argument("--sizes", default="64K..64M", help="bytes per tensor, as for allreduce")
     q.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
-    q.add_argument("--block-size", type=int, default=256)
+    q.add_argument("--block-size", type=int, default=256,
+                   help="elements sharing one scale (quantization block)")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
     _add_table_args(q)
@@ -181,37 +182,80 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                  description="Time a tensor-parallel training step (forward, backward, "
                  "optimizer) of a small GPT for each sync pattern on N local CPU ranks, "
                  "through torch.distributed and/or spd_ext.comm.")
-    t.add_argument("--nproc", type=int, default=2, help="ranks = tensor-parallel size")
-    t.add_argument("--patterns", default=None,
-                   help="';'-separated patterns (default: tp*12;[tp,spd]*6;spd*12;"
-                   "[spd,parallel]*6;grouped:4;ladder*12)")
-    t.add_argument("--backends", default="torch,spd", help="comma list of torch,spd")
-    t.add_argument("--n-layer", type=POSITIVE, default=12)
-    t.add_argument("--n-embd", type=POSITIVE, default=64)
-    t.add_argument("--n-head", type=POSITIVE, default=4)
+    _add_tp_bench_args(t, "ladder*12", n_embd=64)
     t.add_argument("--batch-size", type=POSITIVE, default=8)
     t.add_argument("--seq-len", type=POSITIVE, default=64)
     t.add_argument("--repeats", type=POSITIVE, default=7, help="timed loops per pattern (median)")
     _add_table_args(t)
     t.set_defaults(func=_bench_tp)
 
+    g = _command(bench, "generate", help="KV-cached generation latency per sync pattern",
+                 description="Time KV-cached generation of a 12-layer GPT for each sync "
+                 "pattern on N local CPU ranks (tensor parallel N): prefill time, per-token "
+                 "decode latency p50/p99 and tokens/s, over torch.distributed and/or "
+                 "spd_ext.comm, for each batch size.")
+    _add_tp_bench_args(g, "parallel*12", n_embd=128)
+    g.add_argument("--batch-sizes", default="1,8", help="comma list of sequences per batch")
+    g.add_argument("--vocab-size", type=POSITIVE, default=50304,
+                   help="GPT-2's padded vocabulary by default")
+    g.add_argument("--prompt-len", type=POSITIVE, default=32, help="prompt tokens (prefill)")
+    g.add_argument("--new-tokens", type=POSITIVE, default=64, help="tokens decoded per repeat")
+    g.add_argument("--repeats", type=POSITIVE, default=5, help="timed generations per point")
+    _add_table_args(g)
+    g.set_defaults(func=_bench_generate)
+
     d = _command(bench, "deepspeed", help="DeepSpeed engine step and gradient reduction",
                  description="Time a DeepSpeed (ZeRO-0, fp32) training step of a GPT of about "
                  "10M parameters on N local CPU ranks and its gradient reduction: DeepSpeed's "
                  "own reduction vs spd_ext's fused all-reduce (\"comm\": {\"backend\": "
                  "\"spd\"}), plain and signal-weighted.")
-    d.add_argument("--nproc", type=int, default=2, help="data-parallel ranks")
-    d.add_argument("--variants", default="deepspeed,deepspeed-weighted,spd,spd-weighted",
-                   help="comma list of deepspeed, deepspeed-weighted, spd, spd-weighted")
-    d.add_argument("--n-layer", type=POSITIVE, default=6)
-    d.add_argument("--n-embd", type=POSITIVE, default=384)
-    d.add_argument("--n-head", type=POSITIVE, default=6)
-    d.add_argument("--batch-size", type=POSITIVE, default=4, help="sequences per rank and step")
-    d.add_argument("--seq-len", type=POSITIVE, default=64)
-    d.add_argument("--warmup", type=NONNEGATIVE, default=3, help="untimed steps per variant")
-    d.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per variant (median)")
-    _add_table_args(d)
+    _add_training_step_args(d, ("deepspeed", "deepspeed-weighted", "spd", "spd-weighted"),
+                            steps=10)
     d.set_defaults(func=_bench_deepspeed)
+
+    h = _command(bench, "ddp-hook", help="DDP step: signal-weighted hook vs DDP's default",
+                 description="Time a DistributedDataParallel training step of a GPT of about "
+                 "10M parameters on N local CPU ranks with DDP's default all-reduce hook, "
+                 "spd_ext's signal-weighted hook (asynchronous: overlaps backward), and the "
+                 "same hook waiting for each bucket; the same buckets and bytes in each.")
+    _add_training_step_args(h, ("default", "weighted", "weighted-sync"), steps=15)
+    h.add_argument("--bucket-mb", type=float, default=4.0, help="DDP's bucket_cap_mb")
+    h.set_defaults(func=_bench_ddp_hook)
+
+
+def _add_tp_bench_args(p: argparse.ArgumentParser, last_pattern: str, n_embd: int) -> None:
+    """The arguments of the tensor-parallel benchmarks (bench tp, bench generate)."""
+    p.add_argument("--nproc", type=int, default=2, help="ranks = tensor-parallel size")
+    p.add_argument("--patterns", default=None,
+                   help="';'-separated patterns (default: tp*12;[tp,spd]*6;spd*12;"
+                   f"[spd,parallel]*6;grouped:4;{last_pattern})")
+    p.add_argument("--backends", default="torch,spd", help="comma list of torch,spd")
+    p.add_argument("--n-layer", type=POSITIVE, default=12)
+    p.add_argument("--n-embd", type=POSITIVE, default=n_embd)
+    p.add_argument("--n-head", type=POSITIVE, default=4)
+
+
+def _add_training_step_args(p: argparse.ArgumentParser, variants: tuple[str, ...],
+                            steps: int) -> None:
+    """The arguments of the training-step benchmarks (bench deepspeed, bench ddp-hook)."""
+    p.add_argument("--nproc", type=int, default=2, help="data-parallel ranks")
+    p.add_argument("--variants", default=",".join(variants),
+                   help=f"comma list of {', '.join(variants)}")
+    p.add_argument("--n-layer", type=POSITIVE, default=6, help="transformer blocks")
+    p.add_argument("--n-embd", type=POSITIVE, default=384, help="model width")
+    p.add_argument("--n-head", type=POSITIVE, default=6, help="attention heads")
+    p.add_argument("--batch-size", type=POSITIVE, default=4, help="sequences per rank and step")
+    p.add_argument("--seq-len", type=POSITIVE, default=64, help="tokens per sequence")
+    p.add_argument("--warmup", type=NONNEGATIVE, default=3, help="untimed steps per variant")
+    p.add_argument("--steps", type=POSITIVE, default=steps,
+                   help="timed steps per variant (median)")
+    _add_table_args(p)
+
+
+def _training_step_config(cls: type, args: argparse.Namespace, **extra: object):  # noqa: ANN202
+    return cls(nproc=args.nproc, variants=args.variants, n_layer=args.n_layer,
+               n_embd=args.n_embd, n_head=args.n_head, batch_size=args.batch_size,
+               seq_len=args.seq_len, warmup=args.warmup, steps=args.steps, **extra)
 
 
 def _add_tp(sub: argparse._SubParsersAction) -> None:
@@ -228,7 +272,7 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-head", type=POSITIVE, default=12)
     s.add_argument("--n-embd", type=POSITIVE, default=768)
     s.add_argument("--vocab-size", type=POSITIVE, default=50304)
-    s.add_argument("--tp-size", type=POSITIVE, default=2)
+    s.add_argument("--tp-size", type=POSITIVE, default=2, help="tensor-parallel size")
     s.set_defaults(func=_tp_syncs)
 
     v = _command(tp, "sensitivity", help="loss change when each block alone drops a sync",
@@ -314,7 +358,9 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                    "4rank_weighted, 4rank_trimmed_mean, 4rank_median, 4rank_centered_clipping)")
     a.add_argument("--corruption", default=dp.corruption.kind,
                    help="token_swap, shuffle, label_noise or duplicate")
-    a.add_argument("--corruption-prob", type=PROBABILITY, default=dp.corruption.probability)
+    a.add_argument("--corruption-prob", type=PROBABILITY, default=dp.corruption.probability,
+                   help="probability that each token (window, target) of the corrupted "
+                   "shard is changed")
     a.add_argument("--signal", default=dp.signal, choices=sorted(SIGNALS),
                    help="per-rank trust signal")
     a.add_argument("--weighting", default=dp.weighting, choices=sorted(WEIGHT_MAPS),
@@ -348,14 +394,71 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--nproc", type=_bounded(int, 2), default=stale.nproc,
                     help="ranks (PS modes: 1 server + N-1 workers)")
     st.add_argument("--straggler-factor", type=_bounded(float, 1.0),
-                    default=stale.straggler_factor)
-    st.add_argument("--straggler-every", type=POSITIVE, default=stale.straggler_every)
+                    default=stale.straggler_factor,
+                    help="the slow rank's step delay, in multiples of the others'")
+    st.add_argument("--straggler-every", type=POSITIVE, default=stale.straggler_every,
+                    help="the slow rank is slow on every N-th step")
     st.add_argument("--xor-steps", type=POSITIVE, default=None,
                     help=f"default {stale.task('xor').steps}")
     st.add_argument("--gpt-steps", type=POSITIVE, default=None,
                     help=f"default {stale.task('gpt').steps}")
     _add_run_args(st, stale)
     st.set_defaults(func=_staleness)
+
+
+class _TrainHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the config keys listed as written (one per line)."""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from spd_ext.train.config import options_help
+    from spd_ext.train.run import add_arguments
+
+    p = sub.add_parser(
+        "train", formatter_class=_TrainHelp, help="train a GPT from a YAML/JSON run config",
+        description="Train a reduced-sync GPT through spd_ext.deepspeed from one YAML or JSON "
+        "file (sections model, data, training, parallel, deepspeed, sample, wandb).\nThe "
+        "config is checked before any rank starts; a mistake is one line naming the key and "
+        "the fix.\n\n  spd-ext train configs/train/quickstart.yaml\n  spd-ext train "
+        "configs/train/quickstart.yaml --nproc 2 --set parallel.tp=2 --set "
+        "model.pattern='spd*2'\n  deepspeed --num_gpus 8 -m spd_ext.train.run CONFIG   (or "
+        "torchrun ... -m spd_ext.train.run CONFIG)\n\nRank 0 prints progress and writes "
+        "OUT_DIR/log.jsonl, loss.png, sample.txt, summary.json, model.pt (for spd-ext serve) "
+        "and checkpoints/.",
+        epilog="config keys (section.key = default):\n" + options_help())
+    add_arguments(p)
+    p.add_argument("--nproc", type=POSITIVE, default=None,
+                   help="start N local ranks under the deepspeed launcher (default: 1 rank "
+                   "in this process, or the ranks of the launcher this runs under)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, print it resolved and the ds_config, train nothing")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from spd_ext.train import run as train_run
+    from spd_ext.train.config import describe
+
+    launched = train_run.launched_world_size()
+    if args.nproc is not None and launched is not None:
+        raise ValueError(f"--nproc {args.nproc} starts a launcher, but this process already "
+                         f"runs under one (WORLD_SIZE={launched}); drop --nproc")
+    world = args.nproc or launched or 1
+    plan, facts = train_run.prepare(args.config, args.overrides, world, args.resume,
+                                    args.overwrite)
+    if args.dry_run:
+        print(describe(plan.cfg).rstrip())
+        print(f"# {world} rank(s): tp {plan.tp}, islands {plan.islands}, data parallel "
+              f"{plan.data_world}; corpus vocabulary {facts['vocab_size']}; out_dir "
+              f"{plan.out_dir}" + (f"; resume from {facts['resume_tag']}"
+                                   if "resume_tag" in facts else ""))
+        print("# ds_config: " + json.dumps(plan.ds_config))
+        return 0
+    if args.nproc is not None:
+        return train_run.launch(args.config, args.overrides, args.nproc, args.resume,
+                                args.overwrite)
+    train_run.single_process_environment()
+    return train_run.run(plan, facts, resume=args.resume)
 
 
 def _write_json(path: str | None, payload: object) -> None:
@@ -418,13 +521,27 @@ def _bench_tp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_generate(args: argparse.Namespace) -> int:
+    from spd_ext.bench import generate
+
+    cfg = generate.GenerateBenchConfig(
+        nproc=args.nproc, backends=args.backends, batch_sizes=args.batch_sizes,
+        n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+        vocab_size=args.vocab_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        repeats=args.repeats)
+    if args.patterns:
+        cfg.patterns = args.patterns
+    rows = generate.run(cfg)
+    print(generate.describe_run(cfg))
+    print(generate.table(rows, markdown=args.markdown))
+    _write_json(args.json, rows)
+    return 0
+
+
 def _bench_deepspeed(args: argparse.Namespace) -> int:
     from spd_ext.bench import ds_engine
 
-    cfg = ds_engine.DeepSpeedBenchConfig(
-        nproc=args.nproc, variants=args.variants, n_layer=args.n_layer, n_embd=args.n_embd,
-        n_head=args.n_head, batch_size=args.batch_size, seq_len=args.seq_len,
-        warmup=args.warmup, steps=args.steps)
+    cfg = _training_step_config(ds_engine.DeepSpeedBenchConfig, args)
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -433,6 +550,17 @@ def _bench_deepspeed(args: argparse.Namespace) -> int:
     rows = ds_engine.run(cfg)
     print(ds_engine.describe_run(cfg, rows))
     print(ds_engine.table(rows, markdown=args.markdown))
+    _write_json(args.json, rows)
+    return 0
+
+
+def _bench_ddp_hook(args: argparse.Namespace) -> int:
+    from spd_ext.bench import ddp_hook
+
+    cfg = _training_step_config(ddp_hook.DDPHookBenchConfig, args, bucket_mb=args.bucket_mb)
+    rows = ddp_hook.run(cfg)
+    print(ddp_hook.describe_run(cfg, rows))
+    print(ddp_hook.table(rows, markdown=args.markdown))
     _write_json(args.json, rows)
     return 0
 
@@ -576,6 +704,53 @@ def _staleness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "serve", help="serve a reduced-sync GPT over HTTP on N local ranks",
+                 description="Split a model over N local ranks (tensor parallel N) and serve "
+                 "it: POST /v1/completions (JSON; \"stream\": true for server-sent events), "
+                 "GET /health, GET /metrics, and a web page at /. The model and the flags are "
+                 "checked before any rank starts; SIGINT or SIGTERM stops the server after "
+                 "the queued requests, a rank that dies stops every rank (503 meanwhile).",
+                 epilog="example: spd-ext serve --hf ./gpt2 --pattern 'spd*12' --nproc 2\n"
+                 "  curl -N localhost:5050/v1/completions -d '{\"prompt\": \"Hello\", "
+                 "\"max_tokens\": 32, \"stream\": true}'")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="an spd_ext checkpoint (ckpt.pt of spd-ext "
+                        "experiment, or model.pt of spd-ext train)")
+    source.add_argument("--hf", help="a local Hugging Face GPT-2 folder (config.json + weights)")
+    p.add_argument("--pattern", default=None, help="sync pattern to serve with (default: the "
+                   "checkpoint's; tp*L for --hf)")
+    p.add_argument("--nproc", type=POSITIVE, default=2, help="ranks = tensor-parallel size")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: "
+                   "every interface; the server has no authentication)")
+    p.add_argument("--port", type=_bounded(int, 1, high=65535), default=5050,
+                   help="TCP port to listen on")
+    p.add_argument("--backend", choices=("spd", "torch"), default="spd",
+                   help="the tensor-parallel all-reduce: spd_ext.comm or torch.distributed")
+    p.add_argument("--max-queue", type=POSITIVE, default=64,
+                   help="requests waiting or running before new ones get 503")
+    p.add_argument("--fail-grace", type=_bounded(float, 0.0), default=3.0,
+                   help="seconds to keep answering 503 after a rank dies, before exiting")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise ValueError("spd-ext serve needs aiohttp: pip install 'spd_ext[serve]'") from None
+    from spd_ext.serve import inspect_source
+    from spd_ext.serve.app import run_server
+
+    source = inspect_source(args.checkpoint, args.hf, args.pattern, args.nproc)
+    source.load_tokenizer()  # a missing tokenizer file is reported before any rank starts
+    print(f"spd-ext serve: {source.describe()}", flush=True)
+    if source.note:
+        print(f"spd-ext serve: note: {source.note}", flush=True)
+    return run_server(source, args.nproc, args.host, args.port, args.backend, args.max_queue,
+                      args.fail_grace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spd-ext", formatter_class=_HELP,
@@ -587,7 +762,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_tp(sub)
     _add_experiment(sub)
+    _add_train(sub)
+    _add_serve(sub)
+    _fill_standard_help(parser)
     return parser
+
+
+# What the flags many commands share mean, for those defined without a help of their own.
+_STANDARD_HELP = {
+    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
+    "vocab_size": "vocabulary size", "seq_len": "tokens per sequence",
+    "batch_size": "sequences per step (per rank where ranks run)", "steps": "training steps",
+    "eval_interval": "steps between evaluations (0: only at the end)",
+    "eval_batches": "batches per evaluation", "seed": "random seed",
+}
+
+
+def _fill_standard_help(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _fill_standard_help(child)
+        elif action.help is None and action.dest in _STANDARD_HELP:
+            action.help = _STANDARD_HELP[action.dest]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_ext.ops.dtypes import KERNEL_DTYPES
-
 os.environ.setdefault("WANDB_MODE", "disabled")
 _shared_data = Path(__file__).resolve().parents[2] / "shared" / "data"
 if _shared_data.is_dir():
@@ -22,7 +20,6 @@ needs_kernels = pytest.mark.skipif(
     FORCED_FALLBACK, reason="tests the C++ kernels; SPD_EXT_FORCE_FALLBACK=1 disables them")
 
 # dtype codes of csrc/includes/spd_dtype.h, for the tests that call C entry points (ctypes).
-DTYPE_CODES = {dtype: code for code, dtype in enumerate(KERNEL_DTYPES)}
 
 
 def c_ptr(t: torch.Tensor) -> ctypes.c_void_p:

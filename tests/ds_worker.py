@@ -22,7 +22,7 @@ import torch.distributed as dist
 import spd_ext.deepspeed as sd
 from spd_ext.dp.signals import LossEMA
 from spd_ext.dp.weights import SoftmaxWeights
-from spd_ext.sync import make_strategy, parse_mode
+from spd_ext.staleness import make_strategy, parse_mode
 from spd_ext.tp import DistributedComm, EmulatedComm, GPTConfig, ReducedSyncGPT
 
 VOCAB, BLOCK, MICRO = 32, 16, 2
@@ -173,7 +173,7 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
 
 # -- staleness ----------------------------------------------------------------------
 def staleness_reference(mode: str, steps: int, rank: int) -> dict:
-    """spd_ext.sync's strategy with the Trainer's order of operations (no DeepSpeed)."""
+    """spd_ext.staleness's strategy with the Trainer's order of operations (no DeepSpeed)."""
     model = ReducedSyncGPT(gpt_config())
     opt = reference_optimizer(model)
     strategy = make_strategy(parse_mode(mode), model)
@@ -281,7 +281,7 @@ def scenario_islands(rank: int, world: int, out: dict) -> None:
         dist.all_reduce(t, group=topo.dp_group)
         resumed.append(t.item() / per)
     out["resumed"] = {"island_losses": resumed}
-    # Reference: spd_ext.sync's diloco:H with one worker per island (ranks 0, per, ...)
+    # Reference: spd_ext.staleness's diloco:H with one worker per island (ranks 0, per, ...)
     # whose batch is the island's batch.
     workers = list(range(0, world, per))
     group = dist.new_group(workers)
@@ -367,8 +367,11 @@ def scenario_trainer(rank: int, world: int, out: dict) -> None:
 
     tmp = [tempfile.mkdtemp(prefix="spd_ext_ds_trainer_") if rank == 0 else None]
     dist.broadcast_object_list(tmp, src=0)
+    # initializer_range 0.5 (not 0.02): the random model's predictions are far from uniform,
+    # so the two ranks' losses, and hence their weights, differ clearly (with near-uniform
+    # predictions both losses sit at ln(VOCAB) and the weights could land within 0.01 of 1/2)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=16,
-                                       n_layer=2, n_head=2))
+                                       n_layer=2, n_head=2, initializer_range=0.5))
     ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
           "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1},
           "spd_ext": {"signal_weighting": {**SIGNAL, "temperature": 0.01}}}
@@ -399,9 +402,38 @@ def scenario_trainer(rank: int, world: int, out: dict) -> None:
         out["csv_weight0"] = weight0.read_text().splitlines() if weight0.is_file() else []
 
 
+# -- a NaN gradient with a finite loss ---------------------------------------------------
+def scenario_nan_grad(rank: int, world: int, out: dict) -> None:
+    from spd_ext.dp.aggregator import WeightError
+
+    cases = {"z0": (0, None), "z1": (1, None), "z0_weighted_spd":
+             (0, {"signal_weighting": SIGNAL, "comm": {"backend": "spd"}})}
+    for name, (stage, section) in cases.items():
+        model = ReducedSyncGPT(gpt_config())
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config(stage, section=section))
+        train_engine(engine, 1, rank)  # one good step
+        before = flat_params(model)
+        _, loss = engine(*batch(rank, 1))
+        hook = None
+        if rank == 1:  # the loss is finite; one gradient entry is not
+            hook = next(model.parameters()).register_hook(
+                lambda g: g.flatten().index_fill(0, torch.tensor([0]), float("nan")).view_as(g))
+        try:  # DeepSpeed reduces inside backward at the boundary
+            engine.backward(loss)
+            engine.step()
+            message = "no error"
+        except WeightError as exc:
+            message = str(exc)
+        if hook is not None:
+            hook.remove()
+        out[name] = {"message": message, "loss": loss.item(),
+                     "unchanged": flat_params(model) == before}
+
+
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
              "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
-             "trainer": scenario_trainer}
+             "trainer": scenario_trainer, "nan_grad": scenario_nan_grad}
 
 
 def main() -> None:

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import multiprocessing as mp
 import os
+import signal
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm import CommError, RankError, all_reduce, describe, ipc_buffer, path, spawn
+from spd_ext.comm import CommError, all_reduce, describe, ipc_buffer, path
 from spd_ext.comm.all_reduce import rank_weight
+from spd_ext.launch import RankError, spawn
 
 from conftest import FORCED_FALLBACK, assert_within_bound, needs_kernels
 
@@ -317,7 +320,7 @@ def test_dead_or_silent_peer_is_named(action: str) -> None:
         time.sleep(0.5)
         start = time.monotonic()
         with pytest.raises(RuntimeError) as info:
-            ctx.all_reduce_(torch.ones(10), 0, 1.0, 1 << 18, 5.0)
+            ctx.all_reduce_(torch.ones(10), 0, 1.0, 0, 1 << 18, 5.0)
         message = str(info.value)
         if action == "exit":
             assert f"rank 1 (pid {child.pid}) exited" in message, message
@@ -337,6 +340,19 @@ def test_use_before_init_is_an_error() -> None:
         all_reduce(torch.ones(3))
 
 
+def test_a_closed_ipc_group_refuses_further_calls() -> None:
+    """IpcGroup.close() drops the group's hold on its IPC context; a later call raises
+    instead of using memory that may be unmapped (the kernel itself needs a GPU)."""
+    from spd_ext.comm.cuda_ipc import IpcGroup
+
+    group = IpcGroup(ctx=object(), rank=0, world_size=2, capacity=1 << 20,
+                     oneshot_max_bytes=1 << 10)
+    group.close()
+    assert group.ctx is None
+    with pytest.raises(CommError, match="CUDA IPC context was closed"):
+        group.all_reduce_(torch.ones(4), "sum", 1.0)
+
+
 @pytest.mark.parametrize(
     "op, weights, match",
     [
@@ -345,7 +361,7 @@ def test_use_before_init_is_an_error() -> None:
         ("weighted", None, "needs weights"),
         ("weighted", [1.0, 2.0, 3.0], "3 weights for 2 ranks"),
         ("weighted", [float("nan"), 1.0], "finite"),
-        ("weighted", float("inf"), "finite"),
+        ("weighted", 0.5, "weights= takes every rank's weights"),
     ],
 )
 def test_bad_op_and_weights(op: str, weights, match: str) -> None:
@@ -353,11 +369,21 @@ def test_bad_op_and_weights(op: str, weights, match: str) -> None:
         rank_weight(op, weights, 0, 2)
 
 
+@pytest.mark.parametrize("weights, weight, match", [
+    (None, float("inf"), "finite"),
+    ([0.5, 0.5], 0.5, "not both"),
+    (None, [0.5, 0.5], "pass every rank's weights as weights="),
+])
+def test_bad_own_weight(weights, weight, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        rank_weight("weighted", weights, 0, 2, weight)
+
+
 def test_rank_weight_values() -> None:
     assert rank_weight("sum", None, 1, 4) == 1.0
     assert rank_weight("mean", None, 1, 4) == 0.25
     assert rank_weight("weighted", torch.tensor([0.1, 0.9]), 1, 2) == pytest.approx(0.9)
-    assert rank_weight("weighted", 0.3, 1, 2) == pytest.approx(0.3)
+    assert rank_weight("weighted", None, 1, 2, weight=0.3) == pytest.approx(0.3)
 
 
 def _raise_on_rank_one(rank: int, world: int) -> None:
@@ -375,6 +401,41 @@ def test_spawn_names_the_failing_rank() -> None:
     with pytest.raises(RankError, match=r"rank 1 failed:(.|\n)*KeyError: 'boom'"):
         spawn(_raise_on_rank_one, 2, timeout=60)
     assert time.monotonic() - start < 30
+
+
+class _NotPlainData:
+    pass
+
+
+def _returns_an_object(rank: int, world: int) -> object:
+    return {"tensor": torch.ones(2), "object": _NotPlainData()} if rank == 1 else {"ok": 1}
+
+
+def test_spawn_results_are_plain_data_loaded_without_running_code() -> None:
+    """The parent reads results with torch.load(weights_only=True): plain data and tensors
+    come back; an arbitrary object is refused in the rank that returned it, by name."""
+    out = spawn(_plain_result, 2, timeout=60)
+    assert out[0]["values"] == [0, 1.5, "x", None] and torch.equal(out[1]["t"], torch.ones(3))
+    with pytest.raises(RankError, match=r"rank 1 failed:(.|\n)*must return plain data"):
+        spawn(_returns_an_object, 2, timeout=60)
+
+
+def _plain_result(rank: int, world: int) -> dict:
+    return {"values": [rank, 1.5, "x", None], "t": torch.ones(3), "pair": (rank, world)}
+
+
+def _killed_rank_one(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(4))  # rank 0 fails with a connection error
+
+
+def test_spawn_names_a_killed_rank_before_the_errors_it_causes() -> None:
+    with pytest.raises(RankError, match=r"^rank 1 exited with code -9 \(killed by SIGKILL\)"):
+        spawn(_killed_rank_one, 2, timeout=60)
 
 
 def test_spawn_times_out_instead_of_hanging() -> None:
@@ -402,7 +463,7 @@ def test_ipc_buffer_without_cuda_says_why() -> None:
         assert messages[1].startswith("ValueError: ipc_buffer: negative"), messages[1]
         assert messages[2].startswith("RuntimeError: spd_ext.comm.ipc_buffer: this group has "
                                       "no CUDA IPC path (torch.distributed ("), messages[2]
-        assert "cuda_allreduce op is unavailable" in messages[2], messages[2]
+        assert "ipc_allreduce op is unavailable" in messages[2], messages[2]
 
 
 
@@ -521,3 +582,187 @@ def test_local_jobs_listen_on_loopback_only() -> None:
         for entry in addresses:
             table, local = entry.split()
             assert table == "/tcp" and local.startswith("0100007F:"), addresses
+
+
+def _late_rank_at_setup_ranks(rank: int, world: int) -> dict:
+    if rank == 1:
+        time.sleep(6)  # never reaches the group's set-up in time
+        return {}
+    start = time.monotonic()
+    try:
+        all_reduce(torch.ones(10), timeout=2.0)
+        message = "no error"
+    except CommError as exc:
+        message = str(exc)
+    return {"message": message, "elapsed": time.monotonic() - start}
+
+
+def test_setup_honours_the_timeout_and_names_the_missing_rank() -> None:
+    rank0, _ = spawn(_late_rank_at_setup_ranks, 2, timeout=60)
+    assert "group rank 1 (global rank 1) did not reach" in rank0["message"], rank0["message"]
+    assert "within 2 s" in rank0["message"]
+    assert rank0["elapsed"] < 5
+
+
+def _off_kernel_mismatch_ranks(rank: int, world: int) -> dict:
+    out: dict = {}
+    all_reduce(torch.ones(4))  # set-up done: what follows is per call
+    cases = {
+        "float32 vs float64": torch.ones(100, dtype=(torch.float32, torch.float64)[rank]),
+        "int64 vs int32": torch.ones(100, dtype=(torch.int64, torch.int32)[rank]),
+        "float64 sizes": torch.ones(100 + 900 * rank, dtype=torch.float64),
+        "complex sizes": torch.ones(10 + rank, dtype=torch.complex64),
+    }
+    for name, t in cases.items():
+        try:
+            all_reduce(t, timeout=20)
+            out[name] = "no error"
+        except CommError as exc:
+            out[name] = str(exc)
+    t = torch.full((5,), rank + 1, dtype=torch.float64)  # the group still works
+    all_reduce(t)
+    out["after"] = t.tolist()
+    return out
+
+
+def test_mismatches_off_the_kernel_path_raise_on_every_rank() -> None:
+    for r in spawn(_off_kernel_mismatch_ranks, 2, timeout=120):
+        assert "rank 0 100 x float32" in r["float32 vs float64"], r["float32 vs float64"]
+        assert "rank 1 100 x float64" in r["float32 vs float64"]
+        assert "rank 0 100 x int64" in r["int64 vs int32"]
+        assert "rank 1 100 x int32" in r["int64 vs int32"]
+        assert "rank 1 1000 x" in r["float64 sizes"]
+        assert "rank 0 10 x" in r["complex sizes"] and "rank 1 11 x" in r["complex sizes"]
+        assert r["after"] == [3.0] * 5
+
+
+def _weights_agreement_ranks(rank: int, world: int) -> dict:
+    out: dict = {}
+    all_reduce(torch.ones(4))
+    cases = {
+        "lists differ": (torch.float32, [[0.5, 0.5], [0.3, 0.7]][rank]),
+        "tensors differ": (torch.float32, torch.tensor([[0.5, 0.5], [0.3, 0.7]][rank])),
+        "float64 lists differ": (torch.float64, [[0.5, 0.5], [0.3, 0.7]][rank]),
+        "fp16 overflow": (torch.float16, [1e5, 1 - 1e5]),
+        "own weight overflow": (torch.float32, [1e39, -1e39][rank]),
+        "list and tensor agree": (torch.float32, [[0.25, 0.75], torch.tensor([0.25, 0.75])][rank]),
+        "own weights": (torch.float32, [0.25, 0.75][rank]),
+    }
+    for name, (dtype, weights) in cases.items():
+        t = torch.full((100,), float(rank + 1), dtype=dtype)
+        try:
+            own = isinstance(weights, float)  # this rank's own weight goes in weight=
+            all_reduce(t, "weighted", timeout=20,
+                       **({"weight": weights} if own else {"weights": weights}))
+            out[name] = t[0].item()
+        except (CommError, ValueError) as exc:
+            out[name] = str(exc)
+    return out
+
+
+def test_weight_lists_must_agree_and_fit_the_dtype() -> None:
+    for r in spawn(_weights_agreement_ranks, 2, timeout=120):
+        for name in ("lists differ", "tensors differ", "float64 lists differ"):
+            assert "different weight lists" in r[name], (name, r[name])
+        assert "is not a finite float16 value" in r["fp16 overflow"], r["fp16 overflow"]
+        assert "not a finite" in r["own weight overflow"], r["own weight overflow"]
+        assert r["list and tensor agree"] == pytest.approx(1.75)
+        assert r["own weights"] == pytest.approx(1.75)
+
+
+def _slow_but_moving_ranks(rank: int, world: int) -> dict:
+    os.environ["SPD_EXT_SHM_CHUNK_BYTES"] = "4096"  # read by rank 0 at set-up
+    all_reduce(torch.ones(4))
+    t = torch.ones(64 << 20)  # 256 MiB in 4 KiB chunks: 65536 calls of two waits each
+    start = time.monotonic()
+    all_reduce(t)
+    # A fast host moves 256 MiB in well under the 0.1 s timeout: grow the call until it
+    # takes about 0.4 s (at most 1 GiB), the same size on both ranks.
+    scale = torch.tensor([min(4, math.ceil(0.4 / (time.monotonic() - start)))])
+    dist.broadcast(scale, src=0)
+    t = torch.ones(int(scale) * (64 << 20))
+    dist.barrier()  # both ranks allocated: the first wait is not the peer's page faults
+    start = time.monotonic()
+    all_reduce(t, timeout=0.1)
+    return {"elapsed": time.monotonic() - start, "value": t[-1].item(), "path": describe()}
+
+
+@needs_kernels
+def test_timeout_bounds_each_wait_not_the_whole_call() -> None:
+    for r in spawn(_slow_but_moving_ranks, 2, timeout=120):
+        assert "chunk 4096 B" in r["path"]
+        assert r["value"] == 2.0
+        # The call lasted longer than its timeout, yet no wait did: no error.
+        assert r["elapsed"] > 0.1, f"call too fast ({r['elapsed']:.2f} s) to show anything"
+
+
+def _mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("/dev/shm/spd_ext_" in line for line in f)  # not a JIT-built spd_ext_*.so
+
+
+def _reinit_ranks(rank: int, world: int) -> dict:
+    from torch.distributed import distributed_c10d as c10d
+
+    counts = []
+    store = c10d._get_default_store()
+    for _ in range(5):
+        group = dist.new_group([0, 1])
+        all_reduce(torch.ones(10), group=group)
+        dist.destroy_process_group(group)
+        all_reduce(torch.ones(10))
+        store = c10d._get_default_store()
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        counts.append(_mappings())
+    t = torch.full((4,), float(rank + 1))
+    all_reduce(t)
+    return {"counts": counts, "value": t[0].item()}
+
+
+@needs_kernels
+def test_destroyed_groups_release_their_segments() -> None:
+    for r in spawn(_reinit_ranks, 2, timeout=120):
+        assert r["value"] == 3.0
+        # at most the segments of live groups: one per cycle would grow to 10
+        assert max(r["counts"]) <= 2, r["counts"]
+
+
+def _two_threads_ranks(rank: int, world: int) -> dict:
+    import threading
+
+    all_reduce(torch.ones(4))
+    big = torch.ones(32 << 20)
+    start = time.monotonic()
+    all_reduce(big)
+    # long enough (about 0.3 s, at most 1 GiB) for the second thread to arrive meanwhile
+    scale = torch.tensor([min(8, math.ceil(0.3 / (time.monotonic() - start)))])
+    dist.broadcast(scale, src=0)
+    big = torch.ones(int(scale) * (32 << 20))
+    dist.barrier()
+    started = threading.Event()
+    errors: list[str] = []
+
+    def long_call() -> None:
+        started.set()
+        all_reduce(big)
+
+    thread = threading.Thread(target=long_call)
+    thread.start()
+    started.wait()
+    time.sleep(0.02)
+    try:
+        all_reduce(torch.ones(10))
+        errors.append("no error")
+    except CommError as exc:
+        errors.append(str(exc))
+    thread.join()
+    t = torch.full((3,), float(rank + 1))
+    all_reduce(t)  # the group still works
+    return {"error": errors[0], "big": big[-1].item(), "after": t[0].item()}
+
+
+def test_two_threads_on_one_group_are_refused() -> None:
+    for r in spawn(_two_threads_ranks, 2, timeout=120):
+        assert "two threads called all_reduce on the same process group" in r["error"], r
+        assert r["big"] == 2.0 and r["after"] == 3.0

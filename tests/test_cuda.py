@@ -98,7 +98,7 @@ def _ipc_ranks(rank: int, world: int) -> list[str]:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ipc_all_reduce_processes_sharing_the_gpu(world: int) -> None:
-    from spd_ext.comm import spawn
+    from spd_ext.launch import spawn
 
     for failures in spawn(_ipc_ranks, world, timeout=600):
         assert not failures, "\n".join(failures[:5])
@@ -164,7 +164,7 @@ def _ipc_registered_ranks(rank: int, world: int) -> list[str]:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ipc_registered_buffers_and_cuda_graphs(world: int) -> None:
-    from spd_ext.comm import spawn
+    from spd_ext.launch import spawn
 
     for failures in spawn(_ipc_registered_ranks, world, timeout=600):
         assert not failures, "\n".join(failures[:5])

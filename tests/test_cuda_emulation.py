@@ -21,12 +21,12 @@ import torch
 
 from spd_ext.ops import dequantize_blockwise, quantize_blockwise
 from spd_ext.ops.builder import csrc_root
+from spd_ext.ops.codes import DTYPE_CODES, OP_CODES
 
-from conftest import DTYPE_CODES, assert_within_bound, c_ptr, needs_kernels
+from conftest import assert_within_bound, c_ptr, needs_kernels
 
 HERE = Path(__file__).parent / "csrc"
 CUDA_SUCCESS, CUDA_INVALID_VALUE = 0, 1
-OPS = {"sum": 0, "mean": 1, "weighted": 2}
 PLACEMENTS = {"staged": 0, "registered": 1, "registered-on-rank-0": 2}
 
 pytestmark = needs_kernels  # no spd_ext dispatch here: the fallback run adds nothing
@@ -123,7 +123,7 @@ def _all_reduce(emu: ctypes.CDLL, world: int, dtype: torch.dtype, op: str, two_s
                 capacity: int = 1 << 20) -> float:
     worst = ctypes.c_double(0.0)
     message = ctypes.create_string_buffer(4096)
-    code = emu.spd_emu_all_reduce_check(world, DTYPE_CODES[dtype], OPS[op], int(two_shot),
+    code = emu.spd_emu_all_reduce_check(world, DTYPE_CODES[dtype], OP_CODES[op], int(two_shot),
                                         PLACEMENTS[placement], numel, calls, capacity, 60,
                                         ctypes.byref(worst), message, len(message))
     assert code == 0, message.value.decode()
@@ -138,7 +138,7 @@ def test_ipc_all_reduce_every_world_size(emu, world: int, two_shot: bool) -> Non
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", list(OP_CODES))
 @pytest.mark.parametrize("two_shot", [False, True], ids=["one-shot", "two-shot"])
 def test_ipc_all_reduce_every_dtype_and_op(emu, dtype: torch.dtype, op: str,
                                            two_shot: bool) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_ext.comm.launch import free_port
+from spd_ext.launch import free_port
 
 from conftest import FORCED_FALLBACK
 
@@ -238,7 +238,7 @@ def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> Non
                     "covered by the kernel run; the fallback run covers the weighting job")
 def test_staleness_modes_equal_spd_ext_sync(tmp_path) -> None:
     """delayed:k, local_sgd:H, diloco:H inside the engine (ZeRO-0) give the losses and
-    weights of the same mode of spd_ext.sync on the same batches (tolerance 1e-6)."""
+    weights of the same mode of spd_ext.staleness on the same batches (tolerance 1e-6)."""
     ranks = run_scenario("staleness", 2, tmp_path)
     for r, rank in enumerate(ranks):
         for mode, result in rank.items():
@@ -266,7 +266,7 @@ def test_resume_continues_with_the_same_losses(tmp_path) -> None:
 
 @pytest.mark.skipif(FORCED_FALLBACK, reason="4-rank jobs run once, against the kernels")
 def test_islands_diloco_with_zero1_equals_two_diloco_workers(tmp_path) -> None:
-    """4 ranks = 2 islands x ZeRO-1 over 2 ranks == spd_ext.sync's diloco:H with 2 workers
+    """4 ranks = 2 islands x ZeRO-1 over 2 ranks == spd_ext.staleness's diloco:H with 2 workers
     whose batch is an island's batch; resuming from a checkpoint is exact."""
     ranks = run_scenario("islands", 4, tmp_path)
     for r, rank in enumerate(ranks):
@@ -308,7 +308,7 @@ def test_trainer_callback_and_metrics(tmp_path) -> None:
     trainer = ranks[0]["trainer"]
     assert trainer["attached"] and trainer["last"]["step"] == 3
     weights = trainer["last"]["weights"]
-    assert abs(sum(weights) - 1) < 1e-12 and abs(weights[0] - 0.5) > 0.01
+    assert abs(sum(weights) - 1) < 1e-12 and abs(weights[0] - 0.5) > 0.01, weights
     assert all("spd_ext/weight/rank0" in h for h in trainer["logged"])
     assert ranks[1]["trainer"]["last"]["weights"] == weights  # every rank agrees
     assert {"job/spd_ext_weight_rank0.csv", "job/spd_ext_signal_rank1.csv",
@@ -318,3 +318,15 @@ def test_trainer_callback_and_metrics(tmp_path) -> None:
     steps = [r for r in records if "step" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(abs(r["weight/rank0"] + r["weight/rank1"] - 1) < 1e-12 for r in steps)
+
+
+def test_nan_gradient_with_finite_loss_is_refused_on_every_rank(tmp_path) -> None:
+    """Rank 1's loss is finite but one gradient entry is NaN: at ZeRO 0 and 1, with
+    DeepSpeed's reduction and with spd_ext's weighted one, every rank raises naming rank 1
+    and no parameter changes (without the check, NaN reaches every rank's weights)."""
+    ranks = run_scenario("nan_grad", 2, tmp_path)
+    for r, rank in enumerate(ranks):
+        for name, result in rank.items():
+            assert "rank [1] has NaN or inf gradients" in result["message"], (r, name, result)
+            assert result["unchanged"], (r, name)
+            assert result["loss"] == result["loss"]  # finite, not NaN

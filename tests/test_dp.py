@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm import spawn
 from spd_ext.data import Corruption, ShardedSampler, TokenDataset
 from spd_ext.dp import (
     MeanAggregator,
@@ -23,6 +22,7 @@ from spd_ext.dp import (
     signal_weighted_hook,
     trimmed_mean,
 )
+from spd_ext.launch import spawn
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 
 
@@ -163,7 +163,7 @@ def _weighted_reference(rank: int, world: int) -> list[str]:
         local = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
         everyone = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(everyone, local)
-        out = agg.reduce(model, loss=1.0 + rank + step, step=step)
+        out = agg.reduce(model, step=step, loss=1.0 + rank + step)
         w = out["weights"]
         reduced = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
         expect = sum(wi * gi for wi, gi in zip(w, everyone))
@@ -187,7 +187,7 @@ def _weights_agree(rank: int, world: int) -> list[list[float]]:
                                    ema=0.3, warmup_steps=2)
     out = []
     for step in range(6):
-        out.append(agg.compute_weights(loss=[2.0, 5.0, 2.5][rank] + 0.1 * step, step=step))
+        out.append(agg.compute_weights(step=step, loss=[2.0, 5.0, 2.5][rank] + 0.1 * step))
     return out
 
 
@@ -214,7 +214,7 @@ def _corrupted_rank_training(rank: int, world: int, corpus: str) -> list[float]:
         _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
-        weights = agg.reduce(model, loss.item(), step)["weights"]
+        weights = agg.reduce(model, step, loss.item())["weights"]
         opt.step()
     return weights
 
@@ -241,7 +241,7 @@ def _ddp_vs_reference(rank: int, world: int) -> list[str]:
         _, loss_ref = reference(x, y)
         opt_ref.zero_grad()
         loss_ref.backward()
-        agg.reduce(reference, loss_ref.item(), step)
+        agg.reduce(reference, step, loss_ref.item())
         opt_ref.step()
         _, loss = ddp(x, y)
         opt.zero_grad()
@@ -268,12 +268,12 @@ def _nan_refused(rank: int, world: int) -> dict:
     before = [p.grad.clone() for p in model.parameters()]
     agg = SignalWeightedAggregator("loss_ema", "softmax", warmup_steps=0)
     try:
-        agg.reduce(model, loss=float("nan") if rank == 1 else 2.0, step=0)
+        agg.reduce(model, step=0, loss=float("nan") if rank == 1 else 2.0)
         message = "no error"
     except WeightError as exc:
         message = str(exc)
     untouched = all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
-    MeanAggregator().reduce(model, 2.0, 1)  # the group still works
+    MeanAggregator().reduce(model, 1, 2.0)  # the group still works
     return {"message": message, "untouched": untouched,
             "mean": next(model.parameters()).grad.flatten()[0].item()}
 
@@ -294,7 +294,7 @@ def _inf_gradient_refused(rank: int, world: int) -> dict:
     before = [p.grad.clone() for p in model.parameters()]
     agg = SignalWeightedAggregator("loss_ema", "softmax", warmup_steps=0)
     try:
-        agg.reduce(model, loss=2.0, step=0)  # finite losses everywhere
+        agg.reduce(model, step=0, loss=2.0)  # finite losses everywhere
         message = "no error"
     except WeightError as exc:
         message = str(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -76,6 +77,18 @@ def test_bench_deepspeed_on_two_ranks(capsys) -> None:
     assert "unknown variant(s) ['nccl']" in capsys.readouterr().err
 
 
+def test_bench_ddp_hook_on_two_ranks(capsys) -> None:
+    assert main(["bench", "ddp-hook", "--nproc", "2", "--n-layer", "1", "--n-embd", "16",
+                 "--n-head", "2", "--batch-size", "2", "--seq-len", "8", "--warmup", "0",
+                 "--steps", "2", "--bucket-mb", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "weighted-sync" in out and "x DDP default hook" in out
+    assert main(["bench", "ddp-hook", "--variants", "weighted,allgather"]) == 2
+    assert "unknown variant(s) ['allgather']" in capsys.readouterr().err
+    assert main(["bench", "ddp-hook", "--bucket-mb", "0"]) == 2
+    assert "--bucket-mb must be positive" in capsys.readouterr().err
+
+
 def test_tp_syncs_command(capsys) -> None:
     assert main(["tp", "syncs", "--pattern", "[spd,parallel]*6"]) == 0
     assert "7 forward and 7 backward" in capsys.readouterr().out
@@ -86,8 +99,8 @@ def test_tp_syncs_command(capsys) -> None:
 def test_every_command_has_help(capsys) -> None:
     parser = build_parser()
     commands = [[], ["report"], ["bench"], ["bench", "allreduce"], ["bench", "reduce"],
-                ["bench", "tp"], ["bench", "quant"], ["bench", "deepspeed"], ["tp"],
-                ["tp", "syncs"], ["tp", "sensitivity"], ["clean"],
+                ["bench", "tp"], ["bench", "quant"], ["bench", "deepspeed"], ["bench", "ddp-hook"],
+                ["tp"], ["tp", "syncs"], ["tp", "sensitivity"], ["clean"],
                 ["experiment"], ["experiment", "sync-sweep"], ["experiment", "sadpt"],
                 ["experiment", "staleness"]]
     for cmd in commands:
@@ -95,6 +108,18 @@ def test_every_command_has_help(capsys) -> None:
             parser.parse_args([*cmd, "--help"])
         assert info.value.code == 0
         assert "usage: spd-ext" in capsys.readouterr().out
+
+    def undocumented(p: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    missing += undocumented(child, f"{path} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{path} {action.option_strings[-1]}")
+        return missing
+
+    assert undocumented(parser, "spd-ext") == []  # every flag of every command says what it is
 
 
 def test_sadpt_runs_and_records_weights(data_env, tmp_path, capsys) -> None:

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from spd_ext.ops.builder import ISA_FLAGS, csrc_root, isa_supported
+from spd_ext.ops.codes import DTYPE_CODES
 
-from conftest import DTYPE_CODES, assert_within_bound, c_ptr
+from conftest import assert_within_bound, c_ptr
 
 HARNESS = Path(__file__).parent / "csrc" / "reduce_harness.cpp"
 

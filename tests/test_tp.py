@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_ext.comm import spawn
+from spd_ext.launch import spawn
 from spd_ext.tp import (
     BLOCKS,
     DistributedComm,
@@ -18,8 +18,9 @@ from spd_ext.tp import (
     ReducedSyncGPT,
     check_tp_size,
     parse_pattern,
+    tensor_parallel_layout,
 )
-from spd_ext.tp.sharding import merge_state_dict
+from spd_ext.tp.sharding import merge_state_dict, shard_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def _batch(vocab: int, b: int = 3, t: int = 11, seed: int = 0):
 
 def dense_grads(model: ReducedSyncGPT) -> dict[str, torch.Tensor]:
     grads = {n: p.grad for n, p in model.named_parameters()}
-    return merge_state_dict(grads, model.config.tp_size)
+    return merge_state_dict(grads, model, model.config.tp_size)
 
 
 # -- patterns ---------------------------------------------------------------------------
@@ -125,6 +126,11 @@ def test_config_files_state_the_measured_sync_count() -> None:
         model, counts = _count_on_meta(config)
         assert counts["forward"] == spec["syncs_measured"], path.name
         assert abs(model.num_params() - 124e6) / 124e6 < 0.01, path.name
+        # the name states what is measured: gpt2-124m-[grouped-]<N>sync
+        assert path.stem == spec["name"] and path.stem.endswith(f"-{counts['forward']}sync"), \
+            path.name
+        train = ROOT / "configs" / "train" / f"{path.stem}.yaml"
+        assert train.is_file() and f"configs/tp/{path.name}" in train.read_text(), train.name
 
 
 # -- exactness ----------------------------------------------------------------------------
@@ -179,6 +185,26 @@ def test_hugging_face_round_trip_and_refusals() -> None:
     hf.config.activation_function = "relu"
     with pytest.raises(ValueError, match="activation_function=relu"):
         from_hf(hf)
+
+
+def test_layouts_recorded_on_parameters_drive_sharding() -> None:
+    model = ReducedSyncGPT(tiny("tp,spd", 2, 2), seed=3)
+    layouts = {n: tensor_parallel_layout(p) for n, p in model.named_parameters()}
+    assert all(hasattr(p, "tp_layout") for p in model.parameters())  # explicit everywhere
+    assert {n for n, lay in layouts.items() if lay.sharded} == {
+        f"h.{i}.{m}.{w}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc") for w in
+        ("weight", "bias")} | {f"h.{i}.{m}.c_proj.weight" for i in range(2) for m in
+                               ("attn", "mlp")}
+    assert {n for n, lay in layouts.items() if lay.partial_gradient} == {
+        f"h.{i}.ln_{j}.{w}" for i in range(2) for j in (1, 2) for w in ("weight", "bias")}
+    dense = model.dense_state_dict()
+    full = shard_state_dict(dense, model, 2, 0, 2)
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(merge_state_dict(full, model, 2)[k], v) for k, v in dense.items())
+    # the row-parallel bias is handed to the caller, never added to the partial sums
+    proj = model.h[0].attn.c_proj
+    out, bias = proj(torch.randn(2, 5, 16))
+    assert bias is proj.bias and out.shape == (2, 5, 32)
 
 
 def test_same_seed_same_model_for_every_tp_size() -> None:
@@ -262,8 +288,8 @@ def _compare_modes(rank: int, world: int, pattern: str, n_layer: int, backend: s
         params_e = dict(emulated.named_parameters())
         for name, p in distributed.named_parameters():
             ref = params_e[name].grad
-            check(f"grad {name}", p.grad, ref[rank:rank + 1] if getattr(p, "tp_sharded", False)
-                  else ref)
+            check(f"grad {name}", p.grad, ref[rank:rank + 1]
+                  if tensor_parallel_layout(p).sharded else ref)
         counts_e, counts_d = emulated.sync_counter.step(), distributed.sync_counter.step()
         if (counts_e["forward"], counts_e["backward"]) != (counts_d["forward"],
                                                             counts_d["backward"]):

@@ -9,7 +9,7 @@ import torch
 
 from spd_ext.data import TokenDataset
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
-from spd_ext.train import TrainConfig, Trainer, lr_at
+from spd_ext.train import TrainConfig, Trainer, TrainerHooks, lr_at
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_resume_after_a_crash_continues_exactly(corpus, tmp_path) -> None:
     straight = Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("a"))
     straight.train()
 
-    class Crash:
+    class Crash(TrainerHooks):
         def after_backward(self, model, step: int, loss: float) -> None:
             if step == 7:
                 raise KeyboardInterrupt  # after the step-5 checkpoint
@@ -85,6 +85,52 @@ def test_resume_after_a_crash_continues_exactly(corpus, tmp_path) -> None:
         torch.testing.assert_close(resumed.model.dense_state_dict()[k], v, rtol=1e-6, atol=1e-7)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(_model(corpus.vocab_size), corpus.sampler(4, 16, 0), cfg("c", True))
+
+
+def test_hooks_are_called_in_order_and_must_implement_the_protocol(corpus) -> None:
+    """The Trainer calls all five hooks, unconditionally; an object that implements only
+    some of them is refused up front, naming what is missing."""
+    calls: list[str] = []
+
+    class Recorder(TrainerHooks):
+        def before_step(self, step: int) -> None:
+            calls.append(f"before {step}")
+
+        def after_backward(self, model, step: int, loss: float) -> dict:
+            calls.append(f"backward {step}")
+            return {"seen": step}
+
+        def after_step(self, model, step: int) -> None:
+            calls.append(f"after {step}")
+
+        def finish(self, model) -> None:
+            calls.append("finish")
+
+    cfg = TrainConfig(max_steps=2, batch_size=2, warmup_steps=0, eval_interval=0,
+                      eval_batches=1, log_interval=1, quiet=True)
+    Trainer(_model(corpus.vocab_size), corpus.sampler(2, 16, 0), cfg, hooks=Recorder()).train()
+    assert calls == ["before 0", "backward 0", "after 0", "before 1", "backward 1", "after 1",
+                     "finish"]
+
+    class Partial:
+        def after_backward(self, model, step: int, loss: float) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="lack before_step, after_step, evaluation_weights, "
+                                        "finish; derive the class from"):
+        Trainer(_model(corpus.vocab_size), corpus.sampler(2, 16, 0), cfg, hooks=Partial())
+
+
+def test_the_trainer_knows_sharded_models_by_their_protocol(corpus) -> None:
+    from spd_ext.tp import ShardedModel
+
+    cfg = TrainConfig(max_steps=1, batch_size=2, quiet=True)
+    model = _model(corpus.vocab_size)
+    assert isinstance(model, ShardedModel)
+    assert Trainer(model, corpus.sampler(2, 16, 0), cfg).sharded is model
+    plain = torch.nn.Linear(2, 2)
+    assert not isinstance(plain, ShardedModel)
+    assert Trainer(plain, corpus.sampler(2, 16, 0), cfg).sharded is None
 
 
 def test_divergence_stops_with_a_clear_error(corpus) -> None:

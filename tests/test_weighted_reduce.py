@@ -179,10 +179,23 @@ def test_cuda_ops_explain_why_they_are_unavailable() -> None:
 
     cuda_builders = [b for b in ALL_BUILDERS if isinstance(b, CUDAOpBuilder)]
     assert {b.NAME for b in cuda_builders} == {"weighted_reduce_cuda", "quantize_cuda",
-                                               "cuda_allreduce"}
+                                               "ipc_allreduce"}
     for b in cuda_builders:
         ok, why = b.is_compatible()
         assert not ok and ("without CUDA" in why or "no CUDA" in why)
         status = b.status()
         assert status.implementation == "fallback"
         assert status.target == "cuda" and "--expt-relaxed-constexpr" in status.flags
+
+
+def test_op_and_dtype_codes_are_read_from_the_header() -> None:
+    """spd_codes.h is the codes' one definition: a code renumbered there is renumbered for
+    Python too, and a missing enum is an error rather than a silent default."""
+    from spd_ext.ops import codes
+
+    assert set(codes.OP_CODES) == {"sum", "mean", "weighted"}
+    assert codes.KERNEL_DTYPES == tuple(sorted(codes.DTYPE_CODES, key=codes.DTYPE_CODES.get))
+    text = "enum class ReduceOp : int32_t { kSum = 3, kMean = 0, kWeighted = 7 };"
+    assert codes.read_enum("ReduceOp", text) == {"kSum": 3, "kMean": 0, "kWeighted": 7}
+    with pytest.raises(RuntimeError, match="no enum class DType"):
+        codes.read_enum("DType", text)

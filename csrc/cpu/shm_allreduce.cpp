@@ -25,7 +25,17 @@
 // Every rank sums contributions in rank order with the same kernel, and two-shot
 // results are computed once and copied, so all ranks end with bitwise-equal tensors.
 // The weighted variant reads each rank's weight from that rank's own header, so ranks
-// cannot disagree about the weights either.
+// cannot disagree about the weights either; a rank that passed the whole weight list
+// also publishes its hash, and every rank checks that the lists agree.
+//
+// Every check that compares ranks (sizes, dtypes, ops, weight lists, weight range) runs
+// on what all ranks published for the same call, so every rank reaches the same verdict
+// and raises the same error: the group stays usable. Tensors the kernel does not reduce
+// (float64, integers, ...) are checked the same way by agree_ (a call that carries only
+// the description) before they go through torch.distributed.
+//
+// A timeout bounds each wait for one peer, not the whole call: a large transfer that
+// keeps making progress never times out; a peer that stops for `timeout` seconds does.
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -46,16 +56,20 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "spd_torch.h"
 
 namespace {
 
-constexpr uint64_t kMagic = 0x316d68735f647073ull;  // "spd_shm1"
+constexpr uint64_t kMagic = 0x326d68735f647073ull;  // "spd_shm2"
 constexpr int kMaxRanks = 64;
 constexpr int64_t kPage = 4096;
 
-enum Op : int32_t { kSum = 0, kMean = 1, kWeighted = 2 };
+// Op codes as Python passes them (spd_codes.h).
+constexpr int32_t kSum = int32_t(spd::ReduceOp::kSum);
+constexpr int32_t kMean = int32_t(spd::ReduceOp::kMean);
+constexpr int32_t kWeighted = int32_t(spd::ReduceOp::kWeighted);
 
 const char* op_name(int32_t op)
 {
@@ -79,7 +93,61 @@ struct CallDesc {
     int32_t op;
     float weight;
     int32_t pad;
+    uint64_t weights_hash;  // 0: no weight list passed (sum, mean, or own weight only)
 };
+
+// Codes >= kTorchDTypeBase describe tensors the kernel does not reduce (agree_ only).
+constexpr int32_t kTorchDTypeBase = 1000;
+
+std::string describe_dtype(int32_t code)
+{
+    if (code < kTorchDTypeBase) return spd::dtype_name(spd::DType(code));
+    switch (static_cast<c10::ScalarType>(code - kTorchDTypeBase)) {  // torch's Python names
+        case c10::ScalarType::Double: return "float64";
+        case c10::ScalarType::Long: return "int64";
+        case c10::ScalarType::Int: return "int32";
+        case c10::ScalarType::Short: return "int16";
+        case c10::ScalarType::Char: return "int8";
+        case c10::ScalarType::Byte: return "uint8";
+        case c10::ScalarType::Bool: return "bool";
+        case c10::ScalarType::ComplexFloat: return "complex64";
+        case c10::ScalarType::ComplexDouble: return "complex128";
+        default: return c10::toString(static_cast<c10::ScalarType>(code - kTorchDTypeBase));
+    }
+}
+
+// The largest weight a dtype can hold (a weight beyond it overflows the reduced value).
+double dtype_max(int32_t code)
+{
+    switch (code) {
+        case int32_t(spd::DType::kFloat32): return 3.4028234663852886e38;
+        case int32_t(spd::DType::kBFloat16): return 3.3895313892515355e38;
+        case int32_t(spd::DType::kFloat16): return 65504.0;
+    }
+    return INFINITY;  // torch dtypes: only non-finite weights are refused
+}
+
+// FNV-1a over the weights as float32 bits (what the kernel multiplies by): equal lists
+// hash equally whether passed as a Python list or a float32/float64 tensor. Never 0.
+uint64_t hash_weights(const double* v, int64_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t i = 0; i < n; ++i) {
+        const float f = float(v[i]);
+        uint32_t bits;
+        std::memcpy(&bits, &f, sizeof bits);
+        for (int b = 0; b < 4; ++b) {
+            h ^= (bits >> (8 * b)) & 0xffu;
+            h *= 1099511628211ull;
+        }
+    }
+    return h == 0 ? 1 : h;
+}
+
+uint64_t weights_hash(const std::vector<double>& v)
+{
+    return hash_weights(v.data(), int64_t(v.size()));
+}
 
 struct alignas(64) RankHeader {
     Flag arrived;  // last call whose input this rank has published
@@ -176,18 +244,10 @@ public:
     int64_t chunk_bytes() const { return chunk_bytes_; }
     uint64_t calls() const { return seq_; }
 
-    void all_reduce_(at::Tensor& t, int64_t op, double weight, int64_t oneshot_max_bytes,
-                     double timeout_s)
+    void all_reduce_(at::Tensor& t, int64_t op, double weight, uint64_t weights_hash,
+                     int64_t oneshot_max_bytes, double timeout_s)
     {
-        // Calls from several threads of one rank must not interleave their sequence
-        // numbers (they would pair with the wrong calls of other ranks).
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (base_ == nullptr) throw std::runtime_error("shm all-reduce used after close()");
-        if (!broken_.empty())
-            throw std::runtime_error(
-                "spd_ext shm all_reduce: this process group's shared-memory state is unusable "
-                "after an earlier failure (" +
-                broken_ + "); destroy and re-create the process group");
+        const auto lock = enter();
         TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "shm all_reduce needs a contiguous CPU tensor");
         TORCH_CHECK(op >= kSum && op <= kWeighted, "unknown op code ", op);
         const spd::DType dt = spd::to_dtype(t);
@@ -202,9 +262,7 @@ public:
         mine.dtype = int32_t(dt);
         mine.op = int32_t(op);
         mine.weight = float(weight);
-        const auto deadline = std::chrono::steady_clock::now() +
-                              std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                  std::chrono::duration<double>(timeout_s));
+        mine.weights_hash = weights_hash;
         // An empty tensor still makes one call, so a size mismatch is reported, not hung on.
         int64_t off = 0;
         do {
@@ -212,11 +270,34 @@ public:
             mine.seq = ++seq_;
             spd::dispatch_dtype(dt, [&](auto* tag) {
                 using T = std::remove_pointer_t<decltype(tag)>;
-                run_chunk<T>(data + off * es, count, mine, one_shot, off == 0, deadline, timeout_s);
+                run_chunk<T>(data + off * es, count, mine, one_shot, off == 0, timeout_s);
             });
             off += count;
         } while (off < numel);
         t.unsafeGetTensorImpl()->bump_version();  // written in place, as autograd must know
+    }
+
+    // A call that carries only a description: every rank of the group checks that all
+    // passed the same size, dtype, op and weight list, raising the same error on each if
+    // not, and waits for every peer (timeout_s each, naming a missing one). Used before a
+    // tensor goes through torch.distributed, so a mismatch there is an error, not a hang
+    // or an abort; it pairs with a kernel call of a peer, so a rank that reduces float32
+    // here and one that reduces float64 through torch.distributed both see the mismatch.
+    void agree_(const at::Tensor& t, int64_t op, double weight, uint64_t weights_hash,
+                double timeout_s)
+    {
+        const auto lock = enter();
+        const auto st = t.scalar_type();
+        CallDesc mine{};
+        mine.seq = ++seq_;
+        mine.numel = t.numel();
+        mine.dtype = (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf)
+                         ? int32_t(spd::to_dtype(t))
+                         : kTorchDTypeBase + int32_t(st);
+        mine.op = int32_t(op);
+        mine.weight = float(weight);
+        mine.weights_hash = weights_hash;
+        run_chunk<float>(nullptr, 0, mine, true, true, timeout_s);
     }
 
     // The per-call entry point from Python: the argument checks that would cost Python as
@@ -233,6 +314,7 @@ public:
             (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf))
             return false;
         double own = 1.0;
+        uint64_t hash = 0;
         if (op == kSum || op == kMean) {
             if (weights.has_value()) return false;
             if (op == kMean) own = 1.0 / world_;
@@ -241,8 +323,12 @@ public:
             const at::Tensor& w = *weights;
             if (!w.is_cpu() || !w.is_contiguous() || w.numel() != world_) return false;
             double sum = 0.0;
+            double values[kMaxRanks];
             const auto read = [&](const auto* v) {
-                for (int r = 0; r < world_; ++r) sum += v[r];
+                for (int r = 0; r < world_; ++r) {
+                    values[r] = double(v[r]);
+                    sum += values[r];
+                }
                 own = v[rank_];
             };
             if (w.scalar_type() == at::kFloat)
@@ -252,15 +338,38 @@ public:
             else
                 return false;
             if (!std::isfinite(sum)) return false;  // NaN or inf anywhere: the caller names it
+            hash = hash_weights(values, world_);
         } else {
             return false;
         }
-        all_reduce_(t, op, own, oneshot_max_bytes, timeout_s);
+        all_reduce_(t, op, own, hash, oneshot_max_bytes, timeout_s);
         return true;
     }
 
 private:
     using Clock = std::chrono::steady_clock;
+
+    // One call at a time per group: calls from two threads would interleave their
+    // sequence numbers differently on different ranks and pair with the wrong peers'
+    // calls, mixing results silently. Waiting for the other thread would not help (the
+    // order could still differ across ranks), so the second caller is refused.
+    std::unique_lock<std::mutex> enter()
+    {
+        std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+        if (!lock.owns_lock())
+            throw std::runtime_error(
+                "spd_ext all_reduce: two threads called all_reduce on the same process group "
+                "at once; their calls would pair with different calls on other ranks. Give "
+                "each thread its own process group (torch.distributed.new_group) or call "
+                "from one thread");
+        if (base_ == nullptr) throw std::runtime_error("shm all-reduce used after close()");
+        if (!broken_.empty())
+            throw std::runtime_error(
+                "spd_ext shm all_reduce: this process group's shared-memory state is unusable "
+                "after an earlier failure (" +
+                broken_ + "); destroy and re-create the process group");
+        return lock;
+    }
 
     SegmentHeader& segment() { return *reinterpret_cast<SegmentHeader*>(base_); }
     RankHeader& header(int r)
@@ -347,7 +456,7 @@ private:
     // that shares our core run), then sleep in short naps (long waits must not burn a
     // core another rank's compute threads need).
     void wait_for(int p, Flag RankHeader::*flag, uint64_t seq, const char* stage,
-                  Clock::time_point deadline, double timeout_s)
+                  double timeout_s)
     {
         std::atomic<uint64_t>& f = (header(p).*flag).seq;
         for (int i = 0; i < 2048; ++i) {
@@ -357,6 +466,8 @@ private:
         const RankHeader& peer = header(p);
         const bool check_alive = peer.pid_ns != 0 && peer.pid_ns == header(rank_).pid_ns;
         const auto start = Clock::now();
+        const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
+                                          std::chrono::duration<double>(timeout_s));
         auto last_check = start;
         while (f.load(std::memory_order_acquire) < seq) {
             const auto now = Clock::now();
@@ -389,11 +500,10 @@ private:
         }
     }
 
-    void wait_all(Flag RankHeader::*flag, uint64_t seq, const char* stage,
-                  Clock::time_point deadline, double timeout_s)
+    void wait_all(Flag RankHeader::*flag, uint64_t seq, const char* stage, double timeout_s)
     {
         for (int i = 1; i < world_; ++i)
-            wait_for((rank_ + i) % world_, flag, seq, stage, deadline, timeout_s);
+            wait_for((rank_ + i) % world_, flag, seq, stage, timeout_s);
     }
 
     void check_same_call(int parity, const CallDesc& mine)
@@ -403,24 +513,53 @@ private:
             const CallDesc& d = header(p).desc[parity];
             same = same && d.numel == mine.numel && d.dtype == mine.dtype && d.op == mine.op;
         }
-        if (same) return;
-        std::ostringstream msg;
-        msg << "spd_ext shm all_reduce: ranks passed different tensors to call " << mine.seq
-            << ":";
-        for (int p = 0; p < world_; ++p) {
-            const CallDesc& d = header(p).desc[parity];
-            msg << " rank " << p << " " << d.numel << " x "
-                << spd::dtype_name(spd::DType(d.dtype)) << " (" << op_name(d.op) << ")"
-                << (p + 1 < world_ ? "," : ";");
+        // Every rank sees what every rank published for this call, so every rank reaches
+        // the same verdict here and the group stays usable.
+        if (!same) {
+            std::ostringstream msg;
+            msg << "spd_ext all_reduce: ranks passed different tensors to call " << mine.seq
+                << ":";
+            for (int p = 0; p < world_; ++p) {
+                const CallDesc& d = header(p).desc[parity];
+                msg << " rank " << p << " " << d.numel << " x " << describe_dtype(d.dtype)
+                    << " (" << op_name(d.op) << ")" << (p + 1 < world_ ? "," : ";");
+            }
+            msg << " every rank must pass a tensor of the same size and dtype with the same op";
+            throw std::invalid_argument(msg.str());
         }
-        msg << " every rank must pass a tensor of the same size and dtype with the same op";
-        // Every rank sees the mismatch at this same point, so the group stays usable.
-        throw std::invalid_argument(msg.str());
+        if (mine.op != kWeighted) return;
+        uint64_t list = 0;
+        for (int p = 0; p < world_; ++p) {
+            const uint64_t h = header(p).desc[parity].weights_hash;
+            if (h == 0) continue;
+            if (list != 0 && h != list) {
+                std::ostringstream msg;
+                msg << "spd_ext all_reduce: ranks passed different weight lists to call "
+                    << mine.seq << " (each rank's own weight:";
+                for (int q = 0; q < world_; ++q)
+                    msg << " " << header(q).desc[parity].weight << (q + 1 < world_ ? "," : ")");
+                msg << "); the sum would be one no rank intended. Pass the same list on every "
+                       "rank, or each rank's own weight as a float";
+                throw std::invalid_argument(msg.str());
+            }
+            list = h;
+        }
+        const double limit = dtype_max(mine.dtype);
+        for (int p = 0; p < world_; ++p) {
+            const double w = header(p).desc[parity].weight;
+            if (!std::isfinite(w) || std::fabs(w) > limit) {
+                std::ostringstream msg;
+                msg << "spd_ext all_reduce: rank " << p << "'s weight " << w
+                    << " is not a finite " << describe_dtype(mine.dtype)
+                    << " value; the weighted sum would overflow. Use weights that sum to 1";
+                throw std::invalid_argument(msg.str());
+            }
+        }
     }
 
     template <typename T>
     void run_chunk(char* data, int64_t count, const CallDesc& mine, bool one_shot, bool first,
-                   Clock::time_point deadline, double timeout_s)
+                   double timeout_s)
     {
         const uint64_t seq = mine.seq;
         const int parity = int(seq & 1);
@@ -444,7 +583,7 @@ private:
             spd::parallel_copy(mine_buf + s1 * es, data + s1 * es, (count - s1) * es, threads);
         }
         me.arrived.seq.store(seq, std::memory_order_release);
-        wait_all(&RankHeader::arrived, seq, "publish its input", deadline, timeout_s);
+        wait_all(&RankHeader::arrived, seq, "publish its input", timeout_s);
         if (first) check_same_call(parity, mine);
 
         float w[kMaxRanks];
@@ -465,8 +604,7 @@ private:
         spd::weighted_reduce(reinterpret_cast<T*>(mine_buf) + s0, src, w, world_, s1 - s0,
                              threads);
         me.reduced.seq.store(seq, std::memory_order_release);
-        wait_all(&RankHeader::reduced, seq, "finish its reduce-scatter slice", deadline,
-                 timeout_s);
+        wait_all(&RankHeader::reduced, seq, "finish its reduce-scatter slice", timeout_s);
         for (int i = 0; i < world_; ++i) {
             const int p = (rank_ + i) % world_;
             const int64_t b = slice_begin(p), e = slice_end(p);
@@ -507,6 +645,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
              py::arg("tensor"),
              py::arg("op"),
              py::arg("weight"),
+             py::arg("weights_hash"),
              py::arg("oneshot_max_bytes"),
              py::arg("timeout_s"),
              py::call_guard<py::gil_scoped_release>())
@@ -520,7 +659,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
              py::arg("oneshot_max_bytes"),
              py::arg("timeout_s"),
              py::call_guard<py::gil_scoped_release>())
+        .def("agree_",
+             &ShmAllReduce::agree_,
+             "check every rank describes the same call (numel, dtype, op, weights); "
+             "nothing is reduced",
+             py::arg("tensor"),
+             py::arg("op"),
+             py::arg("weight"),
+             py::arg("weights_hash"),
+             py::arg("timeout_s"),
+             py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("chunk_bytes", &ShmAllReduce::chunk_bytes)
         .def_property_readonly("calls", &ShmAllReduce::calls);
+    m.def("weights_hash", &weights_hash, "the hash a weight list is published under",
+          py::arg("weights"));
     spd::def_build_info(m);
 }

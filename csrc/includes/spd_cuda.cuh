@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "spd_codes.h"
+
 // Kernel launches and spin waits go through these macros so that tests/csrc/cuda_emu (a
 // CPU emulation of CUDA, found first on the include path in tests) can run the kernels.
 #ifndef SPD_LAUNCH
@@ -69,13 +71,13 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T>& x)
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// dtype codes shared with the CPU kernels (spd_dtype.h): 0 float32, 1 bfloat16, 2 float16.
+// dtype: a spd::DType code (spd_codes.h).
 template <typename F>
 void dispatch_cuda_dtype(int dtype, F&& f)
 {
-    if (dtype == 1)
+    if (dtype == int(DType::kBFloat16))
         f(static_cast<__nv_bfloat16*>(nullptr));
-    else if (dtype == 2)
+    else if (dtype == int(DType::kFloat16))
         f(static_cast<__half*>(nullptr));
     else
         f(static_cast<float*>(nullptr));

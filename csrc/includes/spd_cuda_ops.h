@@ -31,7 +31,7 @@ cudaError_t dequantize(int dtype, const int8_t* values, const float* scales, int
 constexpr int kMaxIpcRanks = 8;
 constexpr int kMaxIpcBlocks = 36;
 
-// The IPC all-reduce of one process group (see csrc/cuda/custom_allreduce.cu).
+// The IPC all-reduce of one process group (see csrc/cuda/ipc_allreduce.cu).
 class IpcAllReduce {
 public:
     IpcAllReduce(int rank, int world, int64_t capacity);  // allocates; check error()

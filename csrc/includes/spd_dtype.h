@@ -7,9 +7,9 @@
 #include <cstdint>
 #include <cstring>
 
-namespace spd {
+#include "spd_codes.h"
 
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace spd {
 
 inline int64_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 

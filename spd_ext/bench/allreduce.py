@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
-from spd_ext.comm import all_reduce, spawn
+from spd_ext.comm import all_reduce
 from spd_ext.comm.shm import shm_group
+from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
 IMPLS = ("gloo", "deepspeed", "spd", "spd-weighted", "spd-registered", "spd-graph")

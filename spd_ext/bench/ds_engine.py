@@ -10,15 +10,17 @@ its wrapper, whichever backend carries it).
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm import spawn
+from spd_ext.bench.training_step import TrainingStepBenchConfig
+from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table
 
 VARIANTS = {  # name -> the "spd_ext" section
@@ -30,41 +32,8 @@ VARIANTS = {  # name -> the "spd_ext" section
 
 
 @dataclass
-class DeepSpeedBenchConfig:
-    nproc: int = 2
-    variants: str = ",".join(VARIANTS)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    batch_size: int = 4
-    seq_len: int = 64
-    vocab_size: int = 65
-    warmup: int = 3
-    steps: int = 10
-
-    def variant_list(self) -> list[str]:
-        names = [v.strip() for v in self.variants.split(",") if v.strip()]
-        bad = [v for v in names if v not in VARIANTS]
-        if bad or not names:
-            raise ValueError(f"unknown variant(s) {bad}; use a comma list of "
-                             f"{', '.join(VARIANTS)}")
-        return names
-
-    def check(self) -> None:
-        self.variant_list()
-        if self.nproc < 2:
-            raise ValueError(f"--nproc must be at least 2, got {self.nproc}")
-        for name in ("steps", "batch_size", "seq_len", "n_layer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        from spd_ext.tp import GPTConfig
-
-        GPTConfig(block_size=self.seq_len, vocab_size=self.vocab_size, n_layer=self.n_layer,
-                  n_head=self.n_head, n_embd=self.n_embd, pattern=f"tp*{self.n_layer}",
-                  tp_size=1)
+class DeepSpeedBenchConfig(TrainingStepBenchConfig):
+    KNOWN_VARIANTS: ClassVar[Collection[str]] = tuple(VARIANTS)
 
 
 def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
@@ -72,18 +41,12 @@ def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
     import deepspeed
 
     import spd_ext.deepspeed as sd
-    from spd_ext.tp import GPTConfig, ReducedSyncGPT
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
-    y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
+    x, y = cfg.batch(rank)
     engines = {}
     for variant in cfg.variant_list():
-        model = ReducedSyncGPT(GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size,
-                                         n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                         n_embd=cfg.n_embd, pattern=f"tp*{cfg.n_layer}",
-                                         tp_size=1))
+        model = cfg.model()
         ds_config = {"train_batch_size": cfg.batch_size * world,
                      "train_micro_batch_size_per_gpu": cfg.batch_size,
                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
@@ -141,13 +104,6 @@ def table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def describe_run(cfg: DeepSpeedBenchConfig, rows: list[dict]) -> str:
-    params = rows[0]["params"] if rows else 0
-    mb = rows[0]["grad_bytes"] / 2**20 if rows else 0
-    return (f"DeepSpeed ZeRO-0 fp32 engine step on {cfg.nproc} CPU ranks of "
-            f"{platform.node()} ({os.cpu_count()} cores); GPT {cfg.n_layer}L/{cfg.n_embd}d/"
-            f"{cfg.n_head}h ({params / 1e6:.1f}M parameters, {mb:.1f} MiB of gradients), "
-            f"batch {cfg.batch_size} x {cfg.seq_len} per rank; median of {cfg.steps} steps "
-            f"after {cfg.warmup} (variants interleaved step by step; best: the fastest step), "
-            "slowest rank; "
-            "deepspeed = DeepSpeed's reduction (gloo), spd = spd_ext's fused all-reduce; "
-            "weighted = signal weights (loss_ema, softmax)")
+    return (f"DeepSpeed ZeRO-0 fp32 engine step on {cfg.describe_ranks_and_model(rows)}), "
+            f"{cfg.describe_timing()}; deepspeed = DeepSpeed's reduction (gloo), spd = "
+            "spd_ext's fused all-reduce; weighted = signal weights (loss_ema, softmax)")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.bench.timing import measure
-from spd_ext.comm import spawn
+from spd_ext.launch import spawn
 from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
 from spd_ext.utils.table import format_table
 
@@ -33,15 +33,25 @@ class TPBenchConfig:
     target_ms: float = 200.0
 
     def pattern_list(self) -> list[str]:
-        return [p.strip() for p in self.patterns.split(";") if p.strip()]
+        return split_patterns(self.patterns)
 
     def backend_list(self) -> list[str]:
-        names = [b.strip() for b in self.backends.split(",") if b.strip()]
-        bad = [b for b in names if b not in ("torch", "spd")]
-        if bad or not names:
-            raise ValueError(f"unknown backend(s) {bad}; use torch (torch.distributed on the "
-                             "process group's backend) and/or spd (spd_ext.comm)")
-        return names
+        return parse_backends(self.backends)
+
+
+def split_patterns(spec: str) -> list[str]:
+    """``--patterns``: ';'-separated (patterns contain commas)."""
+    return [p.strip() for p in spec.split(";") if p.strip()]
+
+
+def parse_backends(spec: str) -> list[str]:
+    """``--backends``: a comma list of the tensor-parallel all-reduce backends."""
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    bad = [b for b in names if b not in ("torch", "spd")]
+    if bad or not names:
+        raise ValueError(f"unknown backend(s) {bad}; use torch (torch.distributed on the "
+                         "process group's backend) and/or spd (spd_ext.comm)")
+    return names
 
 
 def _step_fn(model: ReducedSyncGPT, x: torch.Tensor, y: torch.Tensor):

@@ -1,9 +1,9 @@
 """Collectives for spd_ext: ``all_reduce`` with shared-memory (CPU) and CUDA IPC kernels,
-registered CUDA buffers, and launch helpers."""
+and registered CUDA buffers."""
 
 from spd_ext.comm.all_reduce import CommError, all_reduce, path
 from spd_ext.comm.cuda_ipc import ipc_buffer
-from spd_ext.comm.launch import RankError, spawn
 from spd_ext.comm.shm import describe
+from spd_ext.comm.work import AllReduceWork
 
-__all__ = ["CommError", "RankError", "all_reduce", "describe", "ipc_buffer", "path", "spawn"]
+__all__ = ["AllReduceWork", "CommError", "all_reduce", "describe", "ipc_buffer", "path"]

@@ -5,6 +5,13 @@ shared-memory kernel, CUDA tensors of those dtypes up to the IPC buffer's capaci
 the CUDA IPC kernel (both: fp32 accumulation, bitwise-equal results on every rank).
 Anything else (other dtypes, ranks on several hosts, larger CUDA tensors, the op
 unavailable) goes through torch.distributed (NCCL for CUDA) with the same semantics.
+
+Ranks must agree on every call: the same size, dtype and op, and the same weight list
+where one is given. On CPU every path checks this before reducing and raises the same
+:class:`CommError` on every rank if they differ (the shared-memory segment carries each
+rank's description; without one, a small all-gather does); ``timeout`` bounds each wait
+for a peer. CUDA tensors on NCCL are not checked (that would need a host synchronization
+per call; ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` checks them).
 """
 
 from __future__ import annotations
@@ -15,16 +22,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.autograd.graph import increment_version
 
+from spd_ext.comm.backend import AllReduceBackend, ReduceCall
 from spd_ext.comm.cuda_ipc import ipc_group
-from spd_ext.comm.shm import OP_CODES, cached_shm_group, shm_group
-from spd_ext.ops.dtypes import KERNEL_DTYPES
+from spd_ext.comm.groups import CommError
+from spd_ext.comm.shm import cached_shm_group, shm_group
+from spd_ext.comm.torch_backend import TORCH_DISTRIBUTED
+from spd_ext.comm.work import AllReduceWork
+from spd_ext.ops.codes import OP_CODES
 from spd_ext.ops.weighted_reduce import as_weight_list
 
-
-class CommError(RuntimeError):
-    """A collective failed: a peer timed out or died, or ranks passed different tensors."""
+__all__ = ["CommError", "all_reduce", "backend_for", "path", "rank_weight"]
 
 
 def _check_ready(group: Any) -> tuple[int, int]:
@@ -35,66 +43,48 @@ def _check_ready(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def rank_weight(op: str, weights: torch.Tensor | Sequence[float] | float | None, rank: int,
-                world_size: int) -> float:
-    """This rank's factor in the reduction: 1 (sum), 1/N (mean) or its weight.
+def rank_weight(op: str, weights: torch.Tensor | Sequence[float] | None, rank: int,
+                world_size: int, weight: float | None = None) -> float:
+    """This rank's factor in the reduction: 1 (sum), 1/N (mean), or for ``"weighted"``
+    ``weights[rank]`` (every rank's weights) or ``weight`` (this rank's own).
 
     Runs on every call, so the common cases avoid anything slower than a list lookup.
     """
     if op == "weighted":
-        if isinstance(weights, float) and math.isfinite(weights):
-            return weights  # this rank's own weight: the cheapest form
-        if isinstance(weights, float):
-            values = [weights]
-        elif isinstance(weights, torch.Tensor):
+        if weights is not None and weight is not None:
+            raise ValueError("pass either weights= (every rank's weights) or weight= (this "
+                             "rank's own), not both")
+        if weight is not None:
+            if isinstance(weight, (list, tuple, torch.Tensor)):
+                raise ValueError("weight= is this rank's own weight, a number; pass every "
+                                 "rank's weights as weights=")
+            if not math.isfinite(weight):
+                raise ValueError(f"this rank's weight {weight} is not finite; use weights "
+                                 "that sum to 1")
+            return float(weight)
+        if isinstance(weights, torch.Tensor):
             values = (weights if weights.dim() == 1 else weights.reshape(-1)).tolist()
         elif weights is None:
-            raise ValueError("op='weighted' needs weights: one per rank (the same list on every "
-                             "rank), or this rank's own weight as a float")
+            raise ValueError("op='weighted' needs weights= (one per rank, the same on every "
+                             "rank) or weight= (this rank's own)")
+        elif isinstance(weights, (int, float)):
+            raise ValueError(f"weights={weights} is a single number: weights= takes every "
+                             "rank's weights (one per rank); pass this rank's own weight as "
+                             "weight=")
         else:
-            values = [float(weights)] if isinstance(weights, int) else list(weights)
-        if len(values) == 1 and not isinstance(weights, (torch.Tensor, list, tuple)):
-            rank = 0  # a bare float is this rank's own weight
-        elif len(values) != world_size:
+            values = list(weights)
+        if len(values) != world_size:
             raise ValueError(f"got {len(values)} weights for {world_size} ranks; pass one "
-                             "weight per rank (or this rank's own weight as a float)")
+                             "weight per rank (or this rank's own weight as weight=)")
         if not math.isfinite(sum(values)):  # NaN or inf anywhere makes the sum non-finite
             as_weight_list(values, len(values), "ranks")  # raises naming the entries
             raise ValueError(f"weights {values} overflow when summed; use weights that sum to 1")
         return float(values[rank])
     if op not in OP_CODES:
         raise ValueError(f"unknown op {op!r}; use one of {', '.join(OP_CODES)}")
-    if weights is not None:
+    if weights is not None or weight is not None:
         raise ValueError(f"weights are only used with op='weighted', not op={op!r}")
     return 1.0 if op == "sum" else 1.0 / world_size
-
-
-def _torch_all_reduce(tensor: torch.Tensor, op: str, weight: float | torch.Tensor,
-                      world_size: int, group: Any) -> None:
-    # Low-precision CPU sums go through fp32 so the fallback accumulates like the kernel.
-    work = tensor.float() if (tensor.device.type == "cpu" and tensor.dtype in
-                              (torch.bfloat16, torch.float16)) else tensor
-    if op == "weighted":
-        if not work.is_floating_point():
-            raise TypeError(f"op='weighted' needs a floating-point tensor, got {tensor.dtype}")
-        if isinstance(weight, torch.Tensor):  # NCCL reads the factor as the tensor's dtype
-            weight = weight.to(work.dtype)
-        if dist.get_backend(group) == "nccl":
-            dist.all_reduce(work, op=dist._make_nccl_premul_sum(weight), group=group)
-        else:
-            work.mul_(weight)
-            dist.all_reduce(work, group=group)
-    else:
-        dist.all_reduce(work, group=group)
-        if op == "mean":
-            if work.is_floating_point():
-                work.div_(world_size)
-            else:
-                work.floor_divide_(world_size)
-    if work is not tensor:
-        tensor.copy_(work)
-    else:  # torch.distributed writes in place without telling autograd; the kernel does tell
-        increment_version(tensor)
 
 
 def _device_weight(weights: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -107,66 +97,80 @@ def _device_weight(weights: torch.Tensor, rank: int, world_size: int) -> torch.T
     return weights.reshape(-1)[rank:rank + 1]
 
 
-def _shm_call(method: Any, *args: Any) -> Any:
-    try:
-        return method(*args)
-    except (RuntimeError, ValueError) as exc:  # C++ errors arrive as these
-        raise CommError(str(exc)) from None
-
-
 def all_reduce(tensor: torch.Tensor, op: str = "sum",
-               weights: torch.Tensor | Sequence[float] | float | None = None,
-               group: Any = None, *, timeout: float | None = None) -> torch.Tensor:
-    """Reduce ``tensor`` across the ranks of ``group`` in place and return it.
+               weights: torch.Tensor | Sequence[float] | None = None,
+               group: Any = None, *, weight: float | None = None,
+               timeout: float | None = None, async_op: bool = False) -> Any:
+    """Reduce ``tensor`` across the ranks of ``group`` in place and return it (with
+    ``async_op=True``, an :class:`~spd_ext.comm.work.AllReduceWork` to ``wait()`` on).
 
     Args:
         tensor: the same shape and dtype on every rank. Non-contiguous tensors are
             reduced through a contiguous copy.
         op: ``"sum"``, ``"mean"`` or ``"weighted"`` (``sum_i weights[i] * tensor_i``).
-        weights: for ``"weighted"`` only: one finite weight per rank (the same on every
-            rank; each rank's own entry scales its contribution inside the reduction) or
-            this rank's weight as a float. For a CUDA tensor, weights in a CUDA tensor stay
-            on the device (no host sync, so they may change every step and the call can be
-            captured in a CUDA graph); they are not checked for NaN, which would need one.
+        weights: for ``"weighted"``: every rank's weight, one finite number per rank (the
+            same on every rank, which is checked; each rank's own entry scales its
+            contribution inside the reduction). For a CUDA tensor, weights in a CUDA tensor
+            stay on the device (no host sync, so they may change every step and the call
+            can be captured in a CUDA graph); they are not checked for NaN, which would
+            need one.
         group: a torch.distributed process group (default: the world).
-        timeout: seconds to wait for a peer inside the shared-memory kernel before raising
-            :class:`CommError` naming it (default ``$SPD_EXT_COMM_TIMEOUT`` or 300).
+        weight: for ``"weighted"``, instead of ``weights``: this rank's own weight (no
+            list to agree on; each rank passes its own).
+        timeout: seconds to wait for a peer that makes no progress before raising
+            :class:`CommError` naming it (default ``$SPD_EXT_COMM_TIMEOUT`` or 300), at
+            the group's set-up (the first call) and in every call on CPU. A large call that
+            keeps making progress never times out.
+        async_op: return at once with a handle; the tensor holds the result after its
+            ``wait()``. Arguments are checked before returning; the group's set-up (its
+            first call) and, off the kernel path on CPU, the ranks' agreement on the call
+            are still waited for, so a mismatch raises here rather than aborting in gloo.
+            Calls on one group complete in the order they were issued, synchronous ones
+            included.
     """
     shm = cached_shm_group(group)  # per-call fast path: no torch.distributed queries
     # Checking arguments in Python costs as much as a small all-reduce: C++ does it.
-    if shm is not None and _shm_call(shm.try_all_reduce_, tensor, op, weights, timeout):
+    if shm is not None and weight is None and not async_op and not shm.progress.busy() \
+            and shm.try_all_reduce_(tensor, op, weights, timeout):
         return tensor
     rank, world_size = (shm.rank, shm.world_size) if shm is not None else _check_ready(group)
-    weight: float | torch.Tensor
-    if op == "sum" and weights is None:
-        weight = 1.0
+    factor: float | torch.Tensor
+    if op == "sum" and weights is None and weight is None:
+        factor = 1.0
     elif op == "weighted" and tensor.is_cuda and isinstance(weights, torch.Tensor) \
-            and weights.is_cuda:
-        weight = _device_weight(weights, rank, world_size)
+            and weights.is_cuda and weight is None:
+        factor = _device_weight(weights, rank, world_size)
     else:
-        weight = rank_weight(op, weights, rank, world_size)
+        factor = rank_weight(op, weights, rank, world_size, weight)
     if world_size == 1:
-        return tensor if op == "sum" else tensor.mul_(weight)
+        if op != "sum":
+            tensor.mul_(factor)
+        return AllReduceWork.completed(tensor) if async_op else tensor
     flat = tensor if tensor.is_contiguous() else tensor.contiguous()
-    if flat.is_cpu and shm is None:
-        shm = shm_group(group)  # collective set-up on the group's first CPU all-reduce
-    ipc = ipc_group(group) if flat.is_cuda else None  # collective set-up, first CUDA call
-    if shm is not None and flat.is_cpu and flat.dtype in KERNEL_DTYPES:
-        _shm_call(shm.all_reduce_, flat, op, weight, timeout)
-    elif ipc is not None and ipc.suits(flat):
-        ipc.all_reduce_(flat, op, weight)
-    else:
-        _torch_all_reduce(flat, op, weight, world_size, group)
-    if flat is not tensor:
-        tensor.copy_(flat)
-    return tensor
+    call = ReduceCall(tensor, flat, op, factor, weights, group, world_size, timeout)
+    work = backend_for(flat, group, timeout).all_reduce(call, async_op)
+    return work if async_op else tensor
+
+
+def backend_for(tensor: torch.Tensor, group: Any = None,
+                timeout: float | None = None) -> AllReduceBackend:
+    """The backend that reduces ``tensor`` on ``group``: the shared-memory kernel for CPU
+    tensors whose ranks share a host, the CUDA IPC kernel for CUDA tensors it suits,
+    torch.distributed otherwise. Collective the first time for a group and device type
+    (the group's set-up, each step waiting at most ``timeout`` seconds)."""
+    if tensor.is_cpu:
+        shm = shm_group(group, timeout)
+        if shm is not None:  # also for dtypes it does not reduce: it checks their calls
+            return shm
+    elif tensor.is_cuda:
+        ipc = ipc_group(group, timeout)
+        if ipc is not None and ipc.suits(tensor):
+            return ipc
+    return TORCH_DISTRIBUTED
 
 
 def path(tensor: torch.Tensor, group: Any = None) -> str:
     """``"shm"``, ``"cuda-ipc"`` or ``"torch.distributed"``: the path ``all_reduce(tensor)``
     takes (collective the first time for a group and device type)."""
-    if tensor.is_cuda:
-        ipc = ipc_group(group)
-        return "cuda-ipc" if ipc is not None and ipc.suits(tensor) else "torch.distributed"
-    shm = shm_group(group)
-    return "shm" if shm is not None and tensor.dtype in KERNEL_DTYPES else "torch.distributed"
+    backend = backend_for(tensor, group)
+    return backend.name if backend.suits(tensor) else TORCH_DISTRIBUTED.name

@@ -2,10 +2,11 @@
 
 The first all-reduce of a CUDA tensor on a group runs :func:`ipc_group` on every rank:
 it checks that the group suits (2-8 ranks, one host, the op built everywhere), has every
-rank allocate its buffer, exchanges the cudaIpcMemHandles over the process group and maps
-the peers' buffers. Groups that do not suit use torch.distributed (NCCL); ``describe``
-says why. Sizes up to the one-shot threshold take the one-shot kernel, larger ones up to
-the buffer capacity the two-shot kernel, larger still NCCL.
+rank allocate its buffer, exchanges the cudaIpcMemHandles through the process group's
+store (each step bounded by the call's timeout) and maps the peers' buffers. Groups that
+do not suit use torch.distributed (NCCL); ``describe`` says why. Sizes up to the one-shot
+threshold take the one-shot kernel, larger ones up to the buffer capacity the two-shot
+kernel, larger still NCCL.
 
 A call stages its input into the rank's buffer with one copy, unless the input lies in a
 tensor from :func:`ipc_buffer`: memory every peer mapped when it was made, which the
@@ -18,15 +19,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm.groups import GroupRegistry, env_bytes, single_host_reason
-from spd_ext.comm.shm import OP_CODES
-from spd_ext.ops.cuda_allreduce import builder
-from spd_ext.ops.dtypes import KERNEL_DTYPES
+from spd_ext.comm.backend import ReduceCall
+from spd_ext.comm.groups import (
+    CommError,
+    GroupRegistry,
+    SetupExchange,
+    env_bytes,
+    single_host_reason,
+)
+from spd_ext.comm.work import AllReduceWork
+from spd_ext.ops.codes import KERNEL_DTYPES, OP_CODES
+from spd_ext.ops.ipc_allreduce import builder
 
 DEFAULT_CAPACITY = 8 << 20
 DEFAULT_ONESHOT_MAX_BYTES = 512 << 10
@@ -34,7 +42,12 @@ DEFAULT_ONESHOT_MAX_BYTES = 512 << 10
 
 @dataclass
 class IpcGroup:
-    ctx: Any  # the C++ IpcAllReduce
+    """A process group's CUDA IPC all-reduce context: the all-reduce backend for 2-8 GPUs
+    of one node (see :class:`~spd_ext.comm.backend.AllReduceBackend`)."""
+
+    name: ClassVar[str] = "cuda-ipc"
+
+    ctx: Any  # the C++ IpcAllReduce; None once closed
     rank: int
     world_size: int
     capacity: int
@@ -43,11 +56,30 @@ class IpcGroup:
     def suits(self, tensor: torch.Tensor) -> bool:
         """Decided on what every rank shares (dtype, size), never on pointers."""
         padded = _packs_bytes(tensor.numel() * tensor.element_size())
-        return tensor.dtype in KERNEL_DTYPES and 0 < padded <= self.capacity
+        return tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and 0 < padded <= self.capacity
+
+    def all_reduce(self, call: ReduceCall, async_op: bool) -> AllReduceWork | None:
+        self.all_reduce_(call.flat, call.op, call.factor)  # queued on the current stream
+        call.copy_back()
+        if not async_op:
+            return None
+        future: torch.futures.Future[torch.Tensor] = torch.futures.Future(
+            devices=[call.tensor.device])  # records an event; waiters' streams wait on it
+        future.set_result(call.tensor)
+        return AllReduceWork(call.tensor, future)
+
+    def close(self) -> None:
+        """Drop this group's hold on the IPC buffers: the mappings go once the kernels
+        queued so far and the registered-buffer tensors still alive no longer need them
+        (each keeps the C++ context alive). Later calls on the group raise."""
+        self.ctx = None
 
     def all_reduce_(self, tensor: torch.Tensor, op: str, weight: float | torch.Tensor) -> None:
         """``weight``: this rank's factor, or for op="weighted" a 1-element CUDA tensor
         holding it (read by the kernel: no host sync)."""
+        if self.ctx is None:
+            raise CommError("spd_ext all_reduce: this group's CUDA IPC context was closed; "
+                            "create a new process group")
         nbytes = tensor.numel() * tensor.element_size()
         # The kernel moves 16-byte packs: pad odd sizes and realign odd offsets in a copy.
         direct = nbytes % 16 == 0 and tensor.data_ptr() % 16 == 0
@@ -75,7 +107,7 @@ class IpcGroup:
             # The index differs if ipc_buffer was called a different number of times.
             return self.ctx.buffer_handle(index), f"{shape} {dtype} as buffer #{index}"
 
-        errors = _map_peers(group, self.rank, allocate,
+        errors = _map_peers(SetupExchange(group, "CUDA IPC buffer"), self.rank, allocate,
                             lambda handles: self.ctx.open_buffer(index, handles))
         if errors:
             raise RuntimeError("spd_ext.comm.ipc_buffer failed: " + "; ".join(errors))
@@ -87,7 +119,7 @@ def _packs_bytes(nbytes: int) -> int:
     return -(-nbytes // 16) * 16
 
 
-def _map_peers(group: Any, rank: int, allocate: Callable[[], tuple[bytes, str]],
+def _map_peers(exchange: SetupExchange, rank: int, allocate: Callable[[], tuple[bytes, str]],
                open_handles: Callable[[list[bytes]], None]) -> list[str]:
     """Collective: every rank allocates IPC memory (``allocate`` returns its handle and a
     description that must be equal on every rank), the handles are exchanged and every
@@ -98,8 +130,7 @@ def _map_peers(group: Any, rank: int, allocate: Callable[[], tuple[bytes, str]],
         handle, agreed = allocate()
     except RuntimeError as exc:
         error = f"rank {rank}: {exc}"
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (handle, agreed, error), group=group)
+    everyone = exchange.all_gather([handle, agreed, error])
     errors = [e for _, _, e in everyone if e]
     if not errors and len({a for _, a, _ in everyone}) > 1:
         errors = ["ranks disagree: " + ", ".join(f"rank {r}: {a}"
@@ -110,12 +141,10 @@ def _map_peers(group: Any, rank: int, allocate: Callable[[], tuple[bytes, str]],
         open_handles([h for h, _, _ in everyone])
     except RuntimeError as exc:
         error = f"rank {rank}: {exc}"
-    opened: list[Any] = [None] * len(everyone)
-    dist.all_gather_object(opened, error, group=group)
-    return [e for e in opened if e]
+    return [e for e in exchange.all_gather(error) if e]
 
 
-def ipc_group(group: Any = None) -> IpcGroup | None:
+def ipc_group(group: Any = None, timeout: float | None = None) -> IpcGroup | None:
     """The group's IPC context, set up on first use (collective); None: use NCCL."""
     if (_registry.entry(group) is None and torch.cuda.is_available()
             and torch.cuda.is_current_stream_capturing()):
@@ -123,7 +152,7 @@ def ipc_group(group: Any = None) -> IpcGroup | None:
             "spd_ext.comm.all_reduce: the first CUDA all-reduce on a group sets it up "
             "collectively (host synchronization, not allowed while a CUDA graph is being "
             "captured); run one all_reduce on this group before capturing")
-    return _registry.get(group)
+    return _registry.get(group, timeout)
 
 
 def ipc_buffer(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32,
@@ -162,21 +191,19 @@ def describe(group: Any = None) -> str:
                    f"two-shot up to {g.capacity} B)"))
 
 
-def _setup(group: Any) -> IpcGroup | str:
+def _setup(group: Any, timeout: float | None) -> IpcGroup | str:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if not 2 <= world <= 8:  # the same on every rank: no need to ask the others
         return f"the IPC all-reduce takes 2 to 8 ranks, this group has {world}"
     module = builder.load()
-    reason = single_host_reason(group, module is not None, "cuda_allreduce",
+    exchange = SetupExchange(group, "CUDA IPC all-reduce", timeout)
+    reason = single_host_reason(exchange, module is not None, "ipc_allreduce",
                                 builder.status().reason)
     if reason:
         return reason
     capacity = env_bytes("SPD_EXT_IPC_CAPACITY_BYTES", DEFAULT_CAPACITY) // 16 * 16
     oneshot = env_bytes("SPD_EXT_IPC_ONESHOT_MAX_BYTES", DEFAULT_ONESHOT_MAX_BYTES)
-    settings = [capacity, oneshot] if rank == 0 else [None, None]
-    dist.broadcast_object_list(settings, src=dist.get_global_rank(group or dist.group.WORLD, 0),
-                               group=group)
-    capacity, oneshot = settings
+    capacity, oneshot = exchange.broadcast([capacity, oneshot])
     ctx = None
 
     def allocate() -> tuple[bytes, str]:
@@ -184,7 +211,7 @@ def _setup(group: Any) -> IpcGroup | str:
         ctx = module.IpcAllReduce(rank, world, capacity)
         return ctx.handle(), ""
 
-    errors = _map_peers(group, rank, allocate, lambda handles: ctx.open(handles))
+    errors = _map_peers(exchange, rank, allocate, lambda handles: ctx.open(handles))
     if errors:
         return "; ".join(errors)
     return IpcGroup(ctx, rank, world, capacity, oneshot)

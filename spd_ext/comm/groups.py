@@ -1,17 +1,39 @@
 """What the per-process-group collective back-ends share: settings from the environment,
-host identity, the one-time set-up registry, and the check that a group can use a
-single-host kernel at all."""
+host identity, the one-time set-up registry and its exchange, and the check that a group
+can use a single-host kernel at all."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 import torch.distributed as dist
 
+from spd_ext.comm.torch_private import default_store, group_name, live_groups
+
 T = TypeVar("T")
+
+
+class CommError(RuntimeError):
+    """A collective failed: a peer timed out or died, or ranks passed different tensors."""
+
+
+def default_timeout() -> float:
+    """Seconds a rank waits for a peer (``SPD_EXT_COMM_TIMEOUT``, default 300): inside a
+    call, each wait for a peer that makes no progress; at set-up, each step."""
+    raw = os.environ.get("SPD_EXT_COMM_TIMEOUT", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"SPD_EXT_COMM_TIMEOUT={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"SPD_EXT_COMM_TIMEOUT must be positive, got {raw!r}")
+    return value
 
 
 def env_bytes(name: str, default: int) -> int:
@@ -41,11 +63,99 @@ def group_key(group: Any) -> Any:
     return dist.group.WORLD if group is None else group
 
 
-def single_host_reason(group: Any, op_loaded: bool, op_name: str, why_not: str) -> str | None:
-    """Why ``group`` cannot use a single-host kernel (collective), or None if it can:
+def background_group(group: Any = None) -> Any:
+    """A new process group with the ranks of ``group``, for collectives a worker thread
+    issues while the main thread keeps using ``group``. Two threads' calls on one group
+    would pair with different calls on other ranks (spd_ext refuses it); on separate
+    groups each thread's calls pair among themselves. Collective over the default group:
+    every rank calls it, at the same point."""
+    if dist.get_world_size() == 1:
+        return group
+    mine = dist.get_process_group_ranks(group or dist.group.WORLD)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    own = None
+    # torch.distributed.new_group must be called by every rank, for every group, in the
+    # same order: one call per distinct rank list, in first-seen order.
+    for ranks in dict.fromkeys(tuple(r) for r in everyone):
+        created = dist.new_group(list(ranks))
+        if list(ranks) == mine:
+            own = created
+    return own
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, default=lambda b: {"bytes": base64.b64encode(b).decode()}).encode()
+
+
+def _decode(raw: bytes) -> Any:
+    return json.loads(raw, object_hook=lambda d: base64.b64decode(d["bytes"])
+                      if d.keys() == {"bytes"} else d)
+
+
+class SetupExchange:
+    """The collectives of a group's one-time set-up, through the process group's store.
+
+    Each step waits at most ``timeout`` seconds and then raises :class:`CommError` naming
+    the ranks that did not arrive; gloo's collectives would wait for the process group's
+    own timeout (30 minutes by default) and fail naming no one. Values travel as JSON
+    (bytes allowed), never pickles.
+    """
+
+    def __init__(self, group: Any, what: str, timeout: float | None = None) -> None:
+        self.what = what
+        self.timeout = default_timeout() if timeout is None else timeout
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.global_ranks = dist.get_process_group_ranks(group_key(group))
+        store = default_store()
+        prefix = f"spd_ext/{what}/{group_name(group_key(group))}"
+        # A store can outlive its process group (destroy_process_group, then a new group on
+        # the same store): numbering this rank's set-ups of the group keeps a new set-up
+        # from reading an old one's keys. Every rank sets a group up equally often.
+        generation = store.add(f"{prefix}/generation/{self.rank}", 1)
+        self.store = dist.PrefixStore(f"{prefix}/{generation}/", store)
+        self.step = 0
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in group rank order."""
+        self.step += 1
+        self.store.set(f"{self.step}/{self.rank}", _encode(value))
+        keys = [f"{self.step}/{r}" for r in range(self.world_size)]
+        self._wait(keys)
+        return [_decode(self.store.get(k)) for k in keys]
+
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """Group rank ``src``'s ``value`` on every rank."""
+        self.step += 1
+        key = f"{self.step}/{src}"
+        if self.rank == src:
+            self.store.set(key, _encode(value))
+            return value
+        self._wait([key])
+        return _decode(self.store.get(key))
+
+    def _wait(self, keys: list[str]) -> None:
+        try:
+            self.store.wait(keys, timedelta(seconds=self.timeout))
+            return
+        except Exception:  # the store's timeout error type differs across torch versions
+            missing = [int(k.rsplit("/", 1)[1]) for k in keys if not self.store.check([k])]
+            if not missing:
+                raise
+        names = ", ".join(f"{r} (global rank {self.global_ranks[r]})" for r in missing)
+        raise CommError(
+            f"spd_ext.comm: group rank {names} did not reach step {self.step} of the "
+            f"{self.what} set-up within {self.timeout:g} s (rank {self.rank} waited); "
+            "every rank of the group must make the same collective calls on it. The limit "
+            "is all_reduce(timeout=...) or SPD_EXT_COMM_TIMEOUT; the group is unusable now")
+
+
+def single_host_reason(exchange: SetupExchange, op_loaded: bool, op_name: str,
+                       why_not: str) -> str | None:
+    """Why the group cannot use a single-host kernel (collective), or None if it can:
     every rank must have the op and all must share one host."""
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, {"host": host_id(), "op": op_loaded}, group=group)
+    everyone = exchange.all_gather({"host": host_id(), "op": op_loaded})
     no_op = [r for r, info in enumerate(everyone) if not info["op"]]
     if no_op:
         return f"the {op_name} op is unavailable on ranks {no_op}: {why_not}"
@@ -57,18 +167,31 @@ def single_host_reason(group: Any, op_loaded: bool, op_name: str, why_not: str) 
 
 class GroupRegistry(Generic[T]):
     """Per process group: its context, or the reason it has none; set up once, on first use
-    (collectively), by ``setup(group) -> context | reason``."""
+    (collectively), by ``setup(group, timeout) -> context | reason``. Contexts of groups
+    torch.distributed has destroyed are closed (their mappings released) at the next
+    set-up."""
 
-    def __init__(self, setup: Callable[[Any], T | str]) -> None:
+    def __init__(self, setup: Callable[[Any, float | None], T | str]) -> None:
         self._setup = setup
         self._entries: dict[Any, T | str] = {}
 
-    def get(self, group: Any = None) -> T | None:
+    def get(self, group: Any = None, timeout: float | None = None) -> T | None:
         key = group_key(group)
         if key not in self._entries:
-            self._entries[key] = self._setup(group)
+            self._release_destroyed()
+            self._entries[key] = self._setup(group, timeout)
         entry = self._entries[key]
         return None if isinstance(entry, str) else entry
+
+    def _release_destroyed(self) -> None:
+        live = live_groups()
+        if live is None:
+            return
+        for key in [k for k in self._entries if k not in live]:
+            entry = self._entries.pop(key)
+            close = getattr(entry, "close", None)
+            if close is not None:
+                close()
 
     def cached(self, group: Any = None) -> T | None:
         """The context if already set up (a dict lookup: the per-call fast path)."""
@@ -88,4 +211,10 @@ class GroupRegistry(Generic[T]):
         return describe_context(entry)
 
     def clear(self) -> None:
+        """Close every context (tests; a process group's contexts otherwise live as long
+        as the group)."""
+        for entry in self._entries.values():
+            close = getattr(entry, "close", None)
+            if close is not None:
+                close()
         self._entries.clear()

@@ -5,7 +5,9 @@ collectively on every rank of the group:
 
 1. all ranks exchange a host id and whether the C++ op loaded; a group that spans
    hosts, or where any rank lacks the op, uses torch.distributed (the reason is kept
-   for ``describe``);
+   for ``describe``). These exchanges go through the process group's store with the
+   call's timeout (:class:`~spd_ext.comm.groups.SetupExchange`), so a rank that never
+   arrives is named within it;
 2. group rank 0 creates a segment with a job-unique name (pid + random token) and
    broadcasts the name with the settings every rank must share (chunk size, one-shot
    threshold);
@@ -23,14 +25,25 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm.groups import GroupRegistry, env_bytes, single_host_reason
+from spd_ext.comm.backend import ReduceCall
+from spd_ext.comm.groups import (
+    CommError,
+    GroupRegistry,
+    SetupExchange,
+    default_timeout,
+    env_bytes,
+    single_host_reason,
+)
 from spd_ext.comm.segments import remove_stale_segments
+from spd_ext.comm.torch_backend import torch_all_reduce
+from spd_ext.comm.work import AllReduceWork, ProgressThread
+from spd_ext.ops.codes import KERNEL_DTYPES, OP_CODES
 from spd_ext.ops.shm_allreduce import builder
 
 #: Bytes each rank stages per call (and per buffer; every rank has two).
@@ -39,32 +52,80 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 #: everything); larger ones use reduce-scatter + all-gather.
 DEFAULT_ONESHOT_MAX_BYTES = 1 << 18
 
-OP_CODES = {"sum": 0, "mean": 1, "weighted": 2}
-
-
-def default_timeout() -> float:
-    """Seconds a rank waits for its peers inside one call (``SPD_EXT_COMM_TIMEOUT``)."""
-    return float(os.environ.get("SPD_EXT_COMM_TIMEOUT", "300"))
+@contextmanager
+def _as_comm_error() -> Iterator[None]:
+    """The C++ context's errors (peers' mismatches, timeouts) arrive as RuntimeError or
+    ValueError; callers catch CommError."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:
+        raise CommError(str(exc)) from None
 
 
 @dataclass
 class ShmGroup:
-    """A process group's shared-memory all-reduce context."""
+    """A process group's shared-memory all-reduce context: the all-reduce backend for CPU
+    ranks on one host (see :class:`~spd_ext.comm.backend.AllReduceBackend`)."""
+
+    name: ClassVar[str] = "shm"
 
     ctx: Any  # the C++ ShmAllReduce
     rank: int
     world_size: int
     oneshot_max_bytes: int
     timeout: float  # default per-call timeout, read from the environment at set-up
+    weights_hash: Any  # the C++ function: a weight list -> the hash ranks compare
+    #: Runs the group's asynchronous calls (``all_reduce(..., async_op=True)``) in order.
+    progress: ProgressThread = field(
+        default_factory=lambda: ProgressThread("spd_ext-shm-progress"))
 
     @property
     def chunk_bytes(self) -> int:
         return self.ctx.chunk_bytes
 
-    def all_reduce_(self, tensor: torch.Tensor, op: str, weight: float,
+    def suits(self, tensor: torch.Tensor) -> bool:
+        """The kernel reduces CPU float32 / bfloat16 / float16 tensors; other CPU tensors
+        are still checked through the segment, then reduced by torch.distributed."""
+        return tensor.is_cpu and tensor.dtype in KERNEL_DTYPES
+
+    def all_reduce(self, call: ReduceCall, async_op: bool) -> AllReduceWork | None:
+        listed = self.weights_hash(weights) if (weights := call.weight_list()) else 0
+
+        def reduce() -> None:
+            if self.suits(call.flat):
+                self.all_reduce_(call.flat, call.op, float(call.factor), listed, call.timeout)
+            else:  # every rank checks the call through the segment, then torch.distributed
+                self.agree_(call.flat, call.op, float(call.factor), listed, call.timeout)
+                torch_all_reduce(call.flat, call.op, call.factor, call.world_size, call.group)
+            call.copy_back()
+
+        if async_op or self.progress.busy():  # after the calls already queued
+            work = AllReduceWork(call.tensor, self.progress.submit(reduce, call.tensor))
+            if async_op:
+                return work
+            work.wait()
+            return None
+        reduce()
+        return None
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str, weight: float, weights_hash: int,
                     timeout: float | None) -> None:
-        self.ctx.all_reduce_(tensor, OP_CODES[op], weight, self.oneshot_max_bytes,
-                             self.timeout if timeout is None else timeout)
+        with _as_comm_error():
+            self.ctx.all_reduce_(tensor, OP_CODES[op], weight, weights_hash,
+                                 self.oneshot_max_bytes,
+                                 self.timeout if timeout is None else timeout)
+
+    def agree_(self, tensor: torch.Tensor, op: str, weight: float, weights_hash: int,
+               timeout: float | None) -> None:
+        """Check that every rank passes the same size, dtype, op and weight list for a
+        tensor going through torch.distributed (every rank raises alike if not)."""
+        with _as_comm_error():
+            self.ctx.agree_(tensor, OP_CODES[op], weight, weights_hash,
+                            self.timeout if timeout is None else timeout)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.ctx.close()
 
     def try_all_reduce_(self, tensor: torch.Tensor, op: str, weights: Any,
                         timeout: float | None) -> bool:
@@ -72,9 +133,10 @@ class ShmGroup:
         are the common case (see the C++ method): the caller then checks them itself."""
         if weights is not None and not isinstance(weights, torch.Tensor):
             return False
-        return self.ctx.try_all_reduce_(tensor, OP_CODES.get(op, -1), weights,
-                                        self.oneshot_max_bytes,
-                                        self.timeout if timeout is None else timeout)
+        with _as_comm_error():
+            return self.ctx.try_all_reduce_(tensor, OP_CODES.get(op, -1), weights,
+                                            self.oneshot_max_bytes,
+                                            self.timeout if timeout is None else timeout)
 
 
 def cached_shm_group(group: Any = None) -> ShmGroup | None:
@@ -82,12 +144,14 @@ def cached_shm_group(group: Any = None) -> ShmGroup | None:
     return _registry.cached(group)
 
 
-def shm_group(group: Any = None) -> ShmGroup | None:
+def shm_group(group: Any = None, timeout: float | None = None) -> ShmGroup | None:
     """The group's shared-memory context, set up on first use; None means torch.distributed.
 
-    Collective on first call for a group: every rank of the group must call it.
+    Collective on first call for a group: every rank of the group must call it, each
+    step waiting at most ``timeout`` seconds (default ``SPD_EXT_COMM_TIMEOUT``).
     """
-    return _registry.get(group)
+    return _registry.get(group, timeout)
+
 
 
 def describe(group: Any = None) -> str:
@@ -98,15 +162,16 @@ def describe(group: Any = None) -> str:
                    f"up to {g.oneshot_max_bytes} B)"))
 
 
-def _setup(group: Any) -> ShmGroup | str:
+def _setup(group: Any, timeout: float | None) -> ShmGroup | str:
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
     module = builder.load()
-    reason = single_host_reason(group, module is not None, "shm_allreduce",
+    exchange = SetupExchange(group, "shared-memory all-reduce", timeout)
+    reason = single_host_reason(exchange, module is not None, "shm_allreduce",
                                 builder.status().reason)
     if reason:
         return reason
-    error = _create_and_attach(group, module, rank, world)
+    error = _create_and_attach(exchange, module, rank, world)
     if isinstance(error, ShmGroup):
         return error
     # The op loaded and every rank is local, yet the segment failed: worth a warning.
@@ -115,7 +180,8 @@ def _setup(group: Any) -> ShmGroup | str:
     return error
 
 
-def _create_and_attach(group: Any, module: Any, rank: int, world: int) -> ShmGroup | str:
+def _create_and_attach(exchange: SetupExchange, module: Any, rank: int,
+                       world: int) -> ShmGroup | str:
     ctx, error = None, None
     if rank == 0:
         remove_stale_segments()  # names left by earlier jobs' ranks killed during set-up
@@ -131,7 +197,7 @@ def _create_and_attach(group: Any, module: Any, rank: int, world: int) -> ShmGro
     else:
         settings = [None, None, None]
     with _unlink_on_sigterm(ctx):
-        return _attach(group, module, rank, world, ctx, settings)
+        return _attach(exchange, module, rank, world, ctx, settings)
 
 
 @contextmanager
@@ -159,11 +225,9 @@ def _unlink_on_sigterm(ctx: Any) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _attach(group: Any, module: Any, rank: int, world: int, ctx: Any,
+def _attach(exchange: SetupExchange, module: Any, rank: int, world: int, ctx: Any,
             settings: list) -> ShmGroup | str:
-    dist.broadcast_object_list(settings, src=dist.get_global_rank(group or dist.group.WORLD, 0),
-                               group=group)
-    name, oneshot, error = settings
+    name, oneshot, error = exchange.broadcast(settings)
     if error:
         return error
     try:
@@ -172,8 +236,7 @@ def _attach(group: Any, module: Any, rank: int, world: int, ctx: Any,
                 ctx = module.ShmAllReduce(name, rank, world, 0, False)
             except (RuntimeError, ValueError, OSError) as exc:
                 error = f"rank {rank} could not attach: {exc}"
-        errors: list[Any] = [None] * world
-        dist.all_gather_object(errors, error, group=group)
+        errors = exchange.all_gather(error)
     finally:
         if rank == 0 and ctx is not None:
             ctx.unlink()
@@ -183,7 +246,7 @@ def _attach(group: Any, module: Any, rank: int, world: int, ctx: Any,
             ctx.close()
         return "; ".join(failed)
     return ShmGroup(ctx=ctx, rank=rank, world_size=world, oneshot_max_bytes=oneshot,
-                    timeout=default_timeout())
+                    timeout=default_timeout(), weights_hash=module.weights_hash)
 
 
 _registry: GroupRegistry[ShmGroup] = GroupRegistry(_setup)

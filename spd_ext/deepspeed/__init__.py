@@ -29,6 +29,7 @@ from spd_ext.deepspeed.config import (
 )
 from spd_ext.deepspeed.engine import EngineIntegration
 from spd_ext.deepspeed.topology import ModelParallelUnit, Topology, build_topology
+from spd_ext.tp.sharding import tensor_parallel_layout
 
 __all__ = ["SECTION", "EngineIntegration", "ModelParallelUnit", "SpdExtCallback",
            "SpdExtConfig", "SpdExtConfigError", "Topology", "attach", "build_topology",
@@ -99,7 +100,9 @@ def _mark_tensor_parallel(model: Any, topology: Topology, cfg: SpdExtConfig) -> 
             f"tensor_parallel.pattern {pattern!r} does not match the model's pattern "
             f"{model_pattern!r}; make them agree (or leave the pattern out of the section)")
     for p in model.parameters():
-        if getattr(p, "tp_sharded", False):
+        if tensor_parallel_layout(p).sharded:
+            # DeepSpeed's (Megatron's) attributes, read by its gradient norm; they describe
+            # the stored tensor, whose leading dimension is the shard dimension.
             p.tensor_model_parallel = True
             p.partition_dim = 0
             p.partition_stride = 1

@@ -24,7 +24,7 @@ from typing import Any
 
 from spd_ext.dp.signals import SIGNALS
 from spd_ext.dp.weights import WEIGHT_MAPS
-from spd_ext.sync.modes import Mode, parse_mode
+from spd_ext.staleness.modes import Mode, parse_mode
 from spd_ext.tp.patterns import PatternError, parse_pattern
 
 SECTION = "spd_ext"
@@ -121,7 +121,7 @@ class StalenessConfig:
             raise SpdExtConfigError(
                 f"{where}.mode {self.mode!r} needs a parameter server, which does not run "
                 f"inside a DeepSpeed engine; use one of ssgd, delayed:k, local_sgd:H, diloco:H "
-                "(or spd_ext.sync.parameter_server outside DeepSpeed)")
+                "(or spd_ext.staleness.parameter_server outside DeepSpeed)")
         _number(f"{where}.islands", self.islands, low=1, integer=True)
         if self.islands > 1 and mode.kind != "diloco":
             raise SpdExtConfigError(

@@ -5,7 +5,9 @@ instance only, five of its methods with wrappers that call the originals:
 
 * ``backward(loss)``: records the micro-batch loss (the signals' input);
 * ``allreduce_gradients()`` (DeepSpeed calls it once per accumulation boundary at ZeRO
-  stages 0 and 1): sums tensor-parallel partial gradients over the tp group, computes the
+  stages 0 and 1): sums tensor-parallel partial gradients over the tp group, refuses the
+  step on every rank if any rank's gradient holds NaN or inf (unless fp16 loss scaling
+  owns overflows), computes the
   step's weights (one scalar all-gather on the data-parallel group), scales each rank's
   accumulated gradient by ``w_i * N`` (DeepSpeed then averages: sum_i w_i g_i) or reduces
   with spd_ext's fused weighted all-reduce (``comm.backend = "spd"``, stage 0); staleness
@@ -34,9 +36,10 @@ from spd_ext.comm import all_reduce
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.deepspeed.config import SpdExtConfig, SpdExtConfigError
 from spd_ext.deepspeed.topology import Topology
-from spd_ext.dp.aggregator import SignalWeightedAggregator
-from spd_ext.sync.collective import DiLoCo, SyncStrategy, make_strategy
-from spd_ext.train.logging import RunLog
+from spd_ext.dp.aggregator import SignalWeightedAggregator, WeightError
+from spd_ext.staleness.collective import DiLoCo, StalenessStrategy, make_strategy
+from spd_ext.tp.sharding import tensor_parallel_layout
+from spd_ext.train.run_log import RunLog
 from spd_ext.utils.files import atomic_path, load_checkpoint
 
 REQUIRED_ENGINE_ATTRIBUTES = (
@@ -113,7 +116,7 @@ class EngineIntegration:
             self.aggregator = SignalWeightedAggregator(
                 sw.signal, sw.map, temperature=sw.temperature, floor=sw.floor, ema=sw.ema,
                 warmup_steps=sw.warmup_steps, signal_args=sw.signal_args, group=self.dp_group)
-        self.strategy: SyncStrategy | None = None
+        self.strategy: StalenessStrategy | None = None
         if topology.islands > 1:
             self.strategy = IslandDiLoCo(mode, engine.optimizer, cfg.staleness.outer_lr,
                                          cfg.staleness.outer_momentum,
@@ -123,8 +126,9 @@ class EngineIntegration:
                       "outer_momentum": cfg.staleness.outer_momentum}
                      if mode.kind == "diloco" else {})
             self.strategy = make_strategy(mode, self.module, group=self.dp_group, **outer)
-        self._partial = [p for p in self.module.parameters()
-                         if getattr(p, "tp_partial_grad", False)] if topology.tp_size > 1 else []
+        self._partial = ([p for p in self.module.parameters()
+                          if tensor_parallel_layout(p).partial_gradient]
+                         if topology.tp_size > 1 else [])
         self._counter = getattr(self.module, "sync_counter", None) if topology.tp_size > 1 \
             else None
         self.log: RunLog | None = None
@@ -134,6 +138,8 @@ class EngineIntegration:
         self._grad_buffers: dict[torch.dtype, torch.Tensor] = {}
         if cfg.comm.backend == "spd" and stage == 0 and self.strategy is None:
             self._grad_buffers = self._make_grad_buffers()
+        fp16 = getattr(engine, "fp16_enabled", None)
+        self._fp16 = bool(fp16()) if callable(fp16) else False  # loss scaling skips overflows
         self._originals = {name: getattr(engine, name) for name in (
             "backward", "allreduce_gradients", "_take_model_step", "step", "save_checkpoint",
             "load_checkpoint", "clip_fp32_gradients")}
@@ -202,6 +208,8 @@ class EngineIntegration:
         grads = self._reduction_grads()
         if self._partial:
             self._sum_partial_grads()
+        if not self._fp16:
+            self._refuse_non_finite(grads, step)
         if self.strategy is not None and self.topology.islands == 1:
             out = self.strategy.after_backward(self.module, step, loss) or {}
             self._skip_optimizer = bool(out.get("skip_optimizer", False))
@@ -245,7 +253,7 @@ class EngineIntegration:
     def clip_fp32_gradients(self) -> None:
         """DeepSpeed's stage-0 fp32 clipping, keeping the norm for the metrics. Local SGD /
         DiLoCo replicas train alone between syncs: each clips its own gradient, as a worker
-        of spd_ext.sync does (DeepSpeed's clip would average the norm over the dp group)."""
+        of spd_ext.staleness does (DeepSpeed's clip would average the norm over the dp group)."""
         engine = self.engine
         if self.replicas_diverge:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
@@ -268,6 +276,28 @@ class EngineIntegration:
             grads = (p.grad for p in self.module.parameters())
         return [g for g in grads if g is not None]
 
+    def _refuse_non_finite(self, grads: list[torch.Tensor], step: int) -> None:
+        """A NaN or inf gradient on one rank, even with a finite loss, would spread through
+        the reduction into every rank's update. Like a NaN loss, it makes every rank of
+        the job (all tensor- and data-parallel ranks, which must stop together) raise
+        WeightError before any gradient is reduced or parameter changed. Costs one pass
+        over the local gradient and one all-reduce of world_size floats per step; no host
+        synchronization until the flags are read."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        device = grads[0].device if grads else torch.device("cpu")
+        flags = torch.zeros(world, dtype=torch.float32, device=device)
+        if grads:
+            total = torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum()
+            flags[rank] = (~torch.isfinite(total)).float()
+        all_reduce(flags, "sum")
+        bad = [r for r, flag in enumerate(flags.tolist()) if flag != 0]
+        if bad:
+            raise WeightError(
+                f"step {step}: rank{'s' if len(bad) > 1 else ''} {bad} ha"
+                f"{'ve' if len(bad) > 1 else 's'} NaN or inf gradients; the step is refused on "
+                "every rank and no parameter was changed. Lower the learning rate, check "
+                "those ranks' data, or resume from the last checkpoint")
+
     def _grad_of(self, p: nn.Parameter) -> torch.Tensor | None:
         if self.stage == 1:
             return self.engine.optimizer.get_gradient_for_reduction(p)
@@ -288,7 +318,7 @@ class EngineIntegration:
                          args: tuple, kwargs: dict) -> None:
         agg = self.aggregator
         assert agg is not None
-        weights = agg.compute_weights(loss, step)  # collective; raises WeightError on NaN
+        weights = agg.compute_weights(step, loss)  # collective; raises WeightError on NaN
         agg.signal.begin_gradient()
         for i, g in enumerate(grads):
             agg.observe_local_piece(i, g.reshape(-1))

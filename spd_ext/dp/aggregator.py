@@ -8,14 +8,14 @@ Per step, every rank:
    shared-memory kernel on one host, NCCL PREMUL_SUM on GPUs, pre-scale + sum otherwise);
 4. shows its local gradient (before reduction) to gradient-based signals, for next step.
 
-``reduce(model, loss, step)`` does it all for code without DDP (one flat buffer);
+``reduce(model, step, loss)`` does it all for code without DDP (one flat buffer);
 spd_ext.dp.hooks drives the same aggregator from a DDP comm hook, bucket by bucket.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from spd_ext.comm import all_reduce
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.dp.signals import make_signal
 from spd_ext.dp.weights import make_weight_map
+from spd_ext.hooks import TrainerHooks
 
 
 class WeightError(RuntimeError):
@@ -51,25 +52,34 @@ def local_gradients(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters() if p.grad is not None]
 
 
-class MeanAggregator:
+class GradientAggregator(TrainerHooks, Protocol):
+    """Combines the ranks' gradients: ``reduce(model, step, loss)`` replaces every
+    gradient of ``model`` with the combination over ranks and returns what to log. As
+    Trainer hooks, it reduces after backward."""
+
+    def reduce(self, model: nn.Module, step: int, loss: float) -> dict:
+        """Replace ``model``'s gradients with their combination over the ranks (collective)."""
+        raise NotImplementedError
+
+    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
+        return self.reduce(model, step, loss)
+
+
+class MeanAggregator(GradientAggregator):
     """Plain data parallelism, g = (1/N) sum_i g_i: the uniform baseline (one all-reduce)."""
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
 
-    def reduce(self, model: nn.Module, loss: float, step: int) -> dict:
+    def reduce(self, model: nn.Module, step: int, loss: float) -> dict:
         grads = local_gradients(model)
         flat = flatten(grads)
         all_reduce(flat, "mean", group=self.group)
         copy_back(flat, grads)
         return {}
 
-    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
-        """The Trainer's hook (note its argument order: step, then loss)."""
-        return self.reduce(model, loss, step)
 
-
-class SignalWeightedAggregator:
+class SignalWeightedAggregator(GradientAggregator):
     def __init__(self, signal: str = "loss_ema", weighting: str = "softmax", *,
                  temperature: float = 1.0, floor: float = 0.05, ema: float = 0.0,
                  warmup_steps: int = 10, signal_args: dict | None = None, group: Any = None,
@@ -95,7 +105,7 @@ class SignalWeightedAggregator:
         self._previous_global: dict[int, torch.Tensor] = {}
 
     # -- weights ------------------------------------------------------------------
-    def compute_weights(self, loss: float, step: int) -> list[float]:
+    def compute_weights(self, step: int, loss: float) -> list[float]:
         """All ranks' weights for this step (collective: one scalar all-gather).
 
         A non-finite loss on any rank makes every rank refuse the step with WeightError
@@ -127,9 +137,9 @@ class SignalWeightedAggregator:
         if self.signal.needs_previous_global:
             self._previous_global[index] = reduced.detach().clone()
 
-    def reduce(self, model: nn.Module, loss: float, step: int) -> dict:
+    def reduce(self, model: nn.Module, step: int, loss: float) -> dict:
         """Replace every gradient of ``model`` with the weighted sum over ranks."""
-        weights = self.compute_weights(loss, step)
+        weights = self.compute_weights(step, loss)
         grads = local_gradients(model)
         flat = flatten(grads)
         self.signal.begin_gradient()
@@ -156,10 +166,6 @@ class SignalWeightedAggregator:
         raise WeightError(f"step {step}: ranks {bad} have NaN or inf gradients (with finite "
                           "losses); the step is refused and no gradient was changed; lower "
                           "the learning rate or check those ranks' data")
-
-    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
-        """The Trainer's hook (note its argument order: step, then loss)."""
-        return self.reduce(model, loss, step)
 
     # -- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -31,7 +31,7 @@ class SignalWeightingState:
     weights: list[float] | None = None
 
     def begin_step(self, loss: float) -> list[float]:
-        self.weights = self.aggregator.compute_weights(loss, self.step)
+        self.weights = self.aggregator.compute_weights(self.step, loss)
         self.aggregator.signal.begin_gradient()
         return self.weights
 
@@ -51,8 +51,12 @@ def signal_weighted_hook(state: SignalWeightingState,
     agg = state.aggregator
     buffer = bucket.buffer()
     agg.observe_local_piece(bucket.index(), buffer)
-    all_reduce(buffer, "weighted", weights=state.weights[agg.rank], group=agg.group)
-    agg.remember_global_piece(bucket.index(), buffer)
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(buffer)
-    return future
+    index = bucket.index()
+    work = all_reduce(buffer, "weighted", weight=state.weights[agg.rank], group=agg.group,
+                      async_op=True)  # overlaps the rest of backward
+
+    def remember(reduced: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        agg.remember_global_piece(index, reduced.value())
+        return reduced.value()
+
+    return work.get_future().then(remember)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_ext.comm.buckets import copy_back, flatten
-from spd_ext.dp.aggregator import local_gradients
+from spd_ext.dp.aggregator import GradientAggregator, local_gradients
 
 
 def trimmed_mean(stacked: torch.Tensor, trim: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def centered_clipping(stacked: torch.Tensor, center: torch.Tensor, tau: float,
 ROBUST_METHODS = ("trimmed_mean", "median", "centered_clipping")
 
 
-class RobustAggregator:
+class RobustAggregator(GradientAggregator):
     def __init__(self, method: str = "trimmed_mean", *, trim: int = 1, tau: float = 1.0,
                  iterations: int = 3, group: Any = None) -> None:
         if method not in ROBUST_METHODS:
@@ -71,7 +71,7 @@ class RobustAggregator:
         center = self._previous if self._previous is not None else coordinate_median(stacked)
         return centered_clipping(stacked, center, self.tau, self.iterations)
 
-    def reduce(self, model: nn.Module, loss: float, step: int) -> dict:
+    def reduce(self, model: nn.Module, step: int, loss: float) -> dict:
         grads = local_gradients(model)
         flat = flatten(grads)
         parts = [torch.empty_like(flat) for _ in range(self.world_size)]
@@ -80,7 +80,3 @@ class RobustAggregator:
         self._previous = result
         copy_back(result, grads)
         return {}
-
-    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict:
-        """The Trainer's hook (note its argument order: step, then loss)."""
-        return self.reduce(model, loss, step)

@@ -2,7 +2,7 @@
 
 A signal sees this step's loss before the weights are computed, and this rank's local
 gradient (before aggregation) after: gradient-based signals therefore act one step late,
-as DESIGN.md specifies (weights for step t use signals through t-1 plus the current
+by design (weights for step t use signals through t-1 plus the current
 loss). Gradients arrive in pieces (DDP buckets, or one flat buffer), each with the same
 piece of the previous global gradient.
 """

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from spd_ext.comm import spawn
 from spd_ext.comm.buckets import copy_back
 from spd_ext.data import ShardedSampler, TokenDataset
 from spd_ext.experiments.common import finished_runs, pyplot, write_json
-from spd_ext.sync import (
-    Groups,
+from spd_ext.launch import spawn
+from spd_ext.staleness import (
     ParameterServer,
     PSConfig,
+    PSProcessGroups,
     Straggler,
     StragglerHooks,
     make_strategy,
@@ -145,7 +145,7 @@ def _rank(rank: int, world: int, task_name: str, mode_text: str, straggled: bool
                  if "val_loss" in h]
         return {"curve": curve, "final_loss": result.val_loss, "seconds": result.seconds,
                 "workers": [strategy.metrics.summary()]}
-    groups = Groups.create()
+    groups = PSProcessGroups.create()
     ps_cfg = PSConfig(mode, optimizer=spec.optimizer, lr=spec.lr, straggler_timeout=2.0)
     workers = world - 1
     if rank == 0:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
-from spd_ext.ops.dtypes import KERNEL_DTYPES
+from spd_ext.ops.codes import KERNEL_DTYPES
 
 Impl = Literal["auto", "kernel", "fallback"]
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
-from spd_ext.ops.dtypes import KERNEL_DTYPES
+from spd_ext.ops.codes import KERNEL_DTYPES
 
 MAX_CUDA_INPUTS = 32  # spd::cuda::kMaxInputs
 

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from spd_ext.tp.communicator import TensorParallelComm
+from spd_ext.tp.kv_cache import LayerKVCache
 from spd_ext.tp.layers import ShardedCausalSelfAttention, ShardedMLP
+from spd_ext.tp.sharding import set_tensor_parallel_layout
 from spd_ext.tp.stream import ResidualStream
 
 
@@ -43,70 +45,76 @@ class ReducedSyncBlock(nn.Module):
         for ln in (self.ln_1, self.ln_2):
             for p in ln.parameters():
                 # Applied to rank-local views, so each rank holds part of their gradient.
-                p.tp_partial_grad = True
+                set_tensor_parallel_layout(p, partial_gradient=True)
 
-    def attn_out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resid_dropout(self.attn(self.ln_1(x)))
+    def attn_out(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention's rank-local contribution and its bias (for ResidualStream.add)."""
+        out, bias = self.attn(self.ln_1(x), kv_cache)
+        return self.resid_dropout(out), bias
 
-    def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resid_dropout(self.mlp(self.ln_2(x)))
+    def mlp_out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP's rank-local contribution and its bias (for ResidualStream.add)."""
+        out, bias = self.mlp(self.ln_2(x))
+        return self.resid_dropout(out), bias
 
-    def forward(self, x: ResidualStream | torch.Tensor) -> ResidualStream | torch.Tensor:
+    def forward(self, x: ResidualStream | torch.Tensor,
+                kv_cache: LayerKVCache | None = None) -> ResidualStream | torch.Tensor:
         if isinstance(x, ResidualStream):
-            self.run(x)
+            self.run(x, kv_cache)
             return x
         stream = ResidualStream(x, self.comm)
-        self.run(stream)
+        self.run(stream, kv_cache)
         return stream.finish()
 
-    def run(self, s: ResidualStream) -> None:
+    def run(self, s: ResidualStream, kv_cache: LayerKVCache | None = None) -> None:
         raise NotImplementedError
 
 
 class TPBlock(ReducedSyncBlock):
     kind = "tp"
 
-    def run(self, s: ResidualStream) -> None:
-        s.add(self.attn_out(s.local()), self.attn.c_proj.bias)
+    def run(self, s: ResidualStream, kv_cache: LayerKVCache | None = None) -> None:
+        s.add(*self.attn_out(s.local(), kv_cache))
         s.close()
-        s.add(self.mlp_out(s.local()), self.mlp.c_proj.bias)
+        s.add(*self.mlp_out(s.local()))
         s.close()
 
 
 class SPDBlock(ReducedSyncBlock):
     kind = "spd"
 
-    def run(self, s: ResidualStream) -> None:
-        s.add(self.attn_out(s.local()), self.attn.c_proj.bias)
-        s.add(self.mlp_out(s.local()), self.mlp.c_proj.bias)  # local() = x + a_r
+    def run(self, s: ResidualStream, kv_cache: LayerKVCache | None = None) -> None:
+        s.add(*self.attn_out(s.local(), kv_cache))
+        s.add(*self.mlp_out(s.local()))  # local() = x + a_r
         s.close()
 
 
 class PaLMBlock(ReducedSyncBlock):
     kind = "palm"
 
-    def run(self, s: ResidualStream) -> None:
+    def run(self, s: ResidualStream, kv_cache: LayerKVCache | None = None) -> None:
         x = s.local()  # both modules read the same input
-        s.add(self.attn_out(x), self.attn.c_proj.bias)
-        s.add(self.mlp_out(x), self.mlp.c_proj.bias)
+        s.add(*self.attn_out(x, kv_cache))
+        s.add(*self.mlp_out(x))
         s.close()
 
 
 class ParallelBlock(ReducedSyncBlock):
     kind = "parallel"
 
-    def run(self, s: ResidualStream) -> None:
-        s.add(self.attn_out(s.local()), self.attn.c_proj.bias)
-        s.add(self.mlp_out(s.local()), self.mlp.c_proj.bias)
+    def run(self, s: ResidualStream, kv_cache: LayerKVCache | None = None) -> None:
+        s.add(*self.attn_out(s.local(), kv_cache))
+        s.add(*self.mlp_out(s.local()))
 
 
 class LadderBlock(ReducedSyncBlock):
     kind = "ladder"
 
-    def run(self, s: ResidualStream) -> None:
-        s.add(self.attn_out(s.local(settle=False)), self.attn.c_proj.bias)
+    def run(self, s: ResidualStream, kv_cache: LayerKVCache | None = None) -> None:
+        s.add(*self.attn_out(s.local(settle=False), kv_cache))
         s.close_async()
-        s.add(self.mlp_out(s.local(settle=False)), self.mlp.c_proj.bias)
+        s.add(*self.mlp_out(s.local(settle=False)))
         s.close_async()
 
 

@@ -8,8 +8,6 @@ every layer is written once for both.
 
 from __future__ import annotations
 
-import concurrent.futures
-from collections import deque
 from typing import Any
 
 import torch
@@ -20,17 +18,18 @@ from spd_ext.tp.sync_counter import SyncCounter
 
 
 class Handle:
-    """An all-reduce in flight; ``wait()`` returns its (reduced) tensor."""
+    """An all-reduce in flight; ``wait()`` returns its (reduced) tensor. ``work`` is what
+    the collective returned with ``async_op=True`` (spd_ext's ``AllReduceWork`` or
+    torch.distributed's ``Work``), None when nothing is in flight."""
 
-    def __init__(self, tensor: torch.Tensor,
-                 future: concurrent.futures.Future | None = None) -> None:
+    def __init__(self, tensor: torch.Tensor, work: Any = None) -> None:
         self.tensor = tensor
-        self.future = future
+        self.work = work
 
     def wait(self) -> torch.Tensor:
-        if self.future is not None:
-            self.future.result()
-            self.future = None
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
         return self.tensor
 
 
@@ -44,7 +43,6 @@ class TensorParallelComm:
         self.shards = shards  # shard slices held by this process
         self.rank = rank  # first shard held here
         self.counter = SyncCounter()
-        self.last_handle: Handle | None = None  # set by the async reduce-from-region
 
     @property
     def emulated(self) -> bool:
@@ -80,9 +78,9 @@ class DistributedComm(TensorParallelComm):
     """One shard per rank of ``group``.
 
     ``backend="spd"`` all-reduces through spd_ext.comm (shared memory on one host),
-    ``"torch"`` through torch.distributed directly. Asynchronous all-reduces run in
-    order on one worker thread; a synchronous one first waits for them, so every rank
-    issues the group's collectives in the same order.
+    ``"torch"`` through torch.distributed directly. Asynchronous all-reduces are the
+    collectives' own (``async_op=True``); either back-end completes a group's calls in
+    the order they were issued, so a synchronous one after them needs no extra wait.
     """
 
     def __init__(self, group: Any = None, backend: str = "spd") -> None:
@@ -93,40 +91,25 @@ class DistributedComm(TensorParallelComm):
         super().__init__(dist.get_world_size(group), shards=1, rank=dist.get_rank(group))
         self.group = group
         self.backend = backend
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
-        self._in_flight: deque[concurrent.futures.Future] = deque()
 
-    def _reduce(self, t: torch.Tensor) -> None:
-        # The async path runs on a worker thread, where grad mode is on: without no_grad
-        # autograd would record the in-place all-reduce on the region's output.
-        with torch.no_grad():
-            if self.backend == "spd":
-                from spd_ext.comm import all_reduce
+    def _reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
+        # detach: the region's output is written in place outside autograd's view (its
+        # backward does not read it)
+        if self.backend == "spd":
+            from spd_ext.comm import all_reduce
 
-                all_reduce(t.detach(), group=self.group)
-            else:
-                dist.all_reduce(t.detach(), group=self.group)
-
-    def _drain(self) -> None:
-        while self._in_flight:
-            self._in_flight.popleft().result()
+            return all_reduce(t.detach(), group=self.group, async_op=async_op)
+        return dist.all_reduce(t.detach(), group=self.group, async_op=async_op)
 
     def all_reduce_(self, t: torch.Tensor) -> None:
-        self._drain()
         self._reduce(t)
 
     def all_reduce_async(self, t: torch.Tensor) -> Handle:
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="spd_ext-tp-comm")
-        future = self._worker.submit(self._reduce, t)
-        self._in_flight.append(future)
-        return Handle(t, future)
+        return Handle(t, self._reduce(t, async_op=True))
 
     def all_reduce_params_(self, tensors: list[torch.Tensor]) -> None:
         if not tensors:
             return
-        self._drain()
         flat = flatten(tensors)
         self._reduce(flat)
         copy_back(flat, tensors)

@@ -9,6 +9,7 @@ exactly GPT-2 (Hugging Face's included, see spd_ext.tp.convert).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,9 +19,16 @@ from torch import nn
 
 from spd_ext.tp.blocks import BLOCKS
 from spd_ext.tp.communicator import DistributedComm, EmulatedComm, TensorParallelComm
+from spd_ext.tp.generation import DecodeStep, generate_steps
+from spd_ext.tp.kv_cache import KVCache, LayerKVCache
 from spd_ext.tp.layers import gpt2_init_std
 from spd_ext.tp.patterns import parse_pattern
-from spd_ext.tp.sharding import is_sharded, merge_state_dict, shard_state_dict
+from spd_ext.tp.sharding import (
+    merge_state_dict,
+    set_tensor_parallel_layout,
+    shard_state_dict,
+    tensor_parallel_layout,
+)
 from spd_ext.tp.stream import ResidualStream
 
 
@@ -74,6 +82,9 @@ class ReducedSyncGPT(nn.Module):
             BLOCKS[kind](config.n_embd, config.n_head, comm, config.dropout, config.bias)
             for kind in self.kinds)
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        for module in (self.wte, self.wpe, self.ln_f):
+            for p in module.parameters():
+                set_tensor_parallel_layout(p)  # replicated, full gradient on every rank
         if seed is not None:
             self.reset_parameters(seed)
 
@@ -101,32 +112,27 @@ class ReducedSyncGPT(nn.Module):
     def dense_shapes(self) -> dict[str, torch.Size]:
         """Every parameter's shape in the dense (GPT-2) layout, in a fixed order."""
         shapes = {}
-        t = self.config.tp_size
         for name, p in self.named_parameters():
-            if is_sharded(name):
-                shape = list(p.shape)
-                shape[0] = t * p.shape[0] // self.comm.shards
-                full = torch.empty(shape, device="meta")
-                merged = merge_state_dict({name: full}, t)[name]
-                shapes[name] = merged.shape
-            else:
-                shapes[name] = p.shape
+            layout = tensor_parallel_layout(p)
+            shapes[name] = torch.Size(layout.dense_shape) if layout.sharded else p.shape
         return shapes
 
     @torch.no_grad()
     def load_dense_state_dict(self, dense: dict[str, torch.Tensor]) -> None:
         """Load GPT-2-layout weights, keeping this process's shards."""
-        own = shard_state_dict(dense, self.config.tp_size, self.comm.rank, self.comm.shards)
-        missing = set(self.state_dict()) - set(own)
-        unexpected = set(own) - set(self.state_dict())
+        missing = set(self.state_dict()) - set(dense)
+        unexpected = set(dense) - set(self.state_dict())
         if missing or unexpected:
             raise KeyError(f"state dict does not fit this model: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
+        for name, shape in self.dense_shapes().items():
+            if dense[name].shape != shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(dense[name].shape)} does not "
+                                 f"match the model's {tuple(shape)}; check n_layer, n_embd, "
+                                 "n_head, vocab_size and block_size")
+        own = shard_state_dict(dense, self, self.config.tp_size, self.comm.rank,
+                               self.comm.shards)
         for name, p in self.state_dict().items():
-            if own[name].shape != p.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(own[name].shape)} (after "
-                                 f"sharding) does not match the model's {tuple(p.shape)}; "
-                                 "check n_layer, n_embd, n_head, vocab_size and block_size")
             p.copy_(own[name])
 
     @torch.no_grad()
@@ -135,12 +141,14 @@ class ReducedSyncGPT(nn.Module):
         local = {k: v.detach() for k, v in self.state_dict().items()}
         if not self.comm.emulated:
             assert isinstance(self.comm, DistributedComm)
+            params = dict(self.named_parameters())
             for name, v in local.items():
-                if is_sharded(name):
+                if tensor_parallel_layout(params[name]).sharded:
                     parts = [torch.empty_like(v) for _ in range(self.comm.tp_size)]
                     dist.all_gather(parts, v.contiguous(), group=self.comm.group)
                     local[name] = torch.cat(parts, 0)
-        return {k: v.clone() for k, v in merge_state_dict(local, self.config.tp_size).items()}
+        merged = merge_state_dict(local, self, self.config.tp_size)
+        return {k: v.clone() for k, v in merged.items()}
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters of the whole model (all shards), GPT-2's way of counting."""
@@ -153,28 +161,72 @@ class ReducedSyncGPT(nn.Module):
         that are applied to rank-local views (the blocks' LayerNorms). One bucketed
         all-reduce per step in the distributed mode; nothing to do when emulated."""
         grads = [p.grad for p in self.parameters()
-                 if getattr(p, "tp_partial_grad", False) and p.grad is not None]
+                 if tensor_parallel_layout(p).partial_gradient and p.grad is not None]
         if grads and not self.comm.emulated:
             self.comm.all_reduce_params_(grads)
             self.comm.counter.grad_syncs += 1
 
     # -- forward ------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, t = idx.shape
-        if t > self.config.block_size:
-            raise ValueError(f"sequence of {t} tokens is longer than block_size "
-                             f"{self.config.block_size}")
-        pos = torch.arange(t, device=idx.device)
-        stream = ResidualStream(self.drop(self.wte(idx) + self.wpe(pos)), self.comm)
-        counter = self.comm.counter
-        for i, (kind, block) in enumerate(zip(self.kinds, self.h)):
-            with counter.scope(f"{i}:{kind}"):
-                block(stream)
-        with counter.scope("final"):
-            x = stream.finish()
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied embeddings
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] (and the loss with ``targets``). With ``kv_cache`` the tokens
+        continue the cached positions, which they attend to, and are cached in turn."""
+        logits = F.linear(self.final_hidden(idx, kv_cache), self.wte.weight)  # tied embeddings
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def final_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The forward up to the LM head: ``ln_f`` of the last block's output, [B, T, C],
+        replicated on every rank (generation applies the head to the positions and
+        vocabulary rows it needs)."""
+        b, t = idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of {start + t} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        if kv_cache is not None and (len(kv_cache.layers) != len(self.h)
+                                     or kv_cache.batch_size != b):
+            raise ValueError(f"this KV cache was made for {len(kv_cache.layers)} blocks and "
+                             f"batch {kv_cache.batch_size}, not {len(self.h)} and {b}; make "
+                             "one with model.new_kv_cache(batch_size, max_len)")
+        pos = torch.arange(start, start + t, device=idx.device)
+        stream = ResidualStream(self.drop(self.wte(idx) + self.wpe(pos)), self.comm)
+        counter = self.comm.counter
+        for i, (kind, block) in enumerate(zip(self.kinds, self.h)):
+            with counter.scope(f"{i}:{kind}"):
+                block(stream, None if kv_cache is None else kv_cache.layers[i])
+        with counter.scope("final"):
+            x = stream.finish()
+        return self.ln_f(x)
+
+    # -- generation -----------------------------------------------------------------
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` positions
+        (default: the context), in the parameters' dtype and device."""
+        max_len = self.config.block_size if max_len is None else max_len
+        if not 1 <= max_len <= self.config.block_size:
+            raise ValueError(f"max_len must be in [1, {self.config.block_size}], got {max_len}")
+        w = self.wte.weight
+        layers = [LayerKVCache(self.comm.shards * batch_size, block.attn.local_heads, max_len,
+                               block.attn.head_dim, w.dtype, w.device) for block in self.h]
+        return KVCache(layers, batch_size)
+
+    def generate_steps(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, seed: int | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> Iterator[DecodeStep]:
+        """KV-cached generation one step at a time (see spd_ext.tp.generation): the
+        prefill, then one token per sequence per step, each with its sync count and time;
+        ``should_stop`` (on the group's first rank) ends it early on every rank."""
+        return generate_steps(self, idx, max_new_tokens, temperature, top_k, seed, should_stop)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """``idx`` [B, T] followed by ``max_new_tokens`` sampled tokens (temperature 0:
+        greedy), with a KV cache: the prompt in one forward, then one token per forward.
+        Every rank of a distributed model calls it together and gets the same tokens."""
+        new = [step.tokens[:, None] for step in
+               generate_steps(self, idx, max_new_tokens, temperature, top_k, seed)]
+        return torch.cat([idx, *new], dim=1)

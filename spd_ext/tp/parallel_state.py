@@ -13,14 +13,12 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class ParallelGroups:
-    tp_size: int
-    dp_size: int
-    tp_rank: int
-    dp_rank: int
+class ModelParallelGroups:
+    """This rank's tensor-parallel and data-parallel groups, and the ranks in each."""
+
     tp_group: Any
-    dp_group: Any
     tp_ranks: tuple[int, ...]
+    dp_group: Any
     dp_ranks: tuple[int, ...]
 
 
@@ -51,14 +49,11 @@ def block_and_strided_groups(block: int) -> tuple[tuple[Any, tuple[int, ...]],
     return mine["block"], mine["strided"]
 
 
-def initialize_model_parallel(tp_size: int) -> ParallelGroups:
+def initialize_model_parallel(tp_size: int) -> ModelParallelGroups:
     """Create the groups (collective: every rank calls it with the same ``tp_size``)."""
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed initialized first")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    check_tp_size(tp_size, world)
+    check_tp_size(tp_size, dist.get_world_size())
     (tp_group, tp_ranks), (dp_group, dp_ranks) = block_and_strided_groups(tp_size)
-    return ParallelGroups(tp_size=tp_size, dp_size=world // tp_size,
-                          tp_rank=tp_ranks.index(rank), dp_rank=dp_ranks.index(rank),
-                          tp_group=tp_group, dp_group=dp_group, tp_ranks=tp_ranks,
-                          dp_ranks=dp_ranks)
+    return ModelParallelGroups(tp_group=tp_group, tp_ranks=tp_ranks, dp_group=dp_group,
+                               dp_ranks=dp_ranks)

@@ -46,21 +46,18 @@ class _ReduceFromTensorParallelRegion(torch.autograd.Function):
         return grad.unsqueeze(0).expand(ctx.shards, *grad.shape), None
 
 
-class _ReduceFromTensorParallelRegionAsync(torch.autograd.Function):
-    """Launches the forward all-reduce and returns at once; the result is valid after
-    the handle's ``wait()`` (the tensor is filled in place by the worker thread)."""
+class _SumOverShards(torch.autograd.Function):
+    """[shards, ...] -> [...]: the local half of reduce-from-region, whose all-reduce the
+    caller launches asynchronously (backward: the gradient reaches every shard)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: TensorParallelComm) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.shards = x.shape[0]
-        y = x.sum(0)
-        comm.last_handle = comm.all_reduce_async(y)
-        comm.counter.count_forward(comm.counter.label)
-        return y
+        return x.sum(0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.unsqueeze(0).expand(ctx.shards, *grad.shape), None
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.unsqueeze(0).expand(ctx.shards, *grad.shape)
 
 
 def copy_to_tensor_parallel_region(x: torch.Tensor, comm: TensorParallelComm) -> torch.Tensor:
@@ -74,7 +71,10 @@ def reduce_from_tensor_parallel_region(x: torch.Tensor, comm: TensorParallelComm
 
 
 def reduce_from_tensor_parallel_region_async(x: torch.Tensor, comm: TensorParallelComm) -> Handle:
-    """Like reduce_from_tensor_parallel_region, but returns a handle to ``wait()`` on."""
-    y = _ReduceFromTensorParallelRegionAsync.apply(x, comm)
-    launched, comm.last_handle = comm.last_handle, None
-    return Handle(y, launched.future)
+    """Like reduce_from_tensor_parallel_region, but returns at once with a handle; the
+    summed tensor is valid after ``wait()`` (the all-reduce fills it in place). Nothing
+    autograd saves is written: the sum's backward needs only the shape."""
+    y = _SumOverShards.apply(x)
+    handle = comm.all_reduce_async(y)
+    comm.counter.count_forward(comm.counter.label)
+    return handle

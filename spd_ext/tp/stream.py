@@ -33,10 +33,6 @@ class ResidualStream:
         self._bias: torch.Tensor | None = None  # replicated, added at close
         self._pending: tuple[Handle, torch.Tensor | None] | None = None
 
-    @property
-    def is_open(self) -> bool:
-        return self._local_base is not None
-
     def local(self, settle: bool = True) -> torch.Tensor:
         """The rank-local view [S, B, T, C]; opens a region if none is open.
 

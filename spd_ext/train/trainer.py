@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spd_ext.train.logging import RunLog
+from spd_ext.hooks import TrainerHooks, check_hooks
+from spd_ext.tp.sharding import ShardedModel
+from spd_ext.train.run_log import RunLog
 from spd_ext.utils.files import atomic_path, load_checkpoint
 
 BatchFn = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
@@ -94,20 +96,21 @@ class Trainer:
     ``batches(split, step)`` returns (inputs, targets); evaluation asks for
     ``batches("val", -1 - i)`` so that it can serve fixed batches.
 
-    ``hooks`` (a data-parallel aggregator, a staleness strategy, ...) may define any of:
-    ``before_step(step)``; ``after_backward(model, step, loss) -> dict | None`` between
-    backward and the optimizer (the dict is logged; ``{"skip_optimizer": True}`` skips
-    this step's update); ``after_step(model, step)`` after the update;
-    ``evaluation_weights(model) -> list[Tensor]`` the weights to evaluate (collective);
-    ``finish(model)`` at the end. ``optimizer`` defaults to AdamW (make_optimizer).
+    ``hooks`` (a data-parallel aggregator, a staleness strategy, ...): a
+    :class:`~spd_ext.hooks.TrainerHooks`, called before each step, after backward (where
+    gradients are exchanged), after the update, for the weights to evaluate, and at the
+    end. A :class:`~spd_ext.tp.ShardedModel` (``ReducedSyncGPT``) is checkpointed in the
+    dense layout, has its partial gradients summed after backward and its all-reduces
+    logged. ``optimizer`` defaults to AdamW (make_optimizer).
     ``checkpoint_extra`` is saved with every checkpoint (model config, tokenizer, ...).
     """
 
     def __init__(self, model: nn.Module, batches: BatchFn, cfg: TrainConfig,
-                 hooks: object | None = None, checkpoint_extra: dict | None = None,
+                 hooks: TrainerHooks | None = None, checkpoint_extra: dict | None = None,
                  run_name: str = "run", optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model, self.batches, self.cfg = model, batches, cfg
-        self.hooks = hooks
+        self.hooks = check_hooks(hooks)
+        self.sharded: ShardedModel | None = model if isinstance(model, ShardedModel) else None
         self.checkpoint_extra = checkpoint_extra or {}
         self.optimizer = optimizer or make_optimizer(model, cfg)
         self.step = 0
@@ -124,7 +127,7 @@ class Trainer:
         return Path(self.cfg.out_dir) / "ckpt.pt"
 
     def state(self) -> dict:
-        model_state = (self.model.dense_state_dict() if hasattr(self.model, "dense_state_dict")
+        model_state = (self.sharded.dense_state_dict() if self.sharded is not None
                        else self.model.state_dict())
         return {"model": model_state, "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "train_config": asdict(self.cfg),
@@ -148,11 +151,11 @@ class Trainer:
         if missing:
             raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by "
                              "spd_ext's Trainer; resume from the run's own ckpt.pt")
-        if hasattr(self.model, "load_dense_state_dict"):
-            self.model.load_dense_state_dict(state["model"])
+        if self.sharded is not None:
+            self.sharded.load_dense_state_dict(state["model"])
         else:
             self.model.load_state_dict(state["model"])
-        if not hasattr(self.model, "load_dense_state_dict") or self.model.comm.emulated:
+        if self.sharded is None or self.sharded.comm.emulated:
             self.optimizer.load_state_dict(state["optimizer"])
         else:  # rank 0's optimizer state holds only its own shards
             self.log.event("resume-without-optimizer-state", reason="distributed tensor "
@@ -163,19 +166,16 @@ class Trainer:
         self.log.event("resume", step=self.step, path=str(path), dropped_records=dropped)
 
     # -- loop ---------------------------------------------------------------------
-    def _hook(self, name: str):
-        return getattr(self.hooks, name, None)
-
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> float:
         was_training = self.model.training
         self.model.eval()
-        weights_of = self._hook("evaluation_weights")
+        weights = self.hooks.evaluation_weights(self.model)
         params = list(self.model.parameters())
         saved = None
-        if weights_of is not None:  # e.g. local SGD: evaluate the average, not this rank
+        if weights is not None:  # e.g. local SGD: evaluate the average, not this rank
             saved = [p.detach().clone() for p in params]
-            for p, w in zip(params, weights_of(self.model)):
+            for p, w in zip(params, weights):
                 p.copy_(w)
         losses = []
         for i in range(self.cfg.eval_batches):
@@ -191,32 +191,28 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         # Tensor-parallel models report their all-reduces (none happen at tp_size 1).
-        counter = getattr(model, "sync_counter", None)
-        if counter is not None and model.config.tp_size == 1:
-            counter = None
+        counter = None
+        if self.sharded is not None and self.sharded.config.tp_size > 1:
+            counter = self.sharded.sync_counter
         start, tokens, last_loss = time.perf_counter(), 0, float("nan")
         val_loss = float("nan")
         while self.step < cfg.max_steps:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if self._hook("before_step") is not None:
-                self.hooks.before_step(self.step)
+            self.hooks.before_step(self.step)
             x, y = self.batches("train", self.step)
             _, loss = model(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if hasattr(model, "sync_partial_grads_"):
-                model.sync_partial_grads_()
-            extra = {}
-            if self._hook("after_backward") is not None:
-                extra = dict(self.hooks.after_backward(model, self.step, loss.item()) or {})
+            if self.sharded is not None:
+                self.sharded.sync_partial_grads_()
+            extra = dict(self.hooks.after_backward(model, self.step, loss.item()) or {})
             if not extra.pop("skip_optimizer", False):
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
-            if self._hook("after_step") is not None:
-                self.hooks.after_step(model, self.step)
+            self.hooks.after_step(model, self.step)
             syncs = counter.step() if counter is not None else None
             last_loss = loss.item()
             if not math.isfinite(last_loss):
@@ -237,8 +233,7 @@ class Trainer:
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 \
                     and cfg.out_dir:
                 self.save_checkpoint()
-        if self._hook("finish") is not None:
-            self.hooks.finish(model)
+        self.hooks.finish(model)
         seconds = time.perf_counter() - start
         val_loss = self.evaluate()
         self.log.metrics(step=self.step, val_loss=val_loss, elapsed=seconds, final=True)

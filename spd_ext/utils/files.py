@@ -20,6 +20,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_exited(pid: int) -> bool:
+    """Whether process ``pid`` of this host is gone: no such process, or a zombie (it
+    exited and its parent has not collected it yet, so ``kill(pid, 0)`` still succeeds)."""
+    if not pid_alive(pid):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False  # no procfs: trust kill()
+    state = stat[stat.rfind(")") + 2:][:1]
+    return state in ("Z", "X")
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Delete ``<name>.tmp<pid>`` files beside ``path`` left by writers that were killed
     mid-write (their process is gone); a live writer's file is kept."""

@@ -7,7 +7,6 @@ trainer to skip the optimizer), ``after_step`` (parameter averaging) and ``finis
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from collections import deque
 from typing import Any
@@ -16,14 +15,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spd_ext.comm import all_reduce
+from spd_ext.comm import AllReduceWork, all_reduce
 from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.comm.groups import background_group
 from spd_ext.dp.aggregator import local_gradients
-from spd_ext.sync.metrics import WorkerMetrics
-from spd_ext.sync.modes import Mode
+from spd_ext.hooks import TrainerHooks
+from spd_ext.staleness.metrics import WorkerMetrics
+from spd_ext.staleness.modes import Mode
 
 
-class SyncStrategy:
+class StalenessStrategy(TrainerHooks):
     def __init__(self, mode: Mode, group: Any = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError(f"mode {mode} needs torch.distributed initialized")
@@ -61,7 +62,7 @@ class SyncStrategy:
         pass
 
 
-class SynchronousSGD(SyncStrategy):
+class SynchronousSGD(StalenessStrategy):
     """``ssgd``: average the gradients every step."""
 
     def after_backward(self, model: nn.Module, step: int, loss: float) -> dict | None:
@@ -70,32 +71,34 @@ class SynchronousSGD(SyncStrategy):
         return None
 
 
-class DelayedAllReduce(SyncStrategy):
+class DelayedAllReduce(StalenessStrategy):
     """``delayed:k``: step t's averaged gradient is applied at step t+k.
 
-    The all-reduce of step t runs on a worker thread while steps t+1..t+k compute, so
-    communication overlaps k steps of compute. The first k steps apply nothing (the
-    optimizer is skipped); staleness is exactly k.
+    The all-reduce of step t is issued asynchronously and completes while steps
+    t+1..t+k compute, so communication overlaps k steps of compute. The first k steps
+    apply nothing (the optimizer is skipped); staleness is exactly k.
     """
 
     def __init__(self, mode: Mode, group: Any = None) -> None:
         super().__init__(mode, group)
         self.k = mode.value
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                             thread_name_prefix="spd_ext-delay")
-        self._in_flight: deque[tuple[int, torch.Tensor, concurrent.futures.Future]] = deque()
+        # The delayed all-reduces run on a group of their own, so the main thread's
+        # calls on ``group`` meanwhile (the engine's NaN check, a user's metrics) need not
+        # queue behind them.
+        self._comm_group = background_group(group)
+        self._in_flight: deque[tuple[int, torch.Tensor, Any]] = deque()
 
     def after_backward(self, model: nn.Module, step: int, loss: float) -> dict | None:
         grads = local_gradients(model)
         buffer = flatten(grads)
-        future = self._worker.submit(all_reduce, buffer, "mean", None, self.group)
-        self._in_flight.append((step, buffer, future))
+        work = all_reduce(buffer, "mean", group=self._comm_group, async_op=True)
+        self._in_flight.append((step, buffer, work))
         self.metrics.messages += 1
         if len(self._in_flight) <= self.k:
             return {"skip_optimizer": True}
-        issued, buffer, future = self._in_flight.popleft()
+        issued, buffer, work = self._in_flight.popleft()
         start = time.perf_counter()
-        future.result()
+        work.wait()
         self.metrics.add_idle(time.perf_counter() - start)
         copy_back(buffer, grads)
         self.metrics.record_staleness(step - issued)
@@ -103,24 +106,21 @@ class DelayedAllReduce(SyncStrategy):
 
     def finish(self, model: nn.Module) -> None:
         while self._in_flight:  # every rank issued the same collectives: complete them all
-            self._in_flight.popleft()[2].result()
-        self._worker.shutdown()
+            self._in_flight.popleft()[2].wait()
 
     def state_dict(self) -> dict:
         """The gradients in flight, completed (every rank waits for the same ones)."""
-        for _, _, future in self._in_flight:
-            future.result()
+        for _, _, work in self._in_flight:
+            work.wait()
         return {"in_flight": [(issued, buffer) for issued, buffer, _ in self._in_flight]}
 
     def load_state_dict(self, state: dict) -> None:
         self._in_flight.clear()
         for issued, buffer in state["in_flight"]:
-            done: concurrent.futures.Future = concurrent.futures.Future()
-            done.set_result(buffer)
-            self._in_flight.append((issued, buffer, done))
+            self._in_flight.append((issued, buffer, AllReduceWork.completed(buffer)))
 
 
-class LocalSGD(SyncStrategy):
+class LocalSGD(StalenessStrategy):
     """``local_sgd:H``: local steps, parameters averaged after every H-th step (PyTorch's
     PeriodicModelAverager with warm-up H-1; averaged here through spd_ext.comm, and every
     parameter, with or without a gradient at that moment: a DeepSpeed engine has already
@@ -155,7 +155,7 @@ class LocalSGD(SyncStrategy):
         return weights
 
 
-class DiLoCo(SyncStrategy):
+class DiLoCo(StalenessStrategy):
     """``diloco:H`` (arXiv 2311.08105): H inner optimizer steps (the trainer's optimizer,
     AdamW by default), then an outer Nesterov SGD step on the averaged pseudo-gradient
     anchor - mean_i(theta_i), and every worker restarts from the new anchor.
@@ -204,10 +204,11 @@ class DiLoCo(SyncStrategy):
         self.outer.load_state_dict(state["outer"])
 
 
-def make_strategy(mode: Mode, model: nn.Module, group: Any = None, **diloco_args) -> SyncStrategy:
+def make_strategy(mode: Mode, model: nn.Module, group: Any = None,
+                  **diloco_args) -> StalenessStrategy:
     if mode.server:
-        raise ValueError(f"mode {mode} runs on a parameter server (spd_ext.sync.parameter_server)"
-                         ", not as a collective strategy")
+        raise ValueError(f"mode {mode} runs on a parameter server "
+                         "(spd_ext.staleness.parameter_server), not as a collective strategy")
     if mode.kind == "ssgd":
         return SynchronousSGD(mode, group)
     if mode.kind == "delayed":

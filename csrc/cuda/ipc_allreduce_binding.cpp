@@ -1,4 +1,4 @@
-// Torch binding of csrc/cuda/custom_allreduce.cu (built only when torch has CUDA).
+// Torch binding of csrc/cuda/ipc_allreduce.cu (built only when torch has CUDA).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -12,9 +12,9 @@
 
 namespace {
 
-class IpcContext {
+class IpcAllReduceBinding {
 public:
-    IpcContext(int rank, int world, int64_t capacity)
+    IpcAllReduceBinding(int rank, int world, int64_t capacity)
         : impl_(std::make_shared<spd::cuda::IpcAllReduce>(rank, world, capacity)),
           device_(c10::cuda::current_device())
     {
@@ -74,7 +74,8 @@ public:
                                 at::TensorOptions().dtype(dtype).device(at::kCUDA, device_));
     }
 
-    // op: 0 sum, 1 mean, 2 weighted (my_weight: this rank's weight, 1 float on the GPU).
+    // op: a spd::ReduceOp code (spd_codes.h); for kWeighted, my_weight is this rank's
+    // weight, 1 float on the GPU.
     void all_reduce_(at::Tensor& t, int64_t op, const c10::optional<at::Tensor>& my_weight,
                      double uniform, bool two_shot)
     {
@@ -82,7 +83,7 @@ public:
                     "the IPC all-reduce needs a contiguous CUDA tensor");
         const int dtype = int(spd::to_dtype(t));
         const float* w = nullptr;
-        if (op == 2 && my_weight.has_value()) {
+        if (op == int64_t(spd::ReduceOp::kWeighted) && my_weight.has_value()) {
             TORCH_CHECK(my_weight->is_cuda() && my_weight->scalar_type() == at::kFloat &&
                             my_weight->numel() == 1,
                         "my_weight must be one float32 on the GPU");
@@ -109,16 +110,18 @@ private:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
 {
     namespace py = pybind11;
-    py::class_<IpcContext>(m, "IpcAllReduce")
+    py::class_<IpcAllReduceBinding>(m, "IpcAllReduce")
         .def(py::init<int, int, int64_t>(), py::arg("rank"), py::arg("world_size"),
              py::arg("capacity"))
-        .def("handle", &IpcContext::handle)
-        .def("open", &IpcContext::open, py::arg("handles"))
-        .def_property_readonly("capacity", &IpcContext::capacity)
-        .def("allocate_buffer", &IpcContext::allocate_buffer, py::arg("bytes"))
-        .def("buffer_handle", &IpcContext::buffer_handle, py::arg("index"))
-        .def("open_buffer", &IpcContext::open_buffer, py::arg("index"), py::arg("handles"))
-        .def("buffer", &IpcContext::buffer, py::arg("index"), py::arg("sizes"), py::arg("dtype"))
-        .def("all_reduce_", &IpcContext::all_reduce_, py::arg("tensor"), py::arg("op"),
+        .def("handle", &IpcAllReduceBinding::handle)
+        .def("open", &IpcAllReduceBinding::open, py::arg("handles"))
+        .def_property_readonly("capacity", &IpcAllReduceBinding::capacity)
+        .def("allocate_buffer", &IpcAllReduceBinding::allocate_buffer, py::arg("bytes"))
+        .def("buffer_handle", &IpcAllReduceBinding::buffer_handle, py::arg("index"))
+        .def("open_buffer", &IpcAllReduceBinding::open_buffer, py::arg("index"),
+             py::arg("handles"))
+        .def("buffer", &IpcAllReduceBinding::buffer, py::arg("index"), py::arg("sizes"),
+             py::arg("dtype"))
+        .def("all_reduce_", &IpcAllReduceBinding::all_reduce_, py::arg("tensor"), py::arg("op"),
              py::arg("my_weight"), py::arg("uniform"), py::arg("two_shot"));
 }

@@ -1,19 +1,20 @@
-"""spd_ext.sync: staleness modes, equivalences, SSP bound, ASGD staleness, quantized pushes."""
+"""spd_ext.staleness: staleness modes, equivalences, SSP bound, ASGD staleness, quantized pushes."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from spd_ext.comm import RankError, spawn
 from spd_ext.comm.buckets import shard_bounds
-from spd_ext.sync import (
-    Groups,
+from spd_ext.launch import RankError, spawn
+from spd_ext.staleness import (
     ParameterServer,
     PSConfig,
+    PSProcessGroups,
     Straggler,
     make_strategy,
     parse_mode,
@@ -138,7 +139,7 @@ def _ps(rank: int, world: int, run: PSRun) -> dict:
     cfg = PSConfig(parse_mode(run.mode), lr=0.5, quantize=run.quantize, polyak_beta=0.0,
                    straggler_timeout=run.straggler_timeout, dead_timeout=run.dead_timeout,
                    servers=run.servers, block_size=run.block_size)
-    groups = Groups.create(run.servers)
+    groups = PSProcessGroups.create(run.servers)
     if rank < run.servers:
         server = ParameterServer(model, cfg, groups)
         theta = server.serve()
@@ -258,13 +259,16 @@ def test_shards_and_server_counts() -> None:
 
 
 def test_a_silent_worker_stops_the_job_with_its_name() -> None:
-    with pytest.raises(RankError, match=r"parameter server stopped"):
+    # Whichever rank reports first, the server or the other worker, names rank 2.
+    with pytest.raises(RankError, match=r"stopped.*(worker rank 2 sent nothing for 2 s|"
+                       r"worker\(s\) \[2\] sent nothing)"):
         spawn(_ps, 3, PSRun("syncps", 50, dead_timeout=2.0, stall=2), timeout=60)
 
 
 def _single_rank_server(rank: int, world: int) -> str:
     try:
-        ParameterServer(torch.nn.Linear(2, 1), PSConfig(parse_mode("asgd")), Groups.create())
+        ParameterServer(torch.nn.Linear(2, 1), PSConfig(parse_mode("asgd")),
+                        PSProcessGroups.create())
     except ValueError as exc:
         return str(exc)
     return "no error"
@@ -274,3 +278,38 @@ def test_server_modes_need_two_ranks() -> None:
     assert "needs at least 2 ranks" in spawn(_single_rank_server, 1, timeout=60)[0]
     with pytest.raises(ValueError, match="not a parameter-server mode"):
         PSConfig(parse_mode("ssgd"))
+
+
+def _dying_worker_ps(rank: int, world: int, out_dir: str) -> dict:
+    from spd_ext.staleness.parameter_server import ServerStopped
+
+    task = XORTask(n=3000, batch_size=32, seed=0)
+    model = task.model()
+    cfg = PSConfig(parse_mode("asgd"), lr=0.5, dead_timeout=60.0)
+    groups = PSProcessGroups.create()
+    message = "no error"
+    try:
+        if rank == 0:
+            ParameterServer(model, cfg, groups).serve()
+        else:
+            def after_push(step: int, loss: float) -> None:
+                if rank == 2 and step == 3:
+                    os._exit(0)  # killed: no goodbye to the server
+
+            train_worker(model, cfg, groups, task.sampler(rank - 1, world - 1), 400,
+                         None, after_push)
+    except ServerStopped as exc:
+        message = str(exc)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    return {"pid": os.getpid()}
+
+
+def test_a_dead_worker_is_named_by_the_server_and_the_others(tmp_path) -> None:
+    with pytest.raises(RankError):  # rank 2 returns no result
+        spawn(_dying_worker_ps, 4, str(tmp_path), timeout=90)
+    server = (tmp_path / "rank0.txt").read_text()
+    assert "worker rank 2 (pid" in server and "exited" in server, server
+    for r in (1, 3):
+        worker = (tmp_path / f"rank{r}.txt").read_text()
+        assert "stopped the job: worker rank 2 exited" in worker, (r, worker)

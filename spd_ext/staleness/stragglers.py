@@ -6,6 +6,11 @@ import random
 import time
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from spd_ext.hooks import TrainerHooks
+
 
 @dataclass(frozen=True)
 class Straggler:
@@ -37,15 +42,25 @@ class Straggler:
         return d
 
 
-class StragglerHooks:
-    """Trainer hooks that sleep per the straggler schedule before every step and pass
-    everything else to the wrapped hooks (a staleness strategy)."""
+class StragglerHooks(TrainerHooks):
+    """Trainer hooks that sleep per the straggler schedule before every step, then call
+    the wrapped hooks (a staleness strategy)."""
 
-    def __init__(self, inner: object, straggler: Straggler, rank: int) -> None:
+    def __init__(self, inner: TrainerHooks, straggler: Straggler, rank: int) -> None:
         self.inner, self.straggler, self.rank = inner, straggler, rank
 
     def before_step(self, step: int) -> None:
         self.straggler.sleep(self.rank, step)
+        self.inner.before_step(step)
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+    def after_backward(self, model: nn.Module, step: int, loss: float) -> dict | None:
+        return self.inner.after_backward(model, step, loss)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.inner.after_step(model, step)
+
+    def evaluation_weights(self, model: nn.Module) -> list[torch.Tensor] | None:
+        return self.inner.evaluation_weights(model)
+
+    def finish(self, model: nn.Module) -> None:
+        self.inner.finish(model)

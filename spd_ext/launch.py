@@ -13,6 +13,7 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -62,12 +63,22 @@ def _loopback_store(rank: int, nproc: int, port: int, timeout: float) -> Any:
 
 def _by_value(value: Any) -> bytes:
     """Serialize a result by value: torch's queue pickling would share tensors through file
-    descriptors that vanish when this process exits."""
+    descriptors that vanish when this process exits. Results are plain data (what
+    ``torch.load(weights_only=True)`` reads back: dicts, lists, tuples, numbers, strings,
+    tensors), so the parent never runs an unpickler that can execute code; anything else
+    is refused here, in the rank, naming it."""
     import torch
 
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    return buffer.getvalue()
+    raw = buffer.getvalue()
+    try:
+        torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for this
+        raise TypeError(f"spawn: a rank function must return plain data (dicts, lists, "
+                        f"tuples, numbers, strings, None, tensors); got {type(value).__name__}"
+                        f": {str(exc).splitlines()[0]}") from None
+    return raw
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend: str,
@@ -100,6 +111,16 @@ def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _exit_story(rank: int, code: int | None) -> str:
+    how = ""
+    if code is not None and code < 0:
+        try:
+            how = f" (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"rank {rank} exited with code {code}{how} without returning a result"
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
@@ -148,16 +169,21 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
                     # A clean exit may still have its result in flight; give it a moment.
                     first = exited_at.setdefault(rank, now)
                     if p.exitcode != 0 or now - first > 5.0:
-                        raise RankError(f"rank {rank} exited with code {p.exitcode} without "
-                                        "returning a result") from None
+                        raise RankError(_exit_story(rank, p.exitcode)) from None
                 continue
             if kind == "error":
+                # A peer that died (killed, crashed) makes the others fail with connection
+                # errors: name the dead rank first, it is the cause.
+                time.sleep(0.3)
+                dead = [r for r, p in enumerate(procs) if r != rank and r not in done
+                        and p.exitcode is not None and p.exitcode != 0]
+                if dead:
+                    raise RankError(f"{_exit_story(dead[0], procs[dead[0]].exitcode)}; then "
+                                    f"rank {rank} failed:\n{value}")
                 raise RankError(f"rank {rank} failed:\n{value}")
             import torch
 
-            # Bytes a child of this call wrote through its own queue (never a file):
-            # results may be any picklable object, so the full unpickler is needed.
-            done[rank] = torch.load(io.BytesIO(value), weights_only=False)
+            done[rank] = torch.load(io.BytesIO(value), weights_only=True)  # see _by_value
     finally:
         for p in procs:
             p.join(timeout=5.0 if len(done) == nproc else 0.5)

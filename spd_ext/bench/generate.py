@@ -1,0 +1,133 @@
+"""`spd-ext bench generate`: KV-cached generation latency per sync pattern on N CPU ranks.
+
+For each all-reduce backend, batch size and pattern: the prefill of a prompt, then
+per-token decode latency (p50, p99 over every decoded token of every repeat, measured on
+the group's first rank from the forward's start to the sampled token on the host, which
+the broadcast makes wait for every rank) and decode tokens/s (all sequences).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.bench.tp import parse_backends, split_patterns
+from spd_ext.launch import spawn
+from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
+from spd_ext.utils.table import format_table
+
+DEFAULT_PATTERNS = "tp*12;[tp,spd]*6;spd*12;[spd,parallel]*6;grouped:4;parallel*12"
+
+
+@dataclass
+class GenerateBenchConfig:
+    nproc: int = 2
+    patterns: str = DEFAULT_PATTERNS  # ';'-separated (patterns contain commas)
+    backends: str = "torch,spd"
+    batch_sizes: str = "1,8"
+    n_layer: int = 12
+    n_head: int = 4
+    n_embd: int = 128
+    vocab_size: int = 50304
+    prompt_len: int = 32
+    new_tokens: int = 64
+    repeats: int = 5
+
+    def pattern_list(self) -> list[str]:
+        return split_patterns(self.patterns)
+
+    def backend_list(self) -> list[str]:
+        return parse_backends(self.backends)
+
+    def batch_list(self) -> list[int]:
+        try:
+            sizes = [int(b) for b in self.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--batch-sizes must be a comma list of integers >= 1, got "
+                             f"{self.batch_sizes!r}")
+        return sizes
+
+    def check(self) -> None:
+        self.backend_list()
+        self.batch_list()
+        if self.nproc < 2:
+            raise ValueError(f"--nproc must be at least 2, got {self.nproc}")
+        for name in ("prompt_len", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+        for p in self.pattern_list():
+            self.model_config(p)
+
+    def model_config(self, pattern: str) -> GPTConfig:
+        return GPTConfig(block_size=self.prompt_len + self.new_tokens,
+                         vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                         n_embd=self.n_embd, dropout=0.0, pattern=pattern,
+                         tp_size=self.nproc)
+
+
+def _time_generation(model: ReducedSyncGPT, prompt: torch.Tensor, cfg: GenerateBenchConfig
+                     ) -> dict:
+    prefill, decode, syncs = [], [], set()
+    list(model.generate_steps(prompt, cfg.new_tokens, temperature=0))  # warm-up
+    for _ in range(cfg.repeats):
+        dist.barrier()
+        for step in model.generate_steps(prompt, cfg.new_tokens, temperature=0):
+            if step.index == 0:
+                prefill.append(step.seconds)
+            else:
+                decode.append(step.seconds)
+                syncs.add(step.syncs)
+    ordered = sorted(decode)
+    return {"prefill_s": statistics.median(prefill),
+            "p50_s": statistics.median(decode),
+            "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
+            "tokens_per_s": prompt.size(0) * len(decode) / sum(decode),
+            "syncs_per_token": max(syncs)}
+
+
+def _rank(rank: int, world: int, cfg: GenerateBenchConfig) -> list[dict]:
+    rows = []
+    for backend in cfg.backend_list():
+        for batch in cfg.batch_list():
+            prompt = torch.randint(cfg.vocab_size, (batch, cfg.prompt_len),
+                                   generator=torch.Generator().manual_seed(batch))
+            for pattern in cfg.pattern_list():
+                model = ReducedSyncGPT(cfg.model_config(pattern),
+                                       DistributedComm(backend=backend), seed=0)
+                row = _time_generation(model, prompt, cfg)
+                rows.append({"backend": backend, "batch": batch, "pattern": pattern, **row})
+    return rows
+
+
+def run(cfg: GenerateBenchConfig) -> list[dict]:
+    cfg.check()
+    return spawn(_rank, cfg.nproc, cfg, timeout=3600, bind_cores=True)[0]
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    body = []
+    for r in rows:
+        dense = max((b for b in rows if (b["backend"], b["batch"]) == (r["backend"], r["batch"])),
+                    key=lambda b: b["syncs_per_token"])
+        body.append([r["backend"], r["batch"], r["pattern"], r["syncs_per_token"],
+                     r["prefill_s"] * 1e3, r["p50_s"] * 1e3, r["p99_s"] * 1e3,
+                     r["tokens_per_s"], r["p50_s"] / dense["p50_s"]])
+    return format_table(["backend", "batch", "pattern", "syncs/token", "prefill ms",
+                         "decode p50 ms", "decode p99 ms", "tokens/s", "x most-sync p50"],
+                        body, markdown)
+
+
+def describe_run(cfg: GenerateBenchConfig) -> str:
+    return (f"KV-cached greedy generation on {cfg.nproc} CPU ranks of {platform.node()} "
+            f"({os.cpu_count()} cores), tensor parallel {cfg.nproc}; GPT {cfg.n_layer}L/"
+            f"{cfg.n_embd}d/{cfg.n_head}h, vocabulary {cfg.vocab_size}; prompt "
+            f"{cfg.prompt_len} tokens, {cfg.new_tokens} new, {cfg.repeats} repeats; backend "
+            "torch = torch.distributed (gloo), spd = spd_ext.comm; latency on the first rank")

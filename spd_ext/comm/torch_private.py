@@ -1,0 +1,51 @@
+"""The torch.distributed internals spd_ext relies on, each behind one guarded helper.
+
+torch has no public API for these; every helper says what it falls back to when a torch
+release renames or drops the private name, so an upgrade degrades (or fails with a
+message naming the helper) instead of breaking at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+
+def premul_sum(factor: float | torch.Tensor, group: Any) -> Any | None:
+    """NCCL's fused "multiply by ``factor``, then sum" reduce op, or None where it is not
+    available (other back-ends, or a torch without it): the caller then scales the tensor
+    itself and sums."""
+    make = getattr(dist, "_make_nccl_premul_sum", None)
+    if make is None or dist.get_backend(group) != "nccl":
+        return None
+    return make(factor)
+
+
+def default_store() -> dist.Store:
+    """The default process group's rendezvous store (set-up exchanges go through it, with
+    a timeout, rather than through collectives that wait for the group's own 30 minutes)."""
+    get = getattr(c10d, "_get_default_store", None)
+    if get is None:
+        raise RuntimeError("spd_ext: this torch has no torch.distributed.distributed_c10d."
+                           "_get_default_store; spd_ext.comm.torch_private.default_store "
+                           "needs updating for it")
+    return get()
+
+
+def group_name(group: Any) -> str:
+    """A name for ``group`` that every rank shares."""
+    name = getattr(group, "group_name", None)  # public on ProcessGroup in recent torch
+    if isinstance(name, str) and name:
+        return name
+    return c10d._get_process_group_name(group)
+
+
+def live_groups() -> set[Any] | None:
+    """The process groups torch.distributed has not destroyed, or None when it cannot
+    tell (then nothing is released before the process ends)."""
+    world = getattr(c10d, "_world", None)
+    pg_map = getattr(world, "pg_map", None)
+    return set(pg_map) if pg_map is not None else None

@@ -1,0 +1,101 @@
+"""What `spd-ext serve` loads: an spd_ext checkpoint or a local Hugging Face GPT-2 folder,
+checked in the launching process before any rank starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spd_ext.tp import GPTConfig, ReducedSyncGPT, TensorParallelComm, parse_pattern
+from spd_ext.utils.files import load_checkpoint
+
+
+@dataclass
+class ModelSource:
+    """A model to serve: where its weights are, its config, its tokenizer."""
+
+    kind: str  # "checkpoint" or "hf"
+    path: str
+    config: GPTConfig
+    tokenizer: dict = field(default_factory=dict)  # {"name": "char", "chars": ...} or gpt2
+    note: str = ""  # a warning for the operator, printed at start-up
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{self.kind} {self.path}: GPT {c.n_layer}L/{c.n_embd}d/{c.n_head}h, context "
+                f"{c.block_size}, pattern {c.pattern}, tensor parallel {c.tp_size}")
+
+    def load_tokenizer(self) -> Any:
+        from spd_ext.data.tokenizers import get_tokenizer
+
+        return get_tokenizer(self.tokenizer["name"], state=self.tokenizer)
+
+    def build(self, comm: TensorParallelComm | None = None) -> ReducedSyncGPT:
+        """The model with its weights, this rank's shards only (``comm``: distributed)."""
+        if self.kind == "hf":
+            from spd_ext.tp.convert import load_pretrained
+
+            return load_pretrained(self.path, pattern=self.config.pattern,
+                                   tp_size=self.config.tp_size, comm=comm).eval()
+        model = ReducedSyncGPT(self.config, comm, seed=None)
+        model.load_dense_state_dict(load_checkpoint(self.path)["model"])
+        return model.eval()
+
+
+def inspect_source(checkpoint: str | None, hf: str | None, pattern: str | None,
+                   tp_size: int) -> ModelSource:
+    """Read the config (and for a checkpoint the whole file) and check the pattern and the
+    tensor-parallel size against it; every problem is a ValueError naming the fix."""
+    if (checkpoint is None) == (hf is None):
+        raise ValueError("pass exactly one of --checkpoint (an spd_ext ckpt.pt) or --hf (a "
+                         "local Hugging Face GPT-2 folder)")
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        if not {"model", "model_config", "tokenizer"} <= set(state):
+            raise ValueError(f"{checkpoint} lacks model_config/tokenizer: it was not written "
+                             "by spd_ext (spd-ext experiment, or spd-ext train's model.pt)")
+        fields = {**state["model_config"], "tp_size": tp_size}
+        if pattern is not None:
+            fields["pattern"] = pattern
+        source = ModelSource("checkpoint", str(checkpoint), _config(fields), state["tokenizer"])
+        trained = state["model_config"].get("tp_size", tp_size)
+        reduced = set(parse_pattern(source.config.pattern, source.config.n_layer)) - {"tp"}
+        if trained != tp_size and reduced:
+            source.note = (f"trained at tensor parallel {trained}; reduced-sync blocks compute "
+                           f"a different function at tensor parallel {tp_size} (their "
+                           "rank-local views depend on the split): expect different text")
+        return source
+    path = Path(hf).expanduser()
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no Hugging Face model folder at {hf} (no config.json); "
+                                "download one with `huggingface-cli download gpt2` and pass "
+                                "its local path")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file} is not valid JSON: line {exc.lineno}: {exc.msg}") \
+            from None
+    if hf_config.get("model_type") != "gpt2":
+        raise ValueError(f"{hf} holds a {hf_config.get('model_type')!r} model; spd-ext serve "
+                         "converts GPT-2 models only")
+    n_layer = hf_config.get("n_layer", 12)
+    fields = dict(block_size=hf_config.get("n_positions", 1024),
+                  vocab_size=hf_config.get("vocab_size", 50257), n_layer=n_layer,
+                  n_head=hf_config.get("n_head", 12), n_embd=hf_config.get("n_embd", 768),
+                  dropout=0.0, bias=True, pattern=pattern or f"tp*{n_layer}", tp_size=tp_size)
+    source = ModelSource("hf", os.fspath(path), _config(fields), {"name": "gpt2"})
+    if set(parse_pattern(source.config.pattern, n_layer)) - {"tp"}:
+        source.note = ("a dense GPT-2 served with reduced-sync blocks computes a different "
+                       "function (zero-shot; `spd-ext tp sensitivity` measures the loss)")
+    return source
+
+
+def _config(fields: dict) -> GPTConfig:
+    try:
+        return GPTConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the model cannot be served this way: {exc}") from None

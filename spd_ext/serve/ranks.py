@@ -1,0 +1,125 @@
+"""The rank program of `spd-ext serve`: every rank holds its shards of the model; the
+group's first rank takes requests from the front end (a pipe), announces each to the
+other ranks through the process group, and streams the tokens back.
+
+Messages on the pipe (plain tuples), front end -> rank 0:
+    ("generate", id, prompt_ids, max_tokens, temperature, top_k, seed)
+    ("cancel", id)          the client went away: stop it (queued or running)
+    ("stop",)               shut down once the queue is empty
+rank 0 -> front end:
+    ("ready", info)         loaded; info = {"pids": [...], ...}
+    ("step", id, index, token, seconds, syncs, positions)
+    ("done", id, reason)    reason: "length" or "cancelled"
+    ("error", id, message)  the request was refused (bad arguments)
+Rank 0 -> every rank, per request (broadcast): an int64 header [command, prompt length,
+max tokens, top_k or -1, seed or -1], the temperature, then the prompt's ids.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.serve.model_source import ModelSource
+from spd_ext.tp import DistributedComm
+from spd_ext.tp.generation import check_prompt, check_sampling
+
+GENERATE, STOP = 1, 2
+HEADER = 5
+
+
+def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
+              temperature: float = 0.0, top_k: int | None = None,
+              seed: int | None = None) -> tuple[torch.Tensor, int, float, int | None,
+                                                int | None]:
+    """Broadcast one command from rank 0; every rank returns what rank 0 sent."""
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    temp = torch.zeros(1, dtype=torch.float64)
+    if dist.get_rank() == 0:
+        header[:] = torch.tensor([command, len(ids or []), max_tokens,
+                                  -1 if top_k is None else top_k, -1 if seed is None else seed])
+        temp[0] = temperature
+    dist.broadcast(header, src=0)
+    command, length, max_tokens, top_k_, seed_ = (int(v) for v in header)
+    if command == STOP:
+        return torch.empty(0), 0, 0.0, None, None
+    dist.broadcast(temp, src=0)
+    prompt = (torch.tensor([ids], dtype=torch.int64) if dist.get_rank() == 0
+              else torch.empty(1, length, dtype=torch.int64))
+    dist.broadcast(prompt, src=0)
+    return (prompt, max_tokens, float(temp[0]), None if top_k_ < 0 else top_k_,
+            None if seed_ < 0 else seed_)
+
+
+def serve_rank(rank: int, world: int, source: ModelSource, backend: str, conn: Any) -> None:
+    """Run until rank 0 is told to stop (or the launcher stops every rank)."""
+    # Out of the terminal's process group: Ctrl-C (or `timeout`, which signals its whole
+    # group) reaches the front end only, which stops the ranks in order. A front end that
+    # dies closes the pipe, and the first rank's read fails, ending the others too.
+    os.setpgrp()
+    model = source.build(DistributedComm(backend=backend))
+    pids: list[Any] = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    if rank != 0:
+        while True:
+            prompt, max_tokens, temperature, top_k, seed = _announce(0)
+            if prompt.numel() == 0:
+                return
+            for _ in model.generate_steps(prompt, max_tokens, temperature, top_k, seed):
+                pass
+    conn.send(("ready", {"pids": pids, "threads": torch.get_num_threads()}))
+    _first_rank_loop(model, conn)
+
+
+def _first_rank_loop(model: Any, conn: Any) -> None:
+    queue: deque[tuple] = deque()
+    cancelled: set[int] = set()
+    stopping = False
+
+    def read(wait_s: float) -> None:
+        nonlocal stopping
+        while conn.poll(wait_s):
+            wait_s = 0.0
+            message = conn.recv()
+            if message[0] == "generate":
+                queue.append(message)
+            elif message[0] == "cancel":
+                cancelled.add(message[1])
+            elif message[0] == "stop":
+                stopping = True
+
+    while True:
+        if not queue:
+            if stopping:
+                _announce(STOP)
+                return
+            read(0.2)
+            continue
+        _, rid, ids, max_tokens, temperature, top_k, seed = queue.popleft()
+        if rid in cancelled:
+            cancelled.discard(rid)
+            conn.send(("done", rid, "cancelled"))
+            continue
+        try:  # the front end checks these too; a request must never reach the others bad
+            check_prompt(model, torch.tensor([ids], dtype=torch.int64), max_tokens)
+            check_sampling(temperature, top_k, model.config.vocab_size)
+        except ValueError as exc:
+            conn.send(("error", rid, str(exc)))
+            continue
+        prompt, max_tokens, temperature, top_k, seed = _announce(
+            GENERATE, ids, max_tokens, temperature, top_k, seed)
+
+        def gone(rid: int = rid) -> bool:
+            read(0.0)
+            return rid in cancelled
+
+        for step in model.generate_steps(prompt, max_tokens, temperature, top_k, seed,
+                                         should_stop=gone):
+            conn.send(("step", rid, step.index, int(step.tokens[0]), step.seconds, step.syncs,
+                       step.positions))
+        conn.send(("done", rid, "cancelled" if rid in cancelled else "length"))
+        cancelled.discard(rid)

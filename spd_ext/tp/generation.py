@@ -1,0 +1,190 @@
+"""KV-cached text generation with a ReducedSyncGPT, emulated or distributed.
+
+The prompt is prefilled in one forward; then each step feeds one token per sequence,
+reading every earlier position from the KV cache. Only the last position goes through the
+LM head. Every rank of a tensor-parallel group runs the same steps and must use the same
+token:
+
+- sampling (temperature > 0): every rank computes the full logits; the group's first
+  rank's sample is the one every rank uses (one small message), so the ranks never
+  diverge over a tie or a rounding difference;
+- greedy decoding on several ranks: the LM head is split over the vocabulary (each rank
+  multiplies its slice of the rows, the head being the largest replicated cost of a
+  decoded token), and the same message carries each rank's best (logit, token); every
+  rank then takes the largest, the lowest token id on a tie, as argmax over the whole
+  vocabulary does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from spd_ext.tp.communicator import TensorParallelComm
+
+if TYPE_CHECKING:
+    from spd_ext.tp.model import ReducedSyncGPT
+
+
+@dataclass
+class DecodeStep:
+    """One forward of generation: the prefill (``index`` 0) or one decoded token."""
+
+    index: int
+    tokens: torch.Tensor  # [B] the token chosen for each sequence
+    positions: int  # positions this forward processed per sequence (prompt length, then 1)
+    syncs: int  # forward tensor-parallel all-reduces of this forward
+    seconds: float  # wall time of the forward and the sampling, token on the host
+
+
+def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature >= 0.0
+            and temperature == temperature and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be None or an integer in [1, {vocab_size}], got {top_k!r}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] tokens: argmax at temperature 0, else softmax sampling of
+    logits / temperature restricted to the ``top_k`` largest."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+def check_prompt(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int) -> None:
+    cfg = model.config
+    if idx.dim() != 2 or idx.dtype != torch.long or idx.numel() == 0:
+        raise ValueError(f"idx must be a non-empty [batch, tokens] int64 tensor, got "
+                         f"{tuple(idx.shape)} {idx.dtype}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                         f"[0, {cfg.vocab_size})")
+    if idx.size(1) + max_new_tokens > cfg.block_size:
+        raise ValueError(f"{idx.size(1)} prompt tokens + {max_new_tokens} new ones exceed the "
+                         f"model's context of {cfg.block_size} positions; shorten the prompt "
+                         "or ask for fewer tokens")
+
+
+def vocab_slice(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The rows of the LM head rank ``rank`` multiplies in greedy decoding."""
+    per_rank = -(-vocab_size // world_size)
+    return min(vocab_size, rank * per_rank), min(vocab_size, (rank + 1) * per_rank)
+
+
+def _greedy_over_ranks(comm: TensorParallelComm, hidden: torch.Tensor, head: torch.Tensor,
+                       stop: bool) -> tuple[torch.Tensor, bool]:
+    """[B, C] hidden states -> [B] tokens of the largest logit over the whole vocabulary,
+    each rank multiplying only its slice of the ``head`` rows; one message (the model's
+    own all-reduce: each rank fills its slot, the others stay zero) carries every rank's
+    best (logit, token) and the first rank's stop flag."""
+    world, rank = comm.tp_size, comm.rank
+    lo, hi = vocab_slice(head.size(0), rank, world)
+    if hi > lo:
+        best, index = F.linear(hidden, head[lo:hi]).float().max(-1)  # first max on a tie
+    else:  # more ranks than rows to share: this rank offers nothing
+        best = torch.full((hidden.size(0),), float("-inf"), device=hidden.device)
+        index = torch.zeros(hidden.size(0), dtype=torch.long, device=hidden.device)
+    exact = head.size(0) < 2**24  # token ids are exact in float32 below 2**24
+    message = torch.zeros(world, 2, hidden.size(0), dtype=torch.float32 if exact else
+                          torch.float64, device=hidden.device)
+    message[rank, 0] = best
+    message[rank, 1] = index + lo
+    stop_flag = torch.zeros(1, dtype=message.dtype, device=hidden.device)
+    if rank == 0:
+        stop_flag[0] = float(stop)
+    flat = torch.cat([message.reshape(-1), stop_flag])
+    comm.all_reduce_(flat)
+    everyone = flat[:-1].view(world, 2, -1)
+    # the largest logit; on a tie the lowest rank, whose tokens are the lower ids
+    winner = everyone[:, 0].argmax(0)
+    tokens = everyone[:, 1].gather(0, winner[None]).squeeze(0)
+    return tokens.long(), bool(flat[-1])
+
+
+def _from_first_rank(comm: TensorParallelComm, tokens: torch.Tensor,
+                     stop: bool) -> tuple[torch.Tensor, bool]:
+    """The group's first rank's tokens and stop flag, on every rank, in one message through
+    the model's own all-reduce (the others add zeros): the same fast path as the model's
+    syncs. Token ids are exact in float32 below 2**24."""
+    dtype = torch.float32 if int(tokens.max()) < 2**24 else torch.float64
+    message = torch.zeros(tokens.numel() + 1, dtype=dtype, device=tokens.device)
+    if comm.rank == 0:
+        message[:-1] = tokens
+        message[-1] = float(stop)
+    comm.all_reduce_(message)
+    return message[:-1].long(), bool(message[-1])
+
+
+def _finish(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int | None = None,
+                   seed: int | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> Iterator[DecodeStep]:
+    """Yield the prefill's step (its token is the first new one), then one step per further
+    token: ``max_new_tokens`` steps in all. Every rank of the model's tensor-parallel group
+    must iterate together. The model is in eval mode meanwhile (no dropout).
+
+    ``should_stop`` (read on the group's first rank after each step; a client that went
+    away) ends generation on every rank: its answer travels with the step's tokens."""
+    check_prompt(model, idx, max_new_tokens)
+    check_sampling(temperature, top_k, model.config.vocab_size)
+    if max_new_tokens == 0:
+        return
+    comm = model.comm
+    distributed = not comm.emulated
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    cache = model.new_kv_cache(idx.size(0), idx.size(1) + max_new_tokens)
+    was_training = model.training
+    model.eval()
+    # Generation counts its own syncs; a training step's counts in progress are kept aside.
+    counter = comm.counter
+    kept = (counter.blocks, counter.grad_syncs)
+    counter.reset()
+    try:
+        inputs = idx
+        for i in range(max_new_tokens):
+            start = time.perf_counter()
+            hidden = model.final_hidden(inputs, cache)[:, -1, :]
+            syncs = counter.step()["forward"]
+            stop = should_stop is not None and i + 1 < max_new_tokens and should_stop()
+            if distributed and temperature == 0:
+                tokens, stop = _greedy_over_ranks(comm, hidden, model.wte.weight, stop)
+            else:
+                logits = F.linear(hidden, model.wte.weight)  # the tied LM head
+                tokens = sample_next(logits, temperature, top_k, generator)
+                if distributed:
+                    tokens, stop = _from_first_rank(comm, tokens, stop)
+            _finish(tokens.device)
+            yield DecodeStep(i, tokens, inputs.size(1), syncs, time.perf_counter() - start)
+            if stop:
+                return
+            inputs = tokens[:, None]
+    finally:
+        model.train(was_training)
+        counter.blocks, counter.grad_syncs = kept

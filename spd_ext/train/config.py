@@ -1,0 +1,811 @@
+"""`spd-ext train` run configuration: one YAML or JSON file, ``--set`` overrides, checks.
+
+    model:     GPTConfig fields (pattern, n_layer, ...) or hf_path: a local Hugging Face GPT-2
+    data:      corpus, tokenizer, non-IID sharding and corruption (spd_ext.data)
+    training:  nanoGPT's knobs: steps, micro_batch, grad_accum, lr, min_lr, warmup_steps, ...
+    parallel:  tp (tensor-parallel size), islands (DiLoCo islands); data parallel = the rest
+    deepspeed: a ds_config JSON path (relative to this file) or an inline dict, with its
+               "spd_ext" section (spd_ext.deepspeed.config)
+    sample:    the text generated at the end; wandb: optional Weights & Biases logging
+
+Every mistake is a ``ConfigError`` (a ValueError) naming the key, the value and the fix, raised
+here before any rank is started: ``load_config`` checks keys and types (an unknown key names
+the closest valid one), ``plan_run`` the values and their combinations for a world size,
+``check_environment`` what lies outside the file (corpus, tokenizer, checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+PADDED_GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 (nanoGPT)
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "complete.json"  # in <tag>/train/: written once every rank's files are on disk
+_SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+class ConfigError(ValueError):
+    """The run configuration (or what it points to) cannot be used; one line, with the fix."""
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: its default, its kind and the bounds checked on load."""
+
+    default: Any
+    kind: str  # int, float, bool, str, ints (a list of ints)
+    help: str
+    nullable: bool = False
+    choices: tuple[str, ...] | None = None
+    low: float | None = None  # inclusive minimum of numbers
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "model": {
+        "n_layer": Opt(6, "int", "transformer blocks", low=1),
+        "n_head": Opt(6, "int", "attention heads", low=1),
+        "n_embd": Opt(384, "int", "model width", low=1),
+        "block_size": Opt(256, "int", "context length", low=1),
+        "vocab_size": Opt(None, "int", "embedding rows (default: the tokenizer's vocabulary; "
+                          f"{PADDED_GPT2_VOCAB} for gpt2)", nullable=True, low=1),
+        "dropout": Opt(0.0, "float", "dropout probability", low=0.0),
+        "bias": Opt(False, "bool", "biases in linear layers and LayerNorms"),
+        "pattern": Opt(None, "str", "block sync pattern such as 'tp*12', '[tp,spd]*6', "
+                       "'grouped:4' (default tp*n_layer)", nullable=True),
+        "hf_path": Opt(None, "str", "a local Hugging Face GPT-2 folder to start from (its "
+                       "config.json sets the shape)", nullable=True),
+    },
+    "data": {
+        "corpus": Opt("tinyshakespeare", "str", "a known corpus name or a UTF-8 text file"),
+        "tokenizer": Opt("char", "str", "char or gpt2 (BPE)", choices=("char", "gpt2")),
+        "val_fraction": Opt(0.1, "float", "the corpus tail held out for validation", low=0.0),
+        "sharding": Opt("iid", "str", "iid, or clean_vs_corrupt (corrupt_ranks see corrupted "
+                        "batches)", choices=("iid", "clean_vs_corrupt")),
+        "corrupt_ranks": Opt([], "ints", "data-parallel ranks whose batches are corrupted"),
+        "corruption": {
+            "kind": Opt("token_swap", "str", "how batches are corrupted",
+                        choices=("token_swap", "shuffle", "label_noise", "duplicate")),
+            "probability": Opt(0.3, "float", "corruption strength", low=0.0),
+            "seed": Opt(0, "int", "seed of the corruption's randomness"),
+            "window": Opt(8, "int", "shuffle: tokens per permuted window", low=2),
+            "shift": Opt(False, "bool", "label_noise: shift targets instead of randomizing"),
+        },
+    },
+    "training": {
+        "steps": Opt(1000, "int", "optimizer steps to run (max_iters)", low=1),
+        "micro_batch": Opt(16, "int", "sequences per rank per micro-batch", low=1),
+        "grad_accum": Opt(1, "int", "micro-batches per optimizer step", low=1),
+        "lr": Opt(1e-3, "float", "peak learning rate", low=0.0),
+        "min_lr": Opt(1e-4, "float", "learning rate at the end of the decay", low=0.0),
+        "warmup_steps": Opt(100, "int", "linear warm-up steps", low=0),
+        "lr_decay_steps": Opt(None, "int", "steps of the cosine decay (default: steps)",
+                              nullable=True, low=1),
+        "schedule": Opt("cosine", "str", "cosine (after warm-up) or constant",
+                        choices=("cosine", "constant")),
+        "weight_decay": Opt(0.1, "float", "AdamW weight decay (matrices and embeddings)",
+                            low=0.0),
+        "beta1": Opt(0.9, "float", "AdamW beta1", low=0.0),
+        "beta2": Opt(0.99, "float", "AdamW beta2", low=0.0),
+        "grad_clip": Opt(1.0, "float", "gradient-norm clipping (0: off)", low=0.0),
+        "eval_interval": Opt(250, "int", "steps between validation passes (0: at the end only)",
+                             low=0),
+        "eval_batches": Opt(20, "int", "validation batches per pass", low=1),
+        "log_interval": Opt(10, "int", "steps between printed progress lines", low=1),
+        "checkpoint_interval": Opt(0, "int", "steps between checkpoints (0: at the end only)",
+                                   low=0),
+        "seed": Opt(1337, "int", "initialization, data order and dropout"),
+        "out_dir": Opt(None, "str", "log, checkpoints, plot, sample (default: out/<config "
+                       "name>)", nullable=True),
+    },
+    "parallel": {
+        "tp": Opt(None, "int", "tensor-parallel size (default: the spd_ext section's "
+                  "tensor_parallel.size, else 1)", nullable=True, low=1),
+        "islands": Opt(None, "int", "DiLoCo islands (default: the spd_ext section's "
+                       "staleness.islands, else 1)", nullable=True, low=1),
+        "tp_backend": Opt("spd", "str", "the tensor-parallel all-reduce: spd (spd_ext.comm: "
+                          "shared memory on CPU, CUDA IPC on GPU) or torch (torch.distributed)",
+                          choices=("spd", "torch")),
+    },
+    "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "deepspeed",
+                     "a ds_config JSON path (relative to the config file) or an inline dict"),
+    "sample": {
+        "tokens": Opt(200, "int", "tokens generated at the end (0: none)", low=0),
+        "temperature": Opt(0.8, "float", "sampling temperature (0: greedy)", low=0.0),
+        "top_k": Opt(200, "int", "sample among the k likeliest tokens", nullable=True, low=1),
+        "prompt": Opt("\n", "str", "text the sample continues"),
+    },
+    "wandb": {
+        "project": Opt(None, "str", "Weights & Biases project (off when unset or "
+                       "WANDB_MODE=disabled)", nullable=True),
+        "name": Opt(None, "str", "W&B run name (default: the out_dir name)", nullable=True),
+    },
+}
+
+# ds_config keys the training section decides; a ds_config may repeat them only with the
+# same value ("auto" too).
+_OPTIMIZER_KEYS = ("optimizer", "scheduler")
+
+
+@dataclass
+class RunConfig:
+    """A loaded configuration: ``values`` (nested dicts, every key present) and where it
+    came from. Sections read as attributes: ``cfg.training.steps``."""
+
+    values: dict
+    source: Path | None = None
+    explicit: set[str] = field(default_factory=set)  # dotted keys given in the file or --set
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return _namespace(values[name])
+        raise AttributeError(name)
+
+    @property
+    def name(self) -> str:
+        return self.source.stem if self.source else "run"
+
+    @property
+    def out_dir(self) -> Path:
+        given = self.values["training"]["out_dir"]
+        return Path(given) if given else Path("out") / self.name
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.values)
+
+
+def _namespace(value: Any) -> Any:
+    if isinstance(value, dict) and all(isinstance(k, str) and k.isidentifier() for k in value):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    return value
+
+
+# -- reading -----------------------------------------------------------------------------
+def read_file(path: Path) -> dict:
+    """A YAML (.yaml/.yml) or JSON file as a dict; errors name the file and the line."""
+    if not path.is_file():
+        hint = (" (it is a folder)" if path.is_dir() else
+                "; pass a YAML or JSON run config such as configs/train/quickstart.yaml")
+        raise ConfigError(f"config {path} is not a file{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"reading {path} needs PyYAML (pip install pyyaml); or write the "
+                              "config as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML:{where}: {problem}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: line {exc.lineno} column "
+                              f"{exc.colno}: {exc.msg}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a mapping of sections "
+                          f"({', '.join(SCHEMA)})")
+    return data
+
+
+def _all_keys(schema: dict = SCHEMA, prefix: str = "") -> list[str]:
+    keys = []
+    for key, spec in schema.items():
+        keys.append(prefix + key)
+        if isinstance(spec, dict):
+            keys += _all_keys(spec, f"{prefix}{key}.")
+    return keys
+
+
+# nanoGPT's and DeepSpeed's names for keys that are called differently here
+ALIASES = {
+    "max_iters": "training.steps", "batch_size": "training.micro_batch",
+    "learning_rate": "training.lr", "lr_decay_iters": "training.lr_decay_steps",
+    "warmup_iters": "training.warmup_steps", "eval_iters": "training.eval_batches",
+    "gradient_accumulation_steps": "training.grad_accum", "decay_lr": "training.schedule",
+    "train_micro_batch_size_per_gpu": "training.micro_batch", "tp_size": "parallel.tp",
+    "tensor_parallel": "parallel.tp", "dataset": "data.corpus", "init_from": "model.hf_path",
+    "gradient_clipping": "training.grad_clip", "out": "training.out_dir",
+}
+
+
+def _unknown(dotted: str, valid: list[str], where: str) -> ConfigError:
+    leaf = dotted.rsplit(".", 1)[-1]
+    prefix = dotted[:-len(leaf)]
+    match = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix + match[0]!r}?" if match else ""
+    if leaf in ALIASES:
+        hint = f"; did you mean {ALIASES[leaf]!r}?"
+    elif leaf in ("dp", "data_parallel"):
+        hint = ("; the data-parallel size is not set: it is what remains, world size / "
+                "parallel.tp")
+    elif not match:  # a key put in the wrong section: look everywhere
+        anywhere = difflib.get_close_matches(dotted, _all_keys(), n=1, cutoff=0.6) or \
+            [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+        hint = f"; did you mean {anywhere[0]!r}?" if anywhere else ""
+    return ConfigError(f"{where}: unknown key {dotted!r}{hint} (valid keys here: "
+                       f"{', '.join(valid)})")
+
+
+def _describe(kind: str, nullable: bool) -> str:
+    text = {"int": "an integer", "float": "a number", "bool": "true or false",
+            "str": "a string", "ints": "a list of integers"}[kind]
+    return text + (" or null" if nullable else "")
+
+
+def _check_value(dotted: str, value: Any, opt: Opt, where: str) -> Any:
+    """``value`` as the option's kind (ints stay ints, a YAML string such as '1e-3' for a
+    number becomes the number), or a ConfigError naming key, value and kind."""
+    if value is None:
+        if opt.nullable:
+            return None
+        raise ConfigError(f"{where}: {dotted} cannot be null; it must be "
+                          f"{_describe(opt.kind, False)} (default {opt.default!r})")
+    bad = ConfigError(f"{where}: {dotted} must be {_describe(opt.kind, opt.nullable)}, got "
+                      f"{value!r} ({type(value).__name__})")
+    kind = opt.kind
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind == "float":
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise bad
+    elif kind == "ints":
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int)
+                                              for v in value):
+            raise bad
+    if opt.choices is not None and value not in opt.choices:
+        match = difflib.get_close_matches(str(value), opt.choices, n=1)
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise ConfigError(f"{where}: {dotted} is {value!r}{hint} (choose one of "
+                          f"{', '.join(opt.choices)})")
+    if opt.low is not None and kind in ("int", "float") and value < opt.low:
+        raise ConfigError(f"{where}: {dotted} must be >= {opt.low:g}, got {value!r}")
+    return value
+
+
+def _defaults(schema: dict = SCHEMA) -> dict:
+    return {k: (_defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default))
+            for k, v in schema.items()}
+
+
+def _merge(into: dict, given: dict, schema: dict, prefix: str, where: str,
+           explicit: set[str]) -> None:
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping of "
+                          f"keys ({', '.join(schema)}), got {given!r}")
+    for key, value in given.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in schema:
+            raise _unknown(str(dotted), list(schema), where)
+        spec = schema[key]
+        if isinstance(spec, dict):
+            _merge(into[key], value, spec, f"{dotted}.", where, explicit)
+        elif spec.kind == "deepspeed":
+            if not isinstance(value, (str, dict)):
+                raise ConfigError(f"{where}: deepspeed must be a ds_config JSON path or an "
+                                  f"inline mapping, got {value!r}")
+            into[key] = copy.deepcopy(value)
+            explicit.add(dotted)
+        else:
+            into[key] = _check_value(dotted, value, spec, where)
+            explicit.add(dotted)
+
+
+def _resolve_deepspeed(value: str | dict, base: Path, where: str) -> dict:
+    """A ds_config path (relative to ``base``, else the working directory) as a dict."""
+    if isinstance(value, dict):
+        return value
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [base / path, Path.cwd() / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        looked = " or ".join(str(p) for p in dict.fromkeys(candidates))
+        raise ConfigError(f"{where}: deepspeed {value!r} is not a file (looked for {looked}); "
+                          "give a ds_config JSON such as configs/ds/zero1_fp32.json")
+    try:
+        data = json.loads(found.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"ds_config {found} is not valid JSON: line {exc.lineno} column "
+                          f"{exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"ds_config {found} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
+_NULL = ("null", "none", "~")
+
+
+def _parse_text(text: str) -> Any:
+    """A --set value without a schema (inside the ds_config): JSON / YAML scalars, lists and
+    mappings; numbers such as 1e-3 as numbers; anything else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        import yaml
+
+        value = yaml.safe_load(text)
+    except Exception:  # PyYAML missing or the text is not YAML: keep the string
+        value = text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _parse_set_value(text: str, opt: Opt, dotted: str) -> Any:
+    where = "--set"
+    stripped = text.strip()
+    if stripped.lower() in _NULL and opt.kind != "str":
+        return _check_value(dotted, None, opt, where)
+    if opt.kind == "str":
+        if opt.nullable and stripped.lower() in _NULL:
+            return None
+        return _check_value(dotted, text.replace("\\n", "\n").replace("\\t", "\t"), opt,
+                            where)
+    if opt.kind == "int":
+        try:
+            value: Any = int(stripped)
+        except ValueError:
+            raise ConfigError(f"--set {dotted}={text}: {dotted} must be "
+                              f"{_describe('int', opt.nullable)}, got {text!r}") from None
+    elif opt.kind == "float":
+        try:
+            value = float(stripped)
+        except ValueError:
+            raise ConfigError(f"--set {dotted}={text}: {dotted} must be "
+                              f"{_describe('float', opt.nullable)}, got {text!r}") from None
+    elif opt.kind == "bool":
+        words = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
+        if stripped.lower() not in words:
+            raise ConfigError(f"--set {dotted}={text}: {dotted} must be true or false, got "
+                              f"{text!r}")
+        value = words[stripped.lower()]
+    else:  # ints: [1, 2], 1,2 or a single number
+        body = stripped.strip("[]").strip()
+        try:
+            value = [int(v) for v in body.split(",") if v.strip()] if body else []
+        except ValueError:
+            raise ConfigError(f"--set {dotted}={text}: {dotted} must be a list of integers "
+                              f"such as [1] or 1,3, got {text!r}") from None
+    return _check_value(dotted, value, opt, where)
+
+
+def _apply_set(cfg: RunConfig, item: str) -> None:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set training.steps=100")
+    parts = key.split(".")
+    if parts[0] == "deepspeed":
+        if len(parts) == 1:
+            value = _parse_text(text) if text.strip().startswith("{") else text
+            cfg.values["deepspeed"] = _resolve_deepspeed(value, Path.cwd(), "--set")
+        else:
+            node = cfg.values["deepspeed"]
+            for part in parts[1:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {key}: deepspeed.{part} is {child!r}, not a "
+                                      "mapping")
+                node = child
+            value = _parse_text(text)
+            old = node.get(parts[-1])
+            if old is not None and value is not None and not _same_kind(old, value):
+                raise ConfigError(f"--set {key}={text}: the ds_config has {old!r} "
+                                  f"({type(old).__name__}) there, got {value!r} "
+                                  f"({type(value).__name__})")
+            node[parts[-1]] = value
+        cfg.explicit.add(key)
+        return
+    schema: Any = SCHEMA
+    for i, part in enumerate(parts):
+        if not isinstance(schema, dict) or part not in schema:
+            valid = list(schema) if isinstance(schema, dict) else []
+            raise _unknown(".".join(parts[:i + 1]), valid, "--set")
+        schema = schema[part]
+    if isinstance(schema, dict):
+        raise ConfigError(f"--set {key}: {key} is a section; set one of its keys, e.g. "
+                          f"{key}.{next(iter(schema))}=...")
+    node = cfg.values
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = _parse_set_value(text, schema, key)
+    cfg.explicit.add(key)
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return True
+    return type(old) is type(new)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> RunConfig:
+    """The file (or the defaults, with no path) with ``overrides`` ("a.b=value") applied;
+    keys and types are checked (see ``plan_run`` for the values' combinations)."""
+    values = _defaults()
+    cfg = RunConfig(values=values)
+    base = Path.cwd()
+    if path is not None:
+        source = Path(path)
+        data = read_file(source)
+        cfg.source, base = source, source.resolve().parent
+        _merge(values, data, SCHEMA, "", str(source), cfg.explicit)
+    values["deepspeed"] = copy.deepcopy(_resolve_deepspeed(
+        values["deepspeed"], base, str(cfg.source or "config")))
+    for item in overrides:
+        _apply_set(cfg, item)
+    return cfg
+
+
+# -- the run plan: every value checked against every other, for a world size -------------
+@dataclass
+class RunPlan:
+    cfg: RunConfig
+    world_size: int
+    tp: int
+    islands: int
+    ds_config: dict  # what spd_ext.deepspeed.initialize gets (with the "spd_ext" section)
+    model: dict  # GPTConfig fields (vocab_size None: the tokenizer's)
+
+    @property
+    def data_world(self) -> int:
+        """Data-parallel replicas that see distinct batches (every tp group is one)."""
+        return self.world_size // self.tp
+
+    @property
+    def out_dir(self) -> Path:
+        return self.cfg.out_dir
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.cfg.out_dir / CHECKPOINTS
+
+    @property
+    def bf16(self) -> bool:
+        section = self.ds_config.get("bf16") or {}
+        return bool(section.get("enabled")) if isinstance(section, dict) else False
+
+
+def _fail(message: str) -> ConfigError:
+    return ConfigError(message)
+
+
+def _owned(ds: dict, key: str, value: Any, setting: str) -> None:
+    """A ds_config key the train config decides: absent, "auto" or equal is fine."""
+    given = ds.get(key, "auto")
+    if given != "auto" and given != value:
+        raise _fail(f"deepspeed.{key} is {given!r} but the train config makes it {value!r} "
+                    f"({setting}); remove {key} from the ds_config and set {setting.split(' ')[0]}")
+    ds[key] = value
+
+
+def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
+    """Check every value and combination for ``world_size`` ranks (no files but the config,
+    no collective); the ds_config DeepSpeed will get."""
+    from spd_ext.tp.model import GPTConfig
+    from spd_ext.tp.patterns import PatternError
+
+    if world_size < 1:
+        raise _fail(f"world size must be at least 1, got {world_size}")
+    v = cfg.values
+    m, d, t, p, s = v["model"], v["data"], v["training"], v["parallel"], v["sample"]
+    # training
+    if t["min_lr"] > t["lr"]:
+        raise _fail(f"training.min_lr {t['min_lr']:g} is above training.lr {t['lr']:g}; set "
+                    "min_lr <= lr (nanoGPT: lr / 10)")
+    for name in ("beta1", "beta2"):
+        if not t[name] < 1.0:
+            raise _fail(f"training.{name} must be in [0, 1), got {t[name]!r}")
+    if d["val_fraction"] >= 1.0 or d["val_fraction"] <= 0.0:
+        raise _fail(f"data.val_fraction must be in (0, 1), got {d['val_fraction']!r}")
+    if d["corruption"]["probability"] > 1.0:
+        raise _fail(f"data.corruption.probability must be in [0, 1], got "
+                    f"{d['corruption']['probability']!r}")
+    if not m["dropout"] < 1.0:
+        raise _fail(f"model.dropout must be in [0, 1), got {m['dropout']!r}")
+    # the ds_config and its spd_ext section
+    from spd_ext.deepspeed.config import SECTION, SpdExtConfigError
+
+    ds = copy.deepcopy(v["deepspeed"])
+    for key in _OPTIMIZER_KEYS:
+        if key in ds:
+            raise _fail(f"deepspeed.{key} is set, but the optimizer (AdamW) and its learning-"
+                        "rate schedule come from the training section (lr, min_lr, "
+                        f"warmup_steps, weight_decay, beta1, beta2); remove {key!r} from the "
+                        "ds_config")
+    section = ds.get(SECTION)
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise _fail(f"deepspeed.{SECTION} must be a mapping, got {section!r}")
+    section = ds[SECTION] = copy.deepcopy(section)
+    tp_section = section.get("tensor_parallel") if isinstance(section.get("tensor_parallel"),
+                                                               dict) else {}
+    stale_section = section.get("staleness") if isinstance(section.get("staleness"),
+                                                            dict) else {}
+    tp = _agree("parallel.tp", p["tp"], f"deepspeed.{SECTION}.tensor_parallel.size",
+                tp_section.get("size"))
+    islands = _agree("parallel.islands", p["islands"], f"deepspeed.{SECTION}.staleness.islands",
+                     stale_section.get("islands"))
+    if tp > 1:
+        section["tensor_parallel"] = {**tp_section, "size": tp}
+    if islands > 1:
+        section["staleness"] = {**stale_section, "islands": islands}
+    if tp > 1 and islands > 1:
+        raise _fail(f"parallel.tp {tp} with parallel.islands {islands}: tensor parallelism "
+                    "and DiLoCo islands together are not supported; use one of the two")
+    for what, size in (("parallel.tp", tp), ("parallel.islands", islands)):
+        if world_size % size:
+            divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
+            raise _fail(f"{what} {size} does not divide the world size {world_size}; launch a "
+                        f"multiple of {size} ranks (--nproc) or set {what} to one of {divisors}")
+    ds_dp = world_size // (tp if tp > 1 else islands)  # DeepSpeed's data-parallel group
+    micro, gas = t["micro_batch"], t["grad_accum"]
+    _owned(ds, "train_micro_batch_size_per_gpu", micro, "training.micro_batch")
+    _owned(ds, "gradient_accumulation_steps", gas, "training.grad_accum")
+    _owned(ds, "train_batch_size", micro * gas * ds_dp,
+           f"training.micro_batch x training.grad_accum x {ds_dp} data-parallel ranks")
+    _owned(ds, "gradient_clipping", t["grad_clip"], "training.grad_clip")
+    ds.setdefault("steps_per_print", 10**9)  # progress is spd-ext train's, not DeepSpeed's
+    try:
+        from spd_ext.deepspeed import parse_config
+
+        _, spd_cfg = parse_config(ds, world_size=world_size)
+    except SpdExtConfigError as exc:
+        raise _fail(f"deepspeed: {exc}") from None
+    pattern_in_section = spd_cfg.tensor_parallel.pattern
+    # model
+    explicit_shape = [k for k in _SHAPE_KEYS if f"model.{k}" in cfg.explicit]
+    if m["hf_path"] is not None:
+        if explicit_shape:
+            raise _fail(f"model.{explicit_shape[0]} is set together with model.hf_path, whose "
+                        "config.json decides the shape; remove it (keep pattern and dropout)")
+        if d["tokenizer"] != "gpt2":
+            raise _fail(f"model.hf_path loads GPT-2 weights, which need data.tokenizer gpt2 "
+                        f"(got {d['tokenizer']!r})")
+        model = {"pattern": m["pattern"], "dropout": m["dropout"], "tp_size": tp}
+    else:
+        pattern = m["pattern"] or f"tp*{m['n_layer']}"
+        vocab = m["vocab_size"]
+        if vocab is None and d["tokenizer"] == "gpt2":
+            vocab = PADDED_GPT2_VOCAB
+        model = {k: m[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout",
+                                   "bias")}
+        model.update(pattern=pattern, vocab_size=vocab, tp_size=tp)
+        try:
+            GPTConfig(**{**model, "vocab_size": vocab or 256})
+        except (PatternError, ValueError) as exc:
+            raise _fail(f"model: {exc}" + (" (tp_size is parallel.tp)" if "tp_size" in str(exc)
+                                            else "")) from None
+        if pattern_in_section is not None and pattern_in_section != pattern:
+            raise _fail(f"deepspeed.{SECTION}.tensor_parallel.pattern {pattern_in_section!r} "
+                        f"differs from model.pattern {pattern!r}; make them agree or leave the "
+                        "section's pattern out")
+    # data
+    data_world = world_size // tp
+    if d["sharding"] == "clean_vs_corrupt":
+        if not d["corrupt_ranks"]:
+            raise _fail("data.sharding clean_vs_corrupt needs data.corrupt_ranks, e.g. [1]")
+        bad = [r for r in d["corrupt_ranks"] if not 0 <= r < data_world]
+        if bad:
+            raise _fail(f"data.corrupt_ranks {bad} are outside the {data_world} data-parallel "
+                        f"ranks of this world (0..{data_world - 1}); use ranks below "
+                        f"{data_world} or launch more ranks")
+    elif d["corrupt_ranks"]:
+        raise _fail("data.corrupt_ranks is set but data.sharding is 'iid'; set data.sharding: "
+                    "clean_vs_corrupt")
+    if s["tokens"] and not s["prompt"]:
+        raise _fail("sample.prompt is empty; give at least one character (default a newline)")
+    if cfg.values["training"]["out_dir"] == "":
+        raise _fail("training.out_dir is empty; give a folder or null for out/<config name>")
+    return RunPlan(cfg=cfg, world_size=world_size, tp=tp, islands=islands, ds_config=ds,
+                   model=model)
+
+
+def _agree(key: str, value: int | None, section_key: str, section_value: Any) -> int:
+    if value is not None and section_value is not None and value != section_value:
+        raise _fail(f"{key} {value} differs from {section_key} {section_value!r}; set one of "
+                    "them")
+    chosen = value if value is not None else section_value
+    if chosen is None:
+        return 1
+    if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1:
+        raise _fail(f"{section_key} must be a positive integer, got {chosen!r}")
+    return chosen
+
+
+# -- outside the file: data, weights, checkpoints ----------------------------------------
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def checkpoint_tags(checkpoint_dir: Path) -> list[tuple[int, str]]:
+    """(step, tag) of the complete checkpoints in ``checkpoint_dir``, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for entry in checkpoint_dir.iterdir():
+        match = _TAG.match(entry.name)
+        if match and (entry / "train" / COMPLETE).is_file():
+            found.append((int(match.group(1)), entry.name))
+    return sorted(found)
+
+
+def resume_tag(checkpoint_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``latest`` when it names a complete checkpoint, else
+    the newest complete one (a save killed midway has no completion marker)."""
+    complete = checkpoint_tags(checkpoint_dir)
+    names = {tag for _, tag in complete}
+    latest = checkpoint_dir / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if tag in names:
+            return tag
+    return complete[-1][1] if complete else None
+
+
+def checkpoint_world_size(checkpoint_dir: Path, tag: str) -> int | None:
+    try:
+        info = json.loads((checkpoint_dir / tag / "train" / COMPLETE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return info.get("world_size") if isinstance(info, dict) else None
+
+
+def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = False) -> dict:
+    """What lies outside the config: DeepSpeed, the corpus and tokenizer (encoded once into
+    the token cache here, not in every rank), the Hugging Face folder, the checkpoints.
+    Returns facts for the run (vocab_size, the resume tag)."""
+    import importlib.util
+
+    facts: dict[str, Any] = {}
+    if importlib.util.find_spec("deepspeed") is None:
+        raise _fail("spd-ext train runs on DeepSpeed, which is not installed: pip install "
+                    "'spd_ext[deepspeed]'")
+    cfg, d, m = plan.cfg, plan.cfg.values["data"], plan.cfg.values["model"]
+    from spd_ext.data import Corruption, ShardedSampler, TokenDataset
+
+    try:
+        data = TokenDataset(d["corpus"], d["tokenizer"], val_fraction=d["val_fraction"])
+    except ImportError as exc:
+        raise _fail(f"data.tokenizer {d['tokenizer']}: {exc}") from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(f"data.corpus: {exc}") from None
+    facts["vocab_size"] = data.vocab_size
+    block = plan.model.get("block_size")
+    if m["hf_path"] is not None:
+        block = _check_hf(plan)
+        facts["block_size"] = block
+    elif plan.model["vocab_size"] is not None and plan.model["vocab_size"] < data.vocab_size:
+        raise _fail(f"model.vocab_size {plan.model['vocab_size']} is below the {d['tokenizer']} "
+                    f"tokenizer's {data.vocab_size} tokens; raise it or leave it null")
+    t = cfg.values["training"]
+    corruption = Corruption(**d["corruption"]) if d["sharding"] == "clean_vs_corrupt" else None
+    try:
+        for rank in range(plan.data_world):
+            ShardedSampler(data, rank, plan.data_world, t["micro_batch"], block, t["seed"],
+                           sharding=d["sharding"], corrupt_ranks=tuple(d["corrupt_ranks"]),
+                           corruption=corruption)
+        if len(data.split("val")) <= block + 1:
+            raise ValueError(f"the validation split has {len(data.split('val'))} tokens, too "
+                             f"few for block_size {block}; raise data.val_fraction or lower "
+                             "model.block_size")
+    except ValueError as exc:
+        raise _fail(f"data: {exc}") from None
+    ckpt = plan.checkpoint_dir
+    tag = resume_tag(ckpt)
+    if resume:
+        if tag is None:
+            raise _fail(f"--resume: no complete checkpoint in {ckpt}; run without --resume to "
+                        "start training")
+        saved_world = checkpoint_world_size(ckpt, tag)
+        if saved_world is not None and saved_world != plan.world_size:
+            raise _fail(f"--resume: {ckpt / tag} was saved by {saved_world} ranks but this run "
+                        f"has {plan.world_size}; resume with --nproc {saved_world}")
+        step = int(_TAG.match(tag).group(1))
+        if step > t["steps"]:
+            raise _fail(f"--resume: {ckpt / tag} is at step {step}, past training.steps "
+                        f"{t['steps']}; raise training.steps to continue")
+        facts["resume_tag"] = tag
+    elif tag is not None and not overwrite:
+        raise _fail(f"{ckpt} already holds a run's checkpoints (latest {tag}); pass --resume "
+                    "to continue it, --overwrite to start over, or set training.out_dir "
+                    "elsewhere")
+    return facts
+
+
+def _check_hf(plan: RunPlan) -> int:
+    """The Hugging Face folder's config against the pattern and the tp size; its block size."""
+    import importlib.util
+
+    from spd_ext.tp.patterns import PatternError, parse_pattern
+
+    path = Path(plan.cfg.values["model"]["hf_path"]).expanduser()
+    if importlib.util.find_spec("transformers") is None:
+        raise _fail("model.hf_path needs transformers: pip install 'spd_ext[hf]'")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise _fail(f"model.hf_path {path} is not a Hugging Face model folder (no config.json); "
+                    "download one with `huggingface-cli download gpt2` and pass its local path")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _fail(f"{config_file} is not valid JSON") from None
+    n_layer, n_head = hf.get("n_layer"), hf.get("n_head")
+    if not isinstance(n_layer, int) or not isinstance(n_head, int):
+        raise _fail(f"{config_file} lacks n_layer / n_head: not a GPT-2 config")
+    pattern = plan.model["pattern"] or f"tp*{n_layer}"
+    try:
+        parse_pattern(pattern, n_layer)
+    except PatternError as exc:
+        raise _fail(f"model.pattern: {exc}") from None
+    if n_head % plan.tp or hf.get("n_embd", 0) % plan.tp:
+        raise _fail(f"parallel.tp {plan.tp} does not divide {path}'s n_head {n_head} / n_embd "
+                    f"{hf.get('n_embd')}")
+    return int(hf.get("n_positions", 1024))
+
+
+def describe(cfg: RunConfig) -> str:
+    """The resolved configuration as YAML (JSON without PyYAML)."""
+    try:
+        import yaml
+
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=96)
+    except ImportError:
+        return json.dumps(cfg.to_dict(), indent=2)
+
+
+def options_help() -> str:
+    """Every section's keys with their defaults, for --help."""
+    lines = []
+
+    def walk(schema: dict, prefix: str) -> None:
+        for key, spec in schema.items():
+            if isinstance(spec, dict):
+                walk(spec, f"{prefix}{key}.")
+            else:
+                default = json.dumps(spec.default)
+                lines.append(f"  {prefix}{key} = {default}: {spec.help}")
+    walk(SCHEMA, "")
+    return "\n".join(lines)

@@ -1,0 +1,387 @@
+"""spd-ext serve: a real server on 127.0.0.1 with 2 CPU ranks (streaming, concurrency, bad
+input, a client that disconnects, a rank that dies, shutdown) and its page in Chromium."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_ext.data.tokenizers import CharTokenizer
+from spd_ext.launch import free_port
+from spd_ext.tp import GPTConfig, ReducedSyncGPT
+
+pytest.importorskip("aiohttp")
+
+TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me!\n"
+
+
+def write_checkpoint(path: Path, block_size: int = 512) -> Path:
+    tok = CharTokenizer.from_text(TEXT)
+    cfg = GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=4, n_head=4,
+                    n_embd=32, pattern="[parallel,spd]*2", tp_size=1)
+    model = ReducedSyncGPT(cfg, seed=0)
+    torch.save({"model": model.dense_state_dict(), "model_config": cfg.to_dict(),
+                "tokenizer": tok.state()}, path)
+    return path
+
+
+class Server:
+    def __init__(self, checkpoint: Path, *extra: str, start_new_session: bool = False) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spd_ext.cli", "serve", "--checkpoint", str(checkpoint),
+             "--nproc", "2", "--port", str(self.port), "--fail-grace", "1", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=start_new_session)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+            try:
+                status, body = self.get("/health")
+                if status == 200:
+                    self.pids = [r["pid"] for r in body["ranks"]]
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise AssertionError("the server did not become healthy within 90 s")
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def post(self, body: object, raw: bytes | None = None) -> tuple[int, dict]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=data,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def stream(self, body: dict, keep: int | None = None) -> list[tuple[str, dict]]:
+        """The stream's events; with ``keep``, hang up after that many tokens."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type").startswith("text/event-stream")
+        events, event, tokens = [], "message", 0
+        for raw in response:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[6:])))
+                event = "message"
+                tokens += "token" in events[-1][1]
+                if keep is not None and tokens >= keep:
+                    conn.sock.close()  # the client goes away mid-stream
+                    return events
+        conn.close()
+        return events
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise AssertionError(f"the server outlived {timeout} s after signal {sig}:\n"
+                                 f"{out}") from None
+        return self.proc.returncode, out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(write_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt.pt"))
+    yield s
+    code, out = s.stop()
+    assert code == 0, out
+    assert not any(alive(p) for p in s.pids), "a rank outlived the server"
+
+
+def test_completion_equals_the_model_and_streams_the_same_tokens(server) -> None:
+    status, whole = server.post({"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0})
+    assert status == 200, whole
+    tok = CharTokenizer.from_text(TEXT)
+    model = ReducedSyncGPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=4,
+                                     n_head=4, n_embd=32, pattern="[parallel,spd]*2",
+                                     tp_size=2), seed=0)
+    prompt = torch.tensor([tok.encode("ROMEO:")])
+    expected = model.generate(prompt, 12, temperature=0)[0, 6:].tolist()
+    assert whole["token_ids"] == expected  # the distributed server == the emulated model
+    assert whole["text"] == tok.decode(expected)
+    assert whole["usage"] == {"prompt_tokens": 6, "completion_tokens": 12}
+    assert whole["timing"]["syncs_per_token"] == 2
+    events = server.stream({"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0})
+    tokens = [e for kind, e in events if "token" in e]
+    assert [e["index"] for e in tokens] == list(range(12))
+    assert [e["token"] for e in tokens] == expected
+    assert "".join(e["text"] for e in tokens) == whole["text"]
+    assert all(e["syncs"] == 2 and e["latency_ms"] > 0 for e in tokens)
+    assert [e["positions"] for e in tokens] == [6] + [1] * 11
+    assert events[-1][1]["done"] and events[-1][1]["finish_reason"] == "length"
+    status, metrics = server.get("/metrics")
+    assert status == 200 and metrics["completed"] >= 2 and metrics["syncs_per_token"] == 2
+    assert metrics["decode_ms_p50"] > 0 and metrics["tokens_per_s"] > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=10) as r:
+        assert b"/v1/completions" in r.read()
+
+
+def test_concurrent_requests_are_never_mixed(server) -> None:
+    prompts = ["ROMEO:", "JULIET:", "But soft", "Ay me"]
+    alone = {p: server.post({"prompt": p, "max_tokens": 40, "temperature": 0})[1]["token_ids"]
+             for p in prompts}
+    results: dict[str, list] = {}
+
+    def ask(p: str, stream: bool) -> None:
+        if stream:
+            events = server.stream({"prompt": p, "max_tokens": 40, "temperature": 0})
+            results[p + "/stream"] = [e["token"] for _, e in events if "token" in e]
+        else:
+            results[p] = server.post({"prompt": p, "max_tokens": 40, "temperature": 0})[1][
+                "token_ids"]
+
+    threads = [threading.Thread(target=ask, args=(p, s)) for p in prompts for s in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for p in prompts:
+        assert results[p] == alone[p] and results[p + "/stream"] == alone[p], p
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": ""}, "prompt must be a non-empty string"),
+    ({"max_tokens": 3}, "exactly one of prompt"),
+    ({"prompt": "RO", "prompt_ids": [1]}, "exactly one of prompt"),
+    ({"prompt_ids": [1, 99999]}, r"unknown token id\(s\) \[99999\]"),
+    ({"prompt_ids": [1, "a"]}, "list of integers"),
+    ({"prompt": "R" * 512}, "context is 512"),
+    ({"prompt": "ROMEO", "max_tokens": 600}, r"max_tokens must be an integer in \[1, 511\]"),
+    ({"prompt": "ROMEO", "max_tokens": 510}, "exceed the context of 512"),
+    ({"prompt": "ROMEO", "temperature": -1}, "temperature must be"),
+    ({"prompt": "ROMEO", "top_k": 0}, "top_k must be"),
+    ({"prompt": "ROMEO", "stream": "yes"}, "stream must be"),
+    ({"prompt": "ROMEO", "tempreature": 1}, r"unknown field\(s\) \['tempreature'\]"),
+    ({"prompt": "ROMEO\u00e9"}, "cannot be tokenized"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_bad_requests_get_a_400_that_says_what_is_wrong(server, body, message) -> None:
+    import re
+
+    status, reply = server.post(body)
+    assert status == 400 and re.search(message, reply["error"]), reply
+
+
+def test_malformed_json_is_a_400(server) -> None:
+    status, reply = server.post(None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in reply["error"]
+
+
+def test_a_client_that_disconnects_does_not_disturb_others(server) -> None:
+    before = server.get("/metrics")[1]
+    other: dict = {}
+
+    def ask() -> None:
+        other["reply"] = server.post({"prompt": "JULIET:", "max_tokens": 20, "temperature": 0})
+
+    events = server.stream({"prompt": "ROMEO:", "max_tokens": 500, "temperature": 0}, keep=3)
+    assert len([e for _, e in events if "token" in e]) == 3
+    thread = threading.Thread(target=ask)
+    thread.start()
+    thread.join(60)
+    assert other["reply"][0] == 200 and len(other["reply"][1]["token_ids"]) == 20
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = server.get("/metrics")[1]
+        if after["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.2)
+    assert after["cancelled"] == before["cancelled"] + 1
+    # the abandoned generation stopped early instead of running to 500 tokens
+    assert after["tokens"] - before["tokens"] < 500
+
+
+def test_a_dead_rank_gets_503_and_every_rank_exits(tmp_path) -> None:
+    s = Server(write_checkpoint(tmp_path / "ckpt.pt"))
+    before = set(os.listdir("/dev/shm"))
+    os.kill(s.pids[1], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    status, reply = 0, {}
+    while time.monotonic() < deadline:
+        try:
+            status, reply = s.post({"prompt": "ROMEO:", "max_tokens": 4})
+        except OSError:
+            break
+        if status == 503:
+            break
+        time.sleep(0.1)
+    assert status == 503 and "rank 1" in reply["error"], reply
+    code, out = s.stop(signal.SIGCONT, timeout=30)  # it exits by itself after the grace
+    assert code == 1 and "rank 1" in out, out
+    assert not any(alive(p) for p in s.pids)
+    assert not {n for n in set(os.listdir("/dev/shm")) - before if "spd" in n}
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_cleanly(tmp_path) -> None:
+    """A terminal's Ctrl-C (or `timeout`) signals every process of the group; the ranks
+    must not die of it: the front end stops them in order and exits 0."""
+    s = Server(write_checkpoint(tmp_path / "ckpt.pt"), start_new_session=True)
+    assert s.post({"prompt": "ROMEO:", "max_tokens": 4})[0] == 200
+    os.killpg(s.proc.pid, signal.SIGINT)
+    code, out = s.stop(signal.SIGCONT, timeout=30)
+    assert code == 0, out
+    assert not any(alive(p) for p in s.pids)
+
+
+def test_bad_launch_arguments_are_one_line_before_any_rank(tmp_path) -> None:
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", block_size=64)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing.pt")], "no checkpoint at"),
+        (["--checkpoint", str(garbage)], "is not a readable checkpoint"),
+        (["--checkpoint", str(ckpt), "--pattern", "spd*3"], "gives 3 blocks"),
+        (["--checkpoint", str(ckpt), "--nproc", "3"], "divisible by tp_size"),
+        (["--hf", str(tmp_path)], "no Hugging Face model folder"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "spd_ext.cli", "serve", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+async def _drive_page(browser: str, url: str, profile: Path, screenshot: Path | None
+                      ) -> tuple[str, str]:
+    """Open ``url`` in headless Chromium over the DevTools protocol, wait until the page
+    says the stream is done; return (generated text, stats line)."""
+    import asyncio
+    import base64
+
+    import aiohttp
+
+    port = free_port()
+    proc = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                             f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
+                             "--window-size=1100,760", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession() as http:
+            pages: list = []
+            for _ in range(150):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
+                        pages = [p for p in await r.json() if p["type"] == "page"]
+                except aiohttp.ClientError:
+                    pass
+                if pages:
+                    break
+                await asyncio.sleep(0.2)
+            assert pages, "Chromium's DevTools endpoint did not come up"
+            ws = await http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
+            ids = iter(range(1, 1_000_000))
+
+            async def call(method: str, **params: object) -> dict:
+                n = next(ids)
+                await ws.send_json({"id": n, "method": method, "params": params})
+                while True:
+                    msg = await ws.receive_json(timeout=30)
+                    if msg.get("id") == n:
+                        return msg.get("result", {})
+
+            async def value(expression: str) -> object:
+                out = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                return out["result"].get("value")
+
+            await call("Page.navigate", url=url)
+            for _ in range(300):
+                if await value("document.getElementById('stats')?.dataset.done || ''") == "1":
+                    break
+                if await value("document.getElementById('error')?.textContent || ''"):
+                    break
+                await asyncio.sleep(0.1)
+            text, stats, error = await value(
+                "['generated', 'stats', 'error'].map(i => document.getElementById(i)"
+                "?.textContent)")
+            assert not error, error
+            if screenshot is not None:
+                shot = await call("Page.captureScreenshot", format="png")
+                screenshot.write_bytes(base64.b64decode(shot["data"]))
+            await ws.close()
+            return text, stats
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def page_in_browser(url: str, profile: Path, screenshot: Path | None = None) -> tuple[str, str]:
+    import asyncio
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("a headless browser is needed: apt-get install chromium")
+    return asyncio.run(_drive_page(browser, url, profile, screenshot))
+
+
+def test_the_page_streams_tokens_in_a_headless_browser(server, tmp_path) -> None:
+    url = (f"http://127.0.0.1:{server.port}/?prompt=ROMEO:&temperature=0&max_tokens=24"
+           "&autorun=1")
+    text, stats = page_in_browser(url, tmp_path / "profile")
+    expected = server.post({"prompt": "ROMEO:", "max_tokens": 24, "temperature": 0})[1]["text"]
+    assert text == expected
+    assert stats.startswith("24 tokens; prefill") and "2 all-reduces per token" in stats
+
+
+def test_a_hugging_face_folder_is_served_with_its_config(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from spd_ext.serve import inspect_source
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=4, n_embd=32, vocab_size=61, n_positions=48,
+        initializer_range=0.5)).eval()  # eval: GPT2Config's dropout is on by default
+    hf.save_pretrained(tmp_path / "gpt2-tiny")
+    source = inspect_source(None, str(tmp_path / "gpt2-tiny"), None, 2)
+    c = source.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size, c.pattern,
+            c.tp_size) == (2, 4, 32, 61, 48, "tp*2", 2)
+    prompt = torch.tensor([[1, 2, 3]])
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                      min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(source.build().generate(prompt, 6, temperature=0), ref)
+    reduced = inspect_source(None, str(tmp_path / "gpt2-tiny"), "spd*2", 2)
+    assert reduced.config.pattern == "spd*2" and reduced.build().kinds == ["spd", "spd"]
+    with pytest.raises(ValueError, match="exactly one of --checkpoint"):
+        inspect_source(None, None, None, 2)

@@ -1,0 +1,376 @@
+"""`spd-ext train`: configs, overrides and errors in process; whole runs as subprocesses (one
+rank without a launcher, 2 and 4 CPU ranks under the deepspeed launcher, 2 under torchrun),
+each with a hard timeout: tensor parallel 2, data parallel 2 with signal weighting and exact
+resumes (after a save cut short, and half the steps then --resume), DiLoCo islands."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_ext import cli
+from spd_ext.train.config import ConfigError, load_config, plan_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+DS_CONFIGS = sorted((ROOT / "configs" / "ds").glob("*.json"))
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed not installed")
+ZERO1 = {"zero_optimization": {"stage": 1, "overlap_comm": False}}
+WEIGHTING = {"signal": "loss_ema", "map": "softmax", "temperature": 0.05, "floor": 0.05,
+             "warmup_steps": 1}
+
+
+def tiny(out_dir: Path, **sections: dict) -> dict:
+    """A model and run small enough that a step takes milliseconds."""
+    cfg = {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "pattern": "tp*2"},
+        "data": {"corpus": "tinyshakespeare", "tokenizer": "char"},
+        "training": {"steps": 6, "micro_batch": 4, "lr": 3e-3, "min_lr": 3e-4,
+                     "warmup_steps": 2, "eval_interval": 3, "eval_batches": 2,
+                     "log_interval": 1, "out_dir": str(out_dir)},
+        "deepspeed": dict(ZERO1),
+        "sample": {"tokens": 16},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+def write(path: Path, cfg: dict) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+
+
+def spd_ext_train(args: list[str], cwd: Path, timeout: float = 240,
+                  module: str = "spd_ext.cli") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, *(["train"] if module == "spd_ext.cli" else []), *args]
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(args)} outlived {timeout} s:\n{exc.stdout}\n{exc.stderr}")
+
+
+def succeeded(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-5000:]}\n" \
+                                 f"{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    lines = (out_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "event" not in r]
+
+
+def train_losses(out_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metrics(out_dir) if "loss" in r]
+
+
+# -- configs ----------------------------------------------------------------------------
+def test_help_lists_the_flags_and_every_config_key(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("--nproc", "--set KEY=VALUE", "--resume", "--dry-run", "training.micro_batch",
+                 "parallel.tp", "data.corruption.kind", "model.hf_path", "sample.top_k",
+                 "wandb.project", "deepspeed ="):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_train_config_loads_and_validates(path: Path) -> None:
+    cfg = load_config(path)
+    tp = cfg.values["parallel"]["tp"] or 1
+    for world in (tp, 2 * tp):
+        plan = plan_run(cfg, world)
+        assert plan.tp == tp and "spd_ext" in plan.ds_config
+        assert plan.ds_config["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch
+    assert isinstance(cfg.values["deepspeed"], dict)  # the path resolved next to the file
+
+
+def test_gpt2_train_configs_cover_every_tensor_parallel_pattern() -> None:
+    tp_patterns = {json.loads(p.read_text())["model"]["pattern"]
+                   for p in (ROOT / "configs" / "tp").glob("*.json")}
+    gpt2 = [load_config(p) for p in TRAIN_CONFIGS if p.stem.startswith("gpt2-124m")]
+    assert {c.model.pattern for c in gpt2} == tp_patterns and len(gpt2) == len(tp_patterns)
+    for c in gpt2:
+        assert c.data.tokenizer == "gpt2" and c.training.steps == 20_000
+        assert c.training.lr == 6e-4 and c.training.schedule == "cosine"
+        assert c.values["deepspeed"]["bf16"]["enabled"] and c.parallel.tp in (2, 4)
+    char = load_config(ROOT / "configs" / "train" / "shakespeare_char.yaml")
+    assert (char.model.n_layer, char.model.n_head, char.model.n_embd, char.model.block_size,
+            char.model.dropout, char.training.lr, char.training.steps, char.training.micro_batch,
+            char.training.min_lr, char.training.warmup_steps, char.training.beta2) == \
+        (6, 6, 384, 256, 0.2, 1e-3, 5000, 64, 1e-4, 100, 0.99)
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.stem)
+def test_ds_configs_carry_a_valid_spd_ext_section(path: Path) -> None:
+    from spd_ext.deepspeed import parse_config
+
+    raw = json.loads(path.read_text())
+    assert "spd_ext" in raw
+    stage, bf16 = path.stem.split("_")
+    assert raw["zero_optimization"]["stage"] == int(stage[-1])
+    assert bool(raw.get("bf16", {}).get("enabled")) == (bf16 == "bf16")
+    parse_config({**raw, "train_batch_size": 2}, world_size=2)
+
+
+def test_set_overrides_every_kind(tmp_path) -> None:
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out"))
+    cfg = load_config(path, [
+        "training.steps=7", "training.lr=1e-3", "model.bias=true", "model.pattern=spd*2",
+        "data.corrupt_ranks=1", "data.sharding=clean_vs_corrupt", "training.lr_decay_steps=null",
+        "sample.prompt=ROMEO:\\n", "data.corruption.probability=0.5",
+        "deepspeed.spd_ext.signal_weighting={\"temperature\": 0.5}",
+        "deepspeed.zero_optimization.stage=0"])
+    t = cfg.training
+    assert (t.steps, t.lr, t.lr_decay_steps) == (7, 1e-3, None)
+    assert cfg.model.bias is True and cfg.model.pattern == "spd*2"
+    assert cfg.data.corrupt_ranks == [1] and cfg.data.corruption.probability == 0.5
+    assert cfg.sample.prompt == "ROMEO:\n"
+    assert cfg.values["deepspeed"]["spd_ext"] == {"signal_weighting": {"temperature": 0.5}}
+    plan = plan_run(cfg, 2)
+    assert plan.ds_config["zero_optimization"]["stage"] == 0
+    assert plan.ds_config["train_batch_size"] == 2 * 4
+    # a path replaces the whole ds_config; YAML files read numbers like 1e-3 as numbers
+    cfg = load_config(ROOT / "configs" / "train" / "quickstart.yaml",
+                      [f"deepspeed={ROOT / 'configs' / 'ds' / 'zero1_bf16.json'}"])
+    assert cfg.values["deepspeed"]["bf16"] == {"enabled": True}
+    assert isinstance(cfg.training.lr, float)
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path, capsys) -> None:
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out"))
+    assert cli.main(["train", str(path), "--dry-run", "--nproc", "2", "--set",
+                     "training.steps=9", "--set", "parallel.tp=2"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 9" in out and "tp 2, islands 1, data parallel 1" in out
+    ds = json.loads(out.split("# ds_config: ", 1)[1])
+    assert ds["spd_ext"]["tensor_parallel"] == {"size": 2} and ds["train_batch_size"] == 4
+
+
+ERRORS = [
+    ({"training": {"stpes": 5}}, [], "unknown key 'training.stpes'; did you mean "
+     "'training.steps'?"),
+    ({"trainig": {"steps": 5}}, [], "unknown key 'trainig'; did you mean 'training'?"),
+    ({}, ["--set", "model.n_layers=3"], "unknown key 'model.n_layers'; did you mean "
+     "'model.n_layer'?"),
+    ({}, ["--set", "training.steps=ten"], "training.steps must be an integer, got 'ten'"),
+    ({}, ["--set", "model.dropout=high"], "model.dropout must be a number"),
+    ({"training": {"lr": "fast"}}, [], "training.lr must be a number, got 'fast'"),
+    ({"model": {"bias": 1}}, [], "model.bias must be true or false"),
+    ({}, ["--set", "parallel.tp=4", "--nproc", "2"],
+     "parallel.tp 4 does not divide the world size 2"),
+    ({}, ["--set", "data.tokenizer=bpe"], "choose one of char, gpt2"),
+    ({}, ["--set", "deepspeed.spd_ext.signal_weigting.floor=0.1"],
+     "did you mean 'signal_weighting'?"),
+    ({"data": {"sharding": "clean_vs_corrupt", "corrupt_ranks": [3]}}, ["--nproc", "2"],
+     "data.corrupt_ranks [3] are outside the 2 data-parallel ranks"),
+    ({}, ["--set", "model.pattern=tp*3"], "gives 3 blocks but the model has n_layer=2"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}, "spd_ext": {"signal_weighting": {}}}},
+     [], "stage 2 with spd_ext"),
+    ({"deepspeed": {"optimizer": {"type": "Adam"}}}, [], "remove 'optimizer' from the ds_config"),
+    ({"deepspeed": {"train_micro_batch_size_per_gpu": 8}}, [],
+     "train_micro_batch_size_per_gpu is 8 but the train config makes it 4"),
+    ({}, ["--resume"], "--resume: no complete checkpoint in"),
+    ({}, ["--set", "deepspeed=missing_ds.json"], "deepspeed 'missing_ds.json' is not a file"),
+]
+
+
+@pytest.mark.parametrize("cfg, args, message", ERRORS, ids=[e[2][:40] for e in ERRORS])
+def test_config_errors_are_one_line_with_exit_2(tmp_path, capsys, cfg, args, message) -> None:
+    base = tiny(tmp_path / "out")
+    for name, values in cfg.items():
+        base[name] = {**base.get(name, {}), **values} if name in base else values
+    if "deepspeed" in cfg:
+        base["deepspeed"] = cfg["deepspeed"]
+    path = write(tmp_path / "run.json", base)
+    assert cli.main(["train", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("spd-ext: error: "), err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_missing_config_file_and_bad_syntax(tmp_path, capsys) -> None:
+    assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml is not a file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  steps: [1\n")
+    assert cli.main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml is not valid YAML: line" in err and err.count("\n") == 1
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_config(None, ["training.steps"])
+
+
+def test_errors_in_fresh_processes_have_no_traceback(tmp_path) -> None:
+    """The console script and the launchers' module entry (every rank checks, rank 0 says)."""
+    for module, args in (("spd_ext.cli", [str(tmp_path / "missing.yaml")]),
+                         ("spd_ext.train.run", [str(write(tmp_path / "r.json",
+                                                          {"modle": {}}))])):
+        proc = spd_ext_train(args, tmp_path, timeout=60, module=module)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("spd-ext: error: "), proc.stderr
+    assert "did you mean 'model'?" in proc.stderr
+
+
+# -- whole runs -------------------------------------------------------------------------
+@needs_deepspeed
+def test_one_rank_without_a_launcher(tmp_path) -> None:
+    out = tmp_path / "out"
+    path = write(tmp_path / "run.json", tiny(out, training={"steps": 4}))
+    stdout = succeeded(spd_ext_train([str(path), "--set", "training.eval_interval=2"], tmp_path,
+                                     timeout=120))
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [2, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["steps"] == 4
+    assert "val loss" in stdout and (out / "sample.txt").read_text()
+
+
+@needs_deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or
+                    importlib.util.find_spec("tiktoken") is None,
+                    reason="transformers / tiktoken not installed")
+def test_starts_from_a_hugging_face_gpt2_folder(tmp_path) -> None:
+    """model.hf_path: a local GPT-2 folder converted on load (its shape, GPT-2 BPE data)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=48)) \
+        .save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    cfg = tiny(out, training={"steps": 2, "eval_interval": 0}, sample={"tokens": 4})
+    cfg["model"] = {"hf_path": str(tmp_path / "hf"), "pattern": "spd*2"}
+    cfg["data"]["tokenizer"] = "gpt2"
+    path = write(tmp_path / "run.json", cfg)
+    succeeded(spd_ext_train([str(path)], tmp_path, timeout=180))
+    assert json.loads((out / "summary.json").read_text())["pattern"] == "spd*2"
+    assert [s for s, _ in train_losses(out)] == [1, 2]
+    cfg["model"]["n_layer"] = 2  # the folder decides the shape
+    proc = spd_ext_train([str(write(path, cfg))], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "model.n_layer is set together with model.hf_path" in \
+        proc.stderr
+
+
+@needs_deepspeed
+def test_tensor_parallel_2_under_the_deepspeed_launcher(tmp_path) -> None:
+    out = tmp_path / "out"
+    path = write(tmp_path / "run.json", tiny(out, model={"pattern": "spd*2"},
+                                             parallel={"tp": 2}))
+    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2"], tmp_path))
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert len(steps) == 6
+    # spd*2: one all-reduce per block forward and backward, measured on every step
+    assert all((r["syncs_fwd"], r["syncs_bwd"]) == (2, 2) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["tp"], summary["data_parallel"], summary["pattern"]) == (2, 1, "spd*2")
+    assert "tp syncs per step (fwd / bwd)  2 / 2" in stdout and "sample (16 tokens" in stdout
+    assert (out / "loss.png").stat().st_size > 0 and len((out / "sample.txt").read_text()) > 0
+    assert (out / "checkpoints" / "latest").read_text() == "global_step6"
+    # model.pt: the trained weights, whole, with their config and tokenizer (spd-ext serve)
+    from spd_ext.serve import inspect_source
+
+    source = inspect_source(str(out / "model.pt"), None, None, 1)
+    assert source.config.pattern == "spd*2" and source.tokenizer["name"] == "char"
+    model = source.build()
+    x = torch.randint(source.config.vocab_size, (2, 8))
+    assert torch.isfinite(model(x)[0]).all()
+    assert model.wte.weight.shape[0] == source.config.vocab_size
+
+
+@needs_deepspeed
+def test_torchrun_tensor_parallel_dense_pattern(tmp_path) -> None:
+    from spd_ext.launch import free_port
+
+    out = tmp_path / "out"
+    path = write(tmp_path / "run.json", tiny(out, training={"steps": 3}, parallel={"tp": 2},
+                                             sample={"tokens": 4}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "spd_ext.train.run", str(path)]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True,
+                              timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun outlived 180 s:\n{exc.stdout}\n{exc.stderr}")
+    succeeded(proc)
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert [(r["step"], r["syncs_fwd"], r["syncs_bwd"]) for r in steps] == \
+        [(1, 4, 4), (2, 4, 4), (3, 4, 4)]  # tp*2: two all-reduces per block each way
+
+
+@needs_deepspeed
+def test_signal_weighting_and_an_exact_resume(tmp_path) -> None:
+    """dp 2, rank 1's shard corrupted, signal weighting, dropout, ZeRO-1: checkpoints at steps
+    3 and 6. A copy whose step-6 save was cut short (no completion marker, ``latest`` naming
+    it) resumes from step 3 and logs exactly the uninterrupted run's losses."""
+    full = tmp_path / "full"
+    cfg = tiny(full, model={"dropout": 0.1},
+               data={"sharding": "clean_vs_corrupt", "corrupt_ranks": [1],
+                     "corruption": {"kind": "token_swap", "probability": 0.5}},
+               training={"checkpoint_interval": 3},
+               deepspeed={**ZERO1, "spd_ext": {"signal_weighting": WEIGHTING}})
+    path = write(tmp_path / "run.json", cfg)
+    succeeded(spd_ext_train([str(path), "--nproc", "2"], tmp_path))
+    steps = [r for r in metrics(full) if "loss" in r]
+    assert all(abs(sum(r["weights"]) - 1) < 1e-9 for r in steps)
+    assert steps[-1]["weights"][1] < 0.5 < steps[-1]["weights"][0]  # the corrupt rank counts less
+    assert json.loads((full / "summary.json").read_text())["weights"] == steps[-1]["weights"]
+
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    (cut / "checkpoints" / "global_step6" / "train" / "complete.json").unlink()
+    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2", "--resume", "--set",
+                                      f"training.out_dir={cut}"], tmp_path))
+    assert "steps 3->6" in stdout
+    assert train_losses(cut) == train_losses(full)
+    assert [r["val_loss"] for r in metrics(cut) if "val_loss" in r] == \
+        [r["val_loss"] for r in metrics(full) if "val_loss" in r]
+    events = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" and e["tag"] == "global_step3" for e in events)
+    # half the steps (the same 6-step schedule), then --resume with all of them
+    half = tmp_path / "half"
+    succeeded(spd_ext_train([str(path), "--nproc", "2", "--set", f"training.out_dir={half}",
+                             "--set", "training.steps=3", "--set", "training.lr_decay_steps=6"],
+                            tmp_path))
+    assert [s for s, _ in train_losses(half)] == [1, 2, 3]
+    succeeded(spd_ext_train([str(path), "--nproc", "2", "--resume", "--set",
+                             f"training.out_dir={half}", "--set", "training.lr_decay_steps=6"],
+                            tmp_path))
+    assert train_losses(half) == train_losses(full)
+    # a rerun without --resume refuses to overwrite the checkpoints
+    proc = spd_ext_train([str(path), "--nproc", "2"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "pass --resume to continue it" in proc.stderr
+
+
+@needs_deepspeed
+def test_diloco_islands_on_4_ranks(tmp_path) -> None:
+    out = tmp_path / "out"
+    section = {"staleness": {"mode": "diloco:2", "islands": 2}}
+    path = write(tmp_path / "run.json", tiny(out, training={"steps": 4, "eval_interval": 0},
+                                             deepspeed={**ZERO1, "spd_ext": section},
+                                             sample={"tokens": 0}))
+    succeeded(spd_ext_train([str(path), "--nproc", "4"], tmp_path, timeout=300))
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["islands"], summary["world_size"], summary["data_parallel"]) == (2, 4, 4)
+    ckpt = out / "checkpoints"
+    assert (ckpt / "island0" / "global_step4").is_dir() and (ckpt / "island1").is_dir()
+    assert (ckpt / "latest").read_text() == "global_step4"
