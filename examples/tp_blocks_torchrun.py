@@ -109,10 +109,13 @@ def main() -> None:
             print(f"step {step:4d}  loss {loss.item():.4f}  syncs: forward {syncs['forward']}, "
                   f"backward {syncs['backward']}, LayerNorm grads {syncs['grad_syncs']}")
 
-    # Replicated weights must still agree: every rank computed the same update.
+    # Replicated weights must still agree: every rank computed the same update. Each rank
+    # compares its own with the first rank's; the verdict is the minimum over the ranks.
     head = model.head.weight.detach().clone()
     dist.broadcast(head, src=0)
-    agree = torch.equal(head, model.head.weight)
+    same = torch.tensor([int(torch.equal(head, model.head.weight))])
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    agree = bool(same.item())
     if rank == 0:
         print(f"done: {args.steps} steps on {world} tensor-parallel ranks, loss "
               f"{loss.item():.4f}, {syncs['forward']} forward syncs per step "

@@ -421,7 +421,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "config is checked before any rank starts; a mistake is one line naming the key and "
         "the fix.\n\n  spd-ext train configs/train/quickstart.yaml\n  spd-ext train "
         "configs/train/quickstart.yaml --nproc 2 --set parallel.tp=2 --set "
-        "model.pattern='spd*2'\n  deepspeed --num_gpus 8 -m spd_ext.train.run CONFIG   (or "
+        "model.pattern='spd*2'\n  deepspeed --num_gpus 8 --module spd_ext.train.run CONFIG   (or "
         "torchrun ... -m spd_ext.train.run CONFIG)\n\nRank 0 prints progress and writes "
         "OUT_DIR/log.jsonl, loss.png, sample.txt, summary.json, model.pt (for spd-ext serve) "
         "and checkpoints/.",

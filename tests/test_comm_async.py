@@ -126,3 +126,30 @@ def test_one_rank_and_completed_handles() -> None:
     assert work.is_completed() and work.wait().tolist() == [1.0, 1.0]
     assert work.get_future().value().tolist() == [1.0, 1.0]
 
+
+_EXIT_CHECK = """
+import atexit, threading
+# Registered before spd_ext is imported, so it runs after spd_ext's own atexit handler.
+atexit.register(lambda: print("progress threads at exit:",
+                              [t.name for t in threading.enumerate() if "progress" in t.name]))
+import torch
+from spd_ext.comm.work import ProgressThread
+progress = ProgressThread("spd_ext-test-progress")
+t = torch.ones(3)
+progress.submit(lambda: t.mul_(2), t).wait()
+print("value:", t.tolist())
+"""
+
+
+def test_progress_threads_are_stopped_before_interpreter_exit() -> None:
+    """A daemon progress thread still alive when Python finalizes is killed inside C++
+    the next time it takes the GIL, which aborts the process ("terminate called without an
+    active exception") after its work is done; spd_ext stops them at exit first."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT_CHECK], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "value: [2.0, 2.0, 2.0]" in proc.stdout
+    assert "progress threads at exit: []" in proc.stdout, proc.stdout

@@ -52,6 +52,35 @@ def test_cached_steps_equal_the_uncached_model(pattern: str, syncs: int) -> None
     assert torch.equal(again, tokens)  # the seed fixes the samples
 
 
+def test_vocab_size_keeps_tokens_below_a_tokenizers_vocabulary() -> None:
+    """A model's vocabulary may be padded past its tokenizer's (GPT-2: 50304 > 50257):
+    greedy and sampled tokens stay below ``vocab_size``; greedy picks the best of those."""
+    model = ReducedSyncGPT(tiny("tp*4"), seed=3)
+    prompt = torch.randint(61, (4, 5), generator=torch.Generator().manual_seed(0))
+    sampled = model.generate(prompt, 20, temperature=5.0, seed=1)[:, 5:]
+    assert int(sampled.max()) >= 7  # without the limit, tokens above it come up
+    limited = torch.cat([s.tokens[:, None] for s in model.generate_steps(
+        prompt, 20, temperature=5.0, seed=1, vocab_size=7)], dim=1)
+    assert int(limited.max()) < 7 and not torch.equal(limited, sampled)
+    greedy = next(iter(model.generate_steps(prompt, 1, temperature=0, vocab_size=7))).tokens
+    model.eval()
+    with torch.no_grad():
+        best = model(prompt)[0][:, -1, :7].argmax(-1)
+    assert torch.equal(greedy, best)
+    with pytest.raises(ValueError, match="vocab_size must be in"):
+        next(iter(model.generate_steps(prompt, 1, vocab_size=62)))
+
+
+def test_a_tiny_temperature_samples_the_best_token_not_nan() -> None:
+    """logits / 1e-40 overflows to inf; sampling shifts the largest logit to 0 first, so a
+    tiny temperature is greedy rather than a NaN distribution (which made multinomial raise
+    on every rank)."""
+    model = ReducedSyncGPT(tiny("tp*4"), seed=3)
+    prompt = torch.randint(61, (4, 5), generator=torch.Generator().manual_seed(0))
+    tiny_t = model.generate(prompt, 6, temperature=1e-40, seed=1)
+    assert torch.equal(tiny_t, model.generate(prompt, 6, temperature=0))
+
+
 def test_greedy_tokens_equal_hugging_face_generate() -> None:
     transformers = pytest.importorskip("transformers")
     from spd_ext.tp.convert import from_hf

@@ -205,6 +205,27 @@ def test_bad_requests_get_a_400_that_says_what_is_wrong(server, body, message) -
     assert status == 400 and re.search(message, reply["error"]), reply
 
 
+def test_max_tokens_defaults_to_what_fits_a_small_context() -> None:
+    """Without max_tokens a request asks for up to 64 tokens, or as many as the context
+    leaves (a small model's 16 positions), rather than a 400 about a field never sent."""
+    from spd_ext.serve.app import parse_request
+
+    tok = CharTokenizer.from_text(TEXT)
+    assert parse_request({"prompt": "ROMEO"}, tok, context=512, vocab=tok.vocab_size) \
+        .max_tokens == 64
+    assert parse_request({"prompt": "ROMEO"}, tok, context=16, vocab=tok.vocab_size) \
+        .max_tokens == 11
+
+
+def test_a_tiny_temperature_is_answered_not_fatal(server) -> None:
+    """temperature 1e-40 passes the request checks; it used to make NaN probabilities and
+    kill every rank. Now it samples the greedy tokens."""
+    body = {"prompt": "ROMEO", "max_tokens": 4}
+    status, tiny = server.post({**body, "temperature": 1e-40})
+    assert status == 200, tiny
+    assert tiny["token_ids"] == server.post({**body, "temperature": 0})[1]["token_ids"]
+
+
 def test_malformed_json_is_a_400(server) -> None:
     status, reply = server.post(None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in reply["error"]

@@ -189,6 +189,12 @@ ERRORS = [
     ({"deepspeed": {"train_micro_batch_size_per_gpu": 8}}, [],
      "train_micro_batch_size_per_gpu is 8 but the train config makes it 4"),
     ({}, ["--resume"], "--resume: no complete checkpoint in"),
+    ({"deepspeed": {"spd_ext": {"staleness": {"mode": "local_sgd:4"}}}}, [],
+     "training.steps 6 is not a multiple of staleness.mode local_sgd:4's 4 local steps"),
+    ({"deepspeed": {"zero_optimization": 5}}, [], "deepspeed.zero_optimization must be a "
+     "mapping, got 5"),
+    ({}, ["--set", "deepspeed.bf16=true"], "deepspeed.bf16 must be a mapping, got True; e.g. "
+     "--set deepspeed.bf16.enabled=true"),
     ({}, ["--set", "deepspeed=missing_ds.json"], "deepspeed 'missing_ds.json' is not a file"),
 ]
 
@@ -358,6 +364,9 @@ def test_signal_weighting_and_an_exact_resume(tmp_path) -> None:
     # a rerun without --resume refuses to overwrite the checkpoints
     proc = spd_ext_train([str(path), "--nproc", "2"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "pass --resume to continue it" in proc.stderr
+    # --resume of a finished run refuses rather than rewriting its last checkpoint
+    proc = spd_ext_train([str(path), "--nproc", "2", "--resume"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "already finished its training.steps 6" in proc.stderr
 
 
 @needs_deepspeed

@@ -539,7 +539,7 @@ private:
                 for (int q = 0; q < world_; ++q)
                     msg << " " << header(q).desc[parity].weight << (q + 1 < world_ ? "," : ")");
                 msg << "); the sum would be one no rank intended. Pass the same list on every "
-                       "rank, or each rank's own weight as a float";
+                       "rank (weights=), or each rank's own weight as weight=";
                 throw std::invalid_argument(msg.str());
             }
             list = h;
@@ -641,7 +641,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
         .def("close", &ShmAllReduce::close)
         .def("all_reduce_",
              &ShmAllReduce::all_reduce_,
-             "in-place all-reduce; op 0 sum, 1 mean, 2 weighted (weight = this rank's weight)",
+             "in-place all-reduce; op: a ReduceOp code of spd_codes.h (weight = this rank's weight)",
              py::arg("tensor"),
              py::arg("op"),
              py::arg("weight"),

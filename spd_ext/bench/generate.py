@@ -2,8 +2,9 @@
 
 For each all-reduce backend, batch size and pattern: the prefill of a prompt, then
 per-token decode latency (p50, p99 over every decoded token of every repeat, measured on
-the group's first rank from the forward's start to the sampled token on the host, which
-the broadcast makes wait for every rank) and decode tokens/s (all sequences).
+the group's first rank from the forward's start to the greedy token on the host, which
+the all-reduce that agrees on it makes wait for every rank) and decode tokens/s (all
+sequences).
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ class GenerateBenchConfig:
         self.batch_list()
         if self.nproc < 2:
             raise ValueError(f"--nproc must be at least 2, got {self.nproc}")
-        for name in ("prompt_len", "new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+        for name, least in (("prompt_len", 1), ("new_tokens", 2), ("repeats", 1)):
+            if getattr(self, name) < least:  # new tokens: the first is the prefill's
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got "
                                  f"{getattr(self, name)}")
         for p in self.pattern_list():
             self.model_config(p)

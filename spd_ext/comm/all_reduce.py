@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from spd_ext.comm.backend import AllReduceBackend, ReduceCall
 from spd_ext.comm.cuda_ipc import ipc_group
-from spd_ext.comm.groups import CommError
+from spd_ext.comm.groups import CommError, check_timeout
 from spd_ext.comm.shm import cached_shm_group, shm_group
 from spd_ext.comm.torch_backend import TORCH_DISTRIBUTED
 from spd_ext.comm.work import AllReduceWork
@@ -128,6 +128,8 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
             Calls on one group complete in the order they were issued, synchronous ones
             included.
     """
+    if timeout is not None:
+        check_timeout(timeout)
     shm = cached_shm_group(group)  # per-call fast path: no torch.distributed queries
     # Checking arguments in Python costs as much as a small all-reduce: C++ does it.
     if shm is not None and weight is None and not async_op and not shm.progress.busy() \

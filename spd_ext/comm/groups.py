@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import socket
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
@@ -31,9 +33,15 @@ def default_timeout() -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"SPD_EXT_COMM_TIMEOUT={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"SPD_EXT_COMM_TIMEOUT must be positive, got {raw!r}")
-    return value
+    return check_timeout(value, "SPD_EXT_COMM_TIMEOUT")
+
+
+def check_timeout(value: float, what: str = "timeout") -> float:
+    """``value`` if it is a finite, positive number of seconds; otherwise ValueError (a
+    zero timeout would fail the call at once and leave this rank's group unusable)."""
+    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise ValueError(f"{what} must be a finite, positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def env_bytes(name: str, default: int) -> int:
@@ -167,39 +175,52 @@ def single_host_reason(exchange: SetupExchange, op_loaded: bool, op_name: str,
 
 class GroupRegistry(Generic[T]):
     """Per process group: its context, or the reason it has none; set up once, on first use
-    (collectively), by ``setup(group, timeout) -> context | reason``. Contexts of groups
-    torch.distributed has destroyed are closed (their mappings released) at the next
-    set-up."""
+    (collectively), by ``setup(group, timeout) -> context | reason``.
+
+    The registry holds groups weakly and closes a group's context (its mappings released)
+    when the group goes: when torch.distributed drops it (``destroy_process_group``) and
+    nothing else holds it, or, for a destroyed group something still holds, at the next
+    set-up. A strong reference here would keep the group, and gloo's worker threads, alive
+    until interpreter exit, where their last clean-up takes the GIL during finalization and
+    aborts the process ("terminate called without an active exception").
+    """
 
     def __init__(self, setup: Callable[[Any, float | None], T | str]) -> None:
         self._setup = setup
-        self._entries: dict[Any, T | str] = {}
+        #: id(group) -> (a weak reference to the group, its context or reason)
+        self._entries: dict[int, tuple[weakref.ref, T | str]] = {}
 
     def get(self, group: Any = None, timeout: float | None = None) -> T | None:
         key = group_key(group)
-        if key not in self._entries:
+        found = self._entries.get(id(key))
+        if found is None:
             self._release_destroyed()
-            self._entries[key] = self._setup(group, timeout)
-        entry = self._entries[key]
+            found = (weakref.ref(key, self._group_gone), self._setup(group, timeout))
+            self._entries[id(key)] = found
+        entry = found[1]
         return None if isinstance(entry, str) else entry
+
+    def _group_gone(self, ref: weakref.ref) -> None:
+        for key, (held, _) in list(self._entries.items()):
+            if held is ref:
+                _close(self._entries.pop(key)[1])
 
     def _release_destroyed(self) -> None:
         live = live_groups()
         if live is None:
             return
-        for key in [k for k in self._entries if k not in live]:
-            entry = self._entries.pop(key)
-            close = getattr(entry, "close", None)
-            if close is not None:
-                close()
+        for key, (ref, _) in list(self._entries.items()):
+            if ref() not in live:
+                _close(self._entries.pop(key)[1])
 
     def cached(self, group: Any = None) -> T | None:
         """The context if already set up (a dict lookup: the per-call fast path)."""
-        entry = self._entries.get(group_key(group))
-        return None if entry is None or isinstance(entry, str) else entry
+        found = self._entries.get(id(group_key(group)))
+        return None if found is None or isinstance(found[1], str) else found[1]
 
     def entry(self, group: Any = None) -> T | str | None:
-        return self._entries.get(group_key(group))
+        found = self._entries.get(id(group_key(group)))
+        return None if found is None else found[1]
 
     def describe(self, group: Any, decided_by: str, describe_context: Callable[[T], str]) -> str:
         """The group's path in words, as set up so far."""
@@ -213,8 +234,12 @@ class GroupRegistry(Generic[T]):
     def clear(self) -> None:
         """Close every context (tests; a process group's contexts otherwise live as long
         as the group)."""
-        for entry in self._entries.values():
-            close = getattr(entry, "close", None)
-            if close is not None:
-                close()
+        for _, entry in self._entries.values():
+            _close(entry)
         self._entries.clear()
+
+
+def _close(entry: Any) -> None:
+    close = getattr(entry, "close", None)  # a reason (str) has nothing to close
+    if close is not None:
+        close()

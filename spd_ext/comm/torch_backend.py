@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+import weakref
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,8 +96,8 @@ def agree_over_torch(tensor: torch.Tensor, op: str, weight: float,
     if len({row[3] for row in rows if row[3]}) > 1:
         raise CommError(f"spd_ext all_reduce: ranks passed different weight lists (each "
                         f"rank's own weight: {own}); the sum would be one no rank intended. "
-                        "Pass the same list on every rank, or each rank's own weight as a "
-                        "float")
+                        "Pass the same list on every rank (weights=), or each rank's own "
+                        "weight as weight=")
     limit_value = torch.finfo(tensor.dtype).max if tensor.is_floating_point() else math.inf
     for r, w in enumerate(own):
         if not math.isfinite(w) or abs(w) > limit_value:
@@ -149,7 +150,9 @@ def torch_all_reduce(tensor: torch.Tensor, op: str, weight: float | torch.Tensor
     return AllReduceWork(out, handle.get_future().then(finish))
 
 
-_CALLERS: dict[Any, threading.Lock] = {}
+#: Per group, held weakly (a strong reference would keep a destroyed group alive; see
+#: GroupRegistry).
+_CALLERS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 @contextmanager

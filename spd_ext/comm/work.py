@@ -16,6 +16,7 @@ Who carries the collective decides what stands behind the handle:
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable
@@ -56,6 +57,25 @@ class AllReduceWork:
 
 
 _STOP = object()
+
+#: How long interpreter exit waits for a progress thread's queued calls (a call to a peer
+#: that died raises after the group's timeout; exit should not wait that long).
+EXIT_JOIN_SECONDS = 10.0
+
+#: Progress threads started and not closed yet, stopped at interpreter exit.
+_LIVE: set[ProgressThread] = set()
+
+
+@atexit.register
+def _close_live_threads() -> None:
+    # A daemon thread left running is killed by Python's finalization the next time it
+    # takes the GIL; if that happens inside C++ (the kernel call or torch's
+    # Future.set_result, which release the GIL), the forced unwind crosses a noexcept
+    # destructor and the process aborts with "terminate called without an active
+    # exception" after all its work is done. atexit runs before finalization, so stopping
+    # the threads here leaves none inside C++.
+    for thread in list(_LIVE):
+        thread.close(timeout=EXIT_JOIN_SECONDS)
 
 
 class ProgressThread:
@@ -98,32 +118,42 @@ class ProgressThread:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
+                _LIVE.add(self)
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         self._queue.put((call, tensor, future))
         return future
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            call, tensor, future = item
-            try:
-                call()
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-                self._done()
-                future.set_exception(exc)
-            else:
-                self._done()
-                future.set_result(tensor)
+        while (item := self._queue.get()) is not _STOP:
+            self._run_one(*item)
+            # nothing of the call stays referenced while waiting for the next one: its
+            # closure holds the process group, which must be free to go when destroyed
+            del item
+
+    def _run_one(self, call: Callable[[], None], tensor: torch.Tensor,
+                 future: torch.futures.Future) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            self._done()
+            # torch's Future takes Exceptions only; anything else (KeyboardInterrupt)
+            # would kill this thread and leave every later wait() hanging
+            future.set_exception(exc if isinstance(exc, Exception) else
+                                 RuntimeError(f"spd_ext all_reduce interrupted: {exc!r}"))
+        else:
+            self._done()
+            future.set_result(tensor)
 
     def _done(self) -> None:
         with self._lock:
             self._pending -= 1
 
-    def close(self) -> None:
-        """Let queued calls finish, then stop the thread."""
+    def close(self, timeout: float | None = None) -> None:
+        """Let queued calls finish, then stop the thread (waiting at most ``timeout``
+        seconds for it, if given)."""
         if self._thread is not None:
             self._queue.put(_STOP)
-            self._thread.join()
+            if self._thread is not threading.current_thread():  # closed from a queued call
+                self._thread.join(timeout)
             self._thread = None
+            _LIVE.discard(self)

@@ -17,6 +17,7 @@ from spd_ext.experiments.common import finished_runs, pyplot, write_json
 from spd_ext.launch import spawn
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
+from spd_ext.utils.files import atomic_path
 from spd_ext.utils.table import format_table
 
 
@@ -153,5 +154,6 @@ def plot(rows: list[dict], path: Path) -> None:
     lax.legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)

@@ -36,6 +36,7 @@ from spd_ext.staleness import (
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
 from spd_ext.train.tasks import XORTask
+from spd_ext.utils.files import atomic_path
 from spd_ext.utils.table import format_table
 
 DEFAULT_MODES = ("ssgd", "delayed:2", "local_sgd:8", "diloco:8", "ssp:2", "asgd", "syncps")
@@ -205,7 +206,8 @@ def _write_worker_log(out: Path, key: tuple, results: list[dict]) -> None:
                           **{k: v for k, v in r.items() if k != "curve"}})
     path = out / "workers" / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def run(cfg: StalenessConfig) -> list[dict]:

@@ -16,10 +16,9 @@ _TORCH_DTYPES = {"kFloat32": torch.float32, "kBFloat16": torch.bfloat16,
                  "kFloat16": torch.float16}
 
 
-def read_enum(name: str, text: str | None = None) -> dict[str, int]:
-    """``enum class <name> : int32_t { kA = 0, kB = 1 };`` in spd_codes.h -> {"kA": 0, ...}."""
-    if text is None:
-        text = (csrc_root() / "includes" / "spd_codes.h").read_text()
+def read_enum(name: str, text: str) -> dict[str, int]:
+    """``enum class <name> : int32_t { kA = 0, kB = 1 };`` in ``text`` (spd_codes.h) ->
+    {"kA": 0, ...}."""
     match = re.search(r"enum\s+class\s+" + name + r"\s*:\s*int32_t\s*\{([^}]*)\}", text)
     if match is None:
         raise RuntimeError(f"spd_codes.h has no enum class {name}; reinstall spd_ext")

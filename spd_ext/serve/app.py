@@ -87,7 +87,8 @@ def parse_request(body: Any, tokenizer: Any, context: int, vocab: int) -> Comple
     if len(ids) >= context:
         raise RequestError(f"the prompt is {len(ids)} tokens; this model's context is "
                            f"{context}, so the prompt must be at most {context - 1}")
-    max_tokens = _int(body, "max_tokens", 64, 1, context - 1)
+    # by default as many as fit, up to 64 (a small model's context may hold fewer)
+    max_tokens = _int(body, "max_tokens", min(64, context - len(ids)), 1, context - 1)
     assert max_tokens is not None
     if len(ids) + max_tokens > context:
         raise RequestError(f"{len(ids)} prompt tokens + max_tokens {max_tokens} exceed the "
@@ -109,13 +110,14 @@ def parse_request(body: Any, tokenizer: Any, context: int, vocab: int) -> Comple
 class RankJob:
     """The ranks (spd_ext.launch.spawn, on a thread) and the pipe to the first rank."""
 
-    def __init__(self, source: ModelSource, nproc: int, backend: str,
+    def __init__(self, source: ModelSource, nproc: int, backend: str, vocab_size: int,
                  loop: asyncio.AbstractEventLoop, on_message: Any, on_exit: Any) -> None:
         self.loop, self.on_message, self.on_exit = loop, on_message, on_exit
         self.conn, child = mp.get_context("spawn").Pipe()
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="spd_ext-serve-ranks",
-                                       args=(source, nproc, backend, child), daemon=True)
+                                       args=(source, nproc, backend, vocab_size, child),
+                                       daemon=True)
         self.reader = threading.Thread(target=self._read, name="spd_ext-serve-reader",
                                        daemon=True)
 
@@ -123,10 +125,11 @@ class RankJob:
         self.thread.start()
         self.reader.start()
 
-    def _run(self, source: ModelSource, nproc: int, backend: str, child: Any) -> None:
+    def _run(self, source: ModelSource, nproc: int, backend: str, vocab_size: int,
+             child: Any) -> None:
         failure = None
         try:
-            spawn(serve_rank, nproc, source, backend, child, timeout=FOREVER_S)
+            spawn(serve_rank, nproc, source, backend, vocab_size, child, timeout=FOREVER_S)
         except RankError as exc:
             failure = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the clients, not lost
@@ -160,6 +163,7 @@ class CompletionServer:
         self.state, self.failure, self.info = "loading", "", {}
         self.exit_code = 0
         self.streams: dict[int, asyncio.Queue] = {}
+        self.cancelled: set[int] = set()  # requests of self.streams cancelled already
         self.ids = itertools.count(1)
         self.counts = {"requests": 0, "completed": 0, "cancelled": 0, "refused": 0,
                        "failed": 0, "tokens": 0}
@@ -174,13 +178,16 @@ class CompletionServer:
     def start_ranks(self) -> None:
         loop = asyncio.get_running_loop()
         self.finished = asyncio.Event()
-        self.job = RankJob(self.source, self.nproc, self.backend, loop, self._on_message,
-                           self._on_exit)
+        self.job = RankJob(self.source, self.nproc, self.backend, self.vocab, loop,
+                           self._on_message, self._on_exit)
         self.job.start()
 
     def _on_message(self, message: tuple) -> None:
         if message[0] == "ready":
-            self.info, self.state = message[1], "ready"
+            self.info = message[1]
+            if self.state != "loading":  # stopped while loading: stay stopping
+                return
+            self.state = "ready"
             print(f"spd-ext serve: ready ({self.source.describe()}; rank pids "
                   f"{self.info['pids']})", flush=True)
             return
@@ -281,9 +288,9 @@ class CompletionServer:
             return await self._whole(request, rid, req, queue)
         finally:
             del self.streams[rid]
+            self.cancelled.discard(rid)
 
-    async def _events(self, request: web.Request, rid: int, req: Completion,
-                      queue: asyncio.Queue) -> Any:
+    async def _events(self, request: web.Request, rid: int, queue: asyncio.Queue) -> Any:
         """The request's messages from rank 0; a client gone while it waits cancels it."""
         while True:
             try:
@@ -298,14 +305,15 @@ class CompletionServer:
                 return
 
     def _cancel(self, rid: int) -> None:
+        if rid in self.cancelled:  # once: a closed stream's last write fails after _events
+            return
+        self.cancelled.add(rid)
         self.counts["cancelled"] += 1
         if self.job is not None:
             self.job.send(("cancel", rid))
 
     def _decode(self, ids: list[int]) -> str:
-        # A model's vocabulary may be padded past its tokenizer's (GPT-2: 50304 > 50257);
-        # the padding rows are never trained toward, but a sample can still land there.
-        return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
+        return self.tokenizer.decode(ids)  # the ranks sample below the tokenizer's vocabulary
 
     def _token_event(self, message: tuple, emitted: list[int], text_so_far: list[str]) -> dict:
         _, _, index, token, seconds, syncs, positions = message
@@ -338,7 +346,7 @@ class CompletionServer:
         emitted: list[int] = []
         text = [""]
         events = []
-        async for message in self._events(request, rid, req, queue):
+        async for message in self._events(request, rid, queue):
             if message[0] == "step":
                 events.append(self._token_event(message, emitted, text))
             elif message[0] == "error":
@@ -369,7 +377,7 @@ class CompletionServer:
 
         try:
             await response.write(b": queued\n\n")
-            async for message in self._events(request, rid, req, queue):
+            async for message in self._events(request, rid, queue):
                 if message[0] == "step":
                     events.append(self._token_event(message, emitted, text))
                     await send(events[-1])
@@ -400,17 +408,16 @@ class CompletionServer:
 
 
 async def _serve(server: CompletionServer, host: str, port: int) -> int:
-    server.start_ranks()
     runner = web.AppRunner(server.app(), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
+        await site.start()  # before the ranks: a port in use fails before any rank loads
     except OSError as exc:
-        server.stop()
         await runner.cleanup()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another "
                          "--port") from None
+    server.start_ranks()
     print(f"spd-ext serve: listening on http://{host}:{port} (loading the model on "
           f"{server.nproc} ranks)", flush=True)
     loop = asyncio.get_running_loop()

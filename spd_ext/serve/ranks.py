@@ -55,8 +55,10 @@ def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
             None if seed_ < 0 else seed_)
 
 
-def serve_rank(rank: int, world: int, source: ModelSource, backend: str, conn: Any) -> None:
-    """Run until rank 0 is told to stop (or the launcher stops every rank)."""
+def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_size: int,
+               conn: Any) -> None:
+    """Run until rank 0 is told to stop (or the launcher stops every rank). Tokens stay
+    below ``vocab_size``, the tokenizer's."""
     # Out of the terminal's process group: Ctrl-C (or `timeout`, which signals its whole
     # group) reaches the front end only, which stops the ranks in order. A front end that
     # dies closes the pipe, and the first rank's read fails, ending the others too.
@@ -69,15 +71,17 @@ def serve_rank(rank: int, world: int, source: ModelSource, backend: str, conn: A
             prompt, max_tokens, temperature, top_k, seed = _announce(0)
             if prompt.numel() == 0:
                 return
-            for _ in model.generate_steps(prompt, max_tokens, temperature, top_k, seed):
+            for _ in model.generate_steps(prompt, max_tokens, temperature, top_k, seed,
+                                          vocab_size=vocab_size):
                 pass
-    conn.send(("ready", {"pids": pids, "threads": torch.get_num_threads()}))
-    _first_rank_loop(model, conn)
+    conn.send(("ready", {"pids": pids}))
+    _first_rank_loop(model, vocab_size, conn)
 
 
-def _first_rank_loop(model: Any, conn: Any) -> None:
+def _first_rank_loop(model: Any, vocab_size: int, conn: Any) -> None:
     queue: deque[tuple] = deque()
     cancelled: set[int] = set()
+    running: list[int] = []  # the request generating now, if any
     stopping = False
 
     def read(wait_s: float) -> None:
@@ -88,7 +92,10 @@ def _first_rank_loop(model: Any, conn: Any) -> None:
             if message[0] == "generate":
                 queue.append(message)
             elif message[0] == "cancel":
-                cancelled.add(message[1])
+                # only a request still queued or running: a late cancel of a finished one
+                # would stay in the set for good
+                if message[1] in running or any(q[1] == message[1] for q in queue):
+                    cancelled.add(message[1])
             elif message[0] == "stop":
                 stopping = True
 
@@ -106,7 +113,7 @@ def _first_rank_loop(model: Any, conn: Any) -> None:
             continue
         try:  # the front end checks these too; a request must never reach the others bad
             check_prompt(model, torch.tensor([ids], dtype=torch.int64), max_tokens)
-            check_sampling(temperature, top_k, model.config.vocab_size)
+            check_sampling(temperature, top_k, vocab_size)
         except ValueError as exc:
             conn.send(("error", rid, str(exc)))
             continue
@@ -117,9 +124,11 @@ def _first_rank_loop(model: Any, conn: Any) -> None:
             read(0.0)
             return rid in cancelled
 
+        running.append(rid)
         for step in model.generate_steps(prompt, max_tokens, temperature, top_k, seed,
-                                         should_stop=gone):
+                                         should_stop=gone, vocab_size=vocab_size):
             conn.send(("step", rid, step.index, int(step.tokens[0]), step.seconds, step.syncs,
                        step.positions))
+        running.clear()
         conn.send(("done", rid, "cancelled" if rid in cancelled else "length"))
         cancelled.discard(rid)

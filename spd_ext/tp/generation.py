@@ -59,7 +59,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # shifted so the largest is 0: a tiny temperature then gives -inf, never inf / inf (NaN)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -103,9 +104,8 @@ def _greedy_over_ranks(comm: TensorParallelComm, hidden: torch.Tensor, head: tor
     else:  # more ranks than rows to share: this rank offers nothing
         best = torch.full((hidden.size(0),), float("-inf"), device=hidden.device)
         index = torch.zeros(hidden.size(0), dtype=torch.long, device=hidden.device)
-    exact = head.size(0) < 2**24  # token ids are exact in float32 below 2**24
-    message = torch.zeros(world, 2, hidden.size(0), dtype=torch.float32 if exact else
-                          torch.float64, device=hidden.device)
+    message = torch.zeros(world, 2, hidden.size(0), dtype=_token_dtype(head.size(0)),
+                          device=hidden.device)
     message[rank, 0] = best
     message[rank, 1] = index + lo
     stop_flag = torch.zeros(1, dtype=message.dtype, device=hidden.device)
@@ -120,13 +120,19 @@ def _greedy_over_ranks(comm: TensorParallelComm, hidden: torch.Tensor, head: tor
     return tokens.long(), bool(flat[-1])
 
 
-def _from_first_rank(comm: TensorParallelComm, tokens: torch.Tensor,
+def _token_dtype(vocab_size: int) -> torch.dtype:
+    """The float type that carries token ids exactly: float32 below 2**24. Decided from the
+    vocabulary, the same on every rank (the ranks' tokens may differ)."""
+    return torch.float32 if vocab_size <= 2**24 else torch.float64
+
+
+def _from_first_rank(comm: TensorParallelComm, tokens: torch.Tensor, vocab_size: int,
                      stop: bool) -> tuple[torch.Tensor, bool]:
     """The group's first rank's tokens and stop flag, on every rank, in one message through
     the model's own all-reduce (the others add zeros): the same fast path as the model's
-    syncs. Token ids are exact in float32 below 2**24."""
-    dtype = torch.float32 if int(tokens.max()) < 2**24 else torch.float64
-    message = torch.zeros(tokens.numel() + 1, dtype=dtype, device=tokens.device)
+    syncs."""
+    message = torch.zeros(tokens.numel() + 1, dtype=_token_dtype(vocab_size),
+                          device=tokens.device)
     if comm.rank == 0:
         message[:-1] = tokens
         message[-1] = float(stop)
@@ -143,15 +149,23 @@ def _finish(device: torch.device) -> None:
 def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int | None = None,
                    seed: int | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> Iterator[DecodeStep]:
+                   should_stop: Callable[[], bool] | None = None,
+                   vocab_size: int | None = None) -> Iterator[DecodeStep]:
     """Yield the prefill's step (its token is the first new one), then one step per further
     token: ``max_new_tokens`` steps in all. Every rank of the model's tensor-parallel group
     must iterate together. The model is in eval mode meanwhile (no dropout).
 
     ``should_stop`` (read on the group's first rank after each step; a client that went
-    away) ends generation on every rank: its answer travels with the step's tokens."""
+    away) ends generation on every rank: its answer travels with the step's tokens.
+    ``vocab_size`` (a tokenizer's, below a padded model vocabulary: GPT-2's 50257 of 50304)
+    keeps the tokens below it."""
     check_prompt(model, idx, max_new_tokens)
-    check_sampling(temperature, top_k, model.config.vocab_size)
+    head = model.wte.weight  # the tied LM head
+    if vocab_size is not None:
+        if not 1 <= vocab_size <= head.size(0):
+            raise ValueError(f"vocab_size must be in [1, {head.size(0)}], got {vocab_size}")
+        head = head[:vocab_size]
+    check_sampling(temperature, top_k, head.size(0))
     if max_new_tokens == 0:
         return
     comm = model.comm
@@ -174,12 +188,12 @@ def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int
             syncs = counter.step()["forward"]
             stop = should_stop is not None and i + 1 < max_new_tokens and should_stop()
             if distributed and temperature == 0:
-                tokens, stop = _greedy_over_ranks(comm, hidden, model.wte.weight, stop)
+                tokens, stop = _greedy_over_ranks(comm, hidden, head, stop)
             else:
-                logits = F.linear(hidden, model.wte.weight)  # the tied LM head
+                logits = F.linear(hidden, head)
                 tokens = sample_next(logits, temperature, top_k, generator)
                 if distributed:
-                    tokens, stop = _from_first_rank(comm, tokens, stop)
+                    tokens, stop = _from_first_rank(comm, tokens, logits.size(-1), stop)
             _finish(tokens.device)
             yield DecodeStep(i, tokens, inputs.size(1), syncs, time.perf_counter() - start)
             if stop:

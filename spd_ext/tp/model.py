@@ -215,11 +215,14 @@ class ReducedSyncGPT(nn.Module):
 
     def generate_steps(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                        top_k: int | None = None, seed: int | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> Iterator[DecodeStep]:
+                       should_stop: Callable[[], bool] | None = None,
+                       vocab_size: int | None = None) -> Iterator[DecodeStep]:
         """KV-cached generation one step at a time (see spd_ext.tp.generation): the
         prefill, then one token per sequence per step, each with its sync count and time;
-        ``should_stop`` (on the group's first rank) ends it early on every rank."""
-        return generate_steps(self, idx, max_new_tokens, temperature, top_k, seed, should_stop)
+        ``should_stop`` (on the group's first rank) ends it early on every rank;
+        ``vocab_size`` keeps the tokens below a tokenizer's vocabulary."""
+        return generate_steps(self, idx, max_new_tokens, temperature, top_k, seed, should_stop,
+                              vocab_size)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

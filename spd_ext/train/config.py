@@ -547,6 +547,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         raise _fail(f"model.dropout must be in [0, 1), got {m['dropout']!r}")
     # the ds_config and its spd_ext section
     from spd_ext.deepspeed.config import SECTION, SpdExtConfigError
+    from spd_ext.staleness.modes import parse_mode
 
     ds = copy.deepcopy(v["deepspeed"])
     for key in _OPTIMIZER_KEYS:
@@ -555,6 +556,11 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
                         "rate schedule come from the training section (lr, min_lr, "
                         f"warmup_steps, weight_decay, beta1, beta2); remove {key!r} from the "
                         "ds_config")
+    for key, example in (("zero_optimization", "zero_optimization.stage=1"),
+                         ("bf16", "bf16.enabled=true"), ("fp16", "fp16.enabled=true")):
+        if key in ds and not isinstance(ds[key], dict):
+            raise _fail(f"deepspeed.{key} must be a mapping, got {ds[key]!r}; e.g. --set "
+                        f"deepspeed.{example}")
     section = ds.get(SECTION)
     if section is None:
         section = {}
@@ -595,6 +601,15 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         _, spd_cfg = parse_config(ds, world_size=world_size)
     except SpdExtConfigError as exc:
         raise _fail(f"deepspeed: {exc}") from None
+    mode = parse_mode(spd_cfg.staleness.mode)
+    if mode.kind in ("local_sgd", "diloco"):
+        for key in ("steps", "eval_interval"):
+            if t[key] % mode.value:
+                raise _fail(
+                    f"training.{key} {t[key]} is not a multiple of staleness.mode {mode}'s "
+                    f"{mode.value} local steps: between syncs each rank holds its own weights, "
+                    "and evaluation and the exported model need the synchronized ones; make "
+                    f"it a multiple of {mode.value}")
     pattern_in_section = spd_cfg.tensor_parallel.pattern
     # model
     explicit_shape = [k for k in _SHAPE_KEYS if f"model.{k}" in cfg.explicit]
@@ -744,9 +759,9 @@ def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = Fal
             raise _fail(f"--resume: {ckpt / tag} was saved by {saved_world} ranks but this run "
                         f"has {plan.world_size}; resume with --nproc {saved_world}")
         step = int(_TAG.match(tag).group(1))
-        if step > t["steps"]:
-            raise _fail(f"--resume: {ckpt / tag} is at step {step}, past training.steps "
-                        f"{t['steps']}; raise training.steps to continue")
+        if step >= t["steps"]:
+            raise _fail(f"--resume: {ckpt / tag} is at step {step}: the run already finished "
+                        f"its training.steps {t['steps']}; raise training.steps to continue")
         facts["resume_tag"] = tag
     elif tag is not None and not overwrite:
         raise _fail(f"{ckpt} already holds a run's checkpoints (latest {tag}); pass --resume "

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from spd_ext.utils.files import write_json
+from spd_ext.utils.files import atomic_path, write_json
 from spd_ext.utils.table import format_table
 
 NPROC = 2
@@ -141,7 +141,8 @@ def plot(rows: list[dict], logs: dict[str, list[dict]], path: Path) -> bool:
         w_ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return True
 

@@ -1,7 +1,7 @@
 """`spd-ext train`'s rank program: a ReducedSyncGPT trained through spd_ext.deepspeed.
 
     spd-ext train CONFIG [--set KEY=VALUE ...] --nproc 2          # starts the launcher itself
-    deepspeed --num_gpus 8 -m spd_ext.train.run CONFIG [--set ...]  # or any launcher:
+    deepspeed --num_gpus 8 --module spd_ext.train.run CONFIG [--set ...]  # or any launcher:
     torchrun --nproc_per_node 8 -m spd_ext.train.run CONFIG          # one process per rank
 
 Every rank reads the same config and checks it before touching torch.distributed. The
@@ -39,6 +39,7 @@ from spd_ext.train.config import (
     load_config,
     plan_run,
 )
+from spd_ext.utils.files import atomic_path, write_json
 
 PROG = "spd-ext train"
 
@@ -181,7 +182,6 @@ def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
     calls it; the main rank writes, atomically)."""
     import torch
 
-    from spd_ext.utils.files import atomic_path
 
     dense = model.dense_state_dict()
     if main:
@@ -247,7 +247,8 @@ def plot_losses(history: list[dict], path: Path, title: str) -> bool:
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return True
 
@@ -278,7 +279,6 @@ def save_checkpoint(engine: Any, plan: RunPlan, step: int) -> str:
     import torch
     import torch.distributed as dist
 
-    from spd_ext.utils.files import atomic_path, write_json
 
     ckpt = plan.checkpoint_dir
     tag = f"global_step{step}"
@@ -546,7 +546,8 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
         if not plot_losses(read_log(plan.out_dir / "log.jsonl"), plot, title):
             plot = None
         if sample:
-            (plan.out_dir / "sample.txt").write_text(sample)
+            with atomic_path(plan.out_dir / "sample.txt") as tmp:
+                tmp.write_text(sample)
             print(f"sample ({s.tokens} tokens, temperature {s.temperature}):\n{sample}\n")
         print(f"log: {plan.out_dir / 'log.jsonl'}" + (f"  plot: {plot}" if plot else "") +
               f"  checkpoint: {plan.checkpoint_dir / tag}  model: {plan.out_dir / 'model.pt'} "
