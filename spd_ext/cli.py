@@ -133,9 +133,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     a.add_argument("--sizes", default="4K..64M",
                    help="bytes per tensor: LO..HI[:FACTOR] (default factor 4) or a comma list")
-    a.add_argument("--impl", default="gloo,deepspeed,spd,spd-weighted",
-                   help="comma list of gloo,deepspeed,spd,spd-weighted, and with --device "
-                   "cuda spd-registered (a registered buffer: no staging copy) and spd-graph "
+    a.add_argument("--impl", default="gloo,deepspeed,spd_ext,spd_ext-weighted",
+                   help="comma list of gloo,deepspeed,spd_ext,spd_ext-weighted, and with "
+                   "--device cuda spd_ext-registered (a registered buffer: no staging copy) and "
+                   "spd_ext-graph "
                    "(the same in a replayed CUDA graph: close to kernel time)")
     a.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
     a.add_argument("--warmup", type=int, default=5, help="untimed calls per point")
@@ -208,8 +209,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                  description="Time a DeepSpeed (ZeRO-0, fp32) training step of a GPT of about "
                  "10M parameters on N local CPU ranks and its gradient reduction: DeepSpeed's "
                  "own reduction vs spd_ext's fused all-reduce (\"comm\": {\"backend\": "
-                 "\"spd\"}), plain and signal-weighted.")
-    _add_training_step_args(d, ("deepspeed", "deepspeed-weighted", "spd", "spd-weighted"),
+                 "\"spd_ext\"}), plain and signal-weighted.")
+    _add_training_step_args(d, ("deepspeed", "deepspeed-weighted", "spd_ext",
+                                "spd_ext-weighted"),
                             steps=10)
     d.set_defaults(func=_bench_deepspeed)
 
@@ -229,7 +231,8 @@ def _add_tp_bench_args(p: argparse.ArgumentParser, last_pattern: str, n_embd: in
     p.add_argument("--patterns", default=None,
                    help="';'-separated patterns (default: tp*12;[tp,spd]*6;spd*12;"
                    f"[spd,parallel]*6;grouped:4;{last_pattern})")
-    p.add_argument("--backends", default="torch,spd", help="comma list of torch,spd")
+    p.add_argument("--backends", default="torch,spd_ext",
+                   help="comma list of torch (torch.distributed) and spd_ext (spd_ext.comm)")
     p.add_argument("--n-layer", type=POSITIVE, default=12)
     p.add_argument("--n-embd", type=POSITIVE, default=n_embd)
     p.add_argument("--n-head", type=POSITIVE, default=4)
@@ -725,7 +728,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "every interface; the server has no authentication)")
     p.add_argument("--port", type=_bounded(int, 1, high=65535), default=5050,
                    help="TCP port to listen on")
-    p.add_argument("--backend", choices=("spd", "torch"), default="spd",
+    p.add_argument("--backend", choices=("spd_ext", "torch"), default="spd_ext",
                    help="the tensor-parallel all-reduce: spd_ext.comm or torch.distributed")
     p.add_argument("--max-queue", type=POSITIVE, default=64,
                    help="requests waiting or running before new ones get 503")
@@ -743,11 +746,11 @@ def _serve(args: argparse.Namespace) -> int:
     from spd_ext.serve.app import run_server
 
     source = inspect_source(args.checkpoint, args.hf, args.pattern, args.nproc)
-    source.load_tokenizer()  # a missing tokenizer file is reported before any rank starts
     print(f"spd-ext serve: {source.describe()}", flush=True)
     if source.note:
         print(f"spd-ext serve: note: {source.note}", flush=True)
-    return run_server(source, args.nproc, args.host, args.port, args.backend, args.max_queue,
+    # the server loads the tokenizer before any rank starts: a missing file is one line
+    return run_server(source, args.host, args.port, args.backend, args.max_queue,
                       args.fail_grace)
 
 

@@ -4,7 +4,8 @@ Data-parallel aggregators (``spd_ext.dp``) and staleness strategies (``spd_ext.s
 plug into the Trainer through these five calls (a module of its own, below both, so that
 they can derive from it without importing the trainer). Each is a no-op here, so a hook class
 derives from :class:`TrainerHooks` and overrides only what it needs; the Trainer calls
-all five unconditionally.
+them without probing: the first three every step, ``evaluation_weights`` at each evaluation,
+``finish`` once at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-#: The calls, in the order a step makes them.
+#: The calls: a step's three in order, then the evaluation's and the end's.
 HOOK_METHODS = ("before_step", "after_backward", "after_step", "evaluation_weights", "finish")
 
 

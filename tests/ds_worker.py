@@ -130,14 +130,16 @@ def weighting_reference(steps: int, world: int, gas: int) -> dict:
 def scenario_weighting(rank: int, world: int, out: dict) -> None:
     steps = 4
     cases = {  # name -> (stage, bf16, gas, backend, gradient_allreduce_op)
-        "z0_fp32": (0, False, 1, "deepspeed", "mean"), "z0_fp32_spd": (0, False, 1, "spd", "mean"),
+        "z0_fp32": (0, False, 1, "deepspeed", "mean"),
+        "z0_fp32_spd": (0, False, 1, "spd_ext", "mean"),
         "z0_fp32_gas2": (0, False, 2, "deepspeed", "mean"),
-        "z0_fp32_spd_gas2": (0, False, 2, "spd", "mean"),
+        "z0_fp32_spd_gas2": (0, False, 2, "spd_ext", "mean"),
         "z0_fp32_sum_op": (0, False, 1, "deepspeed", "sum"),
         "z1_fp32": (1, False, 1, "deepspeed", "mean"),
         "z1_fp32_gas2": (1, False, 2, "deepspeed", "mean"),
         "z1_fp32_sum_op": (1, False, 1, "deepspeed", "sum"),
-        "z0_bf16": (0, True, 1, "deepspeed", "mean"), "z0_bf16_spd": (0, True, 1, "spd", "mean"),
+        "z0_bf16": (0, True, 1, "deepspeed", "mean"),
+        "z0_bf16_spd": (0, True, 1, "spd_ext", "mean"),
         "z1_bf16": (1, True, 1, "deepspeed", "mean"),
     }
     for name, (stage, bf16, gas, backend, op) in cases.items():
@@ -407,7 +409,7 @@ def scenario_nan_grad(rank: int, world: int, out: dict) -> None:
     from spd_ext.dp.aggregator import WeightError
 
     cases = {"z0": (0, None), "z1": (1, None), "z0_weighted_spd":
-             (0, {"signal_weighting": SIGNAL, "comm": {"backend": "spd"}})}
+             (0, {"signal_weighting": SIGNAL, "comm": {"backend": "spd_ext"}})}
     for name, (stage, section) in cases.items():
         model = ReducedSyncGPT(gpt_config())
         engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),

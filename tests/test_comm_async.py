@@ -31,12 +31,12 @@ def _async_ranks(rank: int, world: int, which: str) -> dict:
     a = torch.full((1000,), float(rank + 1))
     b = torch.full((7,), float(rank + 1), dtype=torch.bfloat16)
     c = torch.full((4, 6), float(rank + 1), dtype=torch.float64).t()  # non-contiguous
-    works = [all_reduce(a, async_op=True),
-             all_reduce(b, "mean", async_op=True),
-             all_reduce(c, "weighted", weights=[0.25, 0.75], async_op=True)]
-    out["issue_s"] = time.perf_counter() - start
-    out["types"] = sorted({type(w).__name__ for w in works})
+    works = [all_reduce(a, async_op=True), all_reduce(b, "mean", async_op=True)]
+    out["issue_s"] = time.perf_counter() - start  # kernel dtypes: nothing waited for
     out["done_at_issue"] = works[0].is_completed()
+    # float64 is off the kernel: the ranks' agreement on it is waited for, as on torch's path
+    works.append(all_reduce(c, "weighted", weights=[0.25, 0.75], async_op=True))
+    out["types"] = sorted({type(w).__name__ for w in works})
     chained = works[0].get_future().then(lambda f: f.value().sum().item())
     d = torch.full((5,), float(rank + 1))
     all_reduce(d)  # synchronous, issued after the three: completes after them, in order
@@ -153,3 +153,33 @@ def test_progress_threads_are_stopped_before_interpreter_exit() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "value: [2.0, 2.0, 2.0]" in proc.stdout
     assert "progress threads at exit: []" in proc.stdout, proc.stdout
+
+
+def _off_kernel_async_ranks(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    all_reduce(torch.zeros(1))  # set-up
+    if rank == 1:
+        time.sleep(0.3)  # rank 0 issues its broadcast while its all-reduce is being checked
+    t = torch.full((4,), float(rank + 1), dtype=torch.float64)  # not a kernel dtype
+    work = all_reduce(t, async_op=True)
+    if rank == 1:
+        time.sleep(0.3)  # rank 1's all-reduce reaches gloo before its broadcast
+    b = torch.full((4,), 10.0 * (rank + 1), dtype=torch.float64)
+    dist.broadcast(b, src=0)
+    work.wait()
+    error = ""
+    try:
+        all_reduce(torch.ones(2, dtype=torch.int64), "weighted", weights=[0.5, 0.5])
+    except TypeError as exc:
+        error = str(exc)
+    return {"sum": t.tolist(), "broadcast": b.tolist(), "error": error}
+
+
+def test_an_async_call_off_the_kernel_keeps_issue_order_with_other_collectives() -> None:
+    """A float64 all-reduce on a shared-memory group goes through torch.distributed; issued
+    with async_op=True it must pair with the peers' all-reduce, not with a broadcast the
+    caller issued after it (run from the progress thread, it could be issued after it)."""
+    for r in spawn(_off_kernel_async_ranks, 2, timeout=60):
+        assert r["sum"] == [3.0] * 4 and r["broadcast"] == [10.0] * 4, r
+        assert "needs a floating-point tensor" in r["error"], r

@@ -59,7 +59,8 @@ def test_the_issue_example_parses() -> None:
                                                   if k != "signal_weighting"}}, world_size=4)
     assert cfg.staleness.parsed.value == 50 and cfg.staleness.islands == 2
     _, cfg = parse_config({**base(0), "spd_ext": {
-        "tensor_parallel": {"size": 2, "pattern": "spd*12"}, "comm": {"backend": "spd"}}},
+        "tensor_parallel": {"size": 2, "pattern": "spd*12"},
+        "comm": {"backend": "spd_ext"}}},  # the issue's "spd", renamed (issue 14: one name)
         world_size=4)
     assert cfg.tensor_parallel.size == 2
 
@@ -98,7 +99,9 @@ def test_bad_values_name_key_value_and_fix(section, match) -> None:
     ({"signal_weighting": {}}, {"stage": 2}, "stage 2 with spd_ext: ZeRO-2/3"),
     ({"signal_weighting": {}}, {"stage": 3}, "stage 3 with spd_ext"),
     ({"signal_weighting": {}}, {"fp16": {"enabled": True}}, "fp16 with spd_ext"),
-    ({"comm": {"backend": "spd"}}, {"stage": 1}, "backend 'spd' with zero_optimization.stage 1"),
+    ({"comm": {"backend": "spd_ext"}}, {"stage": 1},
+     "backend 'spd_ext' with zero_optimization.stage 1"),
+    ({"comm": {"backend": "spd"}}, {}, "'spd' is now called 'spd_ext'"),
     ({"staleness": {"mode": "local_sgd:4"}}, {"stage": 1},
      "local_sgd:4 with zero_optimization.stage 1: ZeRO-1 partitions the optimizer state"),
     ({"staleness": {"mode": "diloco:4"}}, {"stage": 1}, "or diloco:H with islands > 1"),
@@ -110,8 +113,8 @@ def test_bad_values_name_key_value_and_fix(section, match) -> None:
      "signal_weighting with staleness.mode delayed:1"),
     ({"staleness": {"mode": "delayed:1"}, "tensor_parallel": {"size": 2}}, {},
      "tensor_parallel.size 2 with staleness.mode delayed:1"),
-    ({"staleness": {"mode": "delayed:1"}, "comm": {"backend": "spd"}}, {},
-     "backend 'spd' with staleness.mode"),
+    ({"staleness": {"mode": "delayed:1"}, "comm": {"backend": "spd_ext"}}, {},
+     "backend 'spd_ext' with staleness.mode"),
     ({"signal_weighting": {}}, {"stage": 1, "zero_optimization": {"stage": 1,
                                                                   "overlap_comm": True}},
      "overlap_comm"),

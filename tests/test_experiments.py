@@ -58,7 +58,7 @@ def test_sensitivity_refuses_bad_sources(data_env, tmp_path, capsys) -> None:
 def test_bench_tp_on_two_ranks(capsys) -> None:
     assert main(["bench", "tp", "--nproc", "2", "--patterns", "tp*2;spd*2", "--n-layer", "2",
                  "--n-embd", "16", "--n-head", "2", "--batch-size", "2", "--seq-len", "8",
-                 "--repeats", "1", "--backends", "spd"]) == 0
+                 "--repeats", "1", "--backends", "spd_ext"]) == 0
     out = capsys.readouterr().out
     assert "tp*2" in out and "spd*2" in out and "x most-sync step" in out
 
@@ -68,12 +68,12 @@ def test_bench_tp_on_two_ranks(capsys) -> None:
 def test_bench_deepspeed_on_two_ranks(capsys) -> None:
     assert main(["bench", "deepspeed", "--nproc", "2", "--n-layer", "1", "--n-embd", "16",
                  "--n-head", "2", "--batch-size", "2", "--seq-len", "8", "--warmup", "1",
-                 "--steps", "2", "--variants", "deepspeed,spd-weighted"]) == 0
+                 "--steps", "2", "--variants", "deepspeed,spd_ext-weighted"]) == 0
     out = capsys.readouterr().out
-    assert "deepspeed " in out and "spd-weighted" in out and "reduce best ms" in out
+    assert "deepspeed " in out and "spd_ext-weighted" in out and "reduce best ms" in out
     assert main(["bench", "deepspeed", "--nproc", "1"]) == 2
     assert "--nproc must be at least 2" in capsys.readouterr().err
-    assert main(["bench", "deepspeed", "--variants", "spd,nccl"]) == 2
+    assert main(["bench", "deepspeed", "--variants", "spd_ext,nccl"]) == 2
     assert "unknown variant(s) ['nccl']" in capsys.readouterr().err
 
 
@@ -184,7 +184,7 @@ def test_bench_quant(capsys) -> None:
 
 
 def test_bench_allreduce_cuda_only_impls_need_cuda(capsys) -> None:
-    assert main(["bench", "allreduce", "--impl", "spd,spd-graph", "--sizes", "4K"]) == 2
+    assert main(["bench", "allreduce", "--impl", "spd_ext,spd_ext-graph", "--sizes", "4K"]) == 2
     assert "use them with --device cuda" in capsys.readouterr().err
 
 
@@ -208,6 +208,8 @@ def test_bad_inputs_get_one_line_before_anything_runs(tmp_path, capsys) -> None:
                                                     "mean 'n_layer'?"),
         (["tp", "syncs", "--pattern", "tp*1000000000"], "gives 1000000000 blocks"),
         (["bench", "tp", "--repeats", "0"], "argument --repeats: must be an integer >= 1"),
+        (["bench", "tp", "--backends", "torch,spd"], "'spd' is now called 'spd_ext'"),
+        (["bench", "generate", "--new-tokens", "1"], "--new-tokens must be >= 2"),
         (["experiment", "sadpt", "--floor", "1.5"], "argument --floor: must be a number >= 0.0"),
         (["experiment", "sadpt", "--floor", "0.4"], "--floor 0.4 leaves no room for 4 ranks"),
         (["experiment", "sadpt", "--signal", "foo"], "argument --signal: invalid choice"),

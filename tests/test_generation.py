@@ -165,7 +165,7 @@ def _generate_both_ways(rank: int, world: int, backend: str) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("world, backend", [(2, "spd"), (2, "torch"), (4, "spd")])
+@pytest.mark.parametrize("world, backend", [(2, "spd_ext"), (2, "torch"), (4, "spd_ext")])
 def test_distributed_generation_equals_emulated(world: int, backend: str) -> None:
     for failures in spawn(_generate_both_ways, world, backend, timeout=240):
         assert not failures, "\n".join(failures[:5])
@@ -211,7 +211,7 @@ def test_bench_generate_reports_every_point() -> None:
                                     vocab_size=61, prompt_len=4, new_tokens=5, repeats=1)
     rows = bench.run(cfg)
     assert [(r["backend"], r["batch"], r["pattern"], r["syncs_per_token"]) for r in rows] == [
-        (b, n, p, s) for b in ("torch", "spd") for n in (1, 2)
+        (b, n, p, s) for b in ("torch", "spd_ext") for n in (1, 2)
         for p, s in (("tp*2", 4), ("grouped:2", 1))]
     assert all(0 < r["p50_s"] <= r["p99_s"] and r["tokens_per_s"] > 0 for r in rows)
     assert "decode p50 ms" in bench.table(rows)

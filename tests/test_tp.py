@@ -310,7 +310,7 @@ MIXED = [("tp,spd,parallel,palm,ladder", 5), ("[parallel,ladder,spd]*2", 6), ("g
 @pytest.mark.parametrize("world", [2, 4])
 def test_emulated_equals_distributed(world: int) -> None:
     for pattern, n_layer in MIXED:
-        for failures in spawn(_compare_modes, world, pattern, n_layer, "spd", timeout=240):
+        for failures in spawn(_compare_modes, world, pattern, n_layer, "spd_ext", timeout=240):
             assert not failures, "\n".join(failures[:5])
 
 

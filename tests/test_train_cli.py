@@ -191,6 +191,9 @@ ERRORS = [
     ({}, ["--resume"], "--resume: no complete checkpoint in"),
     ({"deepspeed": {"spd_ext": {"staleness": {"mode": "local_sgd:4"}}}}, [],
      "training.steps 6 is not a multiple of staleness.mode local_sgd:4's 4 local steps"),
+    ({"sample": {"prompt": "\u00e9"}}, [], "sample.prompt '\u00e9' cannot be encoded by the "
+     "char tokenizer"),
+    ({}, ["--set", "parallel.tp_backend=spd"], "did you mean 'spd_ext'?"),
     ({"deepspeed": {"zero_optimization": 5}}, [], "deepspeed.zero_optimization must be a "
      "mapping, got 5"),
     ({}, ["--set", "deepspeed.bf16=true"], "deepspeed.bf16 must be a mapping, got True; e.g. "
@@ -367,6 +370,12 @@ def test_signal_weighting_and_an_exact_resume(tmp_path) -> None:
     # --resume of a finished run refuses rather than rewriting its last checkpoint
     proc = spd_ext_train([str(path), "--nproc", "2", "--resume"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "already finished its training.steps 6" in proc.stderr
+    # --resume with another layout than the checkpoint's names the settings that differ
+    proc = spd_ext_train([str(path), "--nproc", "2", "--resume", "--set", "training.steps=9",
+                          "--set", "deepspeed.zero_optimization.stage=0"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and ("was saved with deepspeed.zero_optimization.stage 1 but "
+                                     "this run has deepspeed.zero_optimization.stage 0") \
+        in proc.stderr, proc.stderr
 
 
 @needs_deepspeed

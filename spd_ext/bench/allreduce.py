@@ -1,8 +1,8 @@
 """`spd-ext bench allreduce`: gloo vs DeepSpeed's shm op vs spd_ext, on N local ranks.
 
 On CPU the ranks use the shared-memory kernel. With ``--device cuda`` they share GPU 0
-through CUDA IPC; there ``spd-registered`` reduces a registered buffer (no staging copy)
-and ``spd-graph`` replays a CUDA graph of ``GRAPH_CALLS`` such calls, which leaves out
+through CUDA IPC; there ``spd_ext-registered`` reduces a registered buffer (no staging copy)
+and ``spd_ext-graph`` replays a CUDA graph of ``GRAPH_CALLS`` such calls, which leaves out
 the Python and launch overhead: close to the kernel's own time.
 """
 
@@ -22,9 +22,9 @@ from spd_ext.comm.shm import shm_group
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
-IMPLS = ("gloo", "deepspeed", "spd", "spd-weighted", "spd-registered", "spd-graph")
-CUDA_ONLY = ("spd-registered", "spd-graph")
-DEFAULT_IMPLS = ("gloo", "deepspeed", "spd", "spd-weighted")
+IMPLS = ("gloo", "deepspeed", "spd_ext", "spd_ext-weighted", "spd_ext-registered", "spd_ext-graph")
+CUDA_ONLY = ("spd_ext-registered", "spd_ext-graph")
+DEFAULT_IMPLS = ("gloo", "deepspeed", "spd_ext", "spd_ext-weighted")
 GRAPH_CALLS = 20
 
 
@@ -79,10 +79,10 @@ def _candidates(x: torch.Tensor, weights: torch.Tensor, ds_run,
     fns = {
         "gloo": lambda: dist.all_reduce(x),
         "deepspeed": (lambda: ds_run(x)) if ds_run else None,
-        "spd": lambda: all_reduce(x),
-        "spd-weighted": lambda: all_reduce(x, "weighted", weights=weights),
-        "spd-registered": None,
-        "spd-graph": None,
+        "spd_ext": lambda: all_reduce(x),
+        "spd_ext-weighted": lambda: all_reduce(x, "weighted", weights=weights),
+        "spd_ext-registered": None,
+        "spd_ext-graph": None,
     }
     if registered is not None:
         view = registered[:x.numel() * x.element_size()].view(x.dtype)
@@ -91,7 +91,7 @@ def _candidates(x: torch.Tensor, weights: torch.Tensor, ds_run,
         with torch.cuda.graph(graph):
             for _ in range(GRAPH_CALLS):
                 all_reduce(view)
-        fns.update({"spd-registered": lambda: all_reduce(view), "spd-graph": graph.replay})
+        fns.update({"spd_ext-registered": lambda: all_reduce(view), "spd_ext-graph": graph.replay})
     return fns
 
 
@@ -119,10 +119,10 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
 
         ipc = cuda_ipc.ipc_group()
         if ipc is None:
-            notes["spd-registered"] = f"no CUDA IPC path: {cuda_ipc.describe()}"
+            notes["spd_ext-registered"] = f"no CUDA IPC path: {cuda_ipc.describe()}"
         else:  # raw bytes, viewed as each dtype; sizes past the IPC capacity go to NCCL
             registered = cuda_ipc.ipc_buffer(ipc.capacity, torch.uint8)
-            notes["spd-graph"] = (f"time per all_reduce in a CUDA graph of {GRAPH_CALLS}; "
+            notes["spd_ext-graph"] = (f"time per all_reduce in a CUDA graph of {GRAPH_CALLS}; "
                                   f"registered and graph: sizes up to {ipc.capacity} B")
 
     def barrier() -> None:
@@ -150,8 +150,8 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
                                                        registered if fits else None).items()
                         if k in impls and fn is not None}
             times = measure(runnable, **{**timing, "barrier": barrier}, agree=agree)
-            if "spd-graph" in times:
-                times["spd-graph"] /= GRAPH_CALLS
+            if "spd_ext-graph" in times:
+                times["spd_ext-graph"] /= GRAPH_CALLS
             for name in impls:
                 if name not in times:
                     row[name] = float("nan")
@@ -197,26 +197,26 @@ def run(cfg: AllReduceConfig) -> dict:
 def table(result: dict, cfg: AllReduceConfig, markdown: bool = False) -> str:
     impls = cfg.impl_list()
     headers = ["size", "dtype", *[f"{i} us" for i in impls]]
-    if "spd" in impls:
-        headers += ["spd busbw GB/s"]
+    if "spd_ext" in impls:
+        headers += ["spd_ext busbw GB/s"]
         if "gloo" in impls:
-            headers += ["spd x gloo"]
+            headers += ["spd_ext x gloo"]
         if "deepspeed" in impls:
-            headers += ["spd x ds"]
-        if "spd-weighted" in impls:
+            headers += ["spd_ext x ds"]
+        if "spd_ext-weighted" in impls:
             headers += ["weighted/sum"]
     busbw_factor = 2 * (cfg.nproc - 1) / cfg.nproc
     rows = []
     for r in result["rows"]:
         row = [human_bytes(r["bytes"]), r["dtype"], *[r[i] * 1e6 for i in impls]]
-        if "spd" in impls:
-            row.append(r["bytes"] / r["spd"] * busbw_factor / 1e9)
+        if "spd_ext" in impls:
+            row.append(r["bytes"] / r["spd_ext"] * busbw_factor / 1e9)
             if "gloo" in impls:
-                row.append(r["gloo"] / r["spd"])
+                row.append(r["gloo"] / r["spd_ext"])
             if "deepspeed" in impls:
-                row.append(r["deepspeed"] / r["spd"])
-            if "spd-weighted" in impls:
-                row.append(r["spd-weighted"] / r["spd"])
+                row.append(r["deepspeed"] / r["spd_ext"])
+            if "spd_ext-weighted" in impls:
+                row.append(r["spd_ext-weighted"] / r["spd_ext"])
         rows.append(row)
     return format_table(headers, rows, markdown)
 
@@ -224,10 +224,10 @@ def table(result: dict, cfg: AllReduceConfig, markdown: bool = False) -> str:
 def describe_run(result: dict, cfg: AllReduceConfig) -> str:
     info = result["info"]
     lines = [f"all-reduce, {cfg.nproc} ranks on {platform.node()} ({os.cpu_count()} cores), "
-             f"torch {torch.__version__}, spd path: {info['path']}"]
+             f"torch {torch.__version__}, spd_ext path: {info['path']}"]
     if "chunk" in info:
-        lines.append(f"spd: one-shot up to {human_bytes(info['oneshot'])}, then reduce-scatter + "
-                     f"all-gather in {human_bytes(info['chunk'])} chunks per rank")
+        lines.append(f"spd_ext: one-shot up to {human_bytes(info['oneshot'])}, then "
+                     f"reduce-scatter + all-gather in {human_bytes(info['chunk'])} chunks per rank")
     for k, v in info["notes"].items():
         lines.append(f"{k}: {v}")
     lines.append("time per call: median of repeats, slowest rank; busbw = bytes/time * "

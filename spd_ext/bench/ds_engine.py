@@ -26,8 +26,9 @@ from spd_ext.utils.table import format_table
 VARIANTS = {  # name -> the "spd_ext" section
     "deepspeed": {},
     "deepspeed-weighted": {"signal_weighting": {"warmup_steps": 0}},
-    "spd": {"comm": {"backend": "spd"}},
-    "spd-weighted": {"signal_weighting": {"warmup_steps": 0}, "comm": {"backend": "spd"}},
+    "spd_ext": {"comm": {"backend": "spd_ext"}},
+    "spd_ext-weighted": {"signal_weighting": {"warmup_steps": 0},
+                         "comm": {"backend": "spd_ext"}},
 }
 
 
@@ -105,5 +106,5 @@ def table(rows: list[dict], markdown: bool = False) -> str:
 
 def describe_run(cfg: DeepSpeedBenchConfig, rows: list[dict]) -> str:
     return (f"DeepSpeed ZeRO-0 fp32 engine step on {cfg.describe_ranks_and_model(rows)}), "
-            f"{cfg.describe_timing()}; deepspeed = DeepSpeed's reduction (gloo), spd = "
+            f"{cfg.describe_timing()}; deepspeed = DeepSpeed's reduction (gloo), spd_ext = "
             "spd_ext's fused all-reduce; weighted = signal weights (loss_ema, softmax)")

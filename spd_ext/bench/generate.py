@@ -29,7 +29,7 @@ DEFAULT_PATTERNS = "tp*12;[tp,spd]*6;spd*12;[spd,parallel]*6;grouped:4;parallel*
 class GenerateBenchConfig:
     nproc: int = 2
     patterns: str = DEFAULT_PATTERNS  # ';'-separated (patterns contain commas)
-    backends: str = "torch,spd"
+    backends: str = "torch,spd_ext"
     batch_sizes: str = "1,8"
     n_layer: int = 12
     n_head: int = 4
@@ -131,4 +131,4 @@ def describe_run(cfg: GenerateBenchConfig) -> str:
             f"({os.cpu_count()} cores), tensor parallel {cfg.nproc}; GPT {cfg.n_layer}L/"
             f"{cfg.n_embd}d/{cfg.n_head}h, vocabulary {cfg.vocab_size}; prompt "
             f"{cfg.prompt_len} tokens, {cfg.new_tokens} new, {cfg.repeats} repeats; backend "
-            "torch = torch.distributed (gloo), spd = spd_ext.comm; latency on the first rank")
+            "torch = torch.distributed (gloo), spd_ext = spd_ext.comm; latency on the first rank")

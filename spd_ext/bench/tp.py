@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.bench.timing import measure
+from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
 from spd_ext.launch import spawn
 from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
 from spd_ext.utils.table import format_table
@@ -21,7 +22,7 @@ DEFAULT_PATTERNS = "tp*12;[tp,spd]*6;spd*12;[spd,parallel]*6;grouped:4;ladder*12
 class TPBenchConfig:
     nproc: int = 2
     patterns: str = DEFAULT_PATTERNS  # ';'-separated (patterns contain commas)
-    backends: str = "torch,spd"
+    backends: str = "torch,spd_ext"
     n_layer: int = 12
     n_head: int = 4
     n_embd: int = 64
@@ -47,10 +48,11 @@ def split_patterns(spec: str) -> list[str]:
 def parse_backends(spec: str) -> list[str]:
     """``--backends``: a comma list of the tensor-parallel all-reduce backends."""
     names = [b.strip() for b in spec.split(",") if b.strip()]
-    bad = [b for b in names if b not in ("torch", "spd")]
+    bad = [b for b in names if b not in ("torch", SPD_EXT)]
     if bad or not names:
-        raise ValueError(f"unknown backend(s) {bad}; use torch (torch.distributed on the "
-                         "process group's backend) and/or spd (spd_ext.comm)")
+        hint = "".join(renamed_backend_hint(b) for b in bad)
+        raise ValueError(f"unknown backend(s) {bad}{hint}; use torch (torch.distributed on "
+                         "the process group's backend) and/or spd_ext (spd_ext.comm)")
     return names
 
 
@@ -125,4 +127,4 @@ def describe_run(cfg: TPBenchConfig) -> str:
             f"{cfg.nproc} CPU ranks of {platform.node()} ({os.cpu_count()} cores); GPT "
             f"{cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}h, batch {cfg.batch_size} x "
             f"{cfg.seq_len}; one all-reduce moves {cfg.batch_size * cfg.seq_len * cfg.n_embd * 4}"
-            " bytes; backend torch = torch.distributed (gloo), spd = spd_ext.comm")
+            " bytes; backend torch = torch.distributed (gloo), spd_ext = spd_ext.comm")

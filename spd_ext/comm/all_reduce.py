@@ -10,8 +10,8 @@ Ranks must agree on every call: the same size, dtype and op, and the same weight
 where one is given. On CPU every path checks this before reducing and raises the same
 :class:`CommError` on every rank if they differ (the shared-memory segment carries each
 rank's description; without one, a small all-gather does); ``timeout`` bounds each wait
-for a peer. CUDA tensors on NCCL are not checked (that would need a host synchronization
-per call; ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` checks them).
+for a peer. CUDA tensors (the IPC kernel and NCCL) are not checked: that would need a
+host synchronization per call (``TORCH_DISTRIBUTED_DEBUG=DETAIL`` checks NCCL's).
 """
 
 from __future__ import annotations
@@ -144,6 +144,8 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum",
         factor = _device_weight(weights, rank, world_size)
     else:
         factor = rank_weight(op, weights, rank, world_size, weight)
+    if op == "weighted" and not tensor.is_floating_point():  # before any rank waits
+        raise TypeError(f"op='weighted' needs a floating-point tensor, got {tensor.dtype}")
     if world_size == 1:
         if op != "sum":
             tensor.mul_(factor)

@@ -165,8 +165,9 @@ def ipc_buffer(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32,
     in place instead of staging a copy, so gradients or activations can be written straight
     into it; its address is fixed, as a captured CUDA graph needs. If the ranks pass
     different tensors (registered on some ranks only, other offsets), every rank's result
-    is NaN rather than a wrong sum. The memory stays mapped for the life of the process:
-    make buffers once, at start-up, and reuse them.
+    is NaN rather than a wrong sum. The memory stays mapped as long as the group's IPC
+    context (until the group is destroyed or the context closed): make buffers once, at
+    start-up, and reuse them.
 
     Raises RuntimeError when the group has no IPC path (``describe`` says why).
     """

@@ -90,13 +90,19 @@ class ShmGroup:
 
     def all_reduce(self, call: ReduceCall, async_op: bool) -> AllReduceWork | None:
         listed = self.weights_hash(weights) if (weights := call.weight_list()) else 0
+        if not self.suits(call.flat):
+            # Every rank checks the call through the segment (after the calls queued before
+            # it), then torch.distributed reduces it as this thread's own collective: in
+            # issue order with the caller's other torch.distributed calls on the group, which
+            # one made from the progress thread could pair differently on other ranks.
+            self.progress.drain()
+            self.agree_(call.flat, call.op, float(call.factor), listed, call.timeout)
+            return torch_all_reduce(call.flat, call.op, call.factor, call.world_size,
+                                    call.group, async_op,
+                                    result=None if call.flat is call.tensor else call.tensor)
 
         def reduce() -> None:
-            if self.suits(call.flat):
-                self.all_reduce_(call.flat, call.op, float(call.factor), listed, call.timeout)
-            else:  # every rank checks the call through the segment, then torch.distributed
-                self.agree_(call.flat, call.op, float(call.factor), listed, call.timeout)
-                torch_all_reduce(call.flat, call.op, call.factor, call.world_size, call.group)
+            self.all_reduce_(call.flat, call.op, float(call.factor), listed, call.timeout)
             call.copy_back()
 
         if async_op or self.progress.busy():  # after the calls already queued

@@ -118,8 +118,6 @@ def torch_all_reduce(tensor: torch.Tensor, op: str, weight: float | torch.Tensor
                               (torch.bfloat16, torch.float16)) else tensor
     reduce_op = dist.ReduceOp.SUM
     if op == "weighted":
-        if not work.is_floating_point():
-            raise TypeError(f"op='weighted' needs a floating-point tensor, got {tensor.dtype}")
         if isinstance(weight, torch.Tensor):  # NCCL reads the factor as the tensor's dtype
             weight = weight.to(work.dtype)
         reduce_op = premul_sum(weight, group)

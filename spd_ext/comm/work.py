@@ -123,6 +123,12 @@ class ProgressThread:
         self._queue.put((call, tensor, future))
         return future
 
+    def drain(self) -> None:
+        """Wait until the calls queued so far have run (their errors go to their own
+        handles)."""
+        if self.busy():
+            self.submit(lambda: None, torch.empty(0)).wait()
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
             self._run_one(*item)

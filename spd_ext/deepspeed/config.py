@@ -5,7 +5,7 @@
                            "floor": 0.05, "warmup_steps": 20},
       "staleness": {"mode": "diloco:50", "islands": 2},
       "tensor_parallel": {"size": 2, "pattern": "spd*12"},
-      "comm": {"backend": "spd"},
+      "comm": {"backend": "spd_ext"},
       "metrics": {"jsonl": "out/spd_ext.jsonl", "interval": 1}
     }
 
@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
 from spd_ext.dp.signals import SIGNALS
 from spd_ext.dp.weights import WEIGHT_MAPS
 from spd_ext.staleness.modes import Mode, parse_mode
@@ -29,7 +30,7 @@ from spd_ext.tp.patterns import PatternError, parse_pattern
 
 SECTION = "spd_ext"
 ENGINE_MODES = ("ssgd", "delayed", "local_sgd", "diloco")  # the collective staleness modes
-BACKENDS = ("deepspeed", "spd")
+BACKENDS = ("deepspeed", SPD_EXT)
 
 
 class SpdExtConfigError(ValueError):
@@ -164,9 +165,10 @@ class CommConfig:
 
     def check(self, where: str) -> None:
         if self.backend not in BACKENDS:
-            raise SpdExtConfigError(f"{where}.backend: unknown backend {self.backend!r}; use "
-                                    "'deepspeed' (DeepSpeed's own reduction) or 'spd' "
-                                    "(spd_ext's fused all-reduce, ZeRO stage 0)")
+            raise SpdExtConfigError(f"{where}.backend: unknown backend {self.backend!r}"
+                                    f"{renamed_backend_hint(self.backend)}; use 'deepspeed' "
+                                    "(DeepSpeed's own reduction) or 'spd_ext' (spd_ext's "
+                                    "fused all-reduce, ZeRO stage 0)")
         _number(f"{where}.bucket_mb", self.bucket_mb, low=0.0, low_open=True)
 
 
@@ -267,10 +269,11 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             f"data_types.grad_accum_dtype {grad_accum!r} with bf16: DeepSpeed then routes "
             "gradients through its BF16_Optimizer, whose buffers spd_ext does not drive; leave "
             "grad_accum_dtype out")
-    if cfg.comm.backend == "spd" and stage != 0:
+    if cfg.comm.backend == SPD_EXT and stage != 0:
         raise SpdExtConfigError(
-            f"comm.backend 'spd' with zero_optimization.stage {stage}: ZeRO-1 reduce-scatters "
-            "into optimizer-state partitions with its own buckets; spd_ext's fused all-reduce "
+            f"comm.backend 'spd_ext' with zero_optimization.stage {stage}: ZeRO-1 "
+            "reduce-scatters into optimizer-state partitions with its own buckets; spd_ext's "
+            "fused all-reduce "
             "replaces DeepSpeed's reduction at stage 0 only. Use backend 'deepspeed' (weights "
             "are still applied, as a per-rank scale) or stage 0")
     if mode.kind in ("delayed", "local_sgd") or (mode.kind == "diloco"
@@ -301,9 +304,9 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
         raise SpdExtConfigError(
             f"staleness.islands {cfg.staleness.islands} needs zero_optimization.stage 1 (each "
             f"island runs ZeRO-1 on its own ranks), got stage {stage}")
-    if cfg.comm.backend == "spd" and mode.kind != "ssgd":
+    if cfg.comm.backend == SPD_EXT and mode.kind != "ssgd":
         raise SpdExtConfigError(
-            f"comm.backend 'spd' with staleness.mode {mode}: the staleness modes carry their "
+            f"comm.backend 'spd_ext' with staleness.mode {mode}: the staleness modes carry their "
             "own communication through spd_ext already; leave comm.backend out")
     if world_size is not None:
         tp, islands = cfg.tensor_parallel.size, cfg.staleness.islands

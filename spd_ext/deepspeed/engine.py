@@ -10,7 +10,7 @@ instance only, five of its methods with wrappers that call the originals:
   owns overflows), computes the
   step's weights (one scalar all-gather on the data-parallel group), scales each rank's
   accumulated gradient by ``w_i * N`` (DeepSpeed then averages: sum_i w_i g_i) or reduces
-  with spd_ext's fused weighted all-reduce (``comm.backend = "spd"``, stage 0); staleness
+  with spd_ext's fused weighted all-reduce (``comm.backend = "spd_ext"``, stage 0); staleness
   modes replace the reduction with their own (delayed, or none for local SGD / DiLoCo);
 * ``_take_model_step()``: skips the optimizer while ``delayed:k`` has nothing to apply;
 * ``step()``: after DeepSpeed's update, parameter averaging (local SGD / DiLoCo), metrics;
@@ -33,14 +33,15 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_ext.comm import all_reduce
+from spd_ext.comm.backend import SPD_EXT
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.deepspeed.config import SpdExtConfig, SpdExtConfigError
 from spd_ext.deepspeed.topology import Topology
 from spd_ext.dp.aggregator import SignalWeightedAggregator, WeightError
 from spd_ext.staleness.collective import DiLoCo, StalenessStrategy, make_strategy
 from spd_ext.tp.sharding import tensor_parallel_layout
-from spd_ext.train.run_log import RunLog
 from spd_ext.utils.files import atomic_path, load_checkpoint
+from spd_ext.utils.run_log import RunLog
 
 REQUIRED_ENGINE_ATTRIBUTES = (
     "allreduce_gradients", "backward", "step", "_take_model_step", "clip_fp32_gradients",
@@ -136,7 +137,7 @@ class EngineIntegration:
             self.log = RunLog(Path(cfg.metrics.jsonl), run_name="spd_ext", quiet=True,
                               config={"spd_ext": _plain(cfg)})
         self._grad_buffers: dict[torch.dtype, torch.Tensor] = {}
-        if cfg.comm.backend == "spd" and stage == 0 and self.strategy is None:
+        if cfg.comm.backend == SPD_EXT and stage == 0 and self.strategy is None:
             self._grad_buffers = self._make_grad_buffers()
         fp16 = getattr(engine, "fp16_enabled", None)
         self._fp16 = bool(fp16()) if callable(fp16) else False  # loss scaling skips overflows
@@ -159,7 +160,7 @@ class EngineIntegration:
             self._attach_grad_views()
         return self._originals["backward"](loss, *args, **kwargs)
 
-    # -- gradients as views of flat buffers (comm.backend "spd", stage 0) ----------------
+    # -- gradients as views of flat buffers (comm.backend "spd_ext", stage 0) ----------------
     def _make_grad_buffers(self) -> dict[torch.dtype, torch.Tensor]:
         """One flat buffer per dtype, reused every step: the reduction runs in place on it
         with no flatten / copy-back (PyTorch DDP's gradient_as_bucket_view). Fresh
@@ -215,7 +216,7 @@ class EngineIntegration:
             self._skip_optimizer = bool(out.get("skip_optimizer", False))
         elif self.aggregator is not None:
             self._weighted_reduce(grads, loss, step, args, kwargs)
-        elif self.cfg.comm.backend == "spd":
+        elif self.cfg.comm.backend == SPD_EXT:
             self._spd_reduce(grads, "mean" if engine.gradient_average else "sum", None)
         else:
             self._originals["allreduce_gradients"](*args, **kwargs)
@@ -323,7 +324,7 @@ class EngineIntegration:
         for i, g in enumerate(grads):
             agg.observe_local_piece(i, g.reshape(-1))
         agg.signal.end_gradient()
-        if self.cfg.comm.backend == "spd":
+        if self.cfg.comm.backend == SPD_EXT:
             self._spd_reduce(grads, "weighted", weights)
         else:
             # DeepSpeed averages (or sums, with gradient_allreduce_op "sum"): pre-scale so

@@ -17,7 +17,7 @@ from spd_ext.experiments.common import finished_runs, pyplot, write_json
 from spd_ext.launch import spawn
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
-from spd_ext.utils.files import atomic_path
+from spd_ext.utils.files import save_figure
 from spd_ext.utils.table import format_table
 
 
@@ -153,7 +153,4 @@ def plot(rows: list[dict], path: Path) -> None:
     lax.set_ylabel("clean validation loss")
     lax.legend(fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from spd_ext.comm.backend import SPD_EXT
 from spd_ext.launch import RankError, spawn
 from spd_ext.serve.model_source import ModelSource
 from spd_ext.serve.ranks import serve_rank
@@ -153,15 +154,15 @@ class RankJob:
 
 
 class CompletionServer:
-    def __init__(self, source: ModelSource, nproc: int, backend: str = "spd",
-                 max_queue: int = 64, fail_grace_s: float = 3.0) -> None:
-        self.source, self.nproc, self.backend = source, nproc, backend
+    def __init__(self, source: ModelSource, backend: str = SPD_EXT, max_queue: int = 64,
+                 fail_grace_s: float = 3.0) -> None:
+        self.source, self.backend = source, backend
+        self.nproc = source.config.tp_size  # one rank per shard
         self.tokenizer = source.load_tokenizer()
         self.vocab = min(source.config.vocab_size, self.tokenizer.vocab_size)
         self.context = source.config.block_size
         self.max_queue, self.fail_grace_s = max_queue, fail_grace_s
         self.state, self.failure, self.info = "loading", "", {}
-        self.exit_code = 0
         self.streams: dict[int, asyncio.Queue] = {}
         self.cancelled: set[int] = set()  # requests of self.streams cancelled already
         self.ids = itertools.count(1)
@@ -201,12 +202,16 @@ class CompletionServer:
             self.finished.set()
             return
         # The first line names the rank and how it ended; the tracebacks go to the log.
-        self.state, self.failure, self.exit_code = "failed", failure.splitlines()[0], 1
+        self.state, self.failure = "failed", failure.splitlines()[0]
         for queue in self.streams.values():
             queue.put_nowait(("failed", 0, self.failure))
         print(f"spd-ext serve: {failure.strip()}\nspd-ext serve: every rank was stopped; "
               f"answering 503 for {self.fail_grace_s:g} s, then exiting", flush=True)
         asyncio.get_running_loop().call_later(self.fail_grace_s, self.finished.set)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.state == "failed" else 0
 
     def stop(self) -> None:
         """Finish the queued requests, stop the ranks, then exit."""
@@ -434,8 +439,8 @@ async def _serve(server: CompletionServer, host: str, port: int) -> int:
     return server.exit_code
 
 
-def run_server(source: ModelSource, nproc: int, host: str = "127.0.0.1", port: int = 5050,
-               backend: str = "spd", max_queue: int = 64, fail_grace_s: float = 3.0) -> int:
+def run_server(source: ModelSource, host: str = "127.0.0.1", port: int = 5050,
+               backend: str = SPD_EXT, max_queue: int = 64, fail_grace_s: float = 3.0) -> int:
     """Serve until SIGINT/SIGTERM (exit 0) or a rank fails (exit 1)."""
-    server = CompletionServer(source, nproc, backend, max_queue, fail_grace_s)
+    server = CompletionServer(source, backend, max_queue, fail_grace_s)
     return asyncio.run(_serve(server, host, port))

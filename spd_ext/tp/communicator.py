@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.tp.sync_counter import SyncCounter
 
@@ -77,17 +78,18 @@ class EmulatedComm(TensorParallelComm):
 class DistributedComm(TensorParallelComm):
     """One shard per rank of ``group``.
 
-    ``backend="spd"`` all-reduces through spd_ext.comm (shared memory on one host),
+    ``backend="spd_ext"`` all-reduces through spd_ext.comm (shared memory on one host),
     ``"torch"`` through torch.distributed directly. Asynchronous all-reduces are the
     collectives' own (``async_op=True``); either back-end completes a group's calls in
     the order they were issued, so a synchronous one after them needs no extra wait.
     """
 
-    def __init__(self, group: Any = None, backend: str = "spd") -> None:
+    def __init__(self, group: Any = None, backend: str = SPD_EXT) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistributedComm needs torch.distributed initialized first")
-        if backend not in ("spd", "torch"):
-            raise ValueError(f"backend must be 'spd' or 'torch', got {backend!r}")
+        if backend not in (SPD_EXT, "torch"):
+            raise ValueError(f"backend must be 'spd_ext' or 'torch', got {backend!r}"
+                             + renamed_backend_hint(backend))
         super().__init__(dist.get_world_size(group), shards=1, rank=dist.get_rank(group))
         self.group = group
         self.backend = backend
@@ -95,7 +97,7 @@ class DistributedComm(TensorParallelComm):
     def _reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
         # detach: the region's output is written in place outside autograd's view (its
         # backward does not read it)
-        if self.backend == "spd":
+        if self.backend == SPD_EXT:
             from spd_ext.comm import all_reduce
 
             return all_reduce(t.detach(), group=self.group, async_op=async_op)

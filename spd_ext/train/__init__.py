@@ -10,8 +10,8 @@ from spd_ext.train.config import (
     load_config,
     plan_run,
 )
-from spd_ext.train.run_log import RunLog
 from spd_ext.train.trainer import TrainConfig, Trainer, TrainResult, lr_at, make_optimizer
+from spd_ext.utils.run_log import RunLog
 
 __all__ = ["ConfigError", "RunConfig", "RunLog", "RunPlan", "TrainConfig", "TrainResult",
            "Trainer", "TrainerHooks", "check_environment", "load_config", "lr_at",

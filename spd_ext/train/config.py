@@ -112,9 +112,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
                   "tensor_parallel.size, else 1)", nullable=True, low=1),
         "islands": Opt(None, "int", "DiLoCo islands (default: the spd_ext section's "
                        "staleness.islands, else 1)", nullable=True, low=1),
-        "tp_backend": Opt("spd", "str", "the tensor-parallel all-reduce: spd (spd_ext.comm: "
-                          "shared memory on CPU, CUDA IPC on GPU) or torch (torch.distributed)",
-                          choices=("spd", "torch")),
+        "tp_backend": Opt("spd_ext", "str", "the tensor-parallel all-reduce: spd_ext "
+                          "(spd_ext.comm: shared memory on CPU, CUDA IPC on GPU) or torch "
+                          "(torch.distributed)", choices=("spd_ext", "torch")),
     },
     "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "deepspeed",
                      "a ds_config JSON path (relative to the config file) or an inline dict"),
@@ -507,6 +507,17 @@ class RunPlan:
         section = self.ds_config.get("bf16") or {}
         return bool(section.get("enabled")) if isinstance(section, dict) else False
 
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """What a checkpoint's files depend on, by setting name: a resume must match it."""
+        layout: dict[str, Any] = {"--nproc": self.world_size, "parallel.tp": self.tp,
+                                  "parallel.islands": self.islands,
+                                  "deepspeed.zero_optimization.stage":
+                                  self.ds_config.get("zero_optimization", {}).get("stage", 0),
+                                  "bf16": self.bf16}
+        for key in (*_SHAPE_KEYS, "pattern"):
+            layout[f"model.{key}"] = self.model.get(key)
+        return layout
+
 
 def _fail(message: str) -> ConfigError:
     return ConfigError(message)
@@ -700,17 +711,19 @@ def resume_tag(checkpoint_dir: Path) -> str | None:
     return complete[-1][1] if complete else None
 
 
-def checkpoint_world_size(checkpoint_dir: Path, tag: str) -> int | None:
+def saved_layout(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
+    """The layout a complete checkpoint was saved with ({} when its marker predates it)."""
     try:
         info = json.loads((checkpoint_dir / tag / "train" / COMPLETE).read_text())
     except (OSError, json.JSONDecodeError):
-        return None
-    return info.get("world_size") if isinstance(info, dict) else None
+        return {}
+    return info.get("layout", {}) if isinstance(info, dict) else {}
 
 
 def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = False) -> dict:
-    """What lies outside the config: DeepSpeed, the corpus and tokenizer (encoded once into
-    the token cache here, not in every rank), the Hugging Face folder, the checkpoints.
+    """What lies outside the config: DeepSpeed, the corpus and tokenizer (encoded into the
+    token cache by the first process to get here; `spd-ext train` does it before starting the
+    ranks, which then read the cache), the Hugging Face folder, the checkpoints.
     Returns facts for the run (vocab_size, the resume tag)."""
     import importlib.util
 
@@ -728,10 +741,16 @@ def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = Fal
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(f"data.corpus: {exc}") from None
     facts["vocab_size"] = data.vocab_size
+    sample = cfg.values["sample"]
+    if sample["tokens"]:
+        try:
+            data.tokenizer.encode(sample["prompt"])
+        except (ValueError, KeyError) as exc:
+            raise _fail(f"sample.prompt {sample['prompt']!r} cannot be encoded by the "
+                        f"{d['tokenizer']} tokenizer ({exc}); use text of the corpus") from None
     block = plan.model.get("block_size")
     if m["hf_path"] is not None:
         block = _check_hf(plan)
-        facts["block_size"] = block
     elif plan.model["vocab_size"] is not None and plan.model["vocab_size"] < data.vocab_size:
         raise _fail(f"model.vocab_size {plan.model['vocab_size']} is below the {d['tokenizer']} "
                     f"tokenizer's {data.vocab_size} tokens; raise it or leave it null")
@@ -754,10 +773,14 @@ def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = Fal
         if tag is None:
             raise _fail(f"--resume: no complete checkpoint in {ckpt}; run without --resume to "
                         "start training")
-        saved_world = checkpoint_world_size(ckpt, tag)
-        if saved_world is not None and saved_world != plan.world_size:
-            raise _fail(f"--resume: {ckpt / tag} was saved by {saved_world} ranks but this run "
-                        f"has {plan.world_size}; resume with --nproc {saved_world}")
+        saved, now = saved_layout(ckpt, tag), plan.checkpoint_layout()
+        differ = [k for k in now if k in saved and saved[k] != now[k]]
+        if differ:
+            was = ", ".join(f"{k} {saved[k]}" for k in differ)
+            has = ", ".join(f"{k} {now[k]}" for k in differ)
+            raise _fail(f"--resume: {ckpt / tag} was saved with {was} but this run has {has}; "
+                        "resume with the saved settings, or start over in another "
+                        "training.out_dir")
         step = int(_TAG.match(tag).group(1))
         if step >= t["steps"]:
             raise _fail(f"--resume: {ckpt / tag} is at step {step}: the run already finished "

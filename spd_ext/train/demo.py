@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from spd_ext.utils.files import atomic_path, write_json
+from spd_ext.utils.files import save_figure, write_json
+from spd_ext.utils.run_log import read_metrics
 from spd_ext.utils.table import format_table
 
 NPROC = 2
@@ -34,7 +35,7 @@ ZERO1 = {"zero_optimization": {"stage": 1, "overlap_comm": False},
          "steps_per_print": 10**9, "wall_clock_breakdown": False}
 # The tensor-parallel all-reduce through torch.distributed (gloo between the two CPU ranks):
 # about 1.5 ms each here, so the step time shows the sync count (spd_ext's shared-memory
-# all-reduce, parallel.tp_backend spd, takes microseconds and hides it).
+# all-reduce, parallel.tp_backend spd_ext, takes microseconds and hides it).
 TP_BACKEND = "torch"
 SIGNAL_WEIGHTING = {"signal": "loss_ema", "map": "softmax", "temperature": 1.0, "floor": 0.05,
                     "warmup_steps": 20}
@@ -74,12 +75,6 @@ def runs(out: Path, tp_steps: int, dp_steps: int) -> list[tuple[str, str, dict]]
         out_list.append((name, "dp 2, rank 1 corrupt, " +
                          ("signal-weighted" if weighted else "uniform"), cfg))
     return out_list
-
-
-def read_log(path: Path) -> list[dict]:
-    from spd_ext.train.run import read_log as read
-
-    return read(path)
 
 
 def train(config_path: Path, output: Path, env: dict) -> tuple[int, float]:
@@ -140,10 +135,7 @@ def plot(rows: list[dict], logs: dict[str, list[dict]], path: Path) -> bool:
     if w_ax.lines:
         w_ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -185,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{output}", file=sys.stderr)
             return 1
         summary = json.loads(summary_path.read_text())
-        logs[name] = read_log(Path(cfg["training"]["out_dir"]) / "log.jsonl")
+        logs[name] = read_metrics(Path(cfg["training"]["out_dir"]) / "log.jsonl")
         rows.append({"name": name, "what": what, "job_seconds": seconds, **summary})
         print(f"val loss {summary['val_loss']:.4f}, {summary['step_ms']:.0f} ms/step "
               f"({seconds:.0f} s)", flush=True)

@@ -39,38 +39,20 @@ from spd_ext.train.config import (
     load_config,
     plan_run,
 )
-from spd_ext.utils.files import atomic_path, write_json
+from spd_ext.utils.files import atomic_path, save_figure, write_json
+from spd_ext.utils.run_log import read_metrics
 
 PROG = "spd-ext train"
 
 
-# -- schedule, optimizer ------------------------------------------------------------------
+# -- schedule ----------------------------------------------------------------------------
 def lr_at(step: int, training: Any) -> float:
-    """nanoGPT's schedule: linear warm-up, then cosine decay to min_lr over lr_decay_steps
-    (default: steps), min_lr after; ``schedule: constant`` keeps lr after warm-up."""
-    lr, warmup = training.lr, training.warmup_steps
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if training.schedule == "constant":
-        return lr
-    decay = training.lr_decay_steps or training.steps
-    if step >= decay:
-        return training.min_lr
-    progress = (step - warmup) / max(1, decay - warmup)
-    return training.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - training.min_lr)
+    """The learning rate at ``step``: warm-up, then cosine decay over lr_decay_steps (default:
+    steps) or ``schedule: constant``."""
+    from spd_ext.train.trainer import scheduled_lr
 
-
-def make_optimizer(model: Any, training: Any):
-    """AdamW, weight decay on matrices and embeddings only (nanoGPT's groups)."""
-    import torch
-
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": training.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=training.lr, betas=(training.beta1, training.beta2), eps=1e-8)
+    return scheduled_lr(step, training.lr, training.min_lr, training.warmup_steps,
+                        training.lr_decay_steps or training.steps, training.schedule)
 
 
 # -- progress -----------------------------------------------------------------------------
@@ -194,16 +176,17 @@ def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
 def generate(model: Any, tokenizer: Any, prompt: str, tokens: int, temperature: float,
              top_k: int | None, block_size: int, seed: int, device: Any,
              tp_group: Any = None, tp_src: int = 0) -> str:
-    """Sample ``tokens`` tokens after ``prompt`` with the model's forward (every rank of a
-    tensor-parallel group calls this together; rank ``tp_src``'s choice is broadcast)."""
+    """Sample ``tokens`` tokens after ``prompt`` with the model's forward over the last
+    ``block_size`` tokens (so a sample may outrun the context, which the KV-cached
+    ``generate`` refuses); every rank of a tensor-parallel group calls this together and
+    rank ``tp_src``'s choice is broadcast. The prompt was checked at set-up."""
     import torch
     import torch.distributed as dist
 
-    try:
-        ids = tokenizer.encode(prompt) or [0]
-    except ValueError:  # a character outside the corpus's vocabulary
-        ids = [0]
-    vocab = tokenizer.vocab_size
+    from spd_ext.tp.generation import sample_next
+
+    ids = tokenizer.encode(prompt)
+    vocab = tokenizer.vocab_size  # below a padded model vocabulary
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
@@ -211,15 +194,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, tokens: int, temperature: 
     with torch.no_grad():
         for _ in range(tokens):
             logits, _ = model(idx[:, -block_size:])
-            logits = logits[:, -1, :vocab].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < vocab:
-                    kth = torch.topk(logits, top_k).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+            nxt = sample_next(logits[:, -1, :vocab], temperature, top_k, g)[:, None]
             if tp_group is not None:
                 dist.broadcast(nxt, src=tp_src, group=tp_group)
             idx = torch.cat([idx, nxt], dim=1)
@@ -246,27 +221,8 @@ def plot_losses(history: list[dict], path: Path, title: str) -> bool:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    save_figure(fig, path)
     return True
-
-
-def read_log(path: Path) -> list[dict]:
-    """The metric records of a run's JSONL log (events and cut-short lines skipped)."""
-    import json
-
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "event" not in record and "step" in record:
-                records.append(record)
-    return records
 
 
 def _rank_state_path(checkpoint_dir: Path, tag: str, rank: int) -> Path:
@@ -284,7 +240,7 @@ def save_checkpoint(engine: Any, plan: RunPlan, step: int) -> str:
     tag = f"global_step{step}"
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
-    state = {"step": step, "world_size": plan.world_size, "rng": torch.get_rng_state()}
+    state = {"step": step, "rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     with atomic_path(_rank_state_path(ckpt, tag, rank)) as tmp:
@@ -292,7 +248,7 @@ def save_checkpoint(engine: Any, plan: RunPlan, step: int) -> str:
     dist.barrier()
     if rank == 0:
         write_json(ckpt / tag / "train" / COMPLETE,
-                   {"step": step, "world_size": plan.world_size, "time": time.time()})
+                   {"step": step, "layout": plan.checkpoint_layout(), "time": time.time()})
         with atomic_path(ckpt / LATEST) as tmp:
             tmp.write_text(tag)
     dist.barrier()
@@ -347,8 +303,8 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     import spd_ext.deepspeed as sd
     from spd_ext.data import Corruption, ShardedSampler, TokenDataset
     from spd_ext.dp.aggregator import WeightError
-    from spd_ext.train.run_log import RunLog
-    from spd_ext.utils.files import write_json
+    from spd_ext.train.trainer import make_optimizer
+    from spd_ext.utils.run_log import RunLog
     from spd_ext.utils.table import format_table
 
     _quiet_deepspeed()
@@ -383,7 +339,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     sampler = ShardedSampler(data, data_rank, data_world, t.micro_batch, block, t.seed,
                              sharding=d.sharding, corrupt_ranks=tuple(d.corrupt_ranks),
                              corruption=corruption)
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, t)  # AdamW: the Trainer's parameter groups
     engine, *_ = sd.initialize(model=model, optimizer=optimizer, config=plan.ds_config)
     device = engine.device
     integration = engine.spd_ext
@@ -543,7 +499,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
         title = (f"{cfg.name}: {model.config.pattern}, {_layout(plan)}, {_precision(plan)}, "
                  f"{t.steps} steps")
         plot: Path | None = plan.out_dir / "loss.png"
-        if not plot_losses(read_log(plan.out_dir / "log.jsonl"), plot, title):
+        if not plot_losses(read_metrics(plan.out_dir / "log.jsonl"), plot, title):
             plot = None
         if sample:
             with atomic_path(plan.out_dir / "sample.txt") as tmp:

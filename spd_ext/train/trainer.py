@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,8 @@ from torch import nn
 
 from spd_ext.hooks import TrainerHooks, check_hooks
 from spd_ext.tp.sharding import ShardedModel
-from spd_ext.train.run_log import RunLog
 from spd_ext.utils.files import atomic_path, load_checkpoint
+from spd_ext.utils.run_log import RunLog
 
 BatchFn = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,16 +67,35 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def scheduled_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int,
+                 schedule: str = "cosine") -> float:
+    """nanoGPT's schedule: linear warm-up, then cosine decay to ``min_lr`` at
+    ``decay_steps``, ``min_lr`` after; ``schedule="constant"`` keeps ``lr`` after warm-up."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    """The Trainer's learning rate at ``step``: warm-up, then cosine decay over max_steps."""
+    return scheduled_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+class OptimizerSettings(Protocol):
+    """What AdamW is built from (a TrainConfig, `spd-ext train`'s training section)."""
+
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+
+
+def make_optimizer(model: nn.Module, cfg: OptimizerSettings) -> torch.optim.AdamW:
     """AdamW; weight decay on weight matrices and embeddings, not on biases and norms."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -77,9 +77,12 @@ class PSProcessGroups:
         return cls(up, down, dist.new_group(list(range(servers))) if servers > 1 else None,
                    [tuple(p) for p in processes])
 
-    def exited(self, ranks: list[int]) -> list[str]:
-        """Those of ``ranks`` whose process on this host is gone, as "rank R (pid P)"."""
+    def exited(self, ranks: list[int]) -> list[int]:
+        """Those of ``ranks`` whose process on this host is gone."""
         here = host_id()
-        return [f"rank {r} (pid {self.processes[r][1]})" for r in ranks
-                if r < len(self.processes) and self.processes[r][0] == here
+        return [r for r in ranks if r < len(self.processes) and self.processes[r][0] == here
                 and process_exited(self.processes[r][1])]
+
+    def describe(self, ranks: list[int]) -> str:
+        """"rank R (pid P), ..." for messages."""
+        return ", ".join(f"rank {r} (pid {self.processes[r][1]})" for r in ranks)

@@ -200,8 +200,7 @@ class ParameterServer:
     def _stop_if_exited(self, workers: list[int]) -> None:
         gone = self.groups.exited(workers)
         if gone:
-            culprit = int(gone[0].split()[1])
-            self._stop_all(f"worker {', '.join(gone)} exited", culprit, EXITED)
+            self._stop_all(f"worker {self.groups.describe(gone)} exited", gone[0], EXITED)
 
     def _stop_all(self, reason: str, culprit: int = -1, why: int = EXITED) -> None:
         """Tell every live worker to stop (naming ``culprit``, the rank that exited or

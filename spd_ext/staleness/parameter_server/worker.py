@@ -52,9 +52,9 @@ class Worker:
         time.sleep(0.2)  # a dying rank's process may still be exiting
         world = len(self.groups.processes)
         gone = self.groups.exited([r for r in range(world) if r != self.rank])
-        servers = [g for g in gone if int(g.split()[1]) < self.cfg.servers]
-        who = (f"parameter server {', '.join(servers)} exited" if servers else
-               f"{', '.join(gone)} exited" if gone else
+        servers = [r for r in gone if r < self.cfg.servers]
+        who = (f"parameter server {self.groups.describe(servers)} exited" if servers else
+               f"{self.groups.describe(gone)} exited" if gone else
                f"the connection failed ({str(exc).splitlines()[0]}); no rank's process on "
                "this host exited")
         return ServerStopped(f"worker {self.rank}: {who}")

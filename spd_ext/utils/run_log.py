@@ -6,7 +6,28 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from spd_ext.utils.files import atomic_path
+
+
+def log_lines(path: Path) -> Iterator[tuple[str, dict | None]]:
+    """Each line of a JSONL log with its record (None: a line cut short by a crash)."""
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        yield line, record if isinstance(record, dict) else None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The metric records of a run's log (events and cut-short lines skipped); [] if the
+    file does not exist."""
+    if not path.is_file():
+        return []
+    return [r for _, r in log_lines(path) if r is not None and "event" not in r and "step" in r]
 
 
 class RunLog:
@@ -26,7 +47,7 @@ class RunLog:
 
                 self._wandb = wandb.init(project=project, name=run_name, config=config or {})
             except ImportError:
-                print("spd_ext: SPD_EXT_WANDB_PROJECT is set but wandb is not installed "
+                print(f"spd_ext: W&B project {project!r} asked for but wandb is not installed "
                       "(pip install 'spd_ext[wandb]'); logging locally only", file=sys.stderr)
         self.event("start", config=config or {})
 
@@ -55,18 +76,11 @@ class RunLog:
         is rewritten atomically."""
         if self.path is None or self._file is None:
             return 0
-        from spd_ext.utils.files import atomic_path
-
         self._file.close()
         kept, dropped = [], 0
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1  # a line cut short by the crash
-                continue
-            if "event" not in record and record.get("step", -1) > step:
-                dropped += 1
+        for line, record in log_lines(self.path):
+            if record is None or ("event" not in record and record.get("step", -1) > step):
+                dropped += 1  # a later step's record, or a line cut short by the crash
             else:
                 kept.append(line)
         with atomic_path(self.path) as tmp:
