@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from spd_ext.comm.torch_private import flatten_dense, unflatten_dense
+
 
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A new 1-D tensor holding every tensor's elements, in order."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+    """A new 1-D tensor holding every tensor's elements, in order (torch's own helper)."""
+    return flatten_dense(tensors)
 
 
 def copy_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     """Inverse of flatten: write the buffer's slices back into the tensors."""
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    for t, view in zip(tensors, unflatten_dense(flat, tensors)):
+        t.copy_(view)
 
 
 def shard_bounds(numel: int, parts: int, align: int = 1) -> list[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""The torch.distributed internals spd_ext relies on, each behind one guarded helper.
+"""The torch internals spd_ext relies on, each behind one guarded helper.
 
 torch has no public API for these; every helper says what it falls back to when a torch
 release renames or drops the private name, so an upgrade degrades (or fails with a
@@ -49,3 +49,29 @@ def live_groups() -> set[Any] | None:
     world = getattr(c10d, "_world", None)
     pg_map = getattr(world, "pg_map", None)
     return set(pg_map) if pg_map is not None else None
+
+
+def flatten_dense(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch's own bucket flattening (``torch._utils._flatten_dense_tensors``, as DDP and
+    DeepSpeed use); a plain concatenation where a torch release drops it."""
+    from torch import _utils
+
+    flatten = getattr(_utils, "_flatten_dense_tensors", None)
+    if flatten is None:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return flatten(tensors)
+
+
+def unflatten_dense(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped as ``like`` (``torch._utils._unflatten_dense_tensors``), or
+    slices of it where a torch release drops that."""
+    from torch import _utils
+
+    unflatten = getattr(_utils, "_unflatten_dense_tensors", None)
+    if unflatten is not None:
+        return list(unflatten(flat, like))
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return views
