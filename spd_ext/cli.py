@@ -12,7 +12,15 @@ from pathlib import Path
 
 from spd_ext.utils.files import write_json
 
-_HELP = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every --help shows the defaults, once: a help that says its default in words
+    (a default of None meaning "the checkpoint's", "all", ...) gets no "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _bounded(kind: type, low: float, *, low_open: bool = False, high: float | None = None,
@@ -45,7 +53,7 @@ PROBABILITY = _bounded(float, 0.0, high=1.0)
 
 
 def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
-    return sub.add_parser(name, formatter_class=_HELP, **kwargs)
+    return sub.add_parser(name, formatter_class=_Help, **kwargs)
 
 
 def _add_table_args(p: argparse.ArgumentParser) -> None:
@@ -409,8 +417,9 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=_staleness)
 
 
-class _TrainHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, and the config keys listed as written (one per line)."""
+class _HelpAsWritten(_Help, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, description and epilog as written (config keys one per line,
+    example commands on lines of their own)."""
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -418,7 +427,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from spd_ext.train.run import add_arguments
 
     p = sub.add_parser(
-        "train", formatter_class=_TrainHelp, help="train a GPT from a YAML/JSON run config",
+        "train", formatter_class=_HelpAsWritten, help="train a GPT from a YAML/JSON run config",
         description="Train a reduced-sync GPT through spd_ext.deepspeed from one YAML or JSON "
         "file (sections model, data, training, parallel, deepspeed, sample, wandb).\nThe "
         "config is checked before any rank starts; a mistake is one line naming the key and "
@@ -708,15 +717,17 @@ def _staleness(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "serve", help="serve a reduced-sync GPT over HTTP on N local ranks",
-                 description="Split a model over N local ranks (tensor parallel N) and serve "
-                 "it: POST /v1/completions (JSON; \"stream\": true for server-sent events), "
-                 "GET /health, GET /metrics, and a web page at /. The model and the flags are "
-                 "checked before any rank starts; SIGINT or SIGTERM stops the server after "
-                 "the queued requests, a rank that dies stops every rank (503 meanwhile).",
-                 epilog="example: spd-ext serve --hf ./gpt2 --pattern 'spd*12' --nproc 2\n"
-                 "  curl -N localhost:5050/v1/completions -d '{\"prompt\": \"Hello\", "
-                 "\"max_tokens\": 32, \"stream\": true}'")
+    p = sub.add_parser(
+        "serve", formatter_class=_HelpAsWritten,
+        help="serve a reduced-sync GPT over HTTP on N local ranks",
+        description="Split a model over N local ranks (tensor parallel N) and serve it: POST "
+        "/v1/completions\n(JSON; \"stream\": true for server-sent events), GET /health, GET "
+        "/metrics, and a web page\nat /. The model and the flags are checked before any rank "
+        "starts; SIGINT or SIGTERM stops\nthe server after the queued requests, a rank that "
+        "dies stops every rank (503 meanwhile).",
+        epilog="example:\n  spd-ext serve --hf ./gpt2 --pattern 'spd*12' --nproc 2\n"
+        "  curl -N localhost:5050/v1/completions -d '{\"prompt\": \"Hello\", "
+        "\"max_tokens\": 32, \"stream\": true}'")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="an spd_ext checkpoint (ckpt.pt of spd-ext "
                         "experiment, or model.pt of spd-ext train)")
@@ -734,6 +745,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting or running before new ones get 503")
     p.add_argument("--fail-grace", type=_bounded(float, 0.0), default=3.0,
                    help="seconds to keep answering 503 after a rank dies, before exiting")
+    p.add_argument("--rank-timeout", type=_bounded(float, 1.0), default=300.0,
+                   help="seconds a rank may stop answering (hung, not dead: a dead one is "
+                   "found at once) before the server stops; an idle server never reaches it")
     p.set_defaults(func=_serve)
 
 
@@ -751,12 +765,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"spd-ext serve: note: {source.note}", flush=True)
     # the server loads the tokenizer before any rank starts: a missing file is one line
     return run_server(source, args.host, args.port, args.backend, args.max_queue,
-                      args.fail_grace)
+                      args.fail_grace, args.rank_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="spd-ext", formatter_class=_HELP,
+        prog="spd-ext", formatter_class=_Help,
         description="spd_ext: reduced-communication distributed training for PyTorch and "
         "DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

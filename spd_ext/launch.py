@@ -10,6 +10,7 @@ stops every rank and raises in the caller with the rank named, so a hang costs s
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -131,11 +132,16 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
 
     ``fn`` and ``args`` must be picklable (a module-level function). ``threads_per_rank``
     sets torch's intra-op threads in each rank (default: cores // nproc, at least 1).
+    ``timeout`` (seconds; ``math.inf``: no deadline, a server) bounds the whole job;
     ``pg_timeout`` is the process group's own timeout (default: ``timeout``).
     ``bind_cores`` pins each rank to its own cores when there are enough (benchmarks).
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
+    pg_timeout = pg_timeout or timeout
+    if not 0 < pg_timeout < math.inf:  # timeout=math.inf (no deadline) needs its own
+        raise ValueError(f"the process group's timeout must be a finite number of seconds "
+                         f"> 0, got {pg_timeout}; pass pg_timeout with timeout=math.inf")
     if threads_per_rank is None:
         threads_per_rank = max(1, (os.cpu_count() or 1) // nproc)
     ctx = mp.get_context("spawn")
@@ -145,7 +151,7 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
         ctx.Process(target=_rank_main, name=f"spd_ext-rank{rank}",
                     args=(fn, rank, nproc, port, backend, threads_per_rank, bind_cores,
                           dict(env or {}),
-                          pg_timeout or timeout, results, args))
+                          pg_timeout, results, args))
         for rank in range(nproc)
     ]
     for p in procs:

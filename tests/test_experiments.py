@@ -121,6 +121,22 @@ def test_every_command_has_help(capsys) -> None:
 
     assert undocumented(parser, "spd-ext") == []  # every flag of every command says what it is
 
+    def parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        found = [p]
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    found += parsers(child)
+        return found
+
+    for p in parsers(parser):  # a default said in words is not followed by "(default: None)"
+        text = "".join(p.format_help().split())  # wrapping may split a long word
+        for action in p._actions:
+            if action.help and "(default:" in action.help:
+                said = "".join(action.help.split())
+                assert said in text, (p.prog, said)
+                assert not text.split(said, 1)[1].startswith("(default:"), (p.prog, said)
+
 
 def test_sadpt_runs_and_records_weights(data_env, tmp_path, capsys) -> None:
     out = tmp_path / "sadpt"

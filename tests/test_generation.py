@@ -31,17 +31,18 @@ def test_cached_steps_equal_the_uncached_model(pattern: str, syncs: int) -> None
     model.train()  # generation switches dropout off and restores the mode
     prompt = torch.randint(61, (3, 7), generator=torch.Generator().manual_seed(0))
     cached = []
-    original = model.forward
+    original = model.final_hidden  # what generation runs (it applies the head itself)
 
-    def recording(idx, targets=None, kv_cache=None):
-        logits, loss = original(idx, targets, kv_cache)
-        cached.append(logits[:, -1].clone())
-        return logits, loss
+    def recording(idx, kv_cache=None):
+        hidden = original(idx, kv_cache)
+        cached.append(torch.nn.functional.linear(hidden[:, -1], model.wte.weight))
+        return hidden
 
-    model.forward = recording
+    model.final_hidden = recording
     steps = list(model.generate_steps(prompt, 9, temperature=0.8, top_k=20, seed=1))
-    del model.forward
+    del model.final_hidden
     assert model.training
+    assert len(cached) == 9  # one forward per step, every one compared below
     tokens = torch.cat([prompt] + [s.tokens[:, None] for s in steps], dim=1)
     for i, (ours, ref) in enumerate(zip(cached, uncached_logits(model, tokens, 7))):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5,
@@ -50,6 +51,22 @@ def test_cached_steps_equal_the_uncached_model(pattern: str, syncs: int) -> None
     assert all(s.syncs == syncs for s in steps)  # per decoded token, as in training's forward
     again = model.generate(prompt, 9, temperature=0.8, top_k=20, seed=1)
     assert torch.equal(again, tokens)  # the seed fixes the samples
+
+
+def test_the_last_new_token_needs_no_position() -> None:
+    """The last new token is never fed back, so prompt + new tokens may be one more than
+    the context: a prompt that fills the context still gets a token, and a full run
+    matches the uncached model (which never sees more than the context)."""
+    model = ReducedSyncGPT(tiny("spd*4"), seed=3)
+    prompt = torch.randint(61, (2, 28), generator=torch.Generator().manual_seed(0))
+    out = model.generate(prompt, 5, temperature=0)  # 28 + 5 = 33 > 32 positions
+    assert out.shape == (2, 33)
+    for n, ref in zip(range(28, 33), uncached_logits(model, out, 28)):
+        assert torch.equal(out[:, n], ref.argmax(-1))
+    full = torch.zeros(1, 32, dtype=torch.long)
+    assert model.generate(full, 1, temperature=0).shape == (1, 33)
+    with pytest.raises(ValueError, match="at most 1 fit"):
+        model.generate(full, 2, temperature=0)
 
 
 def test_vocab_size_keeps_tokens_below_a_tokenizers_vocabulary() -> None:

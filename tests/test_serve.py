@@ -188,9 +188,9 @@ def test_concurrent_requests_are_never_mixed(server) -> None:
     ({"prompt": "RO", "prompt_ids": [1]}, "exactly one of prompt"),
     ({"prompt_ids": [1, 99999]}, r"unknown token id\(s\) \[99999\]"),
     ({"prompt_ids": [1, "a"]}, "list of integers"),
-    ({"prompt": "R" * 512}, "context is 512"),
-    ({"prompt": "ROMEO", "max_tokens": 600}, r"max_tokens must be an integer in \[1, 511\]"),
-    ({"prompt": "ROMEO", "max_tokens": 510}, "exceed the context of 512"),
+    ({"prompt": "R" * 513}, "context is 512"),
+    ({"prompt": "ROMEO", "max_tokens": 600}, r"max_tokens must be an integer in \[1, 512\]"),
+    ({"prompt": "ROMEO", "max_tokens": 509}, "ask for at most 508 tokens"),
     ({"prompt": "ROMEO", "temperature": -1}, "temperature must be"),
     ({"prompt": "ROMEO", "top_k": 0}, "top_k must be"),
     ({"prompt": "ROMEO", "stream": "yes"}, "stream must be"),
@@ -214,7 +214,7 @@ def test_max_tokens_defaults_to_what_fits_a_small_context() -> None:
     assert parse_request({"prompt": "ROMEO"}, tok, context=512, vocab=tok.vocab_size) \
         .max_tokens == 64
     assert parse_request({"prompt": "ROMEO"}, tok, context=16, vocab=tok.vocab_size) \
-        .max_tokens == 11
+        .max_tokens == 12  # the last new token is never fed back: 5 + 12 - 1 positions
 
 
 def test_a_tiny_temperature_is_answered_not_fatal(server) -> None:
@@ -253,6 +253,21 @@ def test_a_client_that_disconnects_does_not_disturb_others(server) -> None:
     assert after["cancelled"] == before["cancelled"] + 1
     # the abandoned generation stopped early instead of running to 500 tokens
     assert after["tokens"] - before["tokens"] < 500
+
+
+def test_an_idle_server_outlives_its_ranks_timeout(tmp_path) -> None:
+    """The other ranks wait for the next request inside a collective; an idle first rank
+    keeps that wait inside the process group's timeout (it used to be 30 days, after which
+    an idle server stopped)."""
+    s = Server(write_checkpoint(tmp_path / "ckpt.pt"), "--rank-timeout", "2")
+    try:
+        time.sleep(6)
+        status, reply = s.post({"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0})
+        assert status == 200 and len(reply["token_ids"]) == 4, reply
+        assert s.get("/health")[1]["status"] == "ok"
+    finally:
+        code, out = s.stop()
+    assert code == 0, out
 
 
 def test_a_dead_rank_gets_503_and_every_rank_exits(tmp_path) -> None:

@@ -74,24 +74,25 @@ class GenerateBenchConfig:
                          tp_size=self.nproc)
 
 
-def _time_generation(model: ReducedSyncGPT, prompt: torch.Tensor, cfg: GenerateBenchConfig
-                     ) -> dict:
-    prefill, decode, syncs = [], [], set()
-    list(model.generate_steps(prompt, cfg.new_tokens, temperature=0))  # warm-up
-    for _ in range(cfg.repeats):
-        dist.barrier()
-        for step in model.generate_steps(prompt, cfg.new_tokens, temperature=0):
-            if step.index == 0:
-                prefill.append(step.seconds)
-            else:
-                decode.append(step.seconds)
-                syncs.add(step.syncs)
+def _timed_steps(model: ReducedSyncGPT, prompt: torch.Tensor, cfg: GenerateBenchConfig,
+                 timings: dict) -> None:
+    dist.barrier()
+    for step in model.generate_steps(prompt, cfg.new_tokens, temperature=0):
+        if step.index == 0:
+            timings["prefill"].append(step.seconds)
+        else:
+            timings["decode"].append(step.seconds)
+            timings["syncs"].add(step.syncs)
+
+
+def _summary(timings: dict, batch: int) -> dict:
+    decode = timings["decode"]
     ordered = sorted(decode)
-    return {"prefill_s": statistics.median(prefill),
+    return {"prefill_s": statistics.median(timings["prefill"]),
             "p50_s": statistics.median(decode),
             "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
-            "tokens_per_s": prompt.size(0) * len(decode) / sum(decode),
-            "syncs_per_token": max(syncs)}
+            "tokens_per_s": batch * len(decode) / sum(decode),
+            "syncs_per_token": max(timings["syncs"])}
 
 
 def _rank(rank: int, world: int, cfg: GenerateBenchConfig) -> list[dict]:
@@ -100,11 +101,18 @@ def _rank(rank: int, world: int, cfg: GenerateBenchConfig) -> list[dict]:
         for batch in cfg.batch_list():
             prompt = torch.randint(cfg.vocab_size, (batch, cfg.prompt_len),
                                    generator=torch.Generator().manual_seed(batch))
-            for pattern in cfg.pattern_list():
-                model = ReducedSyncGPT(cfg.model_config(pattern),
-                                       DistributedComm(backend=backend), seed=0)
-                row = _time_generation(model, prompt, cfg)
-                rows.append({"backend": backend, "batch": batch, "pattern": pattern, **row})
+            models = {p: ReducedSyncGPT(cfg.model_config(p), DistributedComm(backend=backend),
+                                        seed=0) for p in cfg.pattern_list()}
+            timings = {p: {"prefill": [], "decode": [], "syncs": set()} for p in models}
+            for model in models.values():  # warm-up
+                list(model.generate_steps(prompt, cfg.new_tokens, temperature=0))
+            # The patterns take turns, repeat by repeat: a slow phase of the machine (other
+            # work on the host) then lands on every pattern alike, not on one of them.
+            for _ in range(cfg.repeats):
+                for pattern, model in models.items():
+                    _timed_steps(model, prompt, cfg, timings[pattern])
+            rows += [{"backend": backend, "batch": batch, "pattern": p,
+                      **_summary(timings[p], batch)} for p in models]
     return rows
 
 

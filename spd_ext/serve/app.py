@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import multiprocessing as mp
 import signal
 import statistics
@@ -26,11 +27,15 @@ from aiohttp import web
 from spd_ext.comm.backend import SPD_EXT
 from spd_ext.launch import RankError, spawn
 from spd_ext.serve.model_source import ModelSource
-from spd_ext.serve.ranks import serve_rank
+from spd_ext.serve.ranks import keepalive_interval, serve_rank
+from spd_ext.tp.generation import new_tokens_that_fit
 
 FIELDS = {"prompt", "prompt_ids", "max_tokens", "temperature", "top_k", "seed", "stream"}
 MAX_TEMPERATURE = 100.0
-FOREVER_S = 30 * 24 * 3600.0  # the ranks' job and process-group timeout: a server idles
+# The ranks' process-group timeout by default: a collective that waits this long means a
+# rank stopped answering. An idle server's ranks never wait that long (the first rank's
+# keepalives); the job itself has no deadline.
+RANK_TIMEOUT_S = 300.0
 
 
 class RequestError(ValueError):
@@ -85,15 +90,16 @@ def parse_request(body: Any, tokenizer: Any, context: int, vocab: int) -> Comple
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise RequestError(f"unknown token id(s) {bad[:5]}: ids must be in [0, {vocab})")
-    if len(ids) >= context:
+    room = new_tokens_that_fit(len(ids), context)
+    if room < 1:
         raise RequestError(f"the prompt is {len(ids)} tokens; this model's context is "
-                           f"{context}, so the prompt must be at most {context - 1}")
+                           f"{context}, so the prompt must be at most {context}")
     # by default as many as fit, up to 64 (a small model's context may hold fewer)
-    max_tokens = _int(body, "max_tokens", min(64, context - len(ids)), 1, context - 1)
+    max_tokens = _int(body, "max_tokens", min(64, room), 1, context)
     assert max_tokens is not None
-    if len(ids) + max_tokens > context:
+    if max_tokens > room:
         raise RequestError(f"{len(ids)} prompt tokens + max_tokens {max_tokens} exceed the "
-                           f"context of {context}; ask for at most {context - len(ids)} tokens")
+                           f"context of {context}; ask for at most {room} tokens")
     temperature = body.get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0.0 <= temperature <= MAX_TEMPERATURE:
@@ -112,8 +118,10 @@ class RankJob:
     """The ranks (spd_ext.launch.spawn, on a thread) and the pipe to the first rank."""
 
     def __init__(self, source: ModelSource, nproc: int, backend: str, vocab_size: int,
-                 loop: asyncio.AbstractEventLoop, on_message: Any, on_exit: Any) -> None:
+                 loop: asyncio.AbstractEventLoop, on_message: Any, on_exit: Any,
+                 rank_timeout_s: float = RANK_TIMEOUT_S) -> None:
         self.loop, self.on_message, self.on_exit = loop, on_message, on_exit
+        self.rank_timeout_s = rank_timeout_s
         self.conn, child = mp.get_context("spawn").Pipe()
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="spd_ext-serve-ranks",
@@ -130,7 +138,9 @@ class RankJob:
              child: Any) -> None:
         failure = None
         try:
-            spawn(serve_rank, nproc, source, backend, vocab_size, child, timeout=FOREVER_S)
+            spawn(serve_rank, nproc, source, backend, vocab_size, child,
+                  keepalive_interval(self.rank_timeout_s), timeout=math.inf,
+                  pg_timeout=self.rank_timeout_s)
         except RankError as exc:
             failure = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the clients, not lost
@@ -155,7 +165,8 @@ class RankJob:
 
 class CompletionServer:
     def __init__(self, source: ModelSource, backend: str = SPD_EXT, max_queue: int = 64,
-                 fail_grace_s: float = 3.0) -> None:
+                 fail_grace_s: float = 3.0, rank_timeout_s: float = RANK_TIMEOUT_S) -> None:
+        self.rank_timeout_s = rank_timeout_s
         self.source, self.backend = source, backend
         self.nproc = source.config.tp_size  # one rank per shard
         self.tokenizer = source.load_tokenizer()
@@ -180,7 +191,7 @@ class CompletionServer:
         loop = asyncio.get_running_loop()
         self.finished = asyncio.Event()
         self.job = RankJob(self.source, self.nproc, self.backend, self.vocab, loop,
-                           self._on_message, self._on_exit)
+                           self._on_message, self._on_exit, self.rank_timeout_s)
         self.job.start()
 
     def _on_message(self, message: tuple) -> None:
@@ -440,7 +451,8 @@ async def _serve(server: CompletionServer, host: str, port: int) -> int:
 
 
 def run_server(source: ModelSource, host: str = "127.0.0.1", port: int = 5050,
-               backend: str = SPD_EXT, max_queue: int = 64, fail_grace_s: float = 3.0) -> int:
+               backend: str = SPD_EXT, max_queue: int = 64, fail_grace_s: float = 3.0,
+               rank_timeout_s: float = RANK_TIMEOUT_S) -> int:
     """Serve until SIGINT/SIGTERM (exit 0) or a rank fails (exit 1)."""
-    server = CompletionServer(source, backend, max_queue, fail_grace_s)
+    server = CompletionServer(source, backend, max_queue, fail_grace_s, rank_timeout_s)
     return asyncio.run(_serve(server, host, port))

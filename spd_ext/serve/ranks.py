@@ -12,12 +12,16 @@ rank 0 -> front end:
     ("done", id, reason)    reason: "length" or "cancelled"
     ("error", id, message)  the request was refused (bad arguments)
 Rank 0 -> every rank, per request (broadcast): an int64 header [command, prompt length,
-max tokens, top_k or -1, seed or -1], the temperature, then the prompt's ids.
+max tokens, top_k or -1, seed or -1], the temperature, then the prompt's ids. An idle
+first rank sends a header alone (KEEPALIVE) at ``keepalive_interval`` of the process
+group's timeout, so the other ranks' wait never reaches that timeout however long the
+server idles, while a rank that stops answering is still found within it.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from typing import Any
 
@@ -28,15 +32,22 @@ from spd_ext.serve.model_source import ModelSource
 from spd_ext.tp import DistributedComm
 from spd_ext.tp.generation import check_prompt, check_sampling
 
-GENERATE, STOP = 1, 2
+GENERATE, STOP, KEEPALIVE = 1, 2, 3
 HEADER = 5
+
+
+def keepalive_interval(pg_timeout_s: float) -> float:
+    """Seconds between an idle first rank's keepalives: well inside the timeout (a busy
+    host may delay one), at most 10."""
+    return min(10.0, pg_timeout_s / 4)
 
 
 def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
               temperature: float = 0.0, top_k: int | None = None,
               seed: int | None = None) -> tuple[torch.Tensor, int, float, int | None,
                                                 int | None]:
-    """Broadcast one command from rank 0; every rank returns what rank 0 sent."""
+    """Broadcast one command from rank 0; every rank returns what rank 0 sent (an empty
+    prompt for STOP and KEEPALIVE; max_tokens -1 for KEEPALIVE)."""
     header = torch.zeros(HEADER, dtype=torch.int64)
     temp = torch.zeros(1, dtype=torch.float64)
     if dist.get_rank() == 0:
@@ -45,8 +56,8 @@ def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
         temp[0] = temperature
     dist.broadcast(header, src=0)
     command, length, max_tokens, top_k_, seed_ = (int(v) for v in header)
-    if command == STOP:
-        return torch.empty(0), 0, 0.0, None, None
+    if command in (STOP, KEEPALIVE):
+        return torch.empty(0), -1 if command == KEEPALIVE else 0, 0.0, None, None
     dist.broadcast(temp, src=0)
     prompt = (torch.tensor([ids], dtype=torch.int64) if dist.get_rank() == 0
               else torch.empty(1, length, dtype=torch.int64))
@@ -56,7 +67,7 @@ def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
 
 
 def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_size: int,
-               conn: Any) -> None:
+               conn: Any, keepalive_s: float) -> None:
     """Run until rank 0 is told to stop (or the launcher stops every rank). Tokens stay
     below ``vocab_size``, the tokenizer's."""
     # Out of the terminal's process group: Ctrl-C (or `timeout`, which signals its whole
@@ -69,16 +80,18 @@ def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_s
     if rank != 0:
         while True:
             prompt, max_tokens, temperature, top_k, seed = _announce(0)
+            if max_tokens < 0:  # KEEPALIVE
+                continue
             if prompt.numel() == 0:
                 return
             for _ in model.generate_steps(prompt, max_tokens, temperature, top_k, seed,
                                           vocab_size=vocab_size):
                 pass
     conn.send(("ready", {"pids": pids}))
-    _first_rank_loop(model, vocab_size, conn)
+    _first_rank_loop(model, vocab_size, conn, keepalive_s)
 
 
-def _first_rank_loop(model: Any, vocab_size: int, conn: Any) -> None:
+def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float) -> None:
     queue: deque[tuple] = deque()
     cancelled: set[int] = set()
     running: list[int] = []  # the request generating now, if any
@@ -99,11 +112,15 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any) -> None:
             elif message[0] == "stop":
                 stopping = True
 
+    last_announce = time.monotonic()
     while True:
         if not queue:
             if stopping:
                 _announce(STOP)
                 return
+            if time.monotonic() - last_announce >= keepalive_s:
+                _announce(KEEPALIVE)
+                last_announce = time.monotonic()
             read(0.2)
             continue
         _, rid, ids, max_tokens, temperature, top_k, seed = queue.popleft()
@@ -119,6 +136,7 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any) -> None:
             continue
         prompt, max_tokens, temperature, top_k, seed = _announce(
             GENERATE, ids, max_tokens, temperature, top_k, seed)
+        last_announce = time.monotonic()
 
         def gone(rid: int = rid) -> bool:
             read(0.0)

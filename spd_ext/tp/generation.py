@@ -79,10 +79,19 @@ def check_prompt(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int) 
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
                          f"[0, {cfg.vocab_size})")
-    if idx.size(1) + max_new_tokens > cfg.block_size:
+    room = new_tokens_that_fit(idx.size(1), cfg.block_size)
+    if max_new_tokens > max(room, 0) or room < 1:
         raise ValueError(f"{idx.size(1)} prompt tokens + {max_new_tokens} new ones exceed the "
-                         f"model's context of {cfg.block_size} positions; shorten the prompt "
+                         f"model's context of {cfg.block_size} positions (the last new token "
+                         f"is not fed back: at most {max(room, 0)} fit); shorten the prompt "
                          "or ask for fewer tokens")
+
+
+def new_tokens_that_fit(prompt_len: int, context: int) -> int:
+    """How many tokens generation can add to a prompt of ``prompt_len`` in a context of
+    ``context`` positions: every new token but the last is fed back, so the cache holds
+    ``prompt_len + new - 1`` positions (a prompt that fills the context still gets one)."""
+    return context - prompt_len + 1
 
 
 def vocab_slice(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -173,7 +182,8 @@ def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
-    cache = model.new_kv_cache(idx.size(0), idx.size(1) + max_new_tokens)
+    # the last token is never fed back: its positions are not cached
+    cache = model.new_kv_cache(idx.size(0), idx.size(1) + max_new_tokens - 1)
     was_training = model.training
     model.eval()
     # Generation counts its own syncs; a training step's counts in progress are kept aside.
