@@ -156,6 +156,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="cpu, or cuda (every rank on GPU 0: the CUDA IPC path)")
     a.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="do not pin each rank to its own cores (pinned when there are enough)")
+    a.add_argument("--gap-us", type=_bounded(float, 0.0), default=0.0,
+                   help="busy compute before every call, as a model's forward has between "
+                   "its all-reduces (the time shown is the call's alone)")
     _add_table_args(a)
     a.set_defaults(func=_bench_allreduce)
 
@@ -484,7 +487,8 @@ def _bench_allreduce(args: argparse.Namespace) -> int:
     cfg = allreduce.AllReduceConfig(
         nproc=args.nproc, dtypes=args.dtype, sizes=args.sizes, impls=args.impl,
         warmup=args.warmup, repeats=args.repeats, target_ms=args.target_ms,
-        threads_per_rank=args.threads_per_rank, bind_cores=args.bind_cores, device=args.device)
+        threads_per_rank=args.threads_per_rank, bind_cores=args.bind_cores, device=args.device,
+        gap_us=args.gap_us)
     result = allreduce.run(cfg)
     print(allreduce.describe_run(result, cfg))
     print(allreduce.table(result, cfg, markdown=args.markdown))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,7 @@ class AllReduceConfig:
     threads_per_rank: int | None = None
     bind_cores: bool = True
     device: str = "cpu"  # cuda: every rank on GPU 0 (CUDA IPC across processes)
+    gap_us: float = 0.0  # busy compute before every call (subtracted from its time)
     timeout: float = 1800.0
     extra: dict = field(default_factory=dict)
 
@@ -93,6 +95,18 @@ def _candidates(x: torch.Tensor, weights: torch.Tensor, ds_run,
                 all_reduce(view)
         fns.update({"spd_ext-registered": lambda: all_reduce(view), "spd_ext-graph": graph.replay})
     return fns
+
+
+def _after_a_gap(fn, gap_s: float):
+    """``fn`` preceded by ``gap_s`` of busy compute (spinning on the clock, so the core
+    stays busy as in a forward): calls spaced as a model's all-reduces are, which on some
+    machines costs more per call than back-to-back calls do."""
+    def call() -> None:
+        end = time.perf_counter() + gap_s
+        while time.perf_counter() < end:
+            pass
+        fn()
+    return call
 
 
 def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
@@ -149,7 +163,11 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
             runnable = {k: fn for k, fn in _candidates(x, weights.to(cfg.device), ds_run,
                                                        registered if fits else None).items()
                         if k in impls and fn is not None}
+            gap_s = cfg.gap_us / 1e6
+            if gap_s:
+                runnable = {k: _after_a_gap(fn, gap_s) for k, fn in runnable.items()}
             times = measure(runnable, **{**timing, "barrier": barrier}, agree=agree)
+            times = {k: t - gap_s for k, t in times.items()}
             if "spd_ext-graph" in times:
                 times["spd_ext-graph"] /= GRAPH_CALLS
             for name in impls:
@@ -230,6 +248,9 @@ def describe_run(result: dict, cfg: AllReduceConfig) -> str:
                      f"reduce-scatter + all-gather in {human_bytes(info['chunk'])} chunks per rank")
     for k, v in info["notes"].items():
         lines.append(f"{k}: {v}")
+    if cfg.gap_us:
+        lines.append(f"every call follows {cfg.gap_us:g} us of busy compute, not counted in "
+                     "its time")
     lines.append("time per call: median of repeats, slowest rank; busbw = bytes/time * "
                  "2(n-1)/n")
     return "\n".join(lines)
