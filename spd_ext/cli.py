@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -28,7 +29,7 @@ def _bounded(kind: type, low: float, *, low_open: bool = False, high: float | No
     """An argparse type: a ``kind`` number within bounds, so a bad flag is one usage line
     before anything runs (no traceback from inside a rank)."""
     lower = f"> {low}" if low_open else f">= {low}"
-    what = ("an integer " if kind is int else "a number ") + lower + (
+    what = ("an integer " if kind is int else "a finite number ") + lower + (
         "" if high is None else f" and {'<' if high_open else '<='} {high}")
 
     def parse(text: str):
@@ -38,7 +39,8 @@ def _bounded(kind: type, low: float, *, low_open: bool = False, high: float | No
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
         too_low = value <= low if low_open else value < low
         too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:  # NaN fails every comparison
+        # NaN fails every comparison; inf is no count of seconds or tokens either
+        if too_low or too_high or value != value or value in (math.inf, -math.inf):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -156,9 +158,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="cpu, or cuda (every rank on GPU 0: the CUDA IPC path)")
     a.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
                    help="do not pin each rank to its own cores (pinned when there are enough)")
-    a.add_argument("--gap-us", type=_bounded(float, 0.0), default=0.0,
+    a.add_argument("--gap-us", type=_bounded(float, 0.0, high=1e6), default=0.0,
                    help="busy compute before every call, as a model's forward has between "
-                   "its all-reduces (the time shown is the call's alone)")
+                   "its all-reduces (the time shown is the call's alone; CPU only)")
     _add_table_args(a)
     a.set_defaults(func=_bench_allreduce)
 
@@ -749,9 +751,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting or running before new ones get 503")
     p.add_argument("--fail-grace", type=_bounded(float, 0.0), default=3.0,
                    help="seconds to keep answering 503 after a rank dies, before exiting")
-    p.add_argument("--rank-timeout", type=_bounded(float, 1.0), default=300.0,
+    p.add_argument("--rank-timeout", type=_bounded(float, 1.0, high=1e7), default=300.0,
                    help="seconds a rank may stop answering (hung, not dead: a dead one is "
-                   "found at once) before the server stops; an idle server never reaches it")
+                   "found at once) before the server stops, idle or generating; it also "
+                   "bounds how far apart the ranks may finish loading the model")
     p.set_defaults(func=_serve)
 
 

@@ -259,9 +259,9 @@ def test_an_idle_server_outlives_its_ranks_timeout(tmp_path) -> None:
     """The other ranks wait for the next request inside a collective; an idle first rank
     keeps that wait inside the process group's timeout (it used to be 30 days, after which
     an idle server stopped)."""
-    s = Server(write_checkpoint(tmp_path / "ckpt.pt"), "--rank-timeout", "2")
+    s = Server(write_checkpoint(tmp_path / "ckpt.pt"), "--rank-timeout", "4")
     try:
-        time.sleep(6)
+        time.sleep(10)
         status, reply = s.post({"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0})
         assert status == 200 and len(reply["token_ids"]) == 4, reply
         assert s.get("/health")[1]["status"] == "ok"

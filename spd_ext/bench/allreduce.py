@@ -199,6 +199,9 @@ def describe_path(probe: torch.Tensor) -> str:
 def run(cfg: AllReduceConfig) -> dict:
     """Run the benchmark on ``cfg.nproc`` ranks; returns rows (seconds per call)."""
     impls = cfg.impl_list()
+    if cfg.gap_us and cfg.device == "cuda":
+        raise ValueError("--gap-us times CPU calls (a CUDA call returns before it is done, "
+                         "so the gap would hide it); leave it out with --device cuda")
     check_device(cfg.device)
     if cfg.device != "cuda" and any(i in CUDA_ONLY for i in impls):
         raise ValueError(f"{', '.join(CUDA_ONLY)} time CUDA IPC paths; use them with "

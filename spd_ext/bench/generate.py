@@ -64,8 +64,13 @@ class GenerateBenchConfig:
             if getattr(self, name) < least:  # new tokens: the first is the prefill's
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got "
                                  f"{getattr(self, name)}")
-        for p in self.pattern_list():
+        patterns = self.pattern_list()
+        for p in patterns:
             self.model_config(p)
+        twice = sorted({p for p in patterns if patterns.count(p) > 1})
+        if twice:
+            raise ValueError(f"--patterns names {', '.join(twice)} more than once; each "
+                             "pattern is one row")
 
     def model_config(self, pattern: str) -> GPTConfig:
         return GPTConfig(block_size=self.prompt_len + self.new_tokens,

@@ -138,9 +138,11 @@ class RankJob:
              child: Any) -> None:
         failure = None
         try:
+            # spd_ext's collectives (the generation's all-reduces) wait as long as gloo's
             spawn(serve_rank, nproc, source, backend, vocab_size, child,
                   keepalive_interval(self.rank_timeout_s), timeout=math.inf,
-                  pg_timeout=self.rank_timeout_s)
+                  pg_timeout=self.rank_timeout_s,
+                  env={"SPD_EXT_COMM_TIMEOUT": repr(self.rank_timeout_s)})
         except RankError as exc:
             failure = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the clients, not lost
