@@ -58,6 +58,21 @@ def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.A
     return sub.add_parser(name, formatter_class=_Help, **kwargs)
 
 
+# What the flags many commands share mean (_standard_arg).
+_STANDARD_HELP = {
+    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
+    "vocab_size": "vocabulary size", "seq_len": "tokens per sequence",
+    "batch_size": "sequences per step (per rank where ranks run)", "steps": "training steps",
+    "eval_interval": "steps between evaluations (0: only at the end)",
+    "eval_batches": "batches per evaluation", "seed": "random seed",
+}
+
+
+def _standard_arg(p: argparse.ArgumentParser, flag: str, **kwargs) -> argparse.Action:
+    """``p.add_argument(flag, ...)`` with the shared meaning of the flag as its help."""
+    return p.add_argument(flag, help=_STANDARD_HELP[flag[2:].replace("-", "_")], **kwargs)
+
+
 def _add_table_args(p: argparse.ArgumentParser) -> None:
     """The output options every benchmark shares."""
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -197,8 +212,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                  "optimizer) of a small GPT for each sync pattern on N local CPU ranks, "
                  "through torch.distributed and/or spd_ext.comm.")
     _add_tp_bench_args(t, "ladder*12", n_embd=64)
-    t.add_argument("--batch-size", type=POSITIVE, default=8)
-    t.add_argument("--seq-len", type=POSITIVE, default=64)
+    _standard_arg(t, "--batch-size", type=POSITIVE, default=8)
+    _standard_arg(t, "--seq-len", type=POSITIVE, default=64)
     t.add_argument("--repeats", type=POSITIVE, default=7, help="timed loops per pattern (median)")
     _add_table_args(t)
     t.set_defaults(func=_bench_tp)
@@ -246,9 +261,9 @@ def _add_tp_bench_args(p: argparse.ArgumentParser, last_pattern: str, n_embd: in
                    f"[spd,parallel]*6;grouped:4;{last_pattern})")
     p.add_argument("--backends", default="torch,spd_ext",
                    help="comma list of torch (torch.distributed) and spd_ext (spd_ext.comm)")
-    p.add_argument("--n-layer", type=POSITIVE, default=12)
-    p.add_argument("--n-embd", type=POSITIVE, default=n_embd)
-    p.add_argument("--n-head", type=POSITIVE, default=4)
+    _standard_arg(p, "--n-layer", type=POSITIVE, default=12)
+    _standard_arg(p, "--n-embd", type=POSITIVE, default=n_embd)
+    _standard_arg(p, "--n-head", type=POSITIVE, default=4)
 
 
 def _add_training_step_args(p: argparse.ArgumentParser, variants: tuple[str, ...],
@@ -284,10 +299,10 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--pattern", help="e.g. 'tp*12', '[tp,spd]*6', 'grouped:4'")
     src.add_argument("--config", help="a JSON file from configs/tp")
-    s.add_argument("--n-layer", type=POSITIVE, default=12)
-    s.add_argument("--n-head", type=POSITIVE, default=12)
-    s.add_argument("--n-embd", type=POSITIVE, default=768)
-    s.add_argument("--vocab-size", type=POSITIVE, default=50304)
+    _standard_arg(s, "--n-layer", type=POSITIVE, default=12)
+    _standard_arg(s, "--n-head", type=POSITIVE, default=12)
+    _standard_arg(s, "--n-embd", type=POSITIVE, default=768)
+    _standard_arg(s, "--vocab-size", type=POSITIVE, default=50304)
     s.add_argument("--tp-size", type=POSITIVE, default=2, help="tensor-parallel size")
     s.set_defaults(func=_tp_syncs)
 
@@ -298,33 +313,33 @@ def _add_tp(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--hf", help="a local Hugging Face GPT-2 folder instead")
     v.add_argument("--data", default="tinyshakespeare", help="corpus name or path")
     v.add_argument("--tp-size", type=POSITIVE, default=2, help="emulated shards")
-    v.add_argument("--eval-batches", type=POSITIVE, default=20)
-    v.add_argument("--batch-size", type=POSITIVE, default=16)
+    _standard_arg(v, "--eval-batches", type=POSITIVE, default=20)
+    _standard_arg(v, "--batch-size", type=POSITIVE, default=16)
     v.add_argument("--markdown", action="store_true", help="print a Markdown table")
     v.set_defaults(func=_tp_sensitivity)
 
 
 def _add_gpt_args(p: argparse.ArgumentParser, defaults) -> None:
     """Model-shape flags; ``defaults`` is the experiment's config (the one source of them)."""
-    p.add_argument("--n-layer", type=POSITIVE, default=defaults.n_layer)
-    p.add_argument("--n-head", type=POSITIVE, default=defaults.n_head)
-    p.add_argument("--n-embd", type=POSITIVE, default=defaults.n_embd)
+    _standard_arg(p, "--n-layer", type=POSITIVE, default=defaults.n_layer)
+    _standard_arg(p, "--n-head", type=POSITIVE, default=defaults.n_head)
+    _standard_arg(p, "--n-embd", type=POSITIVE, default=defaults.n_embd)
     p.add_argument("--block-size", type=POSITIVE, default=defaults.block_size,
                    help="context length")
 
 
 def _add_train_args(p: argparse.ArgumentParser, train) -> None:
-    p.add_argument("--steps", type=POSITIVE, default=train.max_steps)
-    p.add_argument("--batch-size", type=POSITIVE, default=train.batch_size)
+    _standard_arg(p, "--steps", type=POSITIVE, default=train.max_steps)
+    _standard_arg(p, "--batch-size", type=POSITIVE, default=train.batch_size)
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=train.lr,
                    help="peak learning rate (cosine to lr/10)")
-    p.add_argument("--eval-interval", type=NONNEGATIVE, default=train.eval_interval)
-    p.add_argument("--eval-batches", type=POSITIVE, default=train.eval_batches)
+    _standard_arg(p, "--eval-interval", type=NONNEGATIVE, default=train.eval_interval)
+    _standard_arg(p, "--eval-batches", type=POSITIVE, default=train.eval_batches)
 
 
 def _add_run_args(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--data", default=defaults.corpus, help="corpus name or path")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    _standard_arg(p, "--seed", type=int, default=defaults.seed)
     p.add_argument("--out", default=defaults.out_dir, help="results, logs, checkpoints, plot")
     p.add_argument("--force", action="store_true", help="rerun the selected runs even if they "
                    "are already in OUT/results.json")
@@ -788,27 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(sub)
     _add_train(sub)
     _add_serve(sub)
-    _fill_standard_help(parser)
     return parser
-
-
-# What the flags many commands share mean, for those defined without a help of their own.
-_STANDARD_HELP = {
-    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
-    "vocab_size": "vocabulary size", "seq_len": "tokens per sequence",
-    "batch_size": "sequences per step (per rank where ranks run)", "steps": "training steps",
-    "eval_interval": "steps between evaluations (0: only at the end)",
-    "eval_batches": "batches per evaluation", "seed": "random seed",
-}
-
-
-def _fill_standard_help(parser: argparse.ArgumentParser) -> None:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                _fill_standard_help(child)
-        elif action.help is None and action.dest in _STANDARD_HELP:
-            action.help = _STANDARD_HELP[action.dest]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
