@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
 from spd_ext.utils.files import write_json
 
 
@@ -760,7 +761,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "every interface; the server has no authentication)")
     p.add_argument("--port", type=_bounded(int, 1, high=65535), default=5050,
                    help="TCP port to listen on")
-    p.add_argument("--backend", choices=("spd_ext", "torch"), default="spd_ext",
+    p.add_argument("--backend", choices=TP_BACKENDS, default=SPD_EXT,
                    help="the tensor-parallel all-reduce: spd_ext.comm or torch.distributed")
     p.add_argument("--max-queue", type=POSITIVE, default=64,
                    help="requests waiting or running before new ones get 503")

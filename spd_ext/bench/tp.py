@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.bench.timing import measure
-from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
+from spd_ext.comm.backend import TP_BACKENDS, renamed_backend_hint
 from spd_ext.launch import spawn
 from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
 from spd_ext.utils.table import format_table
@@ -48,7 +48,7 @@ def split_patterns(spec: str) -> list[str]:
 def parse_backends(spec: str) -> list[str]:
     """``--backends``: a comma list of the tensor-parallel all-reduce backends."""
     names = [b.strip() for b in spec.split(",") if b.strip()]
-    bad = [b for b in names if b not in ("torch", SPD_EXT)]
+    bad = [b for b in names if b not in TP_BACKENDS]
     if bad or not names:
         hint = "".join(renamed_backend_hint(b) for b in bad)
         raise ValueError(f"unknown backend(s) {bad}{hint}; use torch (torch.distributed on "

@@ -27,6 +27,11 @@ from spd_ext.comm.work import AllReduceWork
 SPD_EXT = "spd_ext"
 
 
+#: The tensor-parallel all-reduces a setting chooses from (``DistributedComm(backend=)``,
+#: ``parallel.tp_backend``, ``spd-ext serve --backend``, the benchmarks' ``--backends``).
+TP_BACKENDS = (SPD_EXT, "torch")
+
+
 def renamed_backend_hint(name: object) -> str:
     """A hint for the old name of :data:`SPD_EXT`, to append to an error message."""
     return f" ('{name}' is now called '{SPD_EXT}')" if name == "spd" else ""

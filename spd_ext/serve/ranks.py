@@ -42,12 +42,15 @@ def keepalive_interval(pg_timeout_s: float) -> float:
     return min(10.0, pg_timeout_s / 4)
 
 
+#: A GENERATE command's request: prompt [1, T], max tokens, temperature, top_k, seed.
+Request = tuple[torch.Tensor, int, float, int | None, int | None]
+
+
 def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
               temperature: float = 0.0, top_k: int | None = None,
-              seed: int | None = None) -> tuple[torch.Tensor, int, float, int | None,
-                                                int | None]:
-    """Broadcast one command from rank 0; every rank returns what rank 0 sent (an empty
-    prompt for STOP and KEEPALIVE; max_tokens -1 for KEEPALIVE)."""
+              seed: int | None = None) -> tuple[int, Request | None]:
+    """Broadcast one command from rank 0; every rank returns what rank 0 sent: the command
+    and, for GENERATE, its request."""
     header = torch.zeros(HEADER, dtype=torch.int64)
     temp = torch.zeros(1, dtype=torch.float64)
     if dist.get_rank() == 0:
@@ -56,14 +59,14 @@ def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
         temp[0] = temperature
     dist.broadcast(header, src=0)
     command, length, max_tokens, top_k_, seed_ = (int(v) for v in header)
-    if command in (STOP, KEEPALIVE):
-        return torch.empty(0), -1 if command == KEEPALIVE else 0, 0.0, None, None
+    if command != GENERATE:
+        return command, None
     dist.broadcast(temp, src=0)
     prompt = (torch.tensor([ids], dtype=torch.int64) if dist.get_rank() == 0
               else torch.empty(1, length, dtype=torch.int64))
     dist.broadcast(prompt, src=0)
-    return (prompt, max_tokens, float(temp[0]), None if top_k_ < 0 else top_k_,
-            None if seed_ < 0 else seed_)
+    return command, (prompt, max_tokens, float(temp[0]), None if top_k_ < 0 else top_k_,
+                     None if seed_ < 0 else seed_)
 
 
 def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_size: int,
@@ -79,14 +82,12 @@ def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_s
     dist.all_gather_object(pids, os.getpid())
     if rank != 0:
         while True:
-            prompt, max_tokens, temperature, top_k, seed = _announce(0)
-            if max_tokens < 0:  # KEEPALIVE
-                continue
-            if prompt.numel() == 0:
+            command, request = _announce(0)
+            if command == STOP:
                 return
-            for _ in model.generate_steps(prompt, max_tokens, temperature, top_k, seed,
-                                          vocab_size=vocab_size):
-                pass
+            if request is not None:  # GENERATE (a KEEPALIVE has nothing to do)
+                for _ in model.generate_steps(*request, vocab_size=vocab_size):
+                    pass
     conn.send(("ready", {"pids": pids}))
     _first_rank_loop(model, vocab_size, conn, keepalive_s)
 
@@ -134,8 +135,8 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float)
         except ValueError as exc:
             conn.send(("error", rid, str(exc)))
             continue
-        prompt, max_tokens, temperature, top_k, seed = _announce(
-            GENERATE, ids, max_tokens, temperature, top_k, seed)
+        _, request = _announce(GENERATE, ids, max_tokens, temperature, top_k, seed)
+        assert request is not None
         last_announce = time.monotonic()
 
         def gone(rid: int = rid) -> bool:
@@ -143,8 +144,7 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float)
             return rid in cancelled
 
         running.append(rid)
-        for step in model.generate_steps(prompt, max_tokens, temperature, top_k, seed,
-                                         should_stop=gone, vocab_size=vocab_size):
+        for step in model.generate_steps(*request, should_stop=gone, vocab_size=vocab_size):
             conn.send(("step", rid, step.index, int(step.tokens[0]), step.seconds, step.syncs,
                        step.positions))
         running.clear()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
+from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS, renamed_backend_hint
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.tp.sync_counter import SyncCounter
 
@@ -87,7 +87,7 @@ class DistributedComm(TensorParallelComm):
     def __init__(self, group: Any = None, backend: str = SPD_EXT) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistributedComm needs torch.distributed initialized first")
-        if backend not in (SPD_EXT, "torch"):
+        if backend not in TP_BACKENDS:
             raise ValueError(f"backend must be 'spd_ext' or 'torch', got {backend!r}"
                              + renamed_backend_hint(backend))
         super().__init__(dist.get_world_size(group), shards=1, rank=dist.get_rank(group))

@@ -79,12 +79,12 @@ def check_prompt(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int) 
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
                          f"[0, {cfg.vocab_size})")
-    room = new_tokens_that_fit(idx.size(1), cfg.block_size)
-    if max_new_tokens > max(room, 0) or room < 1:
+    room = max(new_tokens_that_fit(idx.size(1), cfg.block_size), 0)
+    if room == 0 or max_new_tokens > room:
         raise ValueError(f"{idx.size(1)} prompt tokens + {max_new_tokens} new ones exceed the "
                          f"model's context of {cfg.block_size} positions (the last new token "
-                         f"is not fed back: at most {max(room, 0)} fit); shorten the prompt "
-                         "or ask for fewer tokens")
+                         f"is not fed back: at most {room} fit); shorten the prompt or ask for "
+                         "fewer tokens")
 
 
 def new_tokens_that_fit(prompt_len: int, context: int) -> int:

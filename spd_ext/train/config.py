@@ -27,6 +27,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
+
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 (nanoGPT)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -112,9 +114,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
                   "tensor_parallel.size, else 1)", nullable=True, low=1),
         "islands": Opt(None, "int", "DiLoCo islands (default: the spd_ext section's "
                        "staleness.islands, else 1)", nullable=True, low=1),
-        "tp_backend": Opt("spd_ext", "str", "the tensor-parallel all-reduce: spd_ext "
+        "tp_backend": Opt(SPD_EXT, "str", "the tensor-parallel all-reduce: spd_ext "
                           "(spd_ext.comm: shared memory on CPU, CUDA IPC on GPU) or torch "
-                          "(torch.distributed)", choices=("spd_ext", "torch")),
+                          "(torch.distributed)", choices=TP_BACKENDS),
     },
     "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "deepspeed",
                      "a ds_config JSON path (relative to the config file) or an inline dict"),

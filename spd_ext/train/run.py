@@ -164,7 +164,6 @@ def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
     calls it; the main rank writes, atomically)."""
     import torch
 
-
     dense = model.dense_state_dict()
     if main:
         state = {"model": {k: v.cpu() for k, v in dense.items()},
@@ -234,7 +233,6 @@ def save_checkpoint(engine: Any, plan: RunPlan, step: int) -> str:
     RNG and step; then, once every rank is done, the completion marker and ``latest``."""
     import torch
     import torch.distributed as dist
-
 
     ckpt = plan.checkpoint_dir
     tag = f"global_step{step}"
