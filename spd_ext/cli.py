@@ -91,17 +91,22 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_clean(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "clean", help="remove shared-memory segments left by dead jobs",
+    p = _command(sub, "clean", help="remove shared-memory segments and build locks left "
+                 "by dead jobs",
                  description="List and remove /dev/shm segments that outlived their job: "
                  "spd_ext's (left when a rank is killed while a group sets up; the creating "
                  "process is gone) and DeepSpeed's CPU all-reduce buffers that no process "
-                 "maps any more.")
+                 "maps any more; and torch's `lock` files in the JIT ops cache left by a "
+                 "build that was killed (no live process holds the build lock; the next "
+                 "load of the op would also remove it).")
     p.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
     p.set_defaults(func=_clean)
 
 
 def _clean(args: argparse.Namespace) -> int:
     from spd_ext.comm.segments import remove_stale_segments, stale_segments
+    from spd_ext.ops.build_lock import remove_stale_build_locks, stale_build_locks
+    from spd_ext.ops.builder import cache_root
 
     found = stale_segments() if args.dry_run else remove_stale_segments(deepspeed=True)
     verb = "stale" if args.dry_run else "removed"
@@ -110,6 +115,11 @@ def _clean(args: argparse.Namespace) -> int:
     total = sum(s.size for s in found) / 2**20
     print(f"{len(found)} segment(s) {verb}, {total:.1f} MiB" if found else
           "no stale shared-memory segments")
+    locks = (stale_build_locks if args.dry_run else remove_stale_build_locks)(cache_root())
+    for lock in locks:
+        print(f"{verb}: {lock.baton} (build lock no live process holds: its build was killed)")
+    print(f"{len(locks)} build lock(s) {verb}" if locks else
+          f"no stale build locks in {cache_root()}")
     return 0
 
 
@@ -128,14 +138,18 @@ def _report(args: argparse.Namespace) -> int:
     print(f"JIT cache: {cache_root()}")
     forced = os.environ.get("SPD_EXT_FORCE_FALLBACK", "0")
     print(f"SPD_EXT_FORCE_FALLBACK={forced}\n")
-    rows = []
+    rows, locks = [], []
     for b in ALL_BUILDERS:
         if args.build:
             b.load()
         s = b.status()
         rows.append([s.name, "yes" if s.compatible else "no", s.built, s.implementation,
                      s.target, " ".join(s.flags), s.reason or "-"])
+        if s.build_lock:
+            locks.append(f"build lock of {s.name}: {s.build_lock}")
     print(format_table(["op", "compatible", "built", "in use", "target", "flags", "note"], rows))
+    if locks:
+        print("\n" + "\n".join(locks))
     print("\ncomm.all_reduce on CPU float32/bfloat16/float16 tensors: shared-memory kernel "
           "when every rank of the group is on this host and shm_allreduce is in use, else "
           "torch.distributed. CUDA tensors: the CUDA IPC kernel when ipc_allreduce is in use, "
@@ -478,7 +492,7 @@ def _train(args: argparse.Namespace) -> int:
                          f"runs under one (WORLD_SIZE={launched}); drop --nproc")
     world = args.nproc or launched or 1
     plan, facts = train_run.prepare(args.config, args.overrides, world, args.resume,
-                                    args.overwrite)
+                                    args.overwrite, hold=not args.dry_run)
     if args.dry_run:
         print(describe(plan.cfg).rstrip())
         print(f"# {world} rank(s): tp {plan.tp}, islands {plan.islands}, data parallel "
@@ -745,8 +759,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Split a model over N local ranks (tensor parallel N) and serve it: POST "
         "/v1/completions\n(JSON; \"stream\": true for server-sent events), GET /health, GET "
         "/metrics, and a web page\nat /. The model and the flags are checked before any rank "
-        "starts; SIGINT or SIGTERM stops\nthe server after the queued requests, a rank that "
-        "dies stops every rank (503 meanwhile).",
+        "starts; SIGINT or SIGTERM stops\nthe server after the queued requests (a second "
+        "one: at once), a rank that dies stops\nevery rank (503 meanwhile).",
         epilog="example:\n  spd-ext serve --hf ./gpt2 --pattern 'spd*12' --nproc 2\n"
         "  curl -N localhost:5050/v1/completions -d '{\"prompt\": \"Hello\", "
         "\"max_tokens\": 32, \"stream\": true}'")
@@ -766,7 +780,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=POSITIVE, default=64,
                    help="requests waiting or running before new ones get 503")
     p.add_argument("--fail-grace", type=_bounded(float, 0.0), default=3.0,
-                   help="seconds to keep answering 503 after a rank dies, before exiting")
+                   help="seconds to keep answering 503 after a rank dies (or a second "
+                   "SIGINT/SIGTERM), before exiting 1")
     p.add_argument("--rank-timeout", type=_bounded(float, 1.0, high=1e7), default=300.0,
                    help="seconds a rank may stop answering (hung, not dead: a dead one is "
                    "found at once) before the server stops, idle or generating; it also "

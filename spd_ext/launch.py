@@ -14,6 +14,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import socket
 import time
@@ -38,28 +39,6 @@ def _bind_cores(rank: int, nproc: int, threads: int) -> None:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= nproc * threads:
         os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
-
-
-_LISTENERS: list[socket.socket] = []
-
-
-def _loopback_store(rank: int, nproc: int, port: int, timeout: float) -> Any:
-    """The rendezvous store, listening on 127.0.0.1 only: every rank of these jobs is on
-    this host, and torch's own TCPStore server would listen on every interface. Rank 0
-    binds the socket itself and hands it to the store (``master_listen_fd``)."""
-    import torch.distributed as dist
-
-    listener = None
-    if rank == 0:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(128)
-    store = dist.TCPStore("127.0.0.1", port, nproc, rank == 0, timedelta(seconds=timeout),
-                          master_listen_fd=listener.fileno() if listener else None)
-    if listener is not None:
-        _LISTENERS.append(listener)  # the store serves on this fd: keep it open
-    return store
 
 
 def _by_value(value: Any) -> bytes:
@@ -95,13 +74,15 @@ def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend
     import torch
     import torch.distributed as dist
 
+    from spd_ext.utils.rendezvous import bound_store  # rank 0 serves it on 127.0.0.1 only
+
     torch.set_num_threads(threads)
     if bind:
         _bind_cores(rank, nproc, threads)
     try:
         dist.init_process_group(backend, rank=rank, world_size=nproc,
                                 timeout=timedelta(seconds=pg_timeout),
-                                store=_loopback_store(rank, nproc, port, pg_timeout))
+                                store=bound_store(rank, nproc, "127.0.0.1", port, pg_timeout))
         value = fn(rank, nproc, *args)
         results.put(("ok", rank, _by_value(value)))
         # Gloo fails a rank whose peers tear their connections down while it still talks
@@ -122,6 +103,52 @@ def _exit_story(rank: int, code: int | None) -> str:
         except ValueError:
             pass
     return f"rank {rank} exited with code {code}{how} without returning a result"
+
+
+def _reason(trace: str) -> str:
+    """A rank's traceback's last line: the exception and its message."""
+    lines = [line for line in trace.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no reason given"
+
+
+# What a collective that waited too long says: gloo ("Timed out waiting 20000ms for recv
+# operation"), spd_ext.comm ("timed out after 20 s waiting for rank 1", "did not arrive
+# within", "did not reach step"), the rendezvous store ("Socket Timeout").
+_WAITED_TOO_LONG = re.compile(r"timed out|timeout|did not (arrive|reach)", re.I)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): it cannot answer."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:][:1] in ("T", "t")
+
+
+def _who_stopped_answering(procs: list[Any], results: Any, waiter: int, done: dict,
+                           window: float = 2.0) -> list[int]:
+    """After rank ``waiter``'s collective timed out: the ranks that stopped answering. The
+    waiter is the healthy one; a healthy peer blocked on it fails as soon as it is gone
+    (gloo sees the connection close, spd_ext.comm the process exit) and reports, while a
+    rank that stopped answering stays silent. So: the ranks neither done nor reporting
+    nor exited within ``window`` seconds, the stopped processes among them if any."""
+    reported = {waiter}
+    deadline = time.monotonic() + window
+    while time.monotonic() < deadline:
+        silent = [r for r, p in enumerate(procs) if r not in done and r not in reported
+                  and p.exitcode is None]
+        if not silent:
+            return []
+        try:
+            _, rank, _ = results.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        reported.add(rank)  # an error (or a late result): it answers
+    silent = [r for r, p in enumerate(procs) if r not in done and r not in reported
+              and p.exitcode is None]
+    return [r for r in silent if _stopped(procs[r].pid)] or silent
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
@@ -183,10 +210,21 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
                 time.sleep(0.3)
                 dead = [r for r, p in enumerate(procs) if r != rank and r not in done
                         and p.exitcode is not None and p.exitcode != 0]
+                reason = _reason(value)
                 if dead:
                     raise RankError(f"{_exit_story(dead[0], procs[dead[0]].exitcode)}; then "
-                                    f"rank {rank} failed:\n{value}")
-                raise RankError(f"rank {rank} failed:\n{value}")
+                                    f"rank {rank} failed: {reason}\n{value}")
+                # The rank whose wait timed out is the healthy one: name the one it waited
+                # for, which stopped answering.
+                stalled = _who_stopped_answering(procs, results, rank, done) \
+                    if _WAITED_TOO_LONG.search(reason) else []
+                if stalled:
+                    names = ", ".join(f"rank {r} (pid {procs[r].pid})" for r in stalled)
+                    why = " (stopped: SIGSTOP or a debugger)" \
+                        if any(_stopped(procs[r].pid) for r in stalled) else ""
+                    raise RankError(f"{names} stopped answering{why}: rank {rank} timed out "
+                                    f"waiting for it ({reason})\n{value}")
+                raise RankError(f"rank {rank} failed: {reason}\n{value}")
             import torch
 
             done[rank] = torch.load(io.BytesIO(value), weights_only=True)  # see _by_value

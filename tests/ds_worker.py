@@ -433,9 +433,47 @@ def scenario_nan_grad(rank: int, world: int, out: dict) -> None:
                      "unchanged": flat_params(model) == before}
 
 
+# -- set-ups refused once DeepSpeed's segments exist --------------------------------------
+def scenario_refused(rank: int, world: int, out: dict) -> None:
+    """Set-ups spd_ext refuses after deepspeed.init_distributed created this rank's 69 MB
+    CPU all-reduce segment: the segment's name is gone from the first refusal on."""
+    import os
+
+    segment = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+                   f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}")
+    out["segment_before"] = segment.exists()
+    errors: dict[str, str] = {}
+
+    def refused(name: str, make) -> None:
+        try:
+            make()
+            errors[name] = "accepted"
+        except (ValueError, AssertionError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+
+    def initialize(config: dict) -> None:
+        model = ReducedSyncGPT(gpt_config())
+        sd.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+    refused("tp_model", lambda: initialize(ds_config(dp=1, section={"tensor_parallel":
+                                                                    {"size": 2}})))
+    out["segment_after_first"] = segment.exists()
+    refused("metrics", lambda: initialize(ds_config(section={"metrics": {
+        "jsonl": "/proc/spd_ext/metrics.jsonl"}})))
+    refused("cosine_zero1", lambda: initialize(ds_config(1, section={"signal_weighting": {
+        "signal": "cosine_to_prev_global"}})))
+    refused("batch", lambda: initialize(ds_config(dp=3)))  # DeepSpeed's own assertion
+    model = ReducedSyncGPT(gpt_config())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config())
+    refused("attach_floor", lambda: sd.attach(engine, {"signal_weighting": {"floor": 0.9}}))
+    out["errors"] = errors
+
+
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
              "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
-             "trainer": scenario_trainer, "nan_grad": scenario_nan_grad}
+             "trainer": scenario_trainer, "nan_grad": scenario_nan_grad,
+             "refused": scenario_refused}
 
 
 def main() -> None:

@@ -552,6 +552,58 @@ with _unlink_on_sigterm(Segment()):
     assert marker.read_text() == "yes"
 
 
+_SETUP_RANK = """
+import os, sys, time, torch, torch.distributed as dist
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+if rank == 0:
+    from spd_ext.comm import all_reduce
+    all_reduce(torch.ones(8))      # creates the segment, then waits for rank 1 to attach
+else:
+    from spd_ext.comm.groups import SetupExchange, single_host_reason
+    exchange = SetupExchange(None, "shared-memory all-reduce")
+    single_host_reason(exchange, True, "shm_allreduce", "")
+    exchange.broadcast(None)       # rank 0 has created the segment and sent its name
+    print("got the name", flush=True)
+    time.sleep(600)                # killed here, before attaching
+"""
+
+
+@needs_kernels
+def test_sigterm_unlinks_the_segment_name_after_the_peer_died_during_setup(tmp_path) -> None:
+    """A rank killed during the group's set-up, then the survivor (rank 0, holding the
+    segment's name while it waits for the dead peer) stopped with SIGTERM as torchrun
+    does: the name is unlinked at once and the survivor dies of the signal, rather than
+    waiting inside the store for the dead peer's timeout."""
+    import subprocess
+    import sys
+
+    from spd_ext.launch import free_port
+
+    before = set(glob.glob("/dev/shm/spd_ext_*"))
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "SPD_EXT_COMM_TIMEOUT": "120"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _SETUP_RANK], text=True,
+                              stdout=subprocess.PIPE, env={**env, "RANK": str(r)})
+             for r in range(2)]
+    try:
+        assert ranks[1].stdout.readline().strip() == "got the name"
+        ranks[1].kill()
+        ranks[1].wait(timeout=30)
+        created = set(glob.glob(f"/dev/shm/spd_ext_{ranks[0].pid}_*")) - before
+        assert created, "rank 0 holds no named segment"
+        time.sleep(0.5)  # rank 0 is back inside its wait for the dead peer
+        ranks[0].send_signal(signal.SIGTERM)
+        assert ranks[0].wait(timeout=10) == -signal.SIGTERM
+        assert not any(os.path.exists(name) for name in created)
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+        for name in set(glob.glob(f"/dev/shm/spd_ext_{ranks[0].pid}_*")) - before:
+            os.unlink(name)  # left by a failure of this test
+
+
 def _listening_addresses(rank: int, world: int) -> list[str]:
     """The local addresses this rank listens on (its sockets in /proc/net/tcp{,6})."""
     t = torch.ones(4)

@@ -126,6 +126,33 @@ def test_unsound_combinations_name_both_features(section, ds, match) -> None:
     refused(section, match, world=4, stage=stage, **ds)
 
 
+def test_values_of_the_wrong_type_are_named_and_read_as_deepspeed_reads_them() -> None:
+    """A list for a name, a stage that is no stage, and booleans written as strings: one
+    line naming the key (was: "unhashable type: 'list'", a bare ValueError, and "false"
+    read as enabled, the opposite of what DeepSpeed does)."""
+    weighting = {"signal_weighting": {}}
+    refused({"signal_weighting": {"signal": ["loss_ema"]}},
+            r"signal_weighting.signal must be one name \(a string\).*got \['loss_ema'\]")
+    refused({"signal_weighting": {"map": {"softmax": 1}}}, r"signal_weighting.map must be one")
+    with pytest.raises(SpdExtConfigError, match=r"zero_optimization.stage must be 0, 1, 2 or "
+                                                r"3, got 'x'"):
+        parse_config({"train_batch_size": 4, "zero_optimization": {"stage": "x"},
+                      "spd_ext": weighting}, world_size=2)
+    _, cfg = parse_config({"train_batch_size": 4, "zero_optimization": {"stage": "1"},
+                           "spd_ext": weighting}, world_size=2)
+    assert cfg.signal_weighting is not None
+    for off in ("false", "False", "0", "off", 0):  # DeepSpeed reads these as disabled
+        parse_config({**base(), "fp16": {"enabled": off}, "spd_ext": weighting}, world_size=2)
+    for on in ("true", "yes", 1):
+        refused(weighting, "fp16 with spd_ext", fp16={"enabled": on})
+    refused(weighting, r"fp16.enabled must be true or false, got 'maybe'",
+            fp16={"enabled": "maybe"})
+    refused(weighting, r"overlap_comm", stage=1,
+            zero_optimization={"stage": 1, "overlap_comm": "true"})
+    parse_config({**base(1), "zero_optimization": {"stage": 1, "overlap_comm": "false"},
+                  "spd_ext": weighting}, world_size=2)
+
+
 def test_world_size_from_the_launcher_environment(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(SpdExtConfigError, match="size 4 does not divide the world size 6"):
@@ -196,6 +223,26 @@ def _run_job(name: str, nproc: int, tmp_path: Path, timeout: float, env: dict,
                     f"{exc.stderr}")
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def test_refused_set_ups_leave_no_deepspeed_segment(tmp_path) -> None:
+    """A set-up refused after deepspeed.init_distributed (a model not built for tensor
+    parallelism, an unwritable metrics file, cosine_to_prev_global at ZeRO-1, DeepSpeed's
+    own batch-size assertion, attach with a floor that leaves no room) releases DeepSpeed's
+    69 MB segment names first (was: left in /dev/shm on every such failure), and each
+    refusal says what is wrong."""
+    ranks = run_scenario("refused", 2, tmp_path)
+    for rank in ranks:
+        assert rank["segment_before"] and not rank["segment_after_first"], rank
+        errors = rank["errors"]
+        assert "tensor_parallel.size 2 needs a model sharded" in errors["tp_model"], errors
+        assert "metrics.jsonl '/proc/spd_ext/metrics.jsonl' cannot be written" in \
+            errors["metrics"], errors
+        assert "cosine_to_prev_global with zero_optimization.stage 1" in \
+            errors["cosine_zero1"], errors
+        assert errors["batch"].startswith("AssertionError"), errors
+        assert "floor 0.9 leaves no room for 2 data-parallel ranks" in \
+            errors["attach_floor"], errors
 
 
 def close(a: list[float], b: list[float], atol: float, what: str, rtol: float = 0.0) -> None:

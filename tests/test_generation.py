@@ -98,6 +98,81 @@ def test_a_tiny_temperature_samples_the_best_token_not_nan() -> None:
     assert torch.equal(tiny_t, model.generate(prompt, 6, temperature=0))
 
 
+def test_a_temperature_that_is_zero_in_float32_is_greedy() -> None:
+    """1e-300 passes every check (>= 0, finite) but is 0 in float32: logits / it was 0 / 0,
+    NaN probabilities, and multinomial raised (it stopped `spd-ext serve`, and `spd-ext
+    train` after its last step, before summary.json). Now it is greedy, in sample_next,
+    generate and train's sample alike."""
+    from spd_ext.data.tokenizers import CharTokenizer
+    from spd_ext.tp.generation import sample_next
+    from spd_ext.train.run import generate as train_sample
+
+    logits = torch.randn(3, 61, generator=torch.Generator().manual_seed(0))
+    for t in (1e-300, 1e-46, 1e-39):  # 1e-39 is a float32 subnormal: greedy too
+        assert torch.equal(sample_next(logits, t, None, None), logits.argmax(-1)), t
+        assert torch.equal(sample_next(logits, t, 5, None), logits.argmax(-1)), t
+    model = ReducedSyncGPT(tiny("spd*4"), seed=3)
+    prompt = torch.randint(61, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-300, seed=1),
+                       model.generate(prompt, 6, temperature=0))
+    tok = CharTokenizer("".join(chr(65 + i) for i in range(61)))
+    sample = train_sample(model, tok, "ABC", 6, 1e-300, None, 32, 0, "cpu")
+    assert sample == train_sample(model, tok, "ABC", 6, 0.0, None, 32, 0, "cpu")
+
+
+def _a_rank_fails_a_step(rank: int, world: int, backend: str) -> dict:
+    """Rank ``rank == world - 1`` (greedy: its slice of the head) or rank 0 (sampling: the
+    only rank that samples) raises in the third step; afterwards the group must work."""
+    import spd_ext.tp.generation as generation
+    from spd_ext.tp.generation import StepFailed
+
+    model = ReducedSyncGPT(tiny("spd*4", world, n_head=2 * world, n_embd=8 * world),
+                           DistributedComm(backend=backend), seed=4)
+    prompt = torch.randint(61, (2, 6), generator=torch.Generator().manual_seed(2))
+    calls = {"n": 0}
+    real_slice, real_sample = generation.vocab_slice, generation.sample_next
+
+    def failing(real, who):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if rank == who and calls["n"] == 3:
+                raise RuntimeError("probability tensor contains either `inf`, `nan`")
+            return real(*args, **kwargs)
+        return call
+
+    out = {}
+    for case, temperature, name, who in (("greedy", 0.0, "vocab_slice", world - 1),
+                                         ("sampling", 1.0, "sample_next", 0)):
+        calls["n"] = 0
+        setattr(generation, name, failing(getattr(generation, name), who))
+        steps = []
+        try:
+            for step in model.generate_steps(prompt, 8, temperature=temperature, seed=0):
+                steps.append(step)
+            out[case] = "no error"
+        except StepFailed as exc:
+            out[case] = (len(steps), exc.ranks, exc.here, str(exc))
+        finally:
+            generation.vocab_slice, generation.sample_next = real_slice, real_sample
+    out["after"] = model.generate(prompt, 4, temperature=0).tolist()  # still in lock step
+    return out
+
+
+@pytest.mark.parametrize("backend", ["spd_ext", "torch"])
+def test_a_step_that_fails_on_one_rank_fails_on_every_rank_together(backend: str) -> None:
+    """A rank whose own part of a step raises tells the others in the step's message
+    instead of leaving them in the all-reduce (they waited out the timeout, then every
+    rank died): every rank raises StepFailed at that step, and the group goes on."""
+    results = spawn(_a_rank_fails_a_step, 2, backend, timeout=120, pg_timeout=30,
+                    env={"SPD_EXT_COMM_TIMEOUT": "30"})
+    for rank, r in enumerate(results):
+        for case, who in (("greedy", 1), ("sampling", 0)):
+            steps, ranks, here, message = r[case]
+            assert (steps, ranks, here) == (2, [who], rank == who), (rank, case, r[case])
+            assert ("probability tensor" in message) == (rank == who), message
+        assert r["after"] == results[0]["after"]
+
+
 def test_greedy_tokens_equal_hugging_face_generate() -> None:
     transformers = pytest.importorskip("transformers")
     from spd_ext.tp.convert import from_hf

@@ -217,18 +217,26 @@ def test_max_tokens_defaults_to_what_fits_a_small_context() -> None:
         .max_tokens == 12  # the last new token is never fed back: 5 + 12 - 1 positions
 
 
-def test_a_tiny_temperature_is_answered_not_fatal(server) -> None:
-    """temperature 1e-40 passes the request checks; it used to make NaN probabilities and
-    kill every rank. Now it samples the greedy tokens."""
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300])
+def test_a_tiny_temperature_is_answered_not_fatal(server, temperature) -> None:
+    """A temperature that passes the request checks but is tiny (1e-40) or 0 in float32
+    (1e-300, issue 29) used to make NaN probabilities and stop the server: every client
+    got 503 and it exited 1. Now it samples the greedy tokens, and the server goes on."""
     body = {"prompt": "ROMEO", "max_tokens": 4}
-    status, tiny = server.post({**body, "temperature": 1e-40})
+    status, tiny = server.post({**body, "temperature": temperature})
     assert status == 200, tiny
     assert tiny["token_ids"] == server.post({**body, "temperature": 0})[1]["token_ids"]
+    assert server.get("/health")[1]["status"] == "ok"
 
 
-def test_malformed_json_is_a_400(server) -> None:
-    status, reply = server.post(None, raw=b"{not json")
-    assert status == 400 and "not valid JSON" in reply["error"]
+@pytest.mark.parametrize("raw, message", [
+    (b"{not json", "not valid JSON"),
+    (b"[" * 300_000 + b"]" * 300_000, "nests arrays or objects too deeply"),  # RecursionError
+    (b'{"prompt": "ROMEO", "seed": ' + b"7" * 5000 + b"}", "integer string conversion"),
+])
+def test_malformed_json_is_a_400(server, raw, message) -> None:
+    status, reply = server.post(None, raw=raw)
+    assert status == 400 and message in reply["error"], reply
 
 
 def test_a_client_that_disconnects_does_not_disturb_others(server) -> None:
@@ -291,15 +299,137 @@ def test_a_dead_rank_gets_503_and_every_rank_exits(tmp_path) -> None:
     assert not {n for n in set(os.listdir("/dev/shm")) - before if "spd" in n}
 
 
+def test_a_request_that_fails_on_a_rank_fails_alone(tmp_path) -> None:
+    """A model whose weights went NaN makes sampling raise on the first rank mid-generation
+    (the others are in the step's all-reduce): that request gets a 500 naming the cause,
+    streamed or not, and the ranks go on (greedy requests still run). Then, with a rank
+    stopped (SIGSTOP) and a request stuck, the first SIGTERM waits for the queue, the
+    second stops the server at once: exit 1, every rank gone."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt")
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["ln_f.weight"].fill_(float("nan"))
+    torch.save(state, ckpt)
+    s = Server(ckpt)
+    try:
+        sampled = {"prompt": "ROMEO:", "max_tokens": 4, "temperature": 1.0}
+        status, reply = s.post(sampled)
+        assert status == 500 and "rank 0: RuntimeError: probability tensor" in reply["error"]
+        events = s.stream(sampled)
+        assert events[-1][0] == "error" and events[-1][1]["status"] == 500, events
+        status, reply = s.post({**sampled, "temperature": 0})
+        assert status == 200 and len(reply["token_ids"]) == 4, reply
+        assert s.get("/health")[1]["status"] == "ok"
+        assert s.get("/metrics")[1]["failed"] == 2
+        os.kill(s.pids[1], signal.SIGSTOP)
+        stuck: dict = {}
+        thread = threading.Thread(target=lambda: stuck.update(reply=s.post(sampled)))
+        thread.start()
+        time.sleep(1)
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while s.get("/health")[1]["status"] != "stopping" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # a signal right after the first is the same one sent twice (timeout)
+        assert s.proc.poll() is None  # the first signal waits for the queue
+    finally:
+        code, out = s.stop(signal.SIGTERM, timeout=15)  # the second stops at once
+    thread.join(15)
+    assert code == 1 and "second signal" in out, out
+    assert stuck["reply"][0] == 503, stuck
+    assert not any(alive(p) for p in s.pids)
+
+
+def test_a_stalled_rank_is_the_one_named(tmp_path) -> None:
+    """Rank 1 stops answering (SIGSTOP): rank 0's collective times out after
+    --rank-timeout, and the 503 names rank 1, not rank 0 (the healthy one, which the
+    server used to blame, with no reason)."""
+    s = Server(write_checkpoint(tmp_path / "ckpt.pt"), "--rank-timeout", "3")
+    os.kill(s.pids[1], signal.SIGSTOP)
+    try:
+        status, reply = s.post({"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0})
+    finally:
+        code, out = s.stop(signal.SIGCONT, timeout=30)  # it exits by itself
+    assert status == 503 and "rank 1" in reply["error"], reply
+    assert "stopped answering" in reply["error"] and "rank 0 timed out" in reply["error"]
+    assert code == 1, out
+    assert not any(alive(p) for p in s.pids)
+
+
+def test_stopping_with_ranks_gone_exits_1_within_the_grace(tmp_path, monkeypatch) -> None:
+    """Issue 29: whatever the launcher's thread is doing (here: it never reports), a
+    SIGINT/SIGTERM with a rank gone ends the server within --fail-grace with exit 1; it
+    used to stay 'stopping' for good, waiting for ranks that had exited."""
+    import asyncio
+
+    from spd_ext.serve import app, inspect_source
+
+    source = inspect_source(str(write_checkpoint(tmp_path / "ckpt.pt")), None, None, 2)
+    gone = subprocess.Popen(["true"])  # exits at once; left uncollected: a zombie
+    running = subprocess.Popen(["sleep", "60"])
+
+    class SilentJob:
+        """Ranks that said ready, and a launcher thread that never reports."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.loop, self.on_message = args[4], args[5]
+            self.thread = threading.Thread(target=lambda: None)
+            self.sent: list = []
+
+        def start(self) -> None:
+            self.thread.start()
+            self.loop.call_soon(self.on_message, ("ready", {"pids": [running.pid, gone.pid]}))
+
+        def ready(self) -> None:
+            pass
+
+        def send(self, message: tuple) -> None:
+            self.sent.append(message)
+
+    monkeypatch.setattr(app, "RankJob", SilentJob)
+
+    async def stop_it() -> tuple[int, float, dict]:
+        server = app.CompletionServer(source, fail_grace_s=0.5)
+        server.start_ranks()
+        while server.state != "ready":
+            await asyncio.sleep(0.01)
+        time.sleep(0.2)  # `true` has exited
+        health = await server.health(None)
+        began = time.monotonic()
+        server.stop()
+        await asyncio.wait_for(server.finished.wait(), 5)
+        return server.exit_code, time.monotonic() - began, json.loads(health.text)
+
+    try:
+        code, took, health = asyncio.run(stop_it())
+    finally:
+        running.kill()
+        running.wait()
+        gone.wait()
+    assert [r["alive"] for r in health["ranks"]] == [True, False]
+    assert code == 1 and took < 1.5, (code, took)
+
+
 def test_ctrl_c_to_the_whole_process_group_stops_cleanly(tmp_path) -> None:
     """A terminal's Ctrl-C (or `timeout`) signals every process of the group; the ranks
-    must not die of it: the front end stops them in order and exits 0."""
+    must not die of it: the front end stops them in order and exits 0. `timeout` also
+    signals its child directly: the same signal twice, which is not a second one."""
     s = Server(write_checkpoint(tmp_path / "ckpt.pt"), start_new_session=True)
     assert s.post({"prompt": "ROMEO:", "max_tokens": 4})[0] == 200
+    os.kill(s.proc.pid, signal.SIGINT)
     os.killpg(s.proc.pid, signal.SIGINT)
     code, out = s.stop(signal.SIGCONT, timeout=30)
     assert code == 0, out
     assert not any(alive(p) for p in s.pids)
+
+
+def edited(ckpt: Path, entry: str, **fields: object) -> Path:
+    """A copy of ``ckpt`` with ``fields`` set in its ``entry`` (all of them dropped when
+    none are given)."""
+    state = torch.load(ckpt, weights_only=True)
+    state[entry] = {**state[entry], **fields} if fields else {}
+    path = ckpt.with_name(f"{entry}-{len(list(ckpt.parent.iterdir()))}.pt")
+    torch.save(state, path)
+    return path
 
 
 def test_bad_launch_arguments_are_one_line_before_any_rank(tmp_path) -> None:
@@ -312,12 +442,26 @@ def test_bad_launch_arguments_are_one_line_before_any_rank(tmp_path) -> None:
         (["--checkpoint", str(ckpt), "--pattern", "spd*3"], "gives 3 blocks"),
         (["--checkpoint", str(ckpt), "--nproc", "3"], "divisible by tp_size"),
         (["--hf", str(tmp_path)], "no Hugging Face model folder"),
+        # weights that do not fit the model_config: a traceback once the ranks had started;
+        # a block_size of 1e9 tried to allocate 64 GB
+        (["--checkpoint", str(edited(ckpt, "model_config", block_size=10**9))],
+         "its weight wpe.weight is (64, 32) but the model its model_config describes"),
+        (["--checkpoint", str(edited(ckpt, "model_config", n_layer=2, pattern="spd*2"))],
+         "its weights do not fit the model its model_config describes"),
+        (["--checkpoint", str(edited(ckpt, "tokenizer"))], "its tokenizer {} is not one "),
     ]
-    for args, message in cases:
-        proc = subprocess.run([sys.executable, "-m", "spd_ext.cli", "serve", *args],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "spd_ext.cli", "serve", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args, _ in cases]  # all at once: each is mostly Python and torch starting
+    try:
+        for (args, message), proc in zip(cases, procs):
+            _, stderr = proc.communicate(timeout=90)
+            assert proc.returncode == 2 and message in stderr, (args, stderr)
+            assert "Traceback" not in stderr
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 async def _drive_page(browser: str, url: str, profile: Path, screenshot: Path | None

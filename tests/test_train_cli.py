@@ -5,12 +5,15 @@ resumes (after a save cut short, and half the steps then --resume), DiLoCo islan
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,6 +219,126 @@ def test_config_errors_are_one_line_with_exit_2(tmp_path, capsys, cfg, args, mes
     assert message in err and "Traceback" not in err, err
 
 
+def _fake_checkpoint(plan, tokenizer, step: int) -> None:
+    """A complete checkpoint's marker, as save_checkpoint writes it (no weights needed: the
+    layout is checked before any rank starts)."""
+    from spd_ext.train.config import COMPLETE, LATEST
+
+    tag = f"global_step{step}"
+    marker = plan.checkpoint_dir / tag / "train" / COMPLETE
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"step": step, "layout": plan.checkpoint_layout(tokenizer)}))
+    (plan.checkpoint_dir / LATEST).write_text(tag)
+
+
+def test_resume_with_another_corpus_is_refused_before_any_rank(tmp_path, capsys) -> None:
+    """The char tokenizer's vocabulary comes from the corpus (model.vocab_size null): a
+    resume on another corpus, with as many or more characters, is refused naming the
+    tokenizer (was: accepted, then a size-mismatch traceback on every rank)."""
+    from spd_ext.data import TokenDataset
+    from spd_ext.train.run import prepare
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("abcdefg\n " * 400)
+    second.write_text("ABCDEFGHI\n " * 400)
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out", data={"corpus": str(first)}))
+    plan, _ = prepare(str(path), [], 1)
+    _fake_checkpoint(plan, TokenDataset(str(first), "char").tokenizer, 3)
+    _, facts = prepare(str(path), [], 1, resume=True)  # the same corpus resumes
+    assert facts["resume_tag"] == "global_step3"
+    assert cli.main(["train", str(path), "--resume", "--set", f"data.corpus={second}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was saved with model.vocab_size 9, data.tokenizer char " \
+        "(9 characters" in err and "but this run has model.vocab_size 11" in err, err
+
+
+def test_resume_without_the_checkpoints_spd_ext_state_is_refused_before_any_rank(
+        tmp_path, capsys) -> None:
+    """Signal weighting switched off (or another staleness mode) on --resume: one line
+    before any rank starts (was: every rank's traceback when the engine loaded the state)."""
+    from spd_ext.data import TokenDataset
+    from spd_ext.train.run import prepare
+
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out", deepspeed={
+        **ZERO1, "spd_ext": {"signal_weighting": WEIGHTING}}))
+    plan, _ = prepare(str(path), [], 2)
+    _fake_checkpoint(plan, TokenDataset("tinyshakespeare", "char").tokenizer, 3)
+    edited = write(tmp_path / "edited.json", tiny(tmp_path / "out"))  # the section removed
+    assert cli.main(["train", str(edited), "--nproc", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was saved with deepspeed.spd_ext.signal_weighting on but " \
+        "this run has deepspeed.spd_ext.signal_weighting off" in err, err
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (what a crafted checkpoint file does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt",
+                                  "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_crafted_deepspeed_file_is_refused_before_any_rank(tmp_path, capsys, name) -> None:
+    """--resume reads every file of the checkpoint with weights_only=True (DeepSpeed's plain
+    classes allowed) before DeepSpeed, which unpickles them fully, touches them."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from spd_ext.data import TokenDataset
+    from spd_ext.train.run import prepare
+
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out"))
+    plan, _ = prepare(str(path), [], 1)
+    _fake_checkpoint(plan, TokenDataset("tinyshakespeare", "char").tokenizer, 3)
+    tag_dir = plan.checkpoint_dir / "global_step3"
+    # what DeepSpeed's own files hold loads: tensors, its loss scaler, enum and fragments
+    for file in ("mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(1.0),
+                    "zero_stage": ZeroStageEnum(1),
+                    "param_slice_mappings": [{"w": fragment_address(numel=2, start=0)}]},
+                   tag_dir / file)
+    assert prepare(str(path), [], 1, resume=True)[1]["resume_tag"] == "global_step3"
+    marker = tmp_path / "code-ran"
+    torch.save({"module": _RunsCode(marker)}, tag_dir / name)
+    assert cli.main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert err.count("\n") == 1 and f"{tag_dir / name} is not a DeepSpeed checkpoint file " \
+        "spd_ext can load" in err and "(here posix.system)" in err, err
+
+
+@needs_deepspeed
+def test_engine_checkpoint_loads_run_no_code(tmp_path) -> None:
+    """An engine spd_ext attached to reads its checkpoint files without running code,
+    whoever calls engine.load_checkpoint."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+
+    from spd_ext.deepspeed.checkpoint import UnsafeCheckpointError, guard_checkpoint_loads
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine = Engine()
+    guard_checkpoint_loads(engine)
+    marker = tmp_path / "code-ran"
+    torch.save({"module": _RunsCode(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(UnsafeCheckpointError, match="crafted.pt is not a DeepSpeed checkpoint"):
+        engine.checkpoint_engine.load(str(tmp_path / "crafted.pt"), map_location="cpu")
+    assert not marker.exists()
+    torch.save({"module": {"w": torch.ones(3)}}, tmp_path / "plain.pt")
+    loaded = engine.checkpoint_engine.load(str(tmp_path / "plain.pt"),
+                                           map_location=lambda storage, loc: storage)
+    assert torch.equal(loaded["module"]["w"], torch.ones(3))
+
+
 def test_missing_config_file_and_bad_syntax(tmp_path, capsys) -> None:
     assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml is not a file" in capsys.readouterr().err
@@ -252,6 +375,166 @@ def test_one_rank_without_a_launcher(tmp_path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 4
     assert "val loss" in stdout and (out / "sample.txt").read_text()
+
+
+@contextlib.contextmanager
+def _training_job(path: Path, out_dir: Path, timeout: float = 180):
+    """`spd-ext train PATH --nproc 2` running, once it has logged a step: (the process, its
+    launcher and ranks). Whatever is left of it is killed afterwards."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "spd_ext.cli", "train", str(path), "--nproc",
+                             "2"], cwd=path.parent, env=env(), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job: list = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not (out_dir / "log.jsonl").is_file() or not train_losses(out_dir):
+            assert proc.poll() is None, f"the run ended early: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the run logged no step in time"
+            time.sleep(0.5)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        yield proc, job
+    finally:
+        for child in job:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        proc.kill()
+        proc.wait()
+
+
+@needs_deepspeed
+def test_a_full_disk_is_named_in_one_line(tmp_path) -> None:
+    """The out_dir on a 256 KiB file system: the first checkpoint does not fit, and the run
+    says the disk is full in one line (was: "basic_ios::clear: iostream error" in a
+    traceback)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs privileges: {mounted.stderr!r}")
+    try:
+        path = write(tmp_path / "run.json", tiny(disk / "out", training={
+            "steps": 4, "checkpoint_interval": 2, "eval_interval": 0}))
+        proc = spd_ext_train([str(path)], tmp_path, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "the disk holding it is full" in errors[0] and \
+            "--resume" in errors[0], proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _listening(processes: list) -> list[str]:
+    import psutil
+
+    found = []
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            found += [f"{c.laddr.ip}:{c.laddr.port} (pid {proc.pid})"
+                      for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+@needs_deepspeed
+def test_a_running_job_listens_on_loopback_holds_its_out_dir_and_stops_on_sigterm(
+        tmp_path) -> None:
+    """While `spd-ext train --nproc 2` trains: every socket of the job listens on 127.0.0.1
+    (was: rank 0's rendezvous store on every interface, IPv4 and IPv6). A second run in
+    the same out_dir is refused in one line naming the first's pid (was: accepted, deleting
+    the first's log). SIGTERM to `spd-ext train` reaches the launcher and every rank, and
+    it waits for them (was: the parent died at once and the ranks trained on)."""
+    import psutil
+
+    out = tmp_path / "out"
+    path = write(tmp_path / "run.json", tiny(out, training={"steps": 100000,
+                                                             "eval_interval": 0}))
+    with _training_job(path, out) as (first, job):
+        assert len(job) >= 3, job  # the launcher and two ranks
+        sockets = _listening(job)
+        assert sockets, "found no listening socket to check"
+        assert all(entry.startswith("127.0.0.1:") for entry in sockets), sockets
+        second = spd_ext_train([str(path), "--nproc", "2"], tmp_path, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("\n") == 1 and f"is in use by a run in progress (pid " \
+            f"{first.pid}, for " in second.stderr, second.stderr
+        assert train_losses(out), "the first run's log was touched"
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(job, timeout=10)
+        assert not alive, f"left running: {alive}"
+
+
+def _rank_processes(parent: int) -> dict[int, object]:
+    import psutil
+
+    ranks = {}
+    for proc in psutil.Process(parent).children(recursive=True):
+        with contextlib.suppress(psutil.Error, KeyError, ValueError):
+            if "spd_ext.train.run" in " ".join(proc.cmdline()):
+                ranks[int(proc.environ()["RANK"])] = proc
+    return ranks
+
+
+@needs_deepspeed
+def test_a_stopped_rank_is_named_within_the_rank_timeout(tmp_path) -> None:
+    """SIGSTOP one rank mid-training: the other's next collective gives up after
+    parallel.rank_timeout (was: DeepSpeed's 30-minute default, with spd-ext train offering
+    no setting) and names the stopped rank, not itself; every process of the job exits."""
+    import psutil
+
+    out = tmp_path / "out"
+    path = write(tmp_path / "run.json", tiny(out, training={"steps": 100000, "eval_interval": 0},
+                                             parallel={"rank_timeout": 4}))
+    with _training_job(path, out) as (job, processes):
+        ranks = _rank_processes(job.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].suspend()
+        stopped = time.monotonic()
+        # 4 s, a few to be sure the rank is silent, and the launcher's 30 s for a rank that
+        # does not end on SIGTERM (a stopped one) before it kills it
+        assert job.wait(timeout=90) != 0
+        assert time.monotonic() - stopped < 60
+        err = job.stderr.read()
+        assert f"rank 1 (pid {ranks[1].pid}) stopped answering: no sign of life for" in err, err
+        assert "parallel.rank_timeout 4 s" in err, err
+        _, alive = psutil.wait_procs(processes, timeout=20)
+        assert not alive, f"left running: {alive}"
+
+
+def test_rank_watch_names_a_rank_stuck_in_another_phase() -> None:
+    """A rank whose main thread hangs (a checkpoint write that never returns) still sends
+    heartbeats; the rank that waited for it names it by the phase it is stuck in."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from spd_ext.launch import free_port
+    from spd_ext.train.rank_watch import RankWatch
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, None, True, timedelta(seconds=10),
+                           wait_for_workers=False)
+    waiting, stuck = RankWatch(0, 2, "127.0.0.1", port), RankWatch(1, 2, "127.0.0.1", port)
+    try:
+        stuck.mark("saving checkpoint global_step4")
+        stuck.since -= 30
+        waiting.mark("checkpoint global_step4 written, waiting for the other ranks")
+        time.sleep(2.5)  # both have published
+        text = waiting.blame(20)
+        assert text.startswith("rank 0 was in 'checkpoint global_step4 written"), text
+        assert f"rank 1 (pid {os.getpid()}) is stuck in 'saving checkpoint global_step4' " \
+            "for 3" in text, text
+        stuck.mark("step 5")  # a rank in the same phase is only described
+        time.sleep(1.5)
+        assert "rank 1 in 'step 5'" in waiting.blame(20)
+    finally:
+        waiting.close()
+        stuck.close()
+        del server
 
 
 @needs_deepspeed

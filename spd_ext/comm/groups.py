@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import time
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,10 +20,24 @@ import torch.distributed as dist
 from spd_ext.comm.torch_private import default_store, group_name, live_groups
 
 T = TypeVar("T")
+#: Seconds of one wait inside the store during a set-up (signals are handled between).
+_WAIT_SLICE_S = 0.25
 
 
 class CommError(RuntimeError):
     """A collective failed: a peer timed out or died, or ranks passed different tensors."""
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed waiting for other ranks: spd_ext's
+    CommError, torch.distributed's DistError types, and gloo's timeouts and lost
+    connections, which reach Python as a plain RuntimeError naming gloo's source."""
+    if isinstance(exc, (CommError, dist.DistError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        sign in text for sign in ("gloo/", "Timed out waiting", "Connection closed by peer",
+                                  "Connection reset by peer"))
 
 
 def default_timeout() -> float:
@@ -144,13 +159,26 @@ class SetupExchange:
         return _decode(self.store.get(key))
 
     def _wait(self, keys: list[str]) -> None:
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout))
-            return
-        except Exception:  # the store's timeout error type differs across torch versions
-            missing = [int(k.rsplit("/", 1)[1]) for k in keys if not self.store.check([k])]
-            if not missing:
-                raise
+        # In slices: a Python signal handler runs only between bytecodes, so one wait
+        # inside the store's C++ for the whole timeout would hold back a SIGTERM handler
+        # (rank 0's, which unlinks its segment's name) until a dead peer's timeout ran out,
+        # and a launcher's SIGKILL comes long before that.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            wait_s = max(0.001, min(_WAIT_SLICE_S, remaining))
+            started = time.monotonic()
+            try:
+                self.store.wait(keys, timedelta(seconds=wait_s))
+                return
+            except Exception:  # the store's timeout error type differs across torch versions
+                timed_out = time.monotonic() - started >= wait_s / 2  # not a store failure
+                if timed_out and remaining > _WAIT_SLICE_S:
+                    continue
+                missing = [int(k.rsplit("/", 1)[1]) for k in keys if not self.store.check([k])]
+                if not missing or not timed_out:
+                    raise
+            break
         names = ", ".join(f"{r} (global rank {self.global_ranks[r]})" for r in missing)
         raise CommError(
             f"spd_ext.comm: group rank {names} did not reach step {self.step} of the "

@@ -7,6 +7,7 @@ message naming the helper) instead of breaking at import time.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -33,6 +34,23 @@ def default_store() -> dist.Store:
                            "_get_default_store; spd_ext.comm.torch_private.default_store "
                            "needs updating for it")
     return get()
+
+
+def set_default_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the timeout of every process group created later without one.
+
+    ``new_group`` (DeepSpeed's data-parallel and ZeRO groups, spd_ext's tensor-parallel
+    ones) falls back to torch's module default (30 minutes for gloo, 10 for NCCL), not
+    to the default group's timeout, so a run's setting would bound only the world group.
+    torch reads these module globals each time a group is created."""
+    names = ("default_pg_timeout", "default_pg_nccl_timeout")
+    if not any(isinstance(getattr(c10d, name, None), timedelta) for name in names):
+        raise RuntimeError("spd_ext: this torch has no torch.distributed.distributed_c10d."
+                           "default_pg_timeout; spd_ext.comm.torch_private."
+                           "set_default_group_timeout needs updating for it")
+    for name in names:
+        if isinstance(getattr(c10d, name, None), timedelta):
+            setattr(c10d, name, timeout)
 
 
 def group_name(group: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Protocol
 
@@ -84,6 +85,16 @@ class GPT2Tokenizer:
 
     def state(self) -> dict:
         return {"name": self.name}
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> str:
+    """What a model's token ids mean, in one string: equal for two tokenizers exactly when
+    they map text to the same ids (a char tokenizer built from another corpus differs)."""
+    state = tokenizer.state()
+    if "chars" not in state:
+        return str(state["name"])
+    digest = hashlib.sha256(state["chars"].encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{state['name']} ({tokenizer.vocab_size} characters, {digest})"
 
 
 def get_tokenizer(name: str, text: str | None = None,

@@ -24,6 +24,7 @@ from spd_ext.deepspeed.config import (
     SECTION,
     SpdExtConfig,
     SpdExtConfigError,
+    check_metrics_path,
     split_config,
     validate_against_deepspeed,
 )
@@ -129,7 +130,11 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
         raise SpdExtConfigError("spd_ext.deepspeed.initialize needs model=...")
     if not dist.is_initialized():
         deepspeed.init_distributed()
+    # Collective, before anything else can fail: every rank has mapped DeepSpeed's CPU
+    # all-reduce segments since init_distributed, and a refused set-up would leave them.
+    release_deepspeed_shm_name()
     validate_against_deepspeed(cfg, rest, dist.get_world_size())
+    check_metrics_path(cfg)
     topology = build_topology(cfg.tensor_parallel.size, cfg.staleness.islands)
     if topology.mpu is not None:
         if mpu is not None:
@@ -141,7 +146,6 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
         _mark_tensor_parallel(model, topology, cfg)
     out = deepspeed.initialize(args=args, model=model, config=rest, mpu=mpu, **kwargs)
     EngineIntegration(out[0], cfg, topology)
-    release_deepspeed_shm_name()
     return out
 
 
@@ -151,28 +155,30 @@ def attach(engine: Any, config: dict | SpdExtConfig | None = None) -> EngineInte
     islands change DeepSpeed's groups, so they must be given to ``initialize`` instead."""
     if getattr(engine, "spd_ext", None) is not None:
         return engine.spd_ext
+    import torch.distributed as dist
+
+    release_deepspeed_shm_name()  # first: every rank attaches at the same point (collective)
     ds_config = getattr(getattr(engine, "_config", None), "_param_dict", None) or {}
     if isinstance(config, SpdExtConfig):
         cfg = config
     else:
         cfg = SpdExtConfig.from_dict(config if config is not None else ds_config.get(SECTION))
-    validate_against_deepspeed(cfg, ds_config, None)
+    mpu = getattr(engine, "mpu", None)
+    replicas = (mpu.get_data_parallel_world_size() if mpu is not None
+                else dist.get_world_size())
+    validate_against_deepspeed(cfg, ds_config, replicas)
+    check_metrics_path(cfg)
     if cfg.tensor_parallel.size > 1 or cfg.staleness.islands > 1:
         raise SpdExtConfigError(
             "tensor_parallel.size > 1 and staleness.islands > 1 change the groups DeepSpeed "
             "reduces over, which are fixed when the engine is created: create the engine "
             "with spd_ext.deepspeed.initialize instead of attaching afterwards")
-    import torch.distributed as dist
-
     topology = build_topology(1, 1)
-    mpu = getattr(engine, "mpu", None)
     if mpu is not None:
         topology = Topology(1, 1, mpu, dp_group=mpu.get_data_parallel_group(),
                             dp_ranks=tuple(dist.get_process_group_ranks(
                                 mpu.get_data_parallel_group())))
-    integration = EngineIntegration(engine, cfg, topology)
-    release_deepspeed_shm_name()
-    return integration
+    return EngineIntegration(engine, cfg, topology)
 
 
 def __getattr__(name: str) -> Any:

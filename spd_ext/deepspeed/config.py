@@ -77,6 +77,12 @@ class SignalWeightingConfig:
     signal_args: dict = field(default_factory=dict)
 
     def check(self, where: str) -> None:
+        for name in ("signal", "map"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                choices = SIGNALS if name == "signal" else WEIGHT_MAPS
+                raise SpdExtConfigError(f"{where}.{name} must be one name (a string): one of "
+                                        f"{', '.join(choices)}; got {value!r}")
         if self.signal not in SIGNALS:
             raise SpdExtConfigError(f"{where}.signal: unknown signal {self.signal!r}"
                                     f"{_closest(str(self.signal), list(SIGNALS))}; use one of "
@@ -227,21 +233,52 @@ class SpdExtConfig:
                 or self.tensor_parallel.size > 1 or self.comm.backend != "deepspeed")
 
 
-def _zero_stage(ds_config: dict) -> int:
+# How DeepSpeed's pydantic models read a boolean given as a string or number ("false" is
+# False there): the section must read the ds_config as DeepSpeed will.
+_TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
+_FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
+
+
+def _ds_bool(where: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise SpdExtConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ds_config's ZeRO stage, read as DeepSpeed reads it (SpdExtConfigError if it is
+    not one)."""
     zero = ds_config.get("zero_optimization", {}) or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    return int(stage)
+    if not isinstance(zero, dict):  # DeepSpeed reads a bare true/false as stage 1/0
+        return int(_ds_bool("zero_optimization", zero))
+    stage = zero.get("stage", 0)
+    if isinstance(stage, str) and stage.strip().isdigit():
+        stage = int(stage)
+    if isinstance(stage, float) and stage.is_integer():
+        stage = int(stage)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise SpdExtConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
 
 
-def _enabled(ds_config: dict, key: str) -> bool:
+def precision_enabled(ds_config: dict, key: str) -> bool:
+    """Whether the ds_config's ``key`` section ("fp16", "bf16") is enabled, as DeepSpeed
+    reads ``enabled`` (the string "false" is False)."""
     section = ds_config.get(key) or {}
-    return bool(section.get("enabled", False)) if isinstance(section, dict) else False
+    if not isinstance(section, dict):
+        raise SpdExtConfigError(f"{key} must be an object such as {{\"enabled\": true}}, got "
+                                f"{section!r}")
+    return _ds_bool(f"{key}.enabled", section.get("enabled", False))
 
 
 def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
                                world_size: int | None) -> None:
     """Refuse combinations with the rest of the ds_config that cannot be sound."""
-    stage = _zero_stage(ds_config)
+    stage = zero_stage(ds_config)
     mode = cfg.staleness.parsed
     if not cfg.active:
         return
@@ -251,20 +288,21 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             "by bucket during backward (reduce-scatter hooks), before the step's weights and "
             "the accumulation boundary are known, so spd_ext cannot scale or delay them; use "
             "stage 0 or 1")
-    if _enabled(ds_config, "fp16"):
+    if precision_enabled(ds_config, "fp16"):
         raise SpdExtConfigError(
             "fp16 with spd_ext: dynamic loss scaling skips steps on overflow, which would "
             "desynchronize signal weights and staleness schedules from the applied updates; "
             "use bf16 (\"bf16\": {\"enabled\": true}) or fp32")
     zero = ds_config.get("zero_optimization") or {}
-    if stage == 1 and cfg.active and isinstance(zero, dict) and zero.get("overlap_comm"):
+    if stage == 1 and isinstance(zero, dict) and \
+            _ds_bool("zero_optimization.overlap_comm", zero.get("overlap_comm", False)):
         raise SpdExtConfigError(
             "zero_optimization.overlap_comm with spd_ext at stage 1: gradients are reduced "
             "from backward hooks before the weights of the step exist; set overlap_comm "
             "to false")
     data_types = ds_config.get("data_types") or {}
     grad_accum = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
-    if _enabled(ds_config, "bf16") and grad_accum not in (None, "bf16"):
+    if precision_enabled(ds_config, "bf16") and grad_accum not in (None, "bf16"):
         raise SpdExtConfigError(
             f"data_types.grad_accum_dtype {grad_accum!r} with bf16: DeepSpeed then routes "
             "gradients through its BF16_Optimizer, whose buffers spd_ext does not drive; leave "
@@ -285,11 +323,17 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
                 "step, so the replicas can never drift apart (and a delayed gradient would "
                 "be reduce-scattered anyway); use stage 0, or diloco:H with islands > 1 "
                 "(ZeRO-1 inside each island)")
-        if _enabled(ds_config, "bf16"):
+        if precision_enabled(ds_config, "bf16"):
             raise SpdExtConfigError(
                 f"staleness.mode {mode} with bf16 at stage 0: DeepSpeed keeps the fp32 master "
                 "weights inside its optimizer wrapper, out of reach of the averaging; use fp32, "
                 "or diloco:H with islands > 1 and ZeRO-1 (bf16 works there)")
+    sw = cfg.signal_weighting
+    if sw is not None and sw.signal == "cosine_to_prev_global" and stage != 0:
+        raise SpdExtConfigError(
+            f"signal_weighting.signal cosine_to_prev_global with zero_optimization.stage "
+            f"{stage}: the signal needs the whole reduced gradient, which ZeRO keeps "
+            "partitioned across ranks; use loss_ema or grad_norm_stability, or stage 0")
     if mode.kind != "ssgd" and cfg.signal_weighting is not None:
         raise SpdExtConfigError(
             f"signal_weighting with staleness.mode {mode}: the weights are computed for the "
@@ -323,6 +367,26 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
                 f"signal_weighting.floor {sw.floor} leaves no room for {dp} data-parallel "
                 f"ranks (every weight is at least the floor and they sum to 1): use a floor "
                 f"<= 1/{dp} = {1 / dp:.4g}")
+
+
+def check_metrics_path(cfg: SpdExtConfig) -> None:
+    """The metrics file can be written: tried on every rank alike, before any engine
+    exists (only the first rank writes it; permission bits alone say nothing to root)."""
+    from pathlib import Path
+
+    if cfg.metrics.jsonl is None:
+        return
+    path = Path(cfg.metrics.jsonl)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise SpdExtConfigError(f"metrics.jsonl {str(path)!r} cannot be written "
+                                f"({exc.strerror or exc}); choose a writable path") from None
+    if not existed:
+        path.unlink(missing_ok=True)  # the first rank creates it when it writes
 
 
 def split_config(ds_config: dict | str | None) -> tuple[dict | None, dict | None]:

@@ -35,7 +35,8 @@ from torch import nn
 from spd_ext.comm import all_reduce
 from spd_ext.comm.backend import SPD_EXT
 from spd_ext.comm.buckets import copy_back, flatten
-from spd_ext.deepspeed.config import SpdExtConfig, SpdExtConfigError
+from spd_ext.deepspeed.checkpoint import guard_checkpoint_loads
+from spd_ext.deepspeed.config import SpdExtConfig
 from spd_ext.deepspeed.topology import Topology
 from spd_ext.dp.aggregator import SignalWeightedAggregator, WeightError
 from spd_ext.staleness.collective import DiLoCo, StalenessStrategy, make_strategy
@@ -92,6 +93,7 @@ class EngineIntegration:
                 f"engine: it lacks {', '.join(missing)}, which spd_ext relies on (see the "
                 "README's DeepSpeed section); use a DeepSpeed version between 0.14 and 0.19")
         self.engine, self.cfg, self.topology = engine, cfg, topology
+        guard_checkpoint_loads(engine)  # load_checkpoint never runs a crafted file's code
         self.stage = stage
         self.module: nn.Module = engine.module
         self.dp_group = topology.dp_group
@@ -108,12 +110,7 @@ class EngineIntegration:
         self.mode = mode
         self.aggregator: SignalWeightedAggregator | None = None
         if cfg.signal_weighting is not None:
-            sw = cfg.signal_weighting
-            if sw.signal == "cosine_to_prev_global" and stage != 0:
-                raise SpdExtConfigError(
-                    "signal_weighting.signal cosine_to_prev_global needs the whole reduced "
-                    "gradient, which ZeRO-1 keeps partitioned across ranks; use loss_ema or "
-                    "grad_norm_stability, or ZeRO stage 0")
+            sw = cfg.signal_weighting  # checked against the stage: validate_against_deepspeed
             self.aggregator = SignalWeightedAggregator(
                 sw.signal, sw.map, temperature=sw.temperature, floor=sw.floor, ema=sw.ema,
                 warmup_steps=sw.warmup_steps, signal_args=sw.signal_args, group=self.dp_group)

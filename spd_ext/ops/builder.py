@@ -3,8 +3,8 @@
 An op is taken, in order, from
 1. a module prebuilt at install time (``SPD_BUILD_OPS=1 pip install --no-build-isolation .``),
 2. a JIT build of ``csrc/`` with ``torch.utils.cpp_extension`` and ninja, cached per
-   torch version, Python version and vector ISA (``~/.cache/spd_ext/ops`` or
-   ``$SPD_EXT_OPS_CACHE``),
+   torch version, Python version, vector ISA, checkout and flags (``~/.cache/spd_ext/ops``
+   or ``$SPD_EXT_OPS_CACHE``) under a lock that dies with its holder (build_lock.py),
 3. the op's pure-PyTorch fallback, chosen with one warning when 1 and 2 are impossible,
    or silently when ``SPD_EXT_FORCE_FALLBACK=1`` asks for it.
 
@@ -13,8 +13,10 @@ An op is taken, in order, from
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import ClassVar
+
+from spd_ext.ops.build_lock import build_lock, lock_state
 
 # Compiler flags per vector ISA, and the /proc/cpuinfo flags each one needs at run time.
 ISA_FLAGS: dict[str, list[str]] = {
@@ -150,6 +154,7 @@ class OpStatus:
     implementation: str  # "kernel", "fallback", "kernel (JIT on first use)"
     target: str  # vector ISA (CPU ops) or GPU architecture (CUDA ops)
     flags: list[str] = field(default_factory=list)
+    build_lock: str = ""  # a held or stale JIT build lock, described; "" when none
 
 
 class OpBuilder:
@@ -193,11 +198,23 @@ class OpBuilder:
             return False, f"no C++ compiler ({cxx}) on PATH"
         return True, ""
 
+    def jit_arguments(self) -> dict[str, list[str]]:
+        """What ``cpp_extension.load`` writes into build.ninja for this op."""
+        return {"sources": self.sources(), "extra_cflags": self.cxx_flags(),
+                "extra_cuda_cflags": getattr(self, "nvcc_flags", list)(),
+                "extra_ldflags": self.ld_flags(), "extra_include_paths": self.include_dirs()}
+
     def build_dir(self) -> Path:
+        """The JIT build directory: one per torch, Python, ISA, checkout and flags.
+
+        The key holds the sources' absolute paths and the flags because build.ninja does:
+        two checkouts of one version sharing a directory rewrote each other's build.ninja,
+        so each load from one rebuilt over the other's build (and held torch's lock)."""
         import torch
 
         tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{host_isa()}"
-        return cache_root() / tag / self.NAME
+        key = json.dumps(self.jit_arguments(), sort_keys=True).encode()
+        return cache_root() / tag / f"{self.NAME}-{hashlib.sha256(key).hexdigest()[:10]}"
 
     def jit_cached(self) -> bool:
         d = self.build_dir()
@@ -259,19 +276,13 @@ class OpBuilder:
         from torch.utils import cpp_extension
 
         build_dir = self.build_dir()
-        build_dir.mkdir(parents=True, exist_ok=True)
         if verbose is None:
             verbose = os.environ.get("SPD_EXT_VERBOSE_BUILD", "0") == "1"
-        return cpp_extension.load(
-            name=f"spd_ext_{self.NAME}",
-            sources=self.sources(),
-            extra_cflags=self.cxx_flags(),
-            extra_cuda_cflags=getattr(self, "nvcc_flags", list)(),
-            extra_ldflags=self.ld_flags(),
-            extra_include_paths=self.include_dirs(),
-            build_directory=str(build_dir),
-            verbose=verbose,
-        )
+        # torch takes its own lock file on every load and waits forever while one exists,
+        # even when its owner died; ours is released by the kernel and clears a dead one.
+        with build_lock(build_dir, self.NAME):
+            return cpp_extension.load(name=f"spd_ext_{self.NAME}", **self.jit_arguments(),
+                                      build_directory=str(build_dir), verbose=verbose)
 
     def _give_up(self, why: str) -> None:
         self._why_not = why
@@ -283,12 +294,14 @@ class OpBuilder:
     def status(self) -> OpStatus:
         """State without triggering a build (unless the op was already loaded)."""
         ok, why = self.is_compatible()
+        lock = lock_state(self.build_dir())
+        lock_note = "" if lock is None else lock.describe()
         if self._loaded:
             built = self._how if self._module is not None else "no"
             impl = "kernel" if self._module is not None else "fallback"
             target = self.target(self._module)
             return OpStatus(self.NAME, ok, why or self._why_not, built, impl, target,
-                            self.shown_flags(target))
+                            self.shown_flags(target), lock_note)
         try:
             spec = importlib.util.find_spec(self.prebuilt_name)
         except (ImportError, ValueError):
@@ -303,7 +316,8 @@ class OpBuilder:
         else:
             impl = "kernel" if built != "no" else "kernel (JIT on first use)"
         target = self.target()
-        return OpStatus(self.NAME, ok, why, built, impl, target, self.shown_flags(target))
+        return OpStatus(self.NAME, ok, why, built, impl, target, self.shown_flags(target),
+                        lock_note)
 
     def target(self, module: ModuleType | None = None) -> str:
         """What the op runs on: the vector ISA it was (or would be) compiled for."""

@@ -13,6 +13,8 @@ import itertools
 import json
 import math
 import multiprocessing as mp
+import os
+import queue
 import signal
 import statistics
 import threading
@@ -36,6 +38,13 @@ MAX_TEMPERATURE = 100.0
 # rank stopped answering. An idle server's ranks never wait that long (the first rank's
 # keepalives); the job itself has no deadline.
 RANK_TIMEOUT_S = 300.0
+# How often the front end looks at the rank processes itself, and how long a rank may be
+# gone before it acts without the launcher's report (which comes within a second of a
+# crash, and within seconds of a clean stop: spawn joins each rank for up to 5 s).
+WATCH_S, WATCH_GRACE_S = 0.5, 10.0
+# A second SIGINT/SIGTERM stops at once only this long after the first: `timeout` sends
+# its signal twice, to the child and to the child's process group, microseconds apart.
+SECOND_SIGNAL_S = 0.5
 
 
 class RequestError(ValueError):
@@ -114,32 +123,55 @@ def parse_request(body: Any, tokenizer: Any, context: int, vocab: int) -> Comple
                       _int(body, "seed", None, 0, 2**62), stream)
 
 
+def rank_exited(pid: int) -> bool:
+    """Whether rank process ``pid``, a child of this process, has exited: without collecting
+    it (the launcher does), so a pid that is no child of ours any more is gone too."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 class RankJob:
-    """The ranks (spd_ext.launch.spawn, on a thread) and the pipe to the first rank."""
+    """The ranks (spd_ext.launch.spawn, on a thread) and the pipe to the first rank, read and
+    written by threads of their own: the event loop never waits on a rank."""
 
     def __init__(self, source: ModelSource, nproc: int, backend: str, vocab_size: int,
                  loop: asyncio.AbstractEventLoop, on_message: Any, on_exit: Any,
                  rank_timeout_s: float = RANK_TIMEOUT_S) -> None:
         self.loop, self.on_message, self.on_exit = loop, on_message, on_exit
         self.rank_timeout_s = rank_timeout_s
-        self.conn, child = mp.get_context("spawn").Pipe()
-        self._lock = threading.Lock()
+        self.conn, self.child = mp.get_context("spawn").Pipe()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="spd_ext-serve-ranks",
-                                       args=(source, nproc, backend, vocab_size, child),
-                                       daemon=True)
+                                       args=(source, nproc, backend, vocab_size), daemon=True)
         self.reader = threading.Thread(target=self._read, name="spd_ext-serve-reader",
+                                       daemon=True)
+        self.writer = threading.Thread(target=self._write, name="spd_ext-serve-writer",
                                        daemon=True)
 
     def start(self) -> None:
         self.thread.start()
         self.reader.start()
+        self.writer.start()
 
-    def _run(self, source: ModelSource, nproc: int, backend: str, vocab_size: int,
-             child: Any) -> None:
+    def ready(self) -> None:
+        """Every rank has its copy of the pipe: drop this process's copy of the first
+        rank's end, so that a first rank that is gone ends the pipe (no write waits for a
+        reader that will never come)."""
+        self.child.close()
+
+    def _tell(self, callback: Any, *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed: the server has exited already
+
+    def _run(self, source: ModelSource, nproc: int, backend: str, vocab_size: int) -> None:
         failure = None
         try:
             # spd_ext's collectives (the generation's all-reduces) wait as long as gloo's
-            spawn(serve_rank, nproc, source, backend, vocab_size, child,
+            spawn(serve_rank, nproc, source, backend, vocab_size, self.child,
                   keepalive_interval(self.rank_timeout_s), timeout=math.inf,
                   pg_timeout=self.rank_timeout_s,
                   env={"SPD_EXT_COMM_TIMEOUT": repr(self.rank_timeout_s)})
@@ -147,7 +179,7 @@ class RankJob:
             failure = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the clients, not lost
             failure = f"the ranks could not start: {exc}"
-        self.loop.call_soon_threadsafe(self.on_exit, failure)
+        self._tell(self.on_exit, failure)
 
     def _read(self) -> None:
         while True:
@@ -155,14 +187,17 @@ class RankJob:
                 message = self.conn.recv()
             except (EOFError, OSError):
                 return
-            self.loop.call_soon_threadsafe(self.on_message, message)
+            self._tell(self.on_message, message)
+
+    def _write(self) -> None:
+        while True:
+            try:
+                self.conn.send(self.outbox.get())
+            except (BrokenPipeError, OSError):
+                return  # the ranks are gone; on_exit (or the server's watch) says why
 
     def send(self, message: tuple) -> None:
-        with self._lock:
-            try:
-                self.conn.send(message)
-            except (BrokenPipeError, OSError):
-                pass  # the ranks are gone; on_exit says why
+        self.outbox.put(message)
 
 
 class CompletionServer:
@@ -187,6 +222,9 @@ class CompletionServer:
         self.started = time.time()
         self.finished: asyncio.Event | None = None
         self.job: RankJob | None = None
+        self.job_done = False  # the launcher has reported
+        self.gone_since: float | None = None  # when the watch first saw a rank gone
+        self.stopping_since = 0.0  # when the first SIGINT/SIGTERM came
 
     # -- the ranks -----------------------------------------------------------------
     def start_ranks(self) -> None:
@@ -195,46 +233,100 @@ class CompletionServer:
         self.job = RankJob(self.source, self.nproc, self.backend, self.vocab, loop,
                            self._on_message, self._on_exit, self.rank_timeout_s)
         self.job.start()
+        self._watch()
 
     def _on_message(self, message: tuple) -> None:
         if message[0] == "ready":
             self.info = message[1]
+            assert self.job is not None
+            self.job.ready()
             if self.state != "loading":  # stopped while loading: stay stopping
                 return
             self.state = "ready"
             print(f"spd-ext serve: ready ({self.source.describe()}; rank pids "
                   f"{self.info['pids']})", flush=True)
             return
-        queue = self.streams.get(message[1])
-        if queue is not None:
-            queue.put_nowait(message)
+        stream = self.streams.get(message[1])
+        if stream is not None:
+            stream.put_nowait(message)
 
     def _on_exit(self, failure: str | None) -> None:
-        assert self.finished is not None
-        if failure is None:
+        """The launcher's word: every rank returned (None), or its message naming the
+        rank that failed, every other rank stopped already."""
+        self.job_done = True
+        if failure is not None:
+            self._fail(failure)
+        elif self.state != "failed":
+            assert self.finished is not None
             self.finished.set()
+
+    def _fail(self, failure: str) -> None:
+        """Answer 503 for the grace period, then exit 1; any rank still running is ended."""
+        if self.state == "failed":
             return
         # The first line names the rank and how it ended; the tracebacks go to the log.
         self.state, self.failure = "failed", failure.splitlines()[0]
-        for queue in self.streams.values():
-            queue.put_nowait(("failed", 0, self.failure))
+        for stream in self.streams.values():
+            stream.put_nowait(("failed", 0, self.failure))
+        self._kill_ranks()
         print(f"spd-ext serve: {failure.strip()}\nspd-ext serve: every rank was stopped; "
               f"answering 503 for {self.fail_grace_s:g} s, then exiting", flush=True)
+        assert self.finished is not None
         asyncio.get_running_loop().call_later(self.fail_grace_s, self.finished.set)
+
+    def _pids(self) -> list[int]:
+        return list(self.info.get("pids", []))
+
+    @staticmethod
+    def _kill_ranks() -> None:
+        """SIGKILL every rank still running: after a failure the launcher has stopped them
+        already; this is for a forced stop and for a launcher that has not reported. (Left
+        running, a rank would also hold the exit: multiprocessing joins its children.)"""
+        for child in mp.active_children():
+            if child.name.startswith("spd_ext-rank"):  # spawn's names; nothing else of ours
+                child.kill()
+
+    def _watch(self) -> None:
+        """Every WATCH_S: a rank that has exited while the launcher, past WATCH_GRACE_S,
+        still says nothing fails the server by itself; it never waits for ranks that are
+        gone, whatever state it is in."""
+        if self.state == "failed" or self.job_done:
+            return
+        gone = [r for r, pid in enumerate(self._pids()) if rank_exited(pid)]
+        now = time.monotonic()
+        if not gone:
+            self.gone_since = None
+        elif self.gone_since is None:
+            self.gone_since = now
+        elif now - self.gone_since >= WATCH_GRACE_S:
+            self._fail(f"rank {gone[0]} (pid {self._pids()[gone[0]]}) exited and the "
+                       "launcher did not report it; stopping every rank")
+            return
+        asyncio.get_running_loop().call_later(WATCH_S, self._watch)
 
     @property
     def exit_code(self) -> int:
         return 1 if self.state == "failed" else 0
 
     def stop(self) -> None:
-        """Finish the queued requests, stop the ranks, then exit."""
+        """SIGINT/SIGTERM: finish the queued requests, stop the ranks, then exit. With a
+        rank already gone, fail at once (exit 1 after the grace period); a second signal
+        while stopping stops at once too, whatever the ranks are doing."""
         if self.state in ("ready", "loading"):
-            self.state = "stopping"
-            if self.job is not None:
+            self.state, self.stopping_since = "stopping", time.monotonic()
+            gone = [r for r, pid in enumerate(self._pids()) if rank_exited(pid)]
+            if gone:
+                self._fail(f"rank {gone[0]} (pid {self._pids()[gone[0]]}) has exited; "
+                           "stopping every rank")
+            elif self.job is not None:
                 self.job.send(("stop",))
             else:
                 assert self.finished is not None
                 self.finished.set()
+        elif self.state == "stopping" and \
+                time.monotonic() - self.stopping_since >= SECOND_SIGNAL_S:
+            self._fail(f"stopped at once by a second signal, with {len(self.streams)} "
+                       "request(s) unfinished; the ranks were ended")
 
     # -- HTTP ------------------------------------------------------------------------
     def unavailable(self) -> web.Response | None:
@@ -250,7 +342,8 @@ class CompletionServer:
                 "model": self.source.describe(), "pattern": self.source.config.pattern,
                 "tp_size": self.nproc, "backend": self.backend, "context": self.context,
                 "queue": len(self.streams),
-                "ranks": [{"rank": r, "pid": p} for r, p in enumerate(self.info.get("pids", []))]}
+                "ranks": [{"rank": r, "pid": p, "alive": not rank_exited(p)}
+                          for r, p in enumerate(self._pids())]}
         if self.failure:
             body["error"] = self.failure
         return web.json_response(body, status=200 if self.state == "ready" else 503)
@@ -285,6 +378,15 @@ class CompletionServer:
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.counts["refused"] += 1
             return web.json_response({"error": "the body is not valid JSON"}, status=400)
+        except RecursionError:
+            self.counts["refused"] += 1
+            return web.json_response({"error": "the body nests arrays or objects too deeply "
+                                      "to parse; a request is one flat JSON object"}, status=400)
+        except ValueError as exc:  # Python's limit on the digits of an integer
+            self.counts["refused"] += 1
+            return web.json_response({"error": f"the body cannot be parsed: "
+                                      f"{str(exc).split(':')[0]}; send numbers within the "
+                                      "fields' ranges"}, status=400)
         try:
             req = parse_request(body, self.tokenizer, self.context, self.vocab)
         except RequestError as exc:
@@ -319,7 +421,7 @@ class CompletionServer:
                     return
                 continue
             yield message
-            if message[0] in ("done", "error", "failed"):
+            if message[0] in ("done", "error", "fault", "failed"):
                 return
 
     def _cancel(self, rid: int) -> None:
@@ -329,6 +431,11 @@ class CompletionServer:
         self.counts["cancelled"] += 1
         if self.job is not None:
             self.job.send(("cancel", rid))
+
+    @staticmethod
+    def _fault(message: tuple) -> str:
+        return (f"this request failed on {message[2]} (the traceback is in the server's log; "
+                "the server goes on serving other requests)")
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)  # the ranks sample below the tokenizer's vocabulary
@@ -370,6 +477,9 @@ class CompletionServer:
             elif message[0] == "error":
                 self.counts["refused"] += 1
                 return web.json_response({"error": message[2]}, status=400)
+            elif message[0] == "fault":
+                self.counts["failed"] += 1
+                return web.json_response({"error": self._fault(message)}, status=500)
             elif message[0] == "failed":
                 self.counts["failed"] += 1
                 return web.json_response({"error": f"a rank failed: {message[2]}"}, status=503)
@@ -402,6 +512,9 @@ class CompletionServer:
                 elif message[0] == "error":
                     self.counts["refused"] += 1
                     await send({"error": message[2]}, "error")
+                elif message[0] == "fault":
+                    self.counts["failed"] += 1
+                    await send({"error": self._fault(message), "status": 500}, "error")
                 elif message[0] == "failed":
                     self.counts["failed"] += 1
                     await send({"error": f"a rank failed: {message[2]}", "status": 503},
@@ -445,7 +558,9 @@ async def _serve(server: CompletionServer, host: str, port: int) -> int:
     await server.finished.wait()
     await runner.cleanup()
     assert server.job is not None
-    await asyncio.to_thread(server.job.thread.join, 30.0)
+    # The launcher has returned by now, or, after a forced stop, returns as soon as it sees
+    # the ranks it was told about killed: a bounded wait, never one on ranks that are gone.
+    await asyncio.to_thread(server.job.thread.join, 5.0)
     if server.exit_code == 0:
         print(f"spd-ext serve: stopped ({server.counts['completed']} requests completed, "
               f"{server.counts['tokens']} tokens)", flush=True)
@@ -455,6 +570,7 @@ async def _serve(server: CompletionServer, host: str, port: int) -> int:
 def run_server(source: ModelSource, host: str = "127.0.0.1", port: int = 5050,
                backend: str = SPD_EXT, max_queue: int = 64, fail_grace_s: float = 3.0,
                rank_timeout_s: float = RANK_TIMEOUT_S) -> int:
-    """Serve until SIGINT/SIGTERM (exit 0) or a rank fails (exit 1)."""
+    """Serve until SIGINT/SIGTERM (exit 0), or a rank fails, a rank is found gone when
+    stopping, or a second signal stops at once (exit 1, after ``fail_grace_s``)."""
     server = CompletionServer(source, backend, max_queue, fail_grace_s, rank_timeout_s)
     return asyncio.run(_serve(server, host, port))

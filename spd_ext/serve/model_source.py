@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from spd_ext.tp import GPTConfig, ReducedSyncGPT, TensorParallelComm, parse_pattern
 from spd_ext.utils.files import load_checkpoint
 
@@ -54,13 +56,16 @@ def inspect_source(checkpoint: str | None, hf: str | None, pattern: str | None,
                          "local Hugging Face GPT-2 folder)")
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
-        if not {"model", "model_config", "tokenizer"} <= set(state):
+        if not isinstance(state, dict) or not {"model", "model_config", "tokenizer"} <= set(state) \
+                or not isinstance(state["model_config"], dict):
             raise ValueError(f"{checkpoint} lacks model_config/tokenizer: it was not written "
                              "by spd_ext (spd-ext experiment, or spd-ext train's model.pt)")
         fields = {**state["model_config"], "tp_size": tp_size}
         if pattern is not None:
             fields["pattern"] = pattern
         source = ModelSource("checkpoint", str(checkpoint), _config(fields), state["tokenizer"])
+        _check_weights(checkpoint, state["model"], source.config)
+        _check_tokenizer(checkpoint, state["tokenizer"], source.config.vocab_size)
         trained = state["model_config"].get("tp_size", tp_size)
         reduced = set(parse_pattern(source.config.pattern, source.config.n_layer)) - {"tp"}
         if trained != tp_size and reduced:
@@ -92,6 +97,50 @@ def inspect_source(checkpoint: str | None, hf: str | None, pattern: str | None,
         source.note = ("a dense GPT-2 served with reduced-sync blocks computes a different "
                        "function (zero-shot; `spd-ext tp sensitivity` measures the loss)")
     return source
+
+
+def _check_weights(path: str, weights: Any, config: GPTConfig) -> None:
+    """The checkpoint's weights against the model its config describes, by shape only (on
+    the meta device: a config that would take 64 GB allocates nothing), before any rank
+    starts."""
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise ValueError(f"{path}: its 'model' entry is not a state dict of tensors; the file "
+                         "is damaged or was not written by spd_ext")
+    with torch.device("meta"):
+        expected = ReducedSyncGPT(config, seed=None).dense_shapes()
+    model = (f"the model its model_config describes (n_layer {config.n_layer}, n_embd "
+             f"{config.n_embd}, vocab_size {config.vocab_size}, block_size {config.block_size})")
+    odd = [f"{what} {names[:3]}" for what, names in (
+        ("missing", sorted(set(expected) - set(weights))),
+        ("unexpected", sorted(set(weights) - set(expected)))) if names]
+    if odd:
+        raise ValueError(f"{path}: its weights do not fit {model}: {', '.join(odd)}; the file "
+                         "is damaged or its model_config was edited")
+    for name, shape in expected.items():
+        if weights[name].shape != shape:
+            raise ValueError(f"{path}: its weight {name} is {tuple(weights[name].shape)} but "
+                             f"{model} needs {tuple(shape)}; the file is damaged or its "
+                             "model_config was edited")
+
+
+def _check_tokenizer(path: str, state: Any, vocab_size: int) -> None:
+    """A tokenizer the server can load, with no more tokens than the model has."""
+    from spd_ext.data.tokenizers import CharTokenizer, GPT2Tokenizer
+
+    name = state.get("name") if isinstance(state, dict) else None
+    chars = state.get("chars") if name == "char" else None
+    if name not in ("char", "gpt2") or (name == "char" and not (isinstance(chars, str)
+                                                               and chars)):
+        shown = repr(state) if len(repr(state)) <= 60 else repr(state)[:57] + "..."
+        raise ValueError(f"{path}: its tokenizer {shown} is not one spd_ext writes (a char "
+                         "tokenizer with its characters, or gpt2); the file is damaged or "
+                         "was not written by spd_ext")
+    tokens = CharTokenizer(chars).vocab_size if name == "char" else GPT2Tokenizer.vocab_size
+    if tokens > vocab_size:
+        raise ValueError(f"{path}: its {name} tokenizer has {tokens} tokens but the model's "
+                         f"vocabulary only {vocab_size}; the file is damaged or its "
+                         "model_config was edited")
 
 
 def _config(fields: dict) -> GPTConfig:

@@ -11,26 +11,39 @@ rank 0 -> front end:
     ("step", id, index, token, seconds, syncs, positions)
     ("done", id, reason)    reason: "length" or "cancelled"
     ("error", id, message)  the request was refused (bad arguments)
+    ("fault", id, message)  the request failed on a rank (the ranks go on)
 Rank 0 -> every rank, per request (broadcast): an int64 header [command, prompt length,
 max tokens, top_k or -1, seed or -1], the temperature, then the prompt's ids. An idle
 first rank sends a header alone (KEEPALIVE) at ``keepalive_interval`` of the process
 group's timeout, so the other ranks' wait never reaches that timeout however long the
 server idles, while a rank that stops answering is still found within it.
+
+A request that fails on a rank (an exception of the generation, not of the group: NaN
+probabilities from a broken model, an allocation that fails) fails that request only:
+every rank catches it, and after each request the ranks agree in one small collective
+whether any of them failed, so they stay in lock step (generation itself ends a failed
+step on every rank together; see spd_ext.tp.generation.StepFailed). Errors that break the
+group or the pipe (a peer dead or timed out, the front end gone) still end the rank, and
+the launcher stops the others.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+import traceback
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from spd_ext.comm.groups import is_peer_failure
 from spd_ext.serve.model_source import ModelSource
 from spd_ext.tp import DistributedComm
-from spd_ext.tp.generation import check_prompt, check_sampling
+from spd_ext.tp.generation import DecodeStep, StepFailed, check_prompt, check_sampling
 
 GENERATE, STOP, KEEPALIVE = 1, 2, 3
 HEADER = 5
@@ -69,6 +82,55 @@ def _announce(command: int, ids: list[int] | None = None, max_tokens: int = 0,
                      None if seed_ < 0 else seed_)
 
 
+def _breaks_the_group(exc: BaseException) -> bool:
+    """Whether ``exc`` means the ranks or the pipe are broken (the rank must end), rather
+    than that one request failed."""
+    if isinstance(exc, StepFailed):
+        return False
+    return is_peer_failure(exc) or isinstance(exc, (OSError, EOFError))
+
+
+def _generate(model: Any, request: Request, vocab_size: int,
+              should_stop: Callable[[], bool] | None = None,
+              on_step: Callable[[DecodeStep], None] | None = None) -> str | None:
+    """Run one request on this rank: None when it went through, else its failure in one
+    line (the traceback goes to the server's log). A failure on another rank that ended a
+    step here (StepFailed raised on a rank that did not fail) is that rank's to tell."""
+    steps = model.generate_steps(*request, should_stop=should_stop, vocab_size=vocab_size)
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration:
+            return None
+        except Exception as exc:  # noqa: BLE001 - sorted below: this request, or the group
+            if _breaks_the_group(exc):
+                raise
+            if isinstance(exc, StepFailed) and not exc.here:
+                return None
+            print(f"spd-ext serve: rank {dist.get_rank()}: a request failed (the ranks go "
+                  f"on):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            # StepFailed already names its cause: "RuntimeError: probability tensor ..."
+            told = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+            return told.splitlines()[0]
+        if on_step is not None:
+            on_step(step)  # its errors (the pipe) are not the request's
+
+
+def _agree(error: str | None) -> str | None:
+    """After each request, on every rank: whether it failed on any rank (one small
+    collective; the messages travel only then), as rank N's message, or None."""
+    world = dist.get_world_size()
+    flags = torch.zeros(world, dtype=torch.int64)
+    flags[dist.get_rank()] = error is not None
+    dist.all_reduce(flags)
+    if not bool(flags.any()):
+        return None
+    errors: list[Any] = [None] * world
+    dist.all_gather_object(errors, error)
+    failed = [r for r, e in enumerate(errors) if e is not None]
+    return f"rank {failed[0]}: {errors[failed[0]]}"
+
+
 def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_size: int,
                conn: Any, keepalive_s: float) -> None:
     """Run until rank 0 is told to stop (or the launcher stops every rank). Tokens stay
@@ -77,6 +139,10 @@ def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_s
     # group) reaches the front end only, which stops the ranks in order. A front end that
     # dies closes the pipe, and the first rank's read fails, ending the others too.
     os.setpgrp()
+    if rank != 0:
+        # Only the first rank talks to the front end; with this copy closed, the front end
+        # reads the end of the pipe as soon as the first rank is gone.
+        conn.close()
     model = source.build(DistributedComm(backend=backend))
     pids: list[Any] = [None] * world
     dist.all_gather_object(pids, os.getpid())
@@ -86,8 +152,7 @@ def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_s
             if command == STOP:
                 return
             if request is not None:  # GENERATE (a KEEPALIVE has nothing to do)
-                for _ in model.generate_steps(*request, vocab_size=vocab_size):
-                    pass
+                _agree(_generate(model, request, vocab_size))
     conn.send(("ready", {"pids": pids}))
     _first_rank_loop(model, vocab_size, conn, keepalive_s)
 
@@ -143,10 +208,15 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float)
             read(0.0)
             return rid in cancelled
 
-        running.append(rid)
-        for step in model.generate_steps(*request, should_stop=gone, vocab_size=vocab_size):
+        def report(step: DecodeStep, rid: int = rid) -> None:
             conn.send(("step", rid, step.index, int(step.tokens[0]), step.seconds, step.syncs,
                        step.positions))
+
+        running.append(rid)
+        failure = _agree(_generate(model, request, vocab_size, gone, report))
         running.clear()
-        conn.send(("done", rid, "cancelled" if rid in cancelled else "length"))
+        if failure is not None:
+            conn.send(("fault", rid, failure))
+        else:
+            conn.send(("done", rid, "cancelled" if rid in cancelled else "length"))
         cancelled.discard(rid)

@@ -13,6 +13,11 @@ token:
   decoded token), and the same message carries each rank's best (logit, token); every
   rank then takes the largest, the lowest token id on a tie, as argmax over the whole
   vocabulary does.
+
+The same message carries each rank's failure flag: a rank whose own part of a step fails
+(NaN probabilities from a broken model, ...) says so instead of leaving the others waiting
+in the all-reduce, and every rank raises :class:`StepFailed` at that step together, so a
+caller that serves requests can fail the one request and go on.
 """
 
 from __future__ import annotations
@@ -42,6 +47,23 @@ class DecodeStep:
     seconds: float  # wall time of the forward and the sampling, token on the host
 
 
+class StepFailed(RuntimeError):
+    """A step of distributed generation failed on ``ranks``; every rank of the group raises
+    it at the same step (the group stays in lock step and usable). On a failed rank it is
+    raised from the rank's own exception (``here``)."""
+
+    def __init__(self, message: str, ranks: list[int], here: bool) -> None:
+        super().__init__(message)
+        self.ranks, self.here = ranks, here
+
+
+def samples_greedily(temperature: float) -> bool:
+    """Whether ``temperature`` picks the largest logit: 0, or too small for float32 (below
+    its smallest normal number, 1.2e-38), where ``logits / temperature`` is 0 / 0 (NaN)
+    and sampling would be greedy anyway."""
+    return temperature < torch.finfo(torch.float32).tiny
+
+
 def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
     if not (isinstance(temperature, (int, float)) and temperature >= 0.0
             and temperature == temperature and temperature != float("inf")):
@@ -54,10 +76,10 @@ def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> No
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """[B, V] logits -> [B] tokens: argmax at temperature 0, else softmax sampling of
-    logits / temperature restricted to the ``top_k`` largest."""
+    """[B, V] logits -> [B] tokens: argmax at temperature 0 (or one too small for float32),
+    else softmax sampling of logits / temperature restricted to the ``top_k`` largest."""
     logits = logits.float()
-    if temperature == 0:
+    if samples_greedily(temperature):
         return logits.argmax(-1)
     # shifted so the largest is 0: a tiny temperature then gives -inf, never inf / inf (NaN)
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature
@@ -100,33 +122,60 @@ def vocab_slice(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
     return min(vocab_size, rank * per_rank), min(vocab_size, (rank + 1) * per_rank)
 
 
+def _exchange(comm: TensorParallelComm, local: Callable[[], torch.Tensor],
+              shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+              stop: bool) -> tuple[torch.Tensor, bool]:
+    """Sum every rank's message (``local()``, zeros where the other ranks fill in) in one
+    all-reduce, the model's own, with the first rank's stop flag and one failure flag per
+    rank. A rank whose ``local()`` raises sends zeros and its flag; then every rank raises
+    StepFailed here, together, rather than the others waiting for it in the all-reduce."""
+    world = comm.tp_size
+    failure: Exception | None = None
+    try:
+        message = local()
+    except Exception as exc:  # noqa: BLE001 - told to every rank, raised below on all
+        failure, message = exc, torch.zeros(shape, dtype=dtype, device=device)
+    flags = torch.zeros(world + 1, dtype=dtype, device=device)
+    flags[comm.rank] = float(failure is not None)
+    if comm.rank == 0:
+        flags[-1] = float(stop)
+    flat = torch.cat([message.reshape(-1), flags])
+    comm.all_reduce_(flat)
+    failed = [r for r, flag in enumerate(flat[-world - 1:-1].tolist()) if flag]
+    if failed:
+        if failure is not None:
+            raise StepFailed(f"{type(failure).__name__}: {failure}".splitlines()[0], failed,
+                             here=True) from failure
+        raise StepFailed(f"rank {failed[0]} failed its part of the step (its error is its "
+                         "own)", failed, here=False)
+    return flat[:-world - 1].view(shape), bool(flat[-1])
+
+
 def _greedy_over_ranks(comm: TensorParallelComm, hidden: torch.Tensor, head: torch.Tensor,
                        stop: bool) -> tuple[torch.Tensor, bool]:
     """[B, C] hidden states -> [B] tokens of the largest logit over the whole vocabulary,
-    each rank multiplying only its slice of the ``head`` rows; one message (the model's
-    own all-reduce: each rank fills its slot, the others stay zero) carries every rank's
-    best (logit, token) and the first rank's stop flag."""
+    each rank multiplying only its slice of the ``head`` rows; one message (each rank
+    fills its slot, the others stay zero) carries every rank's best (logit, token) and the
+    first rank's stop flag."""
     world, rank = comm.tp_size, comm.rank
-    lo, hi = vocab_slice(head.size(0), rank, world)
-    if hi > lo:
-        best, index = F.linear(hidden, head[lo:hi]).float().max(-1)  # first max on a tie
-    else:  # more ranks than rows to share: this rank offers nothing
-        best = torch.full((hidden.size(0),), float("-inf"), device=hidden.device)
-        index = torch.zeros(hidden.size(0), dtype=torch.long, device=hidden.device)
-    message = torch.zeros(world, 2, hidden.size(0), dtype=_token_dtype(head.size(0)),
-                          device=hidden.device)
-    message[rank, 0] = best
-    message[rank, 1] = index + lo
-    stop_flag = torch.zeros(1, dtype=message.dtype, device=hidden.device)
-    if rank == 0:
-        stop_flag[0] = float(stop)
-    flat = torch.cat([message.reshape(-1), stop_flag])
-    comm.all_reduce_(flat)
-    everyone = flat[:-1].view(world, 2, -1)
+    shape, dtype = (world, 2, hidden.size(0)), _token_dtype(head.size(0))
+
+    def best_of_my_slice() -> torch.Tensor:
+        lo, hi = vocab_slice(head.size(0), rank, world)
+        message = torch.zeros(shape, dtype=dtype, device=hidden.device)
+        if hi > lo:
+            best, index = F.linear(hidden, head[lo:hi]).float().max(-1)  # first max on a tie
+            message[rank, 0] = best
+            message[rank, 1] = index + lo
+        else:  # more ranks than rows to share: this rank offers nothing
+            message[rank, 0] = float("-inf")
+        return message
+
+    everyone, stop = _exchange(comm, best_of_my_slice, shape, dtype, hidden.device, stop)
     # the largest logit; on a tie the lowest rank, whose tokens are the lower ids
     winner = everyone[:, 0].argmax(0)
     tokens = everyone[:, 1].gather(0, winner[None]).squeeze(0)
-    return tokens.long(), bool(flat[-1])
+    return tokens.long(), stop
 
 
 def _token_dtype(vocab_size: int) -> torch.dtype:
@@ -135,18 +184,21 @@ def _token_dtype(vocab_size: int) -> torch.dtype:
     return torch.float32 if vocab_size <= 2**24 else torch.float64
 
 
-def _from_first_rank(comm: TensorParallelComm, tokens: torch.Tensor, vocab_size: int,
+def _from_first_rank(comm: TensorParallelComm, sample: Callable[[], torch.Tensor],
+                     batch: int, vocab_size: int, device: torch.device,
                      stop: bool) -> tuple[torch.Tensor, bool]:
-    """The group's first rank's tokens and stop flag, on every rank, in one message through
-    the model's own all-reduce (the others add zeros): the same fast path as the model's
-    syncs."""
-    message = torch.zeros(tokens.numel() + 1, dtype=_token_dtype(vocab_size),
-                          device=tokens.device)
-    if comm.rank == 0:
-        message[:-1] = tokens
-        message[-1] = float(stop)
-    comm.all_reduce_(message)
-    return message[:-1].long(), bool(message[-1])
+    """The group's first rank's ``sample()`` [B] and stop flag, on every rank, in one
+    message through the model's own all-reduce (the others add zeros and do not sample:
+    only the first rank's tokens count): the same fast path as the model's syncs."""
+    dtype = _token_dtype(vocab_size)
+
+    def mine() -> torch.Tensor:
+        if comm.rank != 0:
+            return torch.zeros(batch, dtype=dtype, device=device)
+        return sample().to(dtype)
+
+    tokens, stop = _exchange(comm, mine, (batch,), dtype, device, stop)
+    return tokens.long(), stop
 
 
 def _finish(device: torch.device) -> None:
@@ -179,6 +231,7 @@ def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int
         return
     comm = model.comm
     distributed = not comm.emulated
+    greedy = samples_greedily(temperature)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -197,13 +250,17 @@ def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int
             hidden = model.final_hidden(inputs, cache)[:, -1, :]
             syncs = counter.step()["forward"]
             stop = should_stop is not None and i + 1 < max_new_tokens and should_stop()
-            if distributed and temperature == 0:
+
+            def sample(hidden: torch.Tensor = hidden) -> torch.Tensor:
+                return sample_next(F.linear(hidden, head), temperature, top_k, generator)
+
+            if not distributed:
+                tokens = sample()
+            elif greedy:
                 tokens, stop = _greedy_over_ranks(comm, hidden, head, stop)
             else:
-                logits = F.linear(hidden, head)
-                tokens = sample_next(logits, temperature, top_k, generator)
-                if distributed:
-                    tokens, stop = _from_first_rank(comm, tokens, logits.size(-1), stop)
+                tokens, stop = _from_first_rank(comm, sample, idx.size(0), head.size(0),
+                                                hidden.device, stop)
             _finish(tokens.device)
             yield DecodeStep(i, tokens, inputs.size(1), syncs, time.perf_counter() - start)
             if stop:

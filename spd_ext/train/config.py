@@ -117,6 +117,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "tp_backend": Opt(SPD_EXT, "str", "the tensor-parallel all-reduce: spd_ext "
                           "(spd_ext.comm: shared memory on CPU, CUDA IPC on GPU) or torch "
                           "(torch.distributed)", choices=TP_BACKENDS),
+        "rank_timeout": Opt(300.0, "float", "seconds a rank waits for the others (every "
+                            "collective, checkpoint barrier and spd_ext all-reduce) before the "
+                            "run stops, naming the rank that stopped answering", low=0.0),
     },
     "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "deepspeed",
                      "a ds_config JSON path (relative to the config file) or an inline dict"),
@@ -506,18 +509,42 @@ class RunPlan:
 
     @property
     def bf16(self) -> bool:
-        section = self.ds_config.get("bf16") or {}
-        return bool(section.get("enabled")) if isinstance(section, dict) else False
+        from spd_ext.deepspeed.config import precision_enabled
 
-    def checkpoint_layout(self) -> dict[str, Any]:
-        """What a checkpoint's files depend on, by setting name: a resume must match it."""
+        return precision_enabled(self.ds_config, "bf16")
+
+    @property
+    def rank_timeout(self) -> float:
+        return float(self.cfg.values["parallel"]["rank_timeout"])
+
+    @property
+    def zero_stage(self) -> int:
+        from spd_ext.deepspeed.config import zero_stage
+
+        return zero_stage(self.ds_config)
+
+    def checkpoint_layout(self, tokenizer: Any) -> dict[str, Any]:
+        """What a checkpoint's files depend on, by setting name: a resume must match it.
+        ``tokenizer`` is the corpus's: the vocabulary and what each id means."""
+        from spd_ext.data.tokenizers import tokenizer_identity
+
         layout: dict[str, Any] = {"--nproc": self.world_size, "parallel.tp": self.tp,
                                   "parallel.islands": self.islands,
-                                  "deepspeed.zero_optimization.stage":
-                                  self.ds_config.get("zero_optimization", {}).get("stage", 0),
+                                  "deepspeed.zero_optimization.stage": self.zero_stage,
                                   "bf16": self.bf16}
         for key in (*_SHAPE_KEYS, "pattern"):
             layout[f"model.{key}"] = self.model.get(key)
+        if "vocab_size" in self.model and self.model["vocab_size"] is None:
+            layout["model.vocab_size"] = tokenizer.vocab_size  # null: the tokenizer's
+        # what the engine's spd_ext state in the checkpoint holds (weights' signals, the
+        # staleness strategy's buffers): a resume without them cannot load it
+        from spd_ext.deepspeed.config import SECTION, SpdExtConfig
+
+        section = SpdExtConfig.from_dict(self.ds_config.get(SECTION))
+        layout[f"deepspeed.{SECTION}.signal_weighting"] = \
+            "on" if section.signal_weighting is not None else "off"
+        layout[f"deepspeed.{SECTION}.staleness.mode"] = section.staleness.mode
+        layout["data.tokenizer"] = tokenizer_identity(tokenizer)
         return layout
 
 
@@ -556,6 +583,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     if d["corruption"]["probability"] > 1.0:
         raise _fail(f"data.corruption.probability must be in [0, 1], got "
                     f"{d['corruption']['probability']!r}")
+    if not p["rank_timeout"] > 0:
+        raise _fail(f"parallel.rank_timeout must be > 0 seconds, got {p['rank_timeout']!r}")
     if not m["dropout"] < 1.0:
         raise _fail(f"model.dropout must be in [0, 1), got {m['dropout']!r}")
     # the ds_config and its spd_ext section
@@ -775,14 +804,22 @@ def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = Fal
         if tag is None:
             raise _fail(f"--resume: no complete checkpoint in {ckpt}; run without --resume to "
                         "start training")
-        saved, now = saved_layout(ckpt, tag), plan.checkpoint_layout()
-        differ = [k for k in now if k in saved and saved[k] != now[k]]
+        saved, now = saved_layout(ckpt, tag), plan.checkpoint_layout(data.tokenizer)
+        # a setting the checkpoint did not record (older files: null) is not compared
+        differ = [k for k in now if saved.get(k) is not None and saved[k] != now[k]]
         if differ:
             was = ", ".join(f"{k} {saved[k]}" for k in differ)
             has = ", ".join(f"{k} {now[k]}" for k in differ)
             raise _fail(f"--resume: {ckpt / tag} was saved with {was} but this run has {has}; "
                         "resume with the saved settings, or start over in another "
                         "training.out_dir")
+        from spd_ext.deepspeed.checkpoint import UnsafeCheckpointError, check_checkpoint_files
+
+        try:  # before DeepSpeed, which would unpickle them with weights_only=False
+            check_checkpoint_files(ckpt / tag)
+        except UnsafeCheckpointError as exc:
+            raise _fail(f"--resume: {exc}; resume only from checkpoints this program wrote") \
+                from None
         step = int(_TAG.match(tag).group(1))
         if step >= t["steps"]:
             raise _fail(f"--resume: {ckpt / tag} is at step {step}: the run already finished "

@@ -22,12 +22,15 @@ import logging
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,14 @@ from spd_ext.train.config import (
     load_config,
     plan_run,
 )
-from spd_ext.utils.files import atomic_path, save_figure, write_json
+from spd_ext.utils.files import (
+    WriteError,
+    atomic_path,
+    explained_write_errors,
+    save_figure,
+    write_json,
+)
+from spd_ext.utils.locks import ProcessLock
 from spd_ext.utils.run_log import read_metrics
 
 PROG = "spd-ext train"
@@ -168,7 +178,7 @@ def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
     if main:
         state = {"model": {k: v.cpu() for k, v in dense.items()},
                  "model_config": model.config.to_dict(), "tokenizer": tokenizer.state()}
-        with atomic_path(path) as tmp:
+        with explained_write_errors(path, "the model"), atomic_path(path) as tmp:
             torch.save(state, tmp)
 
 
@@ -228,27 +238,34 @@ def _rank_state_path(checkpoint_dir: Path, tag: str, rank: int) -> Path:
     return checkpoint_dir / tag / "train" / f"rank{rank:05d}.pt"
 
 
-def save_checkpoint(engine: Any, plan: RunPlan, step: int) -> str:
+def save_checkpoint(engine: Any, plan: RunPlan, step: int, tokenizer: Any,
+                    mark: Callable[[str], None] = lambda phase: None) -> str:
     """The engine's checkpoint (DeepSpeed's files and spd_ext's per-rank state), this rank's
-    RNG and step; then, once every rank is done, the completion marker and ``latest``."""
+    RNG and step; then, once every rank is done, the completion marker and ``latest``.
+    A write that fails raises WriteError (saying so when the disk is full)."""
     import torch
     import torch.distributed as dist
 
     ckpt = plan.checkpoint_dir
     tag = f"global_step{step}"
     rank = dist.get_rank()
-    engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
-    state = {"step": step, "rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    with atomic_path(_rank_state_path(ckpt, tag, rank)) as tmp:
-        torch.save(state, tmp)
+    mark(f"saving checkpoint {tag}")
+    with explained_write_errors(ckpt / tag, "checkpoint"):
+        engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
+        state = {"step": step, "rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        with atomic_path(_rank_state_path(ckpt, tag, rank)) as tmp:
+            torch.save(state, tmp)
+    mark(f"checkpoint {tag} written, waiting for the other ranks")
     dist.barrier()
     if rank == 0:
-        write_json(ckpt / tag / "train" / COMPLETE,
-                   {"step": step, "layout": plan.checkpoint_layout(), "time": time.time()})
-        with atomic_path(ckpt / LATEST) as tmp:
-            tmp.write_text(tag)
+        with explained_write_errors(ckpt / tag, "checkpoint"):
+            write_json(ckpt / tag / "train" / COMPLETE,
+                       {"step": step, "layout": plan.checkpoint_layout(tokenizer),
+                        "time": time.time()})
+            with atomic_path(ckpt / LATEST) as tmp:
+                tmp.write_text(tag)
     dist.barrier()
     return tag
 
@@ -281,8 +298,7 @@ def _fresh_out_dir(plan: RunPlan) -> None:
 
 
 def _precision(plan: RunPlan) -> str:
-    stage = (plan.ds_config.get("zero_optimization") or {}).get("stage", 0)
-    return f"ZeRO-{stage} {'bf16' if plan.bf16 else 'fp32'}"
+    return f"ZeRO-{plan.zero_stage} {'bf16' if plan.bf16 else 'fp32'}"
 
 
 def _layout(plan: RunPlan) -> str:
@@ -293,8 +309,58 @@ def _layout(plan: RunPlan) -> str:
 
 # -- the run ------------------------------------------------------------------------------
 def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
-    """Train on this rank (torch.distributed is initialized here if it is not yet)."""
+    """Train on this rank. torch.distributed is initialized here if it is not yet: its
+    rendezvous bound to the job's address (spd_ext.utils.rendezvous), every wait for
+    another rank bounded by ``parallel.rank_timeout`` (gloo's collectives and spd_ext's),
+    and a rank whose wait fails names the rank that stopped answering."""
     import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from spd_ext.comm.groups import is_peer_failure
+    from spd_ext.deepspeed import release_deepspeed_shm_name
+    from spd_ext.train.rank_watch import RankWatch
+    from spd_ext.utils.rendezvous import init_launched_group
+
+    _quiet_deepspeed()
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                            category=FutureWarning)  # DeepSpeed's ZeRO calls, not ours
+    timeout = plan.rank_timeout
+    os.environ["SPD_EXT_COMM_TIMEOUT"] = repr(timeout)  # spd_ext's collectives, as gloo's
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":  # before the first collective (NCCL binds to it)
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    owned = not dist.is_initialized()
+    if owned:
+        init_launched_group(accelerator.communication_backend_name(), timeout)
+        deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout))
+        # Every rank has mapped every DeepSpeed CPU all-reduce segment (69 MB each) by now:
+        # their names go before anything else can fail and leave them in /dev/shm.
+        release_deepspeed_shm_name()
+    rank = dist.get_rank()
+    watch = RankWatch.from_environment() if owned else None
+    try:
+        code = _train(plan, facts, resume, watch.mark if watch else lambda phase: None)
+    except WriteError as exc:
+        print(f"{PROG}: error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as exc:
+        if not is_peer_failure(exc):
+            raise
+        who = watch.blame(timeout) if watch else f"rank {rank}"
+        print(f"{PROG}: error: a collective failed: {who} (parallel.rank_timeout "
+              f"{timeout:g} s; rank {rank} saw: {one_line(exc)[:300]})", file=sys.stderr,
+              flush=True)
+        return 1
+    finally:
+        if watch is not None:
+            watch.close()
+    if owned and code == 0:
+        dist.destroy_process_group()
+    return code
+
+
+def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]) -> int:
     import torch
     import torch.distributed as dist
 
@@ -305,17 +371,6 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     from spd_ext.utils.run_log import RunLog
     from spd_ext.utils.table import format_table
 
-    _quiet_deepspeed()
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
-                            category=FutureWarning)  # DeepSpeed's ZeRO calls, not ours
-    owned = not dist.is_initialized()
-    if owned:
-        deepspeed.init_distributed(verbose=False)
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":  # before the first collective (NCCL binds to it)
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan.world_size:
         raise RuntimeError(f"planned for {plan.world_size} ranks, launched with {world}")
@@ -323,9 +378,11 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     t, d, s = cfg.training, cfg.data, cfg.sample
     main = rank == 0
     data_rank, data_world = rank // plan.tp, plan.data_world
+    mark("preparing the out_dir")
     if main and not resume:
         _fresh_out_dir(plan)
     dist.barrier()
+    mark("building the model and the engine")
 
     data = TokenDataset(d.corpus, d.tokenizer, val_fraction=d.val_fraction)
     topology = sd.build_topology(plan.tp, plan.islands)
@@ -347,6 +404,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
                  wandb_project=cfg.values["wandb"]["project"]) if main else None
     start = 0
     if resume:
+        mark(f"loading checkpoint {facts['resume_tag']}")
         start = load_checkpoint(engine, plan, facts["resume_tag"])
         if main:
             dropped = log.drop_after(start)
@@ -366,6 +424,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     def evaluate() -> float:
         """Mean clean validation loss over eval_batches fixed batches, split over the
         data-parallel replicas (every rank of a tensor-parallel group runs the same ones)."""
+        mark("evaluating")
         engine.eval()
         total = 0.0
         with torch.no_grad():
@@ -384,6 +443,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     started = time.perf_counter()
     engine.train()
     for step in range(start, t.steps):
+        mark(f"step {step + 1}")
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -441,7 +501,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
                 log.metrics(step=done, val_loss=val)
             progress.line(f"step {done}: val loss {val:.4f}")
         if t.checkpoint_interval and done % t.checkpoint_interval == 0 and done < t.steps:
-            tag = save_checkpoint(engine, plan, done)
+            tag = save_checkpoint(engine, plan, done, data.tokenizer, mark)
             progress.line(f"step {done}: checkpoint {plan.checkpoint_dir / tag}")
     progress.close()
     wall = time.perf_counter() - started
@@ -449,11 +509,13 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     if main:
         log.metrics(step=t.steps, val_loss=val, final=True)
     history.append({"step": t.steps, "val_loss": val})
-    tag = save_checkpoint(engine, plan, t.steps)
+    tag = save_checkpoint(engine, plan, t.steps, data.tokenizer, mark)
+    mark("exporting model.pt")
     export_model(model, data.tokenizer, plan.out_dir / "model.pt", main)
 
     sample = ""
     if s.tokens and data_rank == 0:
+        mark("sampling")
         tp_group = topology.tp_group if plan.tp > 1 else None
         sample = generate(engine.module, data.tokenizer, s.prompt, s.tokens, s.temperature,
                           s.top_k, block, t.seed, device, tp_group,
@@ -507,9 +569,8 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
               f"  checkpoint: {plan.checkpoint_dir / tag}  model: {plan.out_dir / 'model.pt'} "
               "(spd-ext serve --checkpoint)", flush=True)
         log.close()
+    mark("finishing")
     dist.barrier()
-    if owned:
-        dist.destroy_process_group()
     return 0
 
 
@@ -548,15 +609,61 @@ def launch(config: str, overrides: Sequence[str], nproc: int, resume: bool = Fal
            *[f"--set={item}" for item in overrides]]
     cmd += ["--resume"] if resume else []
     cmd += ["--overwrite"] if overwrite else []
-    proc = subprocess.Popen(cmd, env=env)
+    # its own process group: a signal to this process is forwarded to the whole job
+    # (launcher and ranks) by wait_for_job, never lost with this process
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    return wait_for_job(proc)
+
+
+#: Signals that stop `spd-ext train`: each is passed on to every process of the job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def wait_for_job(proc: Any, grace_s: float = 30.0) -> int:
+    """Wait for a job started in its own process group (``start_new_session``), passing on
+    SIGINT / SIGTERM / SIGHUP to every process in it; a job still there ``grace_s`` after
+    the first signal, or processes of it left after its launcher exited, are killed.
+    Returns the launcher's exit status, or 128 + the signal's number when stopped."""
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if not received:
+            print(f"{PROG}: {signal.Signals(signum).name}: stopping the job (pid {proc.pid} and "
+                  f"its ranks)", file=sys.stderr, flush=True)
+        received.append(signum)
+        _signal_group(proc.pid, signum)
+
+    in_main = threading.current_thread() is threading.main_thread()  # where handlers go
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if in_main else {}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the ranks got the SIGINT too; let them stop
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 130
+        deadline = math.inf
+        while proc.poll() is None:
+            if received and deadline == math.inf:
+                deadline = time.monotonic() + grace_s
+            if time.monotonic() > deadline:
+                _signal_group(proc.pid, signal.SIGKILL)
+            time.sleep(0.1)
+        # the launcher is gone: anything of its group still alive would be an orphan
+        deadline = time.monotonic() + (grace_s if not received else 5.0)
+        while _signal_group(proc.pid, 0):
+            if time.monotonic() > deadline:
+                _signal_group(proc.pid, signal.SIGKILL)
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else proc.returncode
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; whether any process of it was there."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def one_line(exc: BaseException) -> str:
@@ -564,15 +671,50 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+#: Set for a launcher's ranks by the process that holds the run's out_dir for them.
+OUT_DIR_HELD_ENV = "SPD_EXT_OUT_DIR_HELD"
+RUN_LOCK_FILE = ".spd_ext-run.lock"
+
+
+def hold_out_dir(out_dir: Path) -> ProcessLock:
+    """The run's claim on ``out_dir``, held until this process exits: a second run there
+    (which would delete this one's log and checkpoints) is refused naming this one."""
+    lock = ProcessLock(out_dir / RUN_LOCK_FILE)
+    try:
+        holder = lock.acquire()
+    except OSError as exc:
+        raise ValueError(f"training.out_dir {out_dir} cannot be written ({exc.strerror}); "
+                         "choose a folder this user can write") from None
+    if holder is not None:
+        raise ValueError(f"training.out_dir {out_dir} is in use by a run in progress "
+                         f"({holder.describe()}); wait for it to end or stop it, or set "
+                         "training.out_dir elsewhere")
+    os.environ[OUT_DIR_HELD_ENV] = str(out_dir.resolve())  # for the ranks this one starts
+    return lock
+
+
 def prepare(config: str, overrides: Sequence[str], world_size: int, resume: bool = False,
-            overwrite: bool = False) -> tuple[RunPlan, dict]:
-    """Load, plan and check a run (no collective); raises ValueError with one line."""
+            overwrite: bool = False, hold: bool | None = False) -> tuple[RunPlan, dict]:
+    """Load, plan and check a run (no collective); raises ValueError with one line.
+    ``hold``: claim the out_dir for this process first (``facts["out_dir_lock"]``); None:
+    unless the process that started this one's launcher (`spd-ext train --nproc`) holds it."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in out_dir and --overwrite starts it over; "
                          "pass one of them")
     cfg = load_config(config, list(overrides))
     plan = plan_run(cfg, world_size)
-    return plan, check_environment(plan, resume=resume, overwrite=overwrite)
+    if hold is None:
+        hold = os.environ.get(OUT_DIR_HELD_ENV) != str(plan.out_dir.resolve())
+    lock = hold_out_dir(plan.out_dir) if hold else None
+    try:
+        facts = check_environment(plan, resume=resume, overwrite=overwrite)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if lock is not None:
+        facts["out_dir_lock"] = lock
+    return plan, facts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -597,8 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
+        # the first rank claims the out_dir (unless the process that started the ranks
+        # holds it for them)
         plan, facts = prepare(args.config, args.overrides, launched_world_size() or 1,
-                              args.resume, args.overwrite)
+                              args.resume, args.overwrite, hold=None if rank0 else False)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         if rank0:
             print(f"spd-ext: error: {one_line(exc)}", file=sys.stderr)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Iterator
+import re
+import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,48 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+#: Free bytes under which a failed write is put down to a full disk: torch.save's errors
+#: ("basic_ios::clear: iostream error", "file write failed") carry no errno.
+NEARLY_FULL_BYTES = 16 << 20
+
+
+class WriteError(RuntimeError):
+    """A file could not be written; the message says why (a full disk named as such)."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+@contextmanager
+def explained_write_errors(path: Path, what: str) -> Iterator[None]:
+    """Turn the errors of writing ``what`` at ``path`` (OSError, or torch.save's
+    RuntimeError) into one :class:`WriteError` that says when the disk is full."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        import torch.distributed as dist
+
+        if isinstance(exc, dist.DistError):
+            raise  # a collective inside the writer failed: not a write error
+        free = _free_bytes(path)
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+            (free is not None and free < NEARLY_FULL_BYTES)
+        if full:
+            raise WriteError(f"cannot write {what} {path}: the disk holding it is full "
+                             f"({free if free is not None else '?'} bytes free); free some "
+                             "space, then continue with --resume (the last complete "
+                             "checkpoint is untouched)") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WriteError(f"cannot write {what} {path}: {detail}") from None
+
+
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     """Write a matplotlib figure to ``path`` atomically (the format from its suffix), then
     close it."""
@@ -93,10 +138,13 @@ def read_json(path: Path, default: object) -> object:
                          f"{exc.msg}); repair it, or move it away to start over") from None
 
 
-def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
-    """A checkpoint's dict, read with ``torch.load(weights_only=True)``: tensors and plain
-    data only, so a crafted file cannot run code. Garbage, truncated, crafted or
-    non-dict files raise ValueError naming the file and the problem."""
+def load_weights_only(path: Path | str, what: str = "checkpoint", map_location: Any = "cpu",
+                      allowed: Sequence[Any] = (), mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain data, plus the classes in
+    ``allowed`` (plain-data classes such as DeepSpeed's loss scaler), so a crafted file
+    cannot run code. Garbage, truncated or crafted files raise ValueError naming the file
+    and the problem. ``mmap``: map the tensors' storage instead of reading it (a check of
+    a large file's contents), where the file's format allows it."""
     import pickle
     import zipfile
 
@@ -106,23 +154,36 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True,
+                                  mmap=mmap)
+            except RuntimeError as exc:
+                if not (mmap and "mmap" in str(exc)):
+                    raise
+                # an older, non-zip file (DeepSpeed's legacy serialization): read it whole
+                return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Unsupported global" in text or "GLOBAL" in text:
-            global_name = next((line.strip() for line in text.splitlines()
-                                if "GLOBAL" in line or "Unsupported global" in line), "")
-            global_name = global_name.split(" was not")[0].replace("WeightsUnpickler error: ", "")
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if named:
             raise ValueError(
                 f"{path} is not a {what} spd_ext can load: it holds objects other than "
-                "tensors and plain data, and spd_ext loads checkpoints with weights_only=True "
-                f"so that a file cannot run code ({global_name})") from None
+                f"tensors and plain data (here {named.group(1)}), and spd_ext reads checkpoints "
+                "with weights_only=True so that a file cannot run code") from None
         raise ValueError(f"{path} is not a readable {what} (not written by torch.save, or "
                          "damaged)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise ValueError(f"{path} is not a readable {what} (truncated or not written by "
                          f"torch.save?): {str(exc).splitlines()[0] if str(exc) else exc!r}") \
             from None
+
+
+def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
+    """A checkpoint's dict, read with :func:`load_weights_only`; a file that holds no dict
+    raises ValueError too."""
+    path = Path(path)
+    state = load_weights_only(path, what)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a {what} dict; pass a "
                          "checkpoint written by spd_ext")
