@@ -65,7 +65,8 @@ setup(
         "wandb": ["wandb>=0.16,<1"],
         "experiments": ["matplotlib>=3.7,<4"],  # the experiments' PNG plots
         "serve": ["aiohttp>=3.9,<4"],  # spd-ext serve
-        "dev": ["pytest>=8,<10", "ruff>=0.5,<1"],
+        # openai: tests/test_serve.py talks to spd-ext serve with it (skipped without it)
+        "dev": ["pytest>=8,<10", "ruff>=0.5,<1", "openai>=1.2,<4"],
     },
     entry_points={"console_scripts": ["spd-ext=spd_ext.cli:main"]},
     ext_modules=ext_modules,

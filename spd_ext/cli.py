@@ -162,8 +162,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "bench", help="kernel and collective microbenchmarks")
-    bench = p.add_subparsers(dest="bench", required=True,
-                             metavar="{allreduce,reduce,quant,tp}")
+    # No metavar: argparse names every subcommand added below in the usage line.
+    bench = p.add_subparsers(dest="bench", required=True)
 
     a = _command(bench, "allreduce", help="all-reduce on N local CPU ranks",
                  description="Time gloo, DeepSpeed's inference_all_reduce (if "
@@ -757,10 +757,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "serve", formatter_class=_HelpAsWritten,
         help="serve a reduced-sync GPT over HTTP on N local ranks",
         description="Split a model over N local ranks (tensor parallel N) and serve it: POST "
-        "/v1/completions\n(JSON; \"stream\": true for server-sent events), GET /health, GET "
-        "/metrics, and a web page\nat /. The model and the flags are checked before any rank "
-        "starts; SIGINT or SIGTERM stops\nthe server after the queued requests (a second "
-        "one: at once), a rank that dies stops\nevery rank (503 meanwhile).",
+        "/v1/completions\n(OpenAI's completion format, for OpenAI and vLLM clients; \"stream\": "
+        "true for OpenAI's\nserver-sent events), GET /v1/models, POST /tokenize, GET /health, "
+        "GET /metrics, and a\nweb page at /. The model and the flags are checked before any "
+        "rank starts; SIGINT or\nSIGTERM stops the server after the queued requests (a second "
+        "one: at once), a rank that\ndies stops every rank (503 meanwhile).",
         epilog="example:\n  spd-ext serve --hf ./gpt2 --pattern 'spd*12' --nproc 2\n"
         "  curl -N localhost:5050/v1/completions -d '{\"prompt\": \"Hello\", "
         "\"max_tokens\": 32, \"stream\": true}'")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import spd_ext.deepspeed as sd
+from spd_ext.deepspeed.ops import load_deepspeed_comm_op
 from spd_ext.dp.signals import LossEMA
 from spd_ext.dp.weights import SoftmaxWeights
 from spd_ext.staleness import make_strategy, parse_mode
@@ -97,28 +98,38 @@ SIGNAL = {"signal": "loss_ema", "map": "softmax", "temperature": 0.05, "floor": 
           "warmup_steps": 1}
 
 
-def weighting_reference(steps: int, world: int, gas: int) -> dict:
-    """All ranks in one process: g = sum_i w_i g_i, then clip and AdamW (no DeepSpeed)."""
+def weighting_reference(steps: int, world: int, gas: int, optimizer: str = "sgd") -> dict:
+    """All ranks in one process: g = sum_i w_i g_i, then clip and SGD (no DeepSpeed). The
+    step's weights are decided before its backward: each rank's signal as it would be
+    after the step's first micro-batch loss; the step's mean loss then enters the signal
+    (with one micro-batch, the same)."""
     model = ReducedSyncGPT(gpt_config())
-    opt = sgd(model.parameters())
+    opt = sgd(model.parameters()) if optimizer == "sgd" else reference_optimizer(model)
     signals = [LossEMA() for _ in range(world)]
     wmap = SoftmaxWeights(temperature=SIGNAL["temperature"], floor=SIGNAL["floor"],
                           warmup_steps=SIGNAL["warmup_steps"])
     history = []
     for step in range(steps):
-        grads, losses = [], []
+        grads, losses, firsts = [], [], []
         for r in range(world):
             model.zero_grad(set_to_none=True)
-            total = 0.0
+            micro_losses = []
             for micro in range(gas):
                 _, loss = model(*batch(r, step, micro))
                 (loss / gas).backward()
-                total += loss.item()
-            losses.append(total / gas)
+                micro_losses.append(loss.item())
+            losses.append(sum(micro_losses) / gas)
+            firsts.append(micro_losses[0])
             grads.append([p.grad.clone() for p in model.parameters()])
+        estimates = []
+        for signal, first in zip(signals, firsts):
+            provisional = LossEMA()
+            provisional.load_state_dict(signal.state_dict())
+            provisional.observe_loss(first)
+            estimates.append(provisional.raw())
+        weights = wmap(estimates, step, False)
         for r in range(world):
             signals[r].observe_loss(losses[r])
-        weights = wmap([s.raw() for s in signals], step, False)
         for i, p in enumerate(model.parameters()):
             p.grad = sum(w * g[i] for w, g in zip(weights, grads))
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -127,38 +138,90 @@ def weighting_reference(steps: int, world: int, gas: int) -> dict:
     return {"history": history, "params": flat_params(model)}
 
 
-def scenario_weighting(rank: int, world: int, out: dict) -> None:
-    steps = 4
-    cases = {  # name -> (stage, bf16, gas, backend, gradient_allreduce_op)
-        "z0_fp32": (0, False, 1, "deepspeed", "mean"),
-        "z0_fp32_spd": (0, False, 1, "spd_ext", "mean"),
-        "z0_fp32_gas2": (0, False, 2, "deepspeed", "mean"),
-        "z0_fp32_spd_gas2": (0, False, 2, "spd_ext", "mean"),
-        "z0_fp32_sum_op": (0, False, 1, "deepspeed", "sum"),
-        "z1_fp32": (1, False, 1, "deepspeed", "mean"),
-        "z1_fp32_gas2": (1, False, 2, "deepspeed", "mean"),
-        "z1_fp32_sum_op": (1, False, 1, "deepspeed", "sum"),
-        "z0_bf16": (0, True, 1, "deepspeed", "mean"),
-        "z0_bf16_spd": (0, True, 1, "spd_ext", "mean"),
-        "z1_bf16": (1, True, 1, "deepspeed", "mean"),
-    }
-    for name, (stage, bf16, gas, backend, op) in cases.items():
-        model = ReducedSyncGPT(gpt_config())
-        if bf16:
-            model = model.to(torch.bfloat16)
-        section = {"signal_weighting": SIGNAL, "comm": {"backend": backend}}
-        config = {**ds_config(stage, bf16, gas, section=section), "gradient_allreduce_op": op,
-                  "zero_allow_untested_optimizer": True}
+#: dtype of each precision's model, and its ds_config entries (fp16: a fixed loss scale, so
+#: that no step is skipped and the run compares with the reference step for step)
+PRECISIONS = {"fp32": (torch.float32, {}),
+              "bf16": (torch.bfloat16, {"bf16": {"enabled": True}}),
+              "fp16": (torch.float16, {"fp16": {"enabled": True, "loss_scale": 128}})}
+
+
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed refuses fp16 on CPUs without oneDNN fp16 kernels (this VM's); torch's CPU
+    fp16 arithmetic is complete, only slow, so the tests still exercise DeepSpeed's fp16
+    path: its loss scaler, overflow check and skipped steps."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+
+
+def weighted_engine(stage: int, precision: str, gas: int, backend: str = "deepspeed",
+                    op: str = "mean", fp16: dict | None = None):
+    """A signal-weighted engine. fp32 and bf16 take the client's SGD (its update shows the
+    aggregate's scale); fp16 takes DeepSpeed's own AdamW from the config: at stage 0,
+    DeepSpeed's fp16 wrapper of a client optimizer updates fp32 copies the client never
+    sees, so plain DeepSpeed does not train there either."""
+    dtype, extra = PRECISIONS[precision]
+    model = ReducedSyncGPT(gpt_config()).to(dtype)
+    section = {"signal_weighting": SIGNAL, "comm": {"backend": backend}}
+    config = {**ds_config(stage, gas=gas, section=section), **extra,
+              "gradient_allreduce_op": op, "zero_allow_untested_optimizer": True}
+    if fp16 is not None:
+        config["fp16"] = fp16
+    if precision == "fp16":
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=config)
+    else:
         del config["optimizer"]  # the client's SGD
         engine, *_ = sd.initialize(model=model, optimizer=sgd(model.parameters()),
                                    config=config)
+    return model, engine
+
+
+def full_params(model: torch.nn.Module) -> list[float]:
+    """Every parameter whole (ZeRO-3 partitions them)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters(list(model.parameters())):
+        return flat_params(model)
+
+
+def scenario_weighting(rank: int, world: int, out: dict) -> None:
+    allow_fp16_on_cpu()
+    steps = 4
+    cases = {  # name -> (stage, precision, gas, backend, gradient_allreduce_op)
+        "z0_fp32": (0, "fp32", 1, "deepspeed", "mean"),
+        "z0_fp32_spd": (0, "fp32", 1, "spd_ext", "mean"),
+        "z0_fp32_gas4": (0, "fp32", 4, "deepspeed", "mean"),
+        "z0_fp32_spd_gas4": (0, "fp32", 4, "spd_ext", "mean"),
+        "z0_fp32_sum_op": (0, "fp32", 1, "deepspeed", "sum"),
+        "z1_fp32": (1, "fp32", 1, "deepspeed", "mean"),
+        "z1_fp32_gas4": (1, "fp32", 4, "deepspeed", "mean"),
+        "z1_fp32_sum_op": (1, "fp32", 1, "deepspeed", "sum"),
+        "z2_fp32": (2, "fp32", 1, "deepspeed", "mean"),
+        "z2_fp32_gas4": (2, "fp32", 4, "deepspeed", "mean"),
+        "z3_fp32": (3, "fp32", 1, "deepspeed", "mean"),
+        "z3_fp32_gas4": (3, "fp32", 4, "deepspeed", "mean"),
+        "z0_bf16": (0, "bf16", 1, "deepspeed", "mean"),
+        "z0_bf16_spd": (0, "bf16", 1, "spd_ext", "mean"),
+        "z1_bf16": (1, "bf16", 1, "deepspeed", "mean"),
+        "z2_bf16": (2, "bf16", 1, "deepspeed", "mean"),
+        "z3_bf16_gas4": (3, "bf16", 4, "deepspeed", "mean"),
+        "z0_fp16": (0, "fp16", 1, "deepspeed", "mean"),
+        "z1_fp16": (1, "fp16", 1, "deepspeed", "mean"),
+        "z1_fp16_gas4": (1, "fp16", 4, "deepspeed", "mean"),
+        "z2_fp16_gas4": (2, "fp16", 4, "deepspeed", "mean"),
+        "z3_fp16": (3, "fp16", 1, "deepspeed", "mean"),
+    }
+    for name, (stage, precision, gas, backend, op) in cases.items():
+        model, engine = weighted_engine(stage, precision, gas, backend, op)
         weights = []
         losses = []
         for step in range(steps):
             losses += train_engine(engine, 1, rank, gas, first=step)
             weights.append(engine.spd_ext.last["weights"])
-        out[name] = {"losses": losses, "weights": weights, "params": flat_params(model),
-                     "gas": gas}
+        out[name] = {"losses": losses, "weights": weights, "params": full_params(model),
+                     "reference": f"{gas}_{'adamw' if precision == 'fp16' else 'sgd'}",
+                     "precision": precision}
     # attach() to an engine made by plain deepspeed.initialize (section in its config)
     model = ReducedSyncGPT(gpt_config())
     config = ds_config(0, section={"signal_weighting": SIGNAL})
@@ -167,10 +230,11 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
                                       config=config)
     sd.attach(engine)
     losses = train_engine(engine, steps, rank)
-    out["attach"] = {"losses": losses, "params": flat_params(model), "gas": 1}
+    out["attach"] = {"losses": losses, "params": flat_params(model), "reference": "1_sgd",
+                     "precision": "fp32"}
     if rank == 0:
-        out["reference"] = {1: weighting_reference(steps, world, 1),
-                            2: weighting_reference(steps, world, 2)}
+        out["reference"] = {f"{gas}_{opt}": weighting_reference(steps, world, gas, opt)
+                            for gas in (1, 4) for opt in ("sgd", "adamw")}
 
 
 # -- staleness ----------------------------------------------------------------------
@@ -433,6 +497,51 @@ def scenario_nan_grad(rank: int, world: int, out: dict) -> None:
                      "unchanged": flat_params(model) == before}
 
 
+# -- skipped steps -----------------------------------------------------------------------
+def scenario_skipped(rank: int, world: int, out: dict) -> None:
+    """A step DeepSpeed skips: fp16's loss scaler on an overflow (rank 1's gradient holds
+    inf at step 2), and ZeRO-2's check of a non-finite reduced gradient in bf16 (NaN)."""
+    from spd_ext.dp.aggregator import WeightError
+
+    allow_fp16_on_cpu()
+
+    def inject(model, value: float):
+        return next(model.parameters()).register_hook(
+            lambda g: g.flatten().index_fill(0, torch.tensor([0]), value).view_as(g))
+
+    dynamic = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}
+    for stage in (0, 1, 2):
+        model, engine = weighted_engine(stage, "fp16", 1, fp16=dynamic)
+        integration = engine.spd_ext
+        train_engine(engine, 2, rank)
+        before = {"signal": integration.aggregator.state_dict(),
+                  "applied": integration.applied_steps, "params": full_params(model)}
+        hook = inject(model, float("inf")) if rank == 1 else None
+        train_engine(engine, 1, rank, first=2)
+        if hook is not None:
+            hook.remove()
+        skipped = {"applied": engine.was_step_applied(), "reported": integration.last["skipped"],
+                   "weights": integration.last["weights"],
+                   "signal_kept": integration.aggregator.state_dict() == before["signal"],
+                   "count_kept": integration.applied_steps == before["applied"],
+                   "params_kept": full_params(model) == before["params"]}
+        train_engine(engine, 1, rank, first=3)
+        skipped["next_applied"] = engine.was_step_applied()
+        out[f"fp16_z{stage}"] = skipped
+    model, engine = weighted_engine(2, "bf16", 1)
+    train_engine(engine, 1, rank)
+    before = full_params(model)
+    hook = inject(model, float("nan")) if rank == 1 else None
+    try:
+        train_engine(engine, 1, rank, first=1)
+        message = "no error"
+    except WeightError as exc:
+        message = str(exc)
+    if hook is not None:
+        hook.remove()
+    out["bf16_z2_nan"] = {"message": message, "params_kept": full_params(model) == before}
+
+
 # -- set-ups refused once DeepSpeed's segments exist --------------------------------------
 def scenario_refused(rank: int, world: int, out: dict) -> None:
     """Set-ups spd_ext refuses after deepspeed.init_distributed created this rank's 69 MB
@@ -473,7 +582,7 @@ def scenario_refused(rank: int, world: int, out: dict) -> None:
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
              "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
              "trainer": scenario_trainer, "nan_grad": scenario_nan_grad,
-             "refused": scenario_refused}
+             "refused": scenario_refused, "skipped": scenario_skipped}
 
 
 def main() -> None:
@@ -482,6 +591,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = parser.parse_args()
+    load_deepspeed_comm_op()  # as spd_ext's entry points do: a stale build lock never hangs
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict = {}

@@ -735,8 +735,18 @@ def _slow_but_moving_ranks(rank: int, world: int) -> dict:
     t = torch.ones(int(scale) * (64 << 20))
     dist.barrier()  # both ranks allocated: the first wait is not the peer's page faults
     start = time.monotonic()
-    all_reduce(t, timeout=0.1)
-    return {"elapsed": time.monotonic() - start, "value": t[-1].item(), "path": describe()}
+    all_reduce(t)
+    # The timeout: a quarter of what this very call took, so the call outlasts it four
+    # times over. A fixed 0.1 s failed on a loaded machine, where one wait alone can take
+    # longer (the peer is not scheduled); there every wait and the call stretch alike.
+    timeout = torch.tensor([max(0.1, (time.monotonic() - start) / 4)], dtype=torch.float64)
+    dist.all_reduce(timeout, op=dist.ReduceOp.MAX)
+    t.fill_(1)
+    dist.barrier()
+    start = time.monotonic()
+    all_reduce(t, timeout=timeout.item())
+    return {"elapsed": time.monotonic() - start, "timeout": timeout.item(),
+            "value": t[-1].item(), "path": describe()}
 
 
 @needs_kernels
@@ -745,7 +755,8 @@ def test_timeout_bounds_each_wait_not_the_whole_call() -> None:
         assert "chunk 4096 B" in r["path"]
         assert r["value"] == 2.0
         # The call lasted longer than its timeout, yet no wait did: no error.
-        assert r["elapsed"] > 0.1, f"call too fast ({r['elapsed']:.2f} s) to show anything"
+        assert r["elapsed"] > r["timeout"], \
+            f"call too fast ({r['elapsed']:.2f} s, timeout {r['timeout']:.2f} s) to show anything"
 
 
 def _mappings() -> int:

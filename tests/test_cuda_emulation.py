@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,9 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     lib.spd_emu_all_reduce_check.argtypes = [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
-        ctypes.c_int]
+        ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
+        ctypes.c_char_p, ctypes.c_int]
     return lib
 
 
@@ -118,16 +119,37 @@ def test_quantization_kernel_flags_non_finite_blocks(emu, bad: float) -> None:
     assert code == CUDA_SUCCESS and flags == 1
 
 
-def _all_reduce(emu: ctypes.CDLL, world: int, dtype: torch.dtype, op: str, two_shot: bool,
-                numel: int, calls: int, placement: str = "staged",
-                capacity: int = 1 << 20) -> float:
+# The emulated ranks' watchdog (tests/csrc/cuda_emu_harness.cpp): a run fails when no rank
+# completes a call for STALL_S seconds (a hang), not when it is slow. 4 ranks on 2 cores
+# that other jobs also load take minutes for 1000 calls, though each call takes well under
+# a second; LIMIT_S only bounds a run that never ends (far below CI's 90 minutes).
+STALL_S, LIMIT_S = 60.0, 900.0
+
+
+def _run_all_reduce(emu: ctypes.CDLL, world: int, dtype: torch.dtype, op: str, two_shot: bool,
+                    numel: int, calls: int, placement: str = "staged",
+                    capacity: int = 1 << 20, stall_s: float = STALL_S,
+                    limit_s: float = LIMIT_S, pace_s: float = 0.0,
+                    stop: tuple[int, int, int] = (-1, 0, 0)) -> tuple[int, str, float]:
+    """(code, message, worst error / bound) of the emulated all-reduce check. ``pace_s``
+    delays every call; ``stop`` = (rank, call, exit code): that rank stops before that
+    call, for good (exit code 0) or exiting with that code."""
     worst = ctypes.c_double(0.0)
     message = ctypes.create_string_buffer(4096)
     code = emu.spd_emu_all_reduce_check(world, DTYPE_CODES[dtype], OP_CODES[op], int(two_shot),
-                                        PLACEMENTS[placement], numel, calls, capacity, 60,
-                                        ctypes.byref(worst), message, len(message))
-    assert code == 0, message.value.decode()
-    return worst.value
+                                        PLACEMENTS[placement], numel, calls, capacity, stall_s,
+                                        limit_s, int(pace_s * 1e6), *stop, ctypes.byref(worst),
+                                        message, len(message))
+    return code, message.value.decode(), worst.value
+
+
+def _all_reduce(emu: ctypes.CDLL, world: int, dtype: torch.dtype, op: str, two_shot: bool,
+                numel: int, calls: int, placement: str = "staged",
+                capacity: int = 1 << 20) -> float:
+    code, message, worst = _run_all_reduce(emu, world, dtype, op, two_shot, numel, calls,
+                                           placement, capacity)
+    assert code == 0, message
+    return worst
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -172,3 +194,42 @@ def test_ipc_all_reduce_ranks_disagreeing_on_the_buffer_get_nan(emu, two_shot: b
     # Rank 0 passes its registered buffer, the others unregistered memory: no rank may
     # return a plausible wrong sum, so every rank's result is NaN.
     _all_reduce(emu, 3, torch.float32, "sum", two_shot, 4 * 100, 5, "registered-on-rank-0")
+
+
+def test_ipc_all_reduce_watchdog_lets_a_slow_run_finish(emu) -> None:
+    # Each call comes within the 2 s window, the run (10 x 0.4 s) lasts twice as long: a
+    # slow machine, not a hang (a deadline on the whole run failed exactly this).
+    start = time.monotonic()
+    code, message, _ = _run_all_reduce(emu, 2, torch.float32, "sum", False, 64, 10,
+                                       stall_s=2.0, pace_s=0.4)
+    assert code == 0, message
+    assert time.monotonic() - start >= 10 * 0.4
+
+
+def test_ipc_all_reduce_watchdog_fails_a_stopped_run_within_the_window(emu) -> None:
+    start = time.monotonic()
+    code, message, _ = _run_all_reduce(emu, 3, torch.float32, "sum", True, 64, 1000,
+                                       stall_s=2.0, stop=(1, 4, 0))
+    took = time.monotonic() - start
+    assert code != 0
+    assert message.startswith("no rank completed a call for 2 s (a hang); calls completed "
+                              "by rank: 0: 4, 1: 4, 2: 4"), message
+    assert 2.0 < took < 2.0 + 30, took  # the window, plus set-up on a loaded machine
+
+
+def test_ipc_all_reduce_watchdog_limits_the_whole_run(emu) -> None:
+    code, message, _ = _run_all_reduce(emu, 2, torch.float32, "sum", False, 64, 1000,
+                                       limit_s=1.0, pace_s=0.2)
+    assert code != 0 and message.startswith("still running after 1 s in all"), message
+
+
+def test_ipc_all_reduce_watchdog_stops_the_peers_of_a_failed_rank_at_once(emu) -> None:
+    # Rank 1 exits as on a wrong value; its peers would spin for it: they are stopped at
+    # once, well within the stall window.
+    start = time.monotonic()
+    code, message, _ = _run_all_reduce(emu, 3, torch.float32, "sum", False, 64, 1000,
+                                       stop=(1, 4, 1))
+    assert code != 0
+    assert message == ("rank 1 exited 1 (a value outside the bound); the ranks still running "
+                       "were stopped"), message
+    assert time.monotonic() - start < STALL_S / 2

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import json
 import os
+import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
 
+import spd_ext.launch
 from spd_ext.cli import build_parser, main
+from spd_ext.launch import RankError, spawn
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed not installed")
 
 
 @pytest.fixture
@@ -63,8 +71,7 @@ def test_bench_tp_on_two_ranks(capsys) -> None:
     assert "tp*2" in out and "spd*2" in out and "x most-sync step" in out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                    reason="deepspeed not installed")
+@needs_deepspeed
 def test_bench_deepspeed_on_two_ranks(capsys) -> None:
     assert main(["bench", "deepspeed", "--nproc", "2", "--n-layer", "1", "--n-embd", "16",
                  "--n-head", "2", "--batch-size", "2", "--seq-len", "8", "--warmup", "1",
@@ -128,6 +135,13 @@ def test_every_command_has_help(capsys) -> None:
                 for child in action.choices.values():
                     found += parsers(child)
         return found
+
+    for p in parsers(parser):  # a usage line that lists subcommands lists them all
+        for action in p._actions:
+            lists = (action.metavar or "{").startswith("{")  # not a placeholder (COMMAND)
+            if isinstance(action, argparse._SubParsersAction) and lists:
+                usage = p.format_usage()
+                assert all(name in usage for name in action.choices), (p.prog, usage)
 
     for p in parsers(parser):  # a default said in words is not followed by "(default: None)"
         text = "".join(p.format_help().split())  # wrapping may split a long word
@@ -260,3 +274,64 @@ def test_bad_inputs_get_one_line_before_anything_runs(tmp_path, capsys) -> None:
         assert message in err, (argv, err)
         assert "Traceback" not in err
 
+
+def _deepspeed_segment(port: int | str, rank: int | str) -> Path:
+    """The /dev/shm name DeepSpeed's CPU comm op gives rank ``rank`` of a spawn job
+    (rank "*": a pattern for every rank's)."""
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}")
+
+
+@pytest.fixture
+def job_segments(monkeypatch):
+    """The DeepSpeed segments of the spawn jobs a test starts (their ports recorded as
+    spawn picks them): the test reads what they left, the teardown removes it."""
+    ports: list[int] = []
+    pick = spd_ext.launch.free_port
+
+    def recorded() -> int:
+        ports.append(pick())
+        return ports[-1]
+
+    monkeypatch.setattr(spd_ext.launch, "free_port", recorded)
+
+    def left() -> list[str]:
+        return sorted(p for port in ports for p in glob.glob(str(_deepspeed_segment(port, "*"))))
+
+    yield left
+    for path in left():
+        os.unlink(path)
+
+
+@needs_deepspeed
+def test_bench_allreduce_leaves_no_deepspeed_segments(job_segments, capsys) -> None:
+    """DeepSpeed's CPU comm op creates a 66 MiB /dev/shm segment per rank and never unlinks
+    it; the benchmark releases the names once every rank has mapped every segment."""
+    assert main(["bench", "allreduce", "--impl", "deepspeed,spd_ext", "--sizes", "4K",
+                 "--dtype", "fp32", "--repeats", "1", "--warmup", "1", "--target-ms",
+                 "1"]) == 0
+    assert "spd_ext x ds" in capsys.readouterr().out
+    assert job_segments() == []
+
+
+def _peer_gone_before_the_release(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from spd_ext.bench.deepspeed_comm import release_deepspeed_segments
+
+    mine = _deepspeed_segment(os.environ["MASTER_PORT"], rank)  # as init_distributed makes
+    mine.write_bytes(b"\0" * 4096)
+    dist.barrier()
+    if rank == 0:
+        release_deepspeed_segments()  # raises: rank 1 is gone
+        return
+    dist.destroy_process_group()  # gone before the release: its connections close
+    deadline = time.monotonic() + 20  # until rank 0 has removed the names, so spawn stops
+    while mine.exists() and time.monotonic() < deadline:  # no rank before it is done
+        time.sleep(0.05)
+    raise RuntimeError("rank 1 left before the release")
+
+
+def test_deepspeed_segments_go_when_a_peer_fails_before_the_release(job_segments) -> None:
+    with pytest.raises(RankError):
+        spawn(_peer_gone_before_the_release, 2, timeout=120)
+    assert job_segments() == []

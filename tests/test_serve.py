@@ -14,7 +14,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,15 +43,21 @@ def write_checkpoint(path: Path, block_size: int = 512) -> Path:
 class Server:
     def __init__(self, checkpoint: Path, *extra: str, start_new_session: bool = False) -> None:
         self.port = free_port()
+        self.model = str(checkpoint)  # the name OpenAI's "model" fields give
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spd_ext.cli", "serve", "--checkpoint", str(checkpoint),
              "--nproc", "2", "--port", str(self.port), "--fail-grace", "1", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=start_new_session)
+        # the log, read as it comes: a test can look at it while the server runs
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+                self.reader.join(10)
+                raise AssertionError(f"the server exited: {self.log}")
             try:
                 status, body = self.get("/health")
                 if status == 200:
@@ -61,6 +69,14 @@ class Server:
         self.stop()
         raise AssertionError("the server did not become healthy within 90 s")
 
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
     def get(self, path: str) -> tuple[int, dict]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
@@ -68,9 +84,10 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    def post(self, body: object, raw: bytes | None = None) -> tuple[int, dict]:
+    def post(self, body: object, raw: bytes | None = None, path: str = "/v1/completions"
+             ) -> tuple[int, dict]:
         data = raw if raw is not None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=data,
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
@@ -78,40 +95,47 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    def stream(self, body: dict, keep: int | None = None) -> list[tuple[str, dict]]:
-        """The stream's events; with ``keep``, hang up after that many tokens."""
+    def stream(self, body: dict, keep: int | None = None) -> list[dict | str]:
+        """The stream's `data:` items (chunks, then "[DONE]"); with ``keep``, hang up after
+        that many tokens."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
                      {"Content-Type": "application/json"})
         response = conn.getresponse()
         assert response.status == 200
         assert response.getheader("Content-Type").startswith("text/event-stream")
-        events, event, tokens = [], "message", 0
+        items: list[dict | str] = []
         for raw in response:
             line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
-                event = "message"
-                tokens += "token" in events[-1][1]
-                if keep is not None and tokens >= keep:
+            if line.startswith("data: "):
+                items.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                if keep is not None and len(tokens(items)) >= keep:
+                    response.close()
                     conn.sock.close()  # the client goes away mid-stream
-                    return events
+                    return items
         conn.close()
-        return events
+        return items
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
+            self.proc.wait()
+            self.reader.join(10)
             raise AssertionError(f"the server outlived {timeout} s after signal {sig}:\n"
-                                 f"{out}") from None
-        return self.proc.returncode, out
+                                 f"{self.log}") from None
+        self.reader.join(10)
+        return self.proc.returncode, self.log
+
+
+def tokens(items: list[dict | str]) -> list[dict]:
+    """A stream's tokens: each token's chunk's "spd_ext" fields, with its text."""
+    return [{**c["spd_ext"], "text": c["choices"][0]["text"]} for c in items
+            if isinstance(c, dict) and c.get("choices") and
+            c["choices"][0]["finish_reason"] is None]
 
 
 def alive(pid: int) -> bool:
@@ -140,38 +164,75 @@ def test_completion_equals_the_model_and_streams_the_same_tokens(server) -> None
                                      tp_size=2), seed=0)
     prompt = torch.tensor([tok.encode("ROMEO:")])
     expected = model.generate(prompt, 12, temperature=0)[0, 6:].tolist()
-    assert whole["token_ids"] == expected  # the distributed server == the emulated model
-    assert whole["text"] == tok.decode(expected)
-    assert whole["usage"] == {"prompt_tokens": 6, "completion_tokens": 12}
-    assert whole["timing"]["syncs_per_token"] == 2
-    events = server.stream({"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0})
-    tokens = [e for kind, e in events if "token" in e]
-    assert [e["index"] for e in tokens] == list(range(12))
-    assert [e["token"] for e in tokens] == expected
-    assert "".join(e["text"] for e in tokens) == whole["text"]
-    assert all(e["syncs"] == 2 and e["latency_ms"] > 0 for e in tokens)
-    assert [e["positions"] for e in tokens] == [6] + [1] * 11
-    assert events[-1][1]["done"] and events[-1][1]["finish_reason"] == "length"
+    # OpenAI's completion object; spd_ext's own fields under "spd_ext"
+    assert whole["id"].startswith("cmpl-") and whole["object"] == "text_completion"
+    assert isinstance(whole["created"], int) and whole["model"] == server.model
+    assert whole["choices"] == [{"text": tok.decode(expected), "index": 0, "logprobs": None,
+                                 "finish_reason": "length"}]
+    assert whole["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
+    extras = whole["spd_ext"]
+    assert extras["token_ids"] == expected  # the distributed server == the emulated model
+    assert extras["syncs_per_token"] == 2 and extras["timing"]["prefill_ms"] > 0
+    items = server.stream({"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0})
+    assert items[-1] == "[DONE]"
+    chunks = items[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] != whole["id"]
+               and c["model"] == server.model for c in chunks)
+    streamed = tokens(items)
+    assert [e["index"] for e in streamed] == list(range(12))
+    assert [e["token"] for e in streamed] == expected
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert all(e["syncs"] == 2 and e["latency_ms"] > 0 for e in streamed)
+    assert [e["positions"] for e in streamed] == [6] + [1] * 11
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["spd_ext"]["token_ids"] == expected and "usage" not in chunks[-1]
+    # stream_options.include_usage: "usage": null on every chunk, then one with the usage
+    items = server.stream({"prompt": "ROMEO:", "max_tokens": 3, "temperature": 0,
+                           "stream_options": {"include_usage": True}})
+    assert [c["usage"] for c in items[:-2]] == [None] * 4
+    assert items[-2]["choices"] == [] and items[-2]["usage"]["total_tokens"] == 9
     status, metrics = server.get("/metrics")
-    assert status == 200 and metrics["completed"] >= 2 and metrics["syncs_per_token"] == 2
+    assert status == 200 and metrics["completed"] >= 3 and metrics["syncs_per_token"] == 2
     assert metrics["decode_ms_p50"] > 0 and metrics["tokens_per_s"] > 0
+    assert server.get("/v1/models")[1]["data"][0]["id"] == server.model
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=10) as r:
         assert b"/v1/completions" in r.read()
 
 
+def test_openai_client(server) -> None:
+    """The `openai` package (the client vLLM's recipes use) talks to the server, streamed
+    and not, and reads its errors."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none",
+                           timeout=60, max_retries=0)
+    model = client.models.list().data[0].id
+    whole = client.completions.create(model=model, prompt="ROMEO:", max_tokens=8,
+                                      temperature=0, seed=1, n=1, echo=False, top_p=1)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
+    expected = server.post({"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0})[1]
+    assert whole.choices[0].text == expected["choices"][0]["text"]
+    assert whole.model_extra["spd_ext"]["token_ids"] == expected["spd_ext"]["token_ids"]
+    chunks = list(client.completions.create(model=model, prompt="ROMEO:", max_tokens=8,
+                                            temperature=0, stream=True,
+                                            extra_body={"top_k": 5}))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="unsupported: n=2"):
+        client.completions.create(model=model, prompt="ROMEO:", max_tokens=8, n=2)
+
+
 def test_concurrent_requests_are_never_mixed(server) -> None:
     prompts = ["ROMEO:", "JULIET:", "But soft", "Ay me"]
-    alone = {p: server.post({"prompt": p, "max_tokens": 40, "temperature": 0})[1]["token_ids"]
-             for p in prompts}
+    body = {"max_tokens": 40, "temperature": 0}
+    alone = {p: server.post({"prompt": p, **body})[1]["spd_ext"]["token_ids"] for p in prompts}
     results: dict[str, list] = {}
 
     def ask(p: str, stream: bool) -> None:
         if stream:
-            events = server.stream({"prompt": p, "max_tokens": 40, "temperature": 0})
-            results[p + "/stream"] = [e["token"] for _, e in events if "token" in e]
+            results[p + "/stream"] = [e["token"] for e in tokens(server.stream(
+                {"prompt": p, **body}))]
         else:
-            results[p] = server.post({"prompt": p, "max_tokens": 40, "temperature": 0})[1][
-                "token_ids"]
+            results[p] = server.post({"prompt": p, **body})[1]["spd_ext"]["token_ids"]
 
     threads = [threading.Thread(target=ask, args=(p, s)) for p in prompts for s in (False, True)]
     for t in threads:
@@ -184,17 +245,21 @@ def test_concurrent_requests_are_never_mixed(server) -> None:
 
 @pytest.mark.parametrize("body, message", [
     ({"prompt": ""}, "prompt must be a non-empty string"),
-    ({"max_tokens": 3}, "exactly one of prompt"),
-    ({"prompt": "RO", "prompt_ids": [1]}, "exactly one of prompt"),
-    ({"prompt_ids": [1, 99999]}, r"unknown token id\(s\) \[99999\]"),
-    ({"prompt_ids": [1, "a"]}, "list of integers"),
+    ({"max_tokens": 3}, "prompt must be a non-empty string, or a non-empty list of token"),
+    ({"prompt": ["RO", "JU"]}, "a batch of 2 prompts"),
+    ({"prompt": [1, 99999]}, r"unknown token id\(s\) \[99999\]"),
+    ({"prompt": [1, "a"]}, "list of token ids"),
     ({"prompt": "R" * 513}, "context is 512"),
     ({"prompt": "ROMEO", "max_tokens": 600}, r"max_tokens must be an integer in \[1, 512\]"),
     ({"prompt": "ROMEO", "max_tokens": 509}, "ask for at most 508 tokens"),
     ({"prompt": "ROMEO", "temperature": -1}, "temperature must be"),
     ({"prompt": "ROMEO", "top_k": 0}, "top_k must be"),
     ({"prompt": "ROMEO", "stream": "yes"}, "stream must be"),
+    ({"prompt": "ROMEO", "stream_options": {"include_usage": True}}, "with stream true"),
+    ({"prompt": "ROMEO", "model": 3}, "model must be a string"),
     ({"prompt": "ROMEO", "tempreature": 1}, r"unknown field\(s\) \['tempreature'\]"),
+    ({"prompt": "ROMEO", "n": 2, "stop": ["\n"], "logprobs": 0, "echo": True},
+     r"unsupported: n=2, echo=True, logprobs=0, stop=\['\\n'\]"),
     ({"prompt": "ROMEO\u00e9"}, "cannot be tokenized"),
     ([1, 2], "must be a JSON object"),
 ])
@@ -202,7 +267,30 @@ def test_bad_requests_get_a_400_that_says_what_is_wrong(server, body, message) -
     import re
 
     status, reply = server.post(body)
-    assert status == 400 and re.search(message, reply["error"]), reply
+    error = reply["error"]  # OpenAI's error object
+    assert status == 400 and re.search(message, error["message"]), reply
+    assert error["type"] == "invalid_request_error" and error["code"] == 400
+
+
+def test_openai_defaults_and_nulls_are_accepted(server) -> None:
+    """What OpenAI clients send for "the default" (nulls, n 1, echo false, a prompt as a
+    batch of one or as token ids) is accepted and changes nothing."""
+    tok = CharTokenizer.from_text(TEXT)
+    plain = server.post({"prompt": "ROMEO", "max_tokens": 5, "temperature": 0})[1]
+    for extra in ({"prompt": ["ROMEO"]}, {"prompt": tok.encode("ROMEO")},
+                  {"prompt": [tok.encode("ROMEO")]},
+                  {"model": "anything", "n": 1, "best_of": None, "echo": False, "stop": None,
+                   "logprobs": None, "top_p": 1.0, "presence_penalty": 0, "user": "me",
+                   "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None,
+                   "seed": None, "top_k": None, "stream": None}):
+        status, reply = server.post({"prompt": "ROMEO", "max_tokens": 5, "temperature": 0,
+                                     **extra})
+        assert status == 200 and reply["choices"] == plain["choices"], (extra, reply)
+    status, fit = server.post({"prompt": "ROMEO"}, path="/tokenize")
+    assert status == 200 and fit == {"count": 5, "max_model_len": 512, "max_tokens": 508,
+                                     "tokens": tok.encode("ROMEO")}
+    status, fit = server.post({"prompt": "R" * 513}, path="/tokenize")
+    assert status == 400 and "context is 512" in fit["error"]["message"]
 
 
 def test_max_tokens_defaults_to_what_fits_a_small_context() -> None:
@@ -225,7 +313,8 @@ def test_a_tiny_temperature_is_answered_not_fatal(server, temperature) -> None:
     body = {"prompt": "ROMEO", "max_tokens": 4}
     status, tiny = server.post({**body, "temperature": temperature})
     assert status == 200, tiny
-    assert tiny["token_ids"] == server.post({**body, "temperature": 0})[1]["token_ids"]
+    greedy = server.post({**body, "temperature": 0})[1]
+    assert tiny["spd_ext"]["token_ids"] == greedy["spd_ext"]["token_ids"]
     assert server.get("/health")[1]["status"] == "ok"
 
 
@@ -236,22 +325,25 @@ def test_a_tiny_temperature_is_answered_not_fatal(server, temperature) -> None:
 ])
 def test_malformed_json_is_a_400(server, raw, message) -> None:
     status, reply = server.post(None, raw=raw)
-    assert status == 400 and message in reply["error"], reply
+    assert status == 400 and message in reply["error"]["message"], reply
 
 
 def test_a_client_that_disconnects_does_not_disturb_others(server) -> None:
-    before = server.get("/metrics")[1]
+    """The others are answered in full, the abandoned generation stops, and the log says
+    so in one line (it was aiohttp's traceback of ClientConnectionResetError, each time)."""
+    before, logged = server.get("/metrics")[1], len(server.lines)
     other: dict = {}
 
     def ask() -> None:
         other["reply"] = server.post({"prompt": "JULIET:", "max_tokens": 20, "temperature": 0})
 
-    events = server.stream({"prompt": "ROMEO:", "max_tokens": 500, "temperature": 0}, keep=3)
-    assert len([e for _, e in events if "token" in e]) == 3
+    items = server.stream({"prompt": "ROMEO:", "max_tokens": 500, "temperature": 0}, keep=3)
+    assert len(tokens(items)) == 3
     thread = threading.Thread(target=ask)
     thread.start()
     thread.join(60)
-    assert other["reply"][0] == 200 and len(other["reply"][1]["token_ids"]) == 20
+    assert other["reply"][0] == 200, other
+    assert len(other["reply"][1]["spd_ext"]["token_ids"]) == 20
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         after = server.get("/metrics")[1]
@@ -261,6 +353,9 @@ def test_a_client_that_disconnects_does_not_disturb_others(server) -> None:
     assert after["cancelled"] == before["cancelled"] + 1
     # the abandoned generation stopped early instead of running to 500 tokens
     assert after["tokens"] - before["tokens"] < 500
+    time.sleep(0.5)  # the log line is printed before the metrics change; let it arrive
+    new = server.lines[logged:]
+    assert len(new) == 1 and "the client went away; its generation stops" in new[0], new
 
 
 def test_an_idle_server_outlives_its_ranks_timeout(tmp_path) -> None:
@@ -271,7 +366,7 @@ def test_an_idle_server_outlives_its_ranks_timeout(tmp_path) -> None:
     try:
         time.sleep(10)
         status, reply = s.post({"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0})
-        assert status == 200 and len(reply["token_ids"]) == 4, reply
+        assert status == 200 and reply["usage"]["completion_tokens"] == 4, reply
         assert s.get("/health")[1]["status"] == "ok"
     finally:
         code, out = s.stop()
@@ -292,7 +387,7 @@ def test_a_dead_rank_gets_503_and_every_rank_exits(tmp_path) -> None:
         if status == 503:
             break
         time.sleep(0.1)
-    assert status == 503 and "rank 1" in reply["error"], reply
+    assert status == 503 and "rank 1" in reply["error"]["message"], reply
     code, out = s.stop(signal.SIGCONT, timeout=30)  # it exits by itself after the grace
     assert code == 1 and "rank 1" in out, out
     assert not any(alive(p) for p in s.pids)
@@ -313,11 +408,12 @@ def test_a_request_that_fails_on_a_rank_fails_alone(tmp_path) -> None:
     try:
         sampled = {"prompt": "ROMEO:", "max_tokens": 4, "temperature": 1.0}
         status, reply = s.post(sampled)
-        assert status == 500 and "rank 0: RuntimeError: probability tensor" in reply["error"]
-        events = s.stream(sampled)
-        assert events[-1][0] == "error" and events[-1][1]["status"] == 500, events
+        assert status == 500, reply
+        assert "rank 0: RuntimeError: probability tensor" in reply["error"]["message"]
+        items = s.stream(sampled)
+        assert items[-2]["error"]["code"] == 500 and items[-1] == "[DONE]", items
         status, reply = s.post({**sampled, "temperature": 0})
-        assert status == 200 and len(reply["token_ids"]) == 4, reply
+        assert status == 200 and reply["usage"]["completion_tokens"] == 4, reply
         assert s.get("/health")[1]["status"] == "ok"
         assert s.get("/metrics")[1]["failed"] == 2
         os.kill(s.pids[1], signal.SIGSTOP)
@@ -349,10 +445,34 @@ def test_a_stalled_rank_is_the_one_named(tmp_path) -> None:
         status, reply = s.post({"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0})
     finally:
         code, out = s.stop(signal.SIGCONT, timeout=30)  # it exits by itself
-    assert status == 503 and "rank 1" in reply["error"], reply
-    assert "stopped answering" in reply["error"] and "rank 0 timed out" in reply["error"]
+    message = reply["error"]["message"]
+    assert status == 503 and "rank 1" in message, reply
+    assert "stopped answering" in message and "rank 0 timed out" in message
     assert code == 1, out
     assert not any(alive(p) for p in s.pids)
+
+
+def silent_job(pids: list[int]) -> type:
+    """A RankJob whose ranks (``pids``) say ready and then nothing, and whose launcher
+    thread never reports: the front end alone, in this process."""
+
+    class SilentJob:
+        def __init__(self, *args, **kwargs) -> None:
+            self.loop, self.on_message = args[4], args[5]
+            self.thread = threading.Thread(target=lambda: None)
+            self.sent: list = []
+
+        def start(self) -> None:
+            self.thread.start()
+            self.loop.call_soon(self.on_message, ("ready", {"pids": pids}))
+
+        def ready(self) -> None:
+            pass
+
+        def send(self, message: tuple) -> None:
+            self.sent.append(message)
+
+    return SilentJob
 
 
 def test_stopping_with_ranks_gone_exits_1_within_the_grace(tmp_path, monkeypatch) -> None:
@@ -367,25 +487,7 @@ def test_stopping_with_ranks_gone_exits_1_within_the_grace(tmp_path, monkeypatch
     gone = subprocess.Popen(["true"])  # exits at once; left uncollected: a zombie
     running = subprocess.Popen(["sleep", "60"])
 
-    class SilentJob:
-        """Ranks that said ready, and a launcher thread that never reports."""
-
-        def __init__(self, *args, **kwargs) -> None:
-            self.loop, self.on_message = args[4], args[5]
-            self.thread = threading.Thread(target=lambda: None)
-            self.sent: list = []
-
-        def start(self) -> None:
-            self.thread.start()
-            self.loop.call_soon(self.on_message, ("ready", {"pids": [running.pid, gone.pid]}))
-
-        def ready(self) -> None:
-            pass
-
-        def send(self, message: tuple) -> None:
-            self.sent.append(message)
-
-    monkeypatch.setattr(app, "RankJob", SilentJob)
+    monkeypatch.setattr(app, "RankJob", silent_job([running.pid, gone.pid]))
 
     async def stop_it() -> tuple[int, float, dict]:
         server = app.CompletionServer(source, fail_grace_s=0.5)
@@ -407,6 +509,47 @@ def test_stopping_with_ranks_gone_exits_1_within_the_grace(tmp_path, monkeypatch
         gone.wait()
     assert [r["alive"] for r in health["ranks"]] == [True, False]
     assert code == 1 and took < 1.5, (code, took)
+
+
+def test_metrics_count_bad_requests_and_a_full_queue_apart(tmp_path, monkeypatch) -> None:
+    """/metrics' `bad_requests` counts 400s, `queue_full` the 503s of a full queue (400s
+    were counted as `refused`, a name that suggests the queue's refusals, which were not
+    counted at all). The front end alone, with ranks that never answer: the first request
+    stays queued."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from spd_ext.serve import app, inspect_source
+
+    source = inspect_source(str(write_checkpoint(tmp_path / "ckpt.pt")), None, None, 2)
+    monkeypatch.setattr(app, "RankJob", silent_job([]))
+
+    async def scenario() -> tuple[dict, list[int], dict]:
+        server = app.CompletionServer(source, max_queue=1)
+        server.start_ranks()
+        while server.state != "ready":
+            await asyncio.sleep(0.01)
+        async with TestClient(TestServer(server.app())) as client:
+            body = {"prompt": "ROMEO", "max_tokens": 2}
+            held = asyncio.create_task(client.post("/v1/completions", json=body))
+            while not server.streams:
+                await asyncio.sleep(0.01)
+            statuses = []
+            for request in (body, {"prompt": ""}, {"prompt": "ROMEO", "n": 3}, body):
+                async with client.post("/v1/completions", json=request) as r:
+                    statuses.append(r.status)
+            async with client.get("/metrics") as r:
+                metrics = await r.json()
+            server._on_message(("done", next(iter(server.streams)), "length"))
+            async with await held as r:
+                return metrics, statuses, await r.json()
+
+    metrics, statuses, held = asyncio.run(scenario())
+    assert statuses == [503, 400, 400, 503]
+    assert (metrics["requests"], metrics["bad_requests"], metrics["queue_full"]) == (1, 2, 2)
+    assert "refused" not in metrics
+    assert held["choices"][0]["finish_reason"] == "length"
 
 
 def test_ctrl_c_to_the_whole_process_group_stops_cleanly(tmp_path) -> None:
@@ -464,12 +607,64 @@ def test_bad_launch_arguments_are_one_line_before_any_rank(tmp_path) -> None:
             proc.wait()
 
 
-async def _drive_page(browser: str, url: str, profile: Path, screenshot: Path | None
-                      ) -> tuple[str, str]:
-    """Open ``url`` in headless Chromium over the DevTools protocol, wait until the page
-    says the stream is done; return (generated text, stats line)."""
+class Page:
+    """A page of headless Chromium, driven over the DevTools protocol."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.ids = iter(range(1, 1_000_000))
+
+    async def call(self, method: str, **params: object) -> dict:
+        n = next(self.ids)
+        await self.ws.send_json({"id": n, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive_json(timeout=30)
+            if msg.get("id") == n:
+                return msg.get("result", {})
+
+    async def value(self, expression: str) -> object:
+        out = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                              awaitPromise=True)
+        return out["result"].get("value")
+
+    async def until(self, expression: str, timeout: float = 30.0) -> object:
+        """The expression's value, once it is truthy."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = await self.value(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{expression} stayed false for {timeout} s; the page's error: "
+                             f"{await self.value(by_id('error') + '.textContent')!r}")
+
+    async def generated(self) -> tuple[str, str]:
+        """Once the page's generation has ended: (generated text, stats line); the page
+        shows no error."""
+        await self.until(f"{by_id('stats')}.dataset.done || {by_id('error')}.textContent")
+        text, stats, error = await self.value(
+            "['generated', 'stats', 'error'].map(i => document.getElementById(i)"
+            "?.textContent)")
+        assert not error, error
+        return text, stats
+
+    async def screenshot(self, path: Path) -> None:
+        import base64
+
+        shot = await self.call("Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def by_id(element: str) -> str:
+    return f"document.getElementById({element!r})"
+
+
+async def _in_browser(browser: str, profile: Path, url: str,
+                      script: Callable[[Page], Awaitable[Any]]) -> Any:
+    """Open ``url`` in headless Chromium and run ``script`` on the page."""
     import asyncio
-    import base64
 
     import aiohttp
 
@@ -492,57 +687,76 @@ async def _drive_page(browser: str, url: str, profile: Path, screenshot: Path | 
                 await asyncio.sleep(0.2)
             assert pages, "Chromium's DevTools endpoint did not come up"
             ws = await http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
-            ids = iter(range(1, 1_000_000))
-
-            async def call(method: str, **params: object) -> dict:
-                n = next(ids)
-                await ws.send_json({"id": n, "method": method, "params": params})
-                while True:
-                    msg = await ws.receive_json(timeout=30)
-                    if msg.get("id") == n:
-                        return msg.get("result", {})
-
-            async def value(expression: str) -> object:
-                out = await call("Runtime.evaluate", expression=expression, returnByValue=True)
-                return out["result"].get("value")
-
-            await call("Page.navigate", url=url)
-            for _ in range(300):
-                if await value("document.getElementById('stats')?.dataset.done || ''") == "1":
-                    break
-                if await value("document.getElementById('error')?.textContent || ''"):
-                    break
-                await asyncio.sleep(0.1)
-            text, stats, error = await value(
-                "['generated', 'stats', 'error'].map(i => document.getElementById(i)"
-                "?.textContent)")
-            assert not error, error
-            if screenshot is not None:
-                shot = await call("Page.captureScreenshot", format="png")
-                screenshot.write_bytes(base64.b64decode(shot["data"]))
-            await ws.close()
-            return text, stats
+            page = Page(ws)
+            await page.call("Page.navigate", url=url)
+            try:
+                return await script(page)
+            finally:
+                await ws.close()
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-def page_in_browser(url: str, profile: Path, screenshot: Path | None = None) -> tuple[str, str]:
-    import asyncio
-
+def chromium() -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("a headless browser is needed: apt-get install chromium")
-    return asyncio.run(_drive_page(browser, url, profile, screenshot))
+    return browser
+
+
+def in_browser(profile: Path, url: str, script: Callable[[Page], Awaitable[Any]]) -> Any:
+    import asyncio
+
+    return asyncio.run(_in_browser(chromium(), profile, url, script))
 
 
 def test_the_page_streams_tokens_in_a_headless_browser(server, tmp_path) -> None:
     url = (f"http://127.0.0.1:{server.port}/?prompt=ROMEO:&temperature=0&max_tokens=24"
            "&autorun=1")
-    text, stats = page_in_browser(url, tmp_path / "profile")
-    expected = server.post({"prompt": "ROMEO:", "max_tokens": 24, "temperature": 0})[1]["text"]
-    assert text == expected
+    text, stats = in_browser(tmp_path / "profile", url, Page.generated)
+    expected = server.post({"prompt": "ROMEO:", "max_tokens": 24, "temperature": 0})[1]
+    assert text == expected["choices"][0]["text"]
     assert stats.startswith("24 tokens; prefill") and "2 all-reduces per token" in stats
+
+
+def test_the_page_offers_the_max_tokens_that_fit_the_prompt(tmp_path) -> None:
+    """Issue 28: on a model of context 64 (the README's quickstart), the page's first
+    click (its default prompt, 6 tokens, and max tokens 64) got `400: 6 prompt tokens +
+    max_tokens 64 exceed the context of 64`. It now offers what fits the prompt, follows
+    the prompt as it changes, and never sends a request the server refuses."""
+    chromium()  # skipped before a server starts
+    s = Server(write_checkpoint(tmp_path / "ckpt.pt", block_size=64))
+    max_tokens = f"{by_id('max_tokens')}.value"
+
+    async def script(page: Page) -> tuple[object, str, list[object], str]:
+        await page.until(f"{by_id('fit')}.dataset.ready")
+        offered = await page.value(max_tokens)
+        await page.value(f"{by_id('go')}.click()")  # the defaults, as a first visit has them
+        _, stats = await page.generated()
+        offers = []
+        for prompt in ("ROMEO: But soft, what light", "RO", "R" * 70):
+            await page.value(f"(e => {{ e.value = {json.dumps(prompt)}; "
+                             "e.dispatchEvent(new Event('input')); })" f"({by_id('prompt')})")
+            # the offer follows once the page has the new prompt's count
+            fit = "context is 64" if len(prompt) > 64 else f"prompt {len(prompt)} tokens"
+            await page.until(f"{by_id('fit')}.textContent.includes({fit!r})")
+            offers.append(await page.value(max_tokens))
+        await page.value(f"{by_id('go')}.click()")  # a prompt too long: said, not sent
+        error = await page.until(f"{by_id('error')}.textContent")
+        return offered, stats, offers, str(error)
+
+    try:
+        offered, stats, offers, error = in_browser(tmp_path / "profile",
+                                                   f"http://127.0.0.1:{s.port}/", script)
+        metrics = s.get("/metrics")[1]
+    finally:
+        code, out = s.stop()
+    assert offered == "59" and stats.startswith("59 tokens; prefill"), (offered, stats)
+    assert offers == ["38", "63", "63"]  # the too-long prompt leaves the last offer
+    assert "the prompt is 70 tokens; this model's context is 64" in error
+    assert metrics["bad_requests"] == 0 and metrics["completed"] == 1, metrics
+    assert code == 0, out
 
 
 def test_a_hugging_face_folder_is_served_with_its_config(tmp_path) -> None:

@@ -186,8 +186,9 @@ ERRORS = [
     ({"data": {"sharding": "clean_vs_corrupt", "corrupt_ranks": [3]}}, ["--nproc", "2"],
      "data.corrupt_ranks [3] are outside the 2 data-parallel ranks"),
     ({}, ["--set", "model.pattern=tp*3"], "gives 3 blocks but the model has n_layer=2"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}, "spd_ext": {"signal_weighting": {}}}},
-     [], "stage 2 with spd_ext"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}, "spd_ext": {"signal_weighting": {
+        "signal": "grad_norm_stability"}}}}, [], "signal grad_norm_stability with "
+     "zero_optimization.stage 2"),
     ({"deepspeed": {"optimizer": {"type": "Adam"}}}, [], "remove 'optimizer' from the ds_config"),
     ({"deepspeed": {"train_micro_batch_size_per_gpu": 8}}, [],
      "train_micro_batch_size_per_gpu is 8 but the train config makes it 4"),
@@ -367,10 +368,11 @@ def test_errors_in_fresh_processes_have_no_traceback(tmp_path) -> None:
 @needs_deepspeed
 def test_one_rank_without_a_launcher(tmp_path) -> None:
     out = tmp_path / "out"
-    path = write(tmp_path / "run.json", tiny(out, training={"steps": 4}))
+    path = write(tmp_path / "run.json", tiny(out, training={"steps": 4, "log_interval": 3}))
     stdout = succeeded(spd_ext_train([str(path), "--set", "training.eval_interval=2"], tmp_path,
                                      timeout=120))
-    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]
+    # the loss is read (and logged) on the first step, every log_interval steps and the last
+    assert [s for s, _ in train_losses(out)] == [1, 3, 4]
     assert [r["step"] for r in metrics(out) if "val_loss" in r] == [2, 4]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 4
@@ -659,6 +661,30 @@ def test_signal_weighting_and_an_exact_resume(tmp_path) -> None:
     assert proc.returncode == 2 and ("was saved with deepspeed.zero_optimization.stage 1 but "
                                      "this run has deepspeed.zero_optimization.stage 0") \
         in proc.stderr, proc.stderr
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_signal_weighting_at_zero_2_and_3(tmp_path, stage: int) -> None:
+    """The shipped configs/ds/zero{2,3}_bf16.json (signal weighting on) train 2 data-parallel
+    ranks, rank 1's shard corrupted; at ZeRO-3 the evaluation's forwards stay collective
+    (3 batches over 2 ranks) and the model is gathered for model.pt and the sample."""
+    out = tmp_path / "out"
+    cfg = tiny(out, data={"sharding": "clean_vs_corrupt", "corrupt_ranks": [1],
+                          "corruption": {"kind": "token_swap", "probability": 0.5}},
+               training={"eval_batches": 3})
+    cfg["deepspeed"] = str(ROOT / "configs" / "ds" / f"zero{stage}_bf16.json")
+    path = write(tmp_path / "run.json", cfg)
+    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2", "--set",
+                                      "deepspeed.spd_ext.signal_weighting.warmup_steps=1"],
+                                     tmp_path))
+    assert f"ZeRO-{stage} bf16" in stdout
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert len(steps) == 6 and all(abs(sum(r["weights"]) - 1) < 1e-9 for r in steps)
+    assert steps[-1]["weights"] != [0.5, 0.5]
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert all(v.numel() > 0 for v in state["model"].values())  # whole, not ZeRO-3's shards
+    assert (out / "sample.txt").read_text()
 
 
 @needs_deepspeed

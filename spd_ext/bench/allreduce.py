@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from spd_ext.bench.deepspeed_comm import init_deepspeed_comm
 from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
 from spd_ext.comm import all_reduce
 from spd_ext.comm.shm import shm_group
@@ -57,11 +58,10 @@ def _deepspeed_all_reduce():
     """DeepSpeed's `inference_all_reduce` (its shm kernel) or the reason it can't run."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        import deepspeed
         import deepspeed.comm as ds_comm
     except ImportError:
         return None, "deepspeed not installed"
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_deepspeed_comm()  # first: the returns and failures below leave no segment behind
     backend = ds_comm.comm.cdb
     level = getattr(backend, "shm_vector_kernel_level", 0)
     has_op = hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed,

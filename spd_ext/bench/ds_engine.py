@@ -9,7 +9,6 @@ its wrapper, whichever backend carries it).
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Collection
@@ -19,6 +18,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
+from spd_ext.bench.deepspeed_comm import init_deepspeed_comm
 from spd_ext.bench.training_step import TrainingStepBenchConfig
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table
@@ -38,12 +38,9 @@ class DeepSpeedBenchConfig(TrainingStepBenchConfig):
 
 
 def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
     import spd_ext.deepspeed as sd
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_deepspeed_comm()  # before the models are built: a failure there leaves no segment
     x, y = cfg.batch(rank)
     engines = {}
     for variant in cfg.variant_list():

@@ -129,6 +129,9 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
     if model is None:
         raise SpdExtConfigError("spd_ext.deepspeed.initialize needs model=...")
     if not dist.is_initialized():
+        from spd_ext.deepspeed.ops import load_deepspeed_comm_op
+
+        load_deepspeed_comm_op()  # under spd_ext's build lock: never a silent hang
         deepspeed.init_distributed()
     # Collective, before anything else can fail: every rank has mapped DeepSpeed's CPU
     # all-reduce segments since init_distributed, and a refused set-up would leave them.

@@ -282,24 +282,39 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
     mode = cfg.staleness.parsed
     if not cfg.active:
         return
+    sw = cfg.signal_weighting
+    # what besides signal weighting is on: each has its own limits below
+    others = [what for what, on in (
+        (f"staleness.mode {mode}", mode.kind != "ssgd"),
+        (f"tensor_parallel.size {cfg.tensor_parallel.size}", cfg.tensor_parallel.size > 1),
+        ("comm.backend 'spd_ext'", cfg.comm.backend == SPD_EXT)) if on]
     if stage >= 2:
+        if others:
+            raise SpdExtConfigError(
+                f"{others[0]} with zero_optimization.stage {stage}: ZeRO-{stage} reduces "
+                "gradients bucket by bucket during backward (reduce-scatter hooks), so spd_ext "
+                "cannot delay them, average replicas, or reduce them itself; not supported at "
+                "this stage yet: use stage 0 or 1 (signal weighting alone works at every stage)")
+        if sw is not None and SIGNALS[sw.signal].observes_gradients:
+            raise SpdExtConfigError(
+                f"signal_weighting.signal {sw.signal} with zero_optimization.stage {stage}: "
+                "the signal reads this rank's own gradient, which ZeRO-2/3 never hold whole "
+                "(they reduce-scatter it during backward); use loss_ema at this stage, or "
+                "stage 0 or 1")
+    if precision_enabled(ds_config, "fp16") and others:
         raise SpdExtConfigError(
-            f"zero_optimization.stage {stage} with spd_ext: ZeRO-2/3 reduce gradients bucket "
-            "by bucket during backward (reduce-scatter hooks), before the step's weights and "
-            "the accumulation boundary are known, so spd_ext cannot scale or delay them; use "
-            "stage 0 or 1")
-    if precision_enabled(ds_config, "fp16"):
-        raise SpdExtConfigError(
-            "fp16 with spd_ext: dynamic loss scaling skips steps on overflow, which would "
-            "desynchronize signal weights and staleness schedules from the applied updates; "
-            "use bf16 (\"bf16\": {\"enabled\": true}) or fp32")
+            f"fp16 with {others[0]}: dynamic loss scaling skips steps on overflow, which would "
+            "desynchronize staleness schedules and tensor-parallel sums from the applied "
+            "updates; use bf16 (\"bf16\": {\"enabled\": true}) or fp32 (signal weighting "
+            "alone works with fp16: a skipped step leaves its signals untouched)")
     zero = ds_config.get("zero_optimization") or {}
     if stage == 1 and isinstance(zero, dict) and \
             _ds_bool("zero_optimization.overlap_comm", zero.get("overlap_comm", False)):
         raise SpdExtConfigError(
-            "zero_optimization.overlap_comm with spd_ext at stage 1: gradients are reduced "
-            "from backward hooks before the weights of the step exist; set overlap_comm "
-            "to false")
+            "zero_optimization.overlap_comm with spd_ext at stage 1: spd_ext checks each "
+            "rank's own gradient for NaN and inf (and shows it to the signals) at the "
+            "accumulation boundary, which overlap_comm reduces earlier, during backward; set "
+            "overlap_comm to false, or use stage 2")
     data_types = ds_config.get("data_types") or {}
     grad_accum = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
     if precision_enabled(ds_config, "bf16") and grad_accum not in (None, "bf16"):
@@ -328,8 +343,7 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
                 f"staleness.mode {mode} with bf16 at stage 0: DeepSpeed keeps the fp32 master "
                 "weights inside its optimizer wrapper, out of reach of the averaging; use fp32, "
                 "or diloco:H with islands > 1 and ZeRO-1 (bf16 works there)")
-    sw = cfg.signal_weighting
-    if sw is not None and sw.signal == "cosine_to_prev_global" and stage != 0:
+    if sw is not None and sw.signal == "cosine_to_prev_global" and stage == 1:
         raise SpdExtConfigError(
             f"signal_weighting.signal cosine_to_prev_global with zero_optimization.stage "
             f"{stage}: the signal needs the whole reduced gradient, which ZeRO keeps "

@@ -1,19 +1,28 @@
 """spd_ext inside a DeepSpeed engine: signal weighting, staleness control, tensor parallelism.
 
 ``EngineIntegration`` attaches to one ``DeepSpeedEngine`` by replacing, on that engine
-instance only, five of its methods with wrappers that call the originals:
+instance only, a few of its methods with wrappers that call the originals:
 
-* ``backward(loss)``: records the micro-batch loss (the signals' input);
-* ``allreduce_gradients()`` (DeepSpeed calls it once per accumulation boundary at ZeRO
-  stages 0 and 1): sums tensor-parallel partial gradients over the tp group, refuses the
+* ``backward(loss)``: records the micro-batch loss (the signals' input). With signal
+  weighting, the step's first backward decides the step's weights (one scalar
+  all-gather on the data-parallel group: each rank's signal as it would be after this
+  micro-batch's loss) and every backward of the step scales its loss by ``N * w_i``, so
+  that DeepSpeed's mean over the ranks yields sum_i w_i g_i. Being linear, this holds
+  through gradient accumulation, clipping, bf16 and fp16 loss scaling, and at every ZeRO
+  stage: ZeRO-2 and ZeRO-3 reduce gradients inside backward, bucket by bucket, where
+  nothing after backward could still weight them;
+* ``allreduce_gradients()`` (DeepSpeed calls it once per accumulation boundary): at ZeRO
+  stages 0 and 1, sums tensor-parallel partial gradients over the tp group, refuses the
   step on every rank if any rank's gradient holds NaN or inf (unless fp16 loss scaling
-  owns overflows), computes the
-  step's weights (one scalar all-gather on the data-parallel group), scales each rank's
-  accumulated gradient by ``w_i * N`` (DeepSpeed then averages: sum_i w_i g_i) or reduces
-  with spd_ext's fused weighted all-reduce (``comm.backend = "spd_ext"``, stage 0); staleness
-  modes replace the reduction with their own (delayed, or none for local SGD / DiLoCo);
+  owns overflows), shows the rank's own gradient to gradient-based signals, and reduces
+  with DeepSpeed or spd_ext's fused all-reduce (``comm.backend = "spd_ext"``, stage 0);
+  staleness modes replace the reduction with their own (delayed, or none for local SGD /
+  DiLoCo);
 * ``_take_model_step()``: skips the optimizer while ``delayed:k`` has nothing to apply;
-* ``step()``: after DeepSpeed's update, parameter averaging (local SGD / DiLoCo), metrics;
+* ``step()``: after DeepSpeed's update, the step's loss enters the signal, or, when
+  DeepSpeed skipped the update (fp16 overflow; a non-finite reduced gradient at ZeRO-2/3),
+  the signal state goes back to where the step found it; then parameter averaging (local
+  SGD / DiLoCo) and metrics;
 * ``save_checkpoint`` / ``load_checkpoint``: spd_ext's per-rank state beside DeepSpeed's,
   in ``<save_dir>/<tag>/spd_ext/rank<R>.pt``.
 
@@ -48,12 +57,14 @@ REQUIRED_ENGINE_ATTRIBUTES = (
     "allreduce_gradients", "backward", "step", "_take_model_step", "clip_fp32_gradients",
     "is_gradient_accumulation_boundary", "gradient_average", "zero_optimization_stage",
     "gradient_accumulation_steps", "gradient_clipping", "global_steps", "global_samples",
-    "get_global_grad_norm",
+    "get_global_grad_norm", "was_step_applied",
     "save_checkpoint", "load_checkpoint", "monitor", "module", "optimizer",
 )
 REQUIRED_ZERO1_ATTRIBUTES = ("bit16_groups", "get_gradient_for_reduction",
                              "single_partition_of_fp32_groups", "update_lp_params")
 STATE_VERSION = 1
+#: ZeRO stages at which DeepSpeed reduces gradients inside backward (reduce-scatter hooks).
+REDUCES_IN_BACKWARD = (2, 3)
 
 
 class IslandDiLoCo(DiLoCo):
@@ -102,6 +113,12 @@ class EngineIntegration:
         self._micro_losses: list[float] = []
         self._skip_optimizer = False
         self.last: dict[str, Any] = {}
+        # signal weighting: this rank's loss factor for the step under way (None between
+        # steps), the aggregator's state when the step began (put back if DeepSpeed skips
+        # the step), and the steps applied so far (the weights' warm-up counts these)
+        self._loss_factor: float | None = None
+        self._state_before_step: dict | None = None
+        self.applied_steps = 0
         self.reduce_seconds: list[float] = []  # per boundary, for benchmarks
         # Benchmarks set this: a barrier before the reduction's clock starts, so that the
         # time measures the reduction, not the ranks' skew in arriving at it.
@@ -152,10 +169,30 @@ class EngineIntegration:
 
     # -- the wrapped engine methods ----------------------------------------------------
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self._micro_losses.append(float(loss.detach()))
+        value = float(loss.detach())
+        if not self._micro_losses:  # the step's first micro-batch
+            self.last = {}
+        self._micro_losses.append(value)
         if self._grad_buffers:
             self._attach_grad_views()
-        return self._originals["backward"](loss, *args, **kwargs)
+        if self.aggregator is None:
+            return self._originals["backward"](loss, *args, **kwargs)
+        if self._loss_factor is None:
+            self._loss_factor = self._weigh_step(value)
+        out = self._originals["backward"](loss * self._loss_factor, *args, **kwargs)
+        return out / self._loss_factor  # what DeepSpeed returns: the loss over the steps
+
+    def _weigh_step(self, first_loss: float) -> float:
+        """The step's weights, before its first backward (collective on the data-parallel
+        group; WeightError on every rank if any rank's loss is not finite); returns this
+        rank's loss factor: ``N * w_i`` where DeepSpeed averages, ``w_i`` where it sums."""
+        agg = self.aggregator
+        assert agg is not None
+        self._state_before_step = agg.state_dict()
+        weights = agg.weights_before_backward(self.applied_steps, first_loss)
+        self.last.update(weight=weights[self.dp_rank], weights=weights,
+                         signals=agg.last.get("signals"))
+        return weights[self.dp_rank] * (self.dp_size if self.engine.gradient_average else 1)
 
     # -- gradients as views of flat buffers (comm.backend "spd_ext", stage 0) ----------------
     def _make_grad_buffers(self) -> dict[torch.dtype, torch.Tensor]:
@@ -202,7 +239,11 @@ class EngineIntegration:
         losses, self._micro_losses = self._micro_losses, []
         loss = sum(losses) / len(losses) if losses else float("nan")
         step = engine.global_steps
-        self.last = {"step": step, "loss": loss}
+        self.last.update(step=step, loss=loss)
+        if self.stage in REDUCES_IN_BACKWARD:  # reduced already, weighted by the loss factor
+            self._originals["allreduce_gradients"](*args, **kwargs)
+            self.reduce_seconds.append(time.perf_counter() - start)
+            return None
         grads = self._reduction_grads()
         if self._partial:
             self._sum_partial_grads()
@@ -212,7 +253,7 @@ class EngineIntegration:
             out = self.strategy.after_backward(self.module, step, loss) or {}
             self._skip_optimizer = bool(out.get("skip_optimizer", False))
         elif self.aggregator is not None:
-            self._weighted_reduce(grads, loss, step, args, kwargs)
+            self._weighted_reduce(grads, args, kwargs)
         elif self.cfg.comm.backend == SPD_EXT:
             self._spd_reduce(grads, "mean" if engine.gradient_average else "sum", None)
         else:
@@ -234,6 +275,7 @@ class EngineIntegration:
         out = self._originals["step"](*args, **kwargs)
         if boundary:
             step = self.engine.global_steps - 1  # the step just taken
+            self._account_for_step(step)
             if self.strategy is not None:
                 self.strategy.after_step(self.module, step)
             if self._counter is not None:
@@ -247,6 +289,28 @@ class EngineIntegration:
             self._skip_optimizer = False
             self._write_metrics(step)
         return out
+
+    def _account_for_step(self, step: int) -> None:
+        """After DeepSpeed's step: the step's loss enters the signal if the update was
+        applied; if DeepSpeed skipped it (fp16's loss scaler on an overflow, or ZeRO's
+        check of a non-finite reduced gradient), the signal and weight state go back to
+        where the step found them, and outside fp16 every rank raises WeightError."""
+        applied = bool(self.engine.was_step_applied())
+        self.last["skipped"] = not applied
+        if self.aggregator is not None and self._loss_factor is not None:
+            if applied:
+                self.aggregator.end_step(self.last.get("loss", float("nan")))
+            elif self._state_before_step is not None:
+                self.aggregator.load_state_dict(self._state_before_step)
+        self._loss_factor, self._state_before_step = None, None
+        if applied:
+            self.applied_steps += 1
+        elif not self._fp16:
+            raise WeightError(
+                f"step {step}: the reduced gradient holds NaN or inf (a rank's gradient was not "
+                "finite); DeepSpeed skipped the update on every rank and no parameter changed. "
+                "Lower the learning rate, check the ranks' data, or resume from the last "
+                "checkpoint")
 
     def clip_fp32_gradients(self) -> None:
         """DeepSpeed's stage-0 fp32 clipping, keeping the norm for the metrics. Local SGD /
@@ -312,30 +376,23 @@ class EngineIntegration:
             if self._counter is not None:
                 self._counter.grad_syncs += 1
 
-    def _weighted_reduce(self, grads: list[torch.Tensor], loss: float, step: int,
-                         args: tuple, kwargs: dict) -> None:
+    def _weighted_reduce(self, grads: list[torch.Tensor], args: tuple, kwargs: dict) -> None:
+        """ZeRO 0 and 1: the gradients hold ``factor * g_i`` (the loss was scaled by the
+        rank's factor): gradient-based signals see ``g_i``, then a plain reduction (mean or
+        sum, as DeepSpeed is configured) yields sum_i w_i g_i."""
         agg = self.aggregator
-        assert agg is not None
-        weights = agg.compute_weights(step, loss)  # collective; raises WeightError on NaN
+        assert agg is not None and self._loss_factor is not None
         agg.signal.begin_gradient()
         for i, g in enumerate(grads):
-            agg.observe_local_piece(i, g.reshape(-1))
+            agg.observe_local_piece(i, g.reshape(-1), self._loss_factor)
         agg.signal.end_gradient()
         if self.cfg.comm.backend == SPD_EXT:
-            self._spd_reduce(grads, "weighted", weights)
+            self._spd_reduce(grads, "mean" if self.engine.gradient_average else "sum", None)
         else:
-            # DeepSpeed averages (or sums, with gradient_allreduce_op "sum"): pre-scale so
-            # that its reduction yields exactly sum_i w_i g_i.
-            scale = weights[self.dp_rank] * (self.dp_size if self.engine.gradient_average
-                                             else 1)
-            for g in grads:
-                g.mul_(scale)
             self._originals["allreduce_gradients"](*args, **kwargs)
         if self.stage == 0 and agg.signal.needs_previous_global:
             for i, g in enumerate(self._reduction_grads()):
                 agg.remember_global_piece(i, g.reshape(-1))
-        self.last.update(weight=weights[self.dp_rank], weights=weights,
-                         signals=agg.last.get("signals"))
 
     def _spd_reduce(self, grads: list[torch.Tensor], op: str,
                     weights: list[float] | None) -> None:
@@ -399,6 +456,7 @@ class EngineIntegration:
 
     def state_dict(self) -> dict:
         state = {"version": STATE_VERSION, "global_steps": self.engine.global_steps,
+                 "applied_steps": self.applied_steps,
                  "aggregator": self.aggregator.state_dict() if self.aggregator else None,
                  "strategy": self.strategy.state_dict() if self.strategy else None}
         if self.replicas_diverge:
@@ -421,6 +479,8 @@ class EngineIntegration:
                     "section the checkpoint was saved with")
             if obj is not None:
                 obj.load_state_dict(saved)
+        # states saved before steps could be skipped: every step was applied
+        self.applied_steps = int(state.get("applied_steps", state["global_steps"]))
         if self.replicas_diverge:
             replica = state["replica"]
             with torch.no_grad():

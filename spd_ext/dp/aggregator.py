@@ -106,15 +106,37 @@ class SignalWeightedAggregator(GradientAggregator):
 
     # -- weights ------------------------------------------------------------------
     def compute_weights(self, step: int, loss: float) -> list[float]:
-        """All ranks' weights for this step (collective: one scalar all-gather).
+        """All ranks' weights for this step (collective: one scalar all-gather), the signal
+        having observed this step's ``loss``.
 
         A non-finite loss on any rank makes every rank refuse the step with WeightError
         (they all see the same gathered values), before any gradient is touched.
         """
         if math.isfinite(loss):
             self.signal.observe_loss(loss)
-        signals = gather_scalars(self.signal.raw() if math.isfinite(loss) else float("nan"),
-                                 self.rank, self.world_size, self.group)
+        return self._weights(step, self.signal.raw() if math.isfinite(loss) else float("nan"),
+                             loss)
+
+    def weights_before_backward(self, step: int, loss_estimate: float) -> list[float]:
+        """All ranks' weights for this step (collective), decided before its backward: the
+        signal as it would be after observing ``loss_estimate`` (the step's first
+        micro-batch loss), without committing it; :meth:`end_step` commits the step's
+        loss. With one micro-batch per step this is exactly :meth:`compute_weights`."""
+        if not math.isfinite(loss_estimate):
+            return self._weights(step, float("nan"), loss_estimate)
+        saved = self.signal.state_dict()
+        self.signal.observe_loss(loss_estimate)
+        raw = self.signal.raw()
+        self.signal.load_state_dict(saved)
+        return self._weights(step, raw, loss_estimate)
+
+    def end_step(self, loss: float) -> None:
+        """The step's loss (the mean over its micro-batches) enters the signal."""
+        if math.isfinite(loss):
+            self.signal.observe_loss(loss)
+
+    def _weights(self, step: int, raw: float, loss: float) -> list[float]:
+        signals = gather_scalars(raw, self.rank, self.world_size, self.group)
         bad = [r for r, s in enumerate(signals) if not math.isfinite(s)]
         if bad:
             raise WeightError(f"step {step}: ranks {bad} report non-finite signals ({signals}; "
@@ -130,7 +152,13 @@ class SignalWeightedAggregator(GradientAggregator):
         return weights
 
     # -- gradients ----------------------------------------------------------------
-    def observe_local_piece(self, index: int, local: torch.Tensor) -> None:
+    def observe_local_piece(self, index: int, local: torch.Tensor, scale: float = 1.0) -> None:
+        """This rank's own gradient, piece ``index``; ``scale``: what it was multiplied by
+        (a loss scaled by the rank's weight), divided out before the signal sees it."""
+        if not self.signal.observes_gradients:
+            return
+        if scale != 1.0:
+            local = local / scale
         self.signal.observe_gradient_piece(local, self._previous_global.get(index))
 
     def remember_global_piece(self, index: int, reduced: torch.Tensor) -> None:

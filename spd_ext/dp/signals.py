@@ -18,6 +18,8 @@ import torch
 class Signal:
     name: str = ""
     higher_is_better: bool = True
+    #: whether it reads the rank's own gradient (which ZeRO-2/3 never hold whole)
+    observes_gradients: bool = False
     needs_previous_global: bool = False
     _state: tuple[str, ...] = ()  # the attributes a checkpoint carries (plain data)
 
@@ -76,6 +78,7 @@ class GradNormStability(Signal):
     """mean / std of this rank's recent gradient norms; steadier gradients, more trust."""
 
     name = "grad_norm_stability"
+    observes_gradients = True
     _state = ("norms",)
 
     def __init__(self, window: int = 20) -> None:
@@ -106,6 +109,7 @@ class CosineToPrevGlobal(Signal):
     """EMA of cos(local gradient, previous global gradient); aligned ranks, more trust."""
 
     name = "cosine_to_prev_global"
+    observes_gradients = True
     needs_previous_global = True
     _state = ("value",)
 

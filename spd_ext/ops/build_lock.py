@@ -99,12 +99,29 @@ def _wait_while(busy: Callable[[], bool], message: Callable[[float], str],
         time.sleep(poll)
 
 
+#: A torch ``lock`` in a directory other programs build in too (DeepSpeed's JIT ops, which
+#: plain DeepSpeed jobs load without spd_ext's lock) counts as a dead build's only when no
+#: ninja works there and it is this old: a live load holds it for a second or so.
+FOREIGN_BATON_GRACE_S = 60.0
+
+
+def _foreign_build_running(directory: Path) -> bool:
+    baton = directory / TORCH_BATON
+    try:
+        age = time.time() - baton.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return bool(_ninjas_left_running(directory)) or age < FOREIGN_BATON_GRACE_S
+
+
 @contextmanager
-def build_lock(directory: Path, op: str) -> Iterator[None]:
+def build_lock(directory: Path, op: str, shared: bool = False) -> Iterator[None]:
     """Hold the build lock of ``directory`` (creating it) while building or loading ``op``.
 
     Waits for a live holder and for a ninja a killed holder left running, saying on
-    stderr whom it waits for; removes a torch ``lock`` left by a dead build."""
+    stderr whom it waits for; removes a torch ``lock`` left by a dead build. ``shared``:
+    programs without this lock build there too (DeepSpeed's ops), so a torch ``lock`` is
+    first waited for while a build may be behind it (FOREIGN_BATON_GRACE_S)."""
     lock = ProcessLock(directory / LOCK_FILE)
     holder: LockHolder | None = None
 
@@ -120,6 +137,12 @@ def build_lock(directory: Path, op: str) -> Iterator[None]:
     try:
         _wait_while(lambda: bool(_ninjas_left_running(directory)),
                     lambda waited: _ninja_message(directory, op, waited), NINJA_POLL_S)
+        if shared:
+            _wait_while(lambda: _foreign_build_running(directory), lambda waited: (
+                f"waiting {waited:.0f} s so far for another program's build of op '{op}' in "
+                f"{directory} (its lock file is taken; one older than "
+                f"{FOREIGN_BATON_GRACE_S:.0f} s with no build running counts as left by a "
+                "killed build)"), NINJA_POLL_S)
         baton = directory / TORCH_BATON
         if baton.exists():  # with the lock held: a dead build's
             baton.unlink()

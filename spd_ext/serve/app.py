@@ -1,5 +1,6 @@
-"""The HTTP front end of `spd-ext serve` (aiohttp): a JSON completion endpoint with
-server-sent-event streaming, /health, /metrics and a web page at /.
+"""The HTTP front end of `spd-ext serve` (aiohttp): OpenAI's completion endpoint
+(/v1/completions, streamed as OpenAI's server-sent events; /v1/models), /tokenize,
+/health, /metrics and a web page at /.
 
 It runs in the launching process, next to the ranks rather than inside rank 0, so that a
 rank dying (even rank 0) leaves it able to answer 503 with the launcher's message naming
@@ -15,6 +16,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import secrets
 import signal
 import statistics
 import threading
@@ -32,8 +34,19 @@ from spd_ext.serve.model_source import ModelSource
 from spd_ext.serve.ranks import keepalive_interval, serve_rank
 from spd_ext.tp.generation import new_tokens_that_fit
 
-FIELDS = {"prompt", "prompt_ids", "max_tokens", "temperature", "top_k", "seed", "stream"}
+# The fields of OpenAI's completion request this server takes, and top_k (vLLM's name for
+# it). One model is served: `model` may name anything; `user` (an end-user id) is ignored.
+FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_k", "seed", "stream",
+          "stream_options", "user"}
+# OpenAI's fields asking for what this server does not do: accepted at the value that asks
+# for nothing (or null, OpenAI's "default"), so a client that sends its defaults works;
+# any other value is refused by name rather than silently ignored.
+NEUTRAL: dict[str, tuple] = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (),
+                             "suffix": ("",), "stop": ("", []), "top_p": (1,),
+                             "presence_penalty": (0,), "frequency_penalty": (0,),
+                             "logit_bias": ({},)}
 MAX_TEMPERATURE = 100.0
+DEFAULT_MAX_TOKENS = 64
 # The ranks' process-group timeout by default: a collective that waits this long means a
 # rank stopped answering. An idle server's ranks never wait that long (the first rank's
 # keepalives); the job itself has no deadline.
@@ -51,6 +64,20 @@ class RequestError(ValueError):
     """A request the server refuses with 400: the message says what to change."""
 
 
+# OpenAI's error types by HTTP status (499: the client went away; nobody reads it)
+ERROR_TYPES = {400: "invalid_request_error", 499: "client_closed_request",
+               500: "server_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str) -> dict:
+    """An error in OpenAI's form: its clients raise it with the message."""
+    return {"message": message, "type": ERROR_TYPES[status], "param": None, "code": status}
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": error_body(status, message)}, status=status)
+
+
 @dataclass
 class Completion:
     """A validated request."""
@@ -61,66 +88,109 @@ class Completion:
     top_k: int | None
     seed: int | None
     stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+
+
+def _given(body: dict, name: str, default: Any) -> Any:
+    """The field's value; null counts as absent (OpenAI clients send nulls for defaults)."""
+    value = body.get(name)
+    return default if value is None else value
 
 
 def _int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name, default)
-    if value is None and default is None:
+    value = _given(body, name, default)
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     return value
 
 
-def parse_request(body: Any, tokenizer: Any, context: int, vocab: int) -> Completion:
-    """The request's fields, checked against the model; RequestError names the problem."""
+def _object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object such as {\"prompt\": \"Hello\", "
                            "\"max_tokens\": 32}")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; the fields are {sorted(FIELDS)}")
-    if ("prompt" in body) == ("prompt_ids" in body):
-        raise RequestError("pass exactly one of prompt (text) or prompt_ids (token ids)")
-    if "prompt" in body:
-        prompt = body["prompt"]
-        if not isinstance(prompt, str) or not prompt:
+    return body
+
+
+def prompt_ids(body: dict, tokenizer: Any, vocab: int) -> list[int]:
+    """The request's prompt as token ids: OpenAI's prompt is text or a list of token ids,
+    either of them alone or as a batch of one."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1:
+            raise RequestError(f"prompt is a batch of {len(prompt)} prompts; this server "
+                               "answers one prompt per request")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
             raise RequestError("prompt must be a non-empty string")
         try:
-            ids = tokenizer.encode(prompt)
+            return list(tokenizer.encode(prompt))
         except (ValueError, KeyError) as exc:
             raise RequestError(f"the prompt cannot be tokenized by this model's tokenizer: "
                                f"{exc}") from None
-    else:
-        ids = body["prompt_ids"]
-        if not isinstance(ids, list) or not ids or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise RequestError("prompt_ids must be a non-empty list of integers")
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise RequestError(f"unknown token id(s) {bad[:5]}: ids must be in [0, {vocab})")
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        raise RequestError("prompt must be a non-empty string, or a non-empty list of token "
+                           "ids (integers)")
+    bad = [i for i in prompt if not 0 <= i < vocab]
+    if bad:
+        raise RequestError(f"unknown token id(s) {bad[:5]}: ids must be in [0, {vocab})")
+    return prompt
+
+
+def room_for(ids: list[int], context: int) -> int:
+    """The most tokens a completion of ``ids`` may ask for; RequestError if none fit."""
     room = new_tokens_that_fit(len(ids), context)
     if room < 1:
         raise RequestError(f"the prompt is {len(ids)} tokens; this model's context is "
                            f"{context}, so the prompt must be at most {context}")
+    return room
+
+
+def parse_request(body: Any, tokenizer: Any, context: int, vocab: int) -> Completion:
+    """The request's fields, checked against the model; RequestError names the problem."""
+    body = _object(body)
+    unknown = sorted(set(body) - FIELDS - set(NEUTRAL))
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; the fields are {sorted(FIELDS)}")
+    unsupported = [f"{k}={body[k]!r}" for k in NEUTRAL
+                   if body.get(k) is not None and body[k] not in NEUTRAL[k]]
+    if unsupported:
+        raise RequestError(f"unsupported: {', '.join(unsupported)}; this server returns one "
+                           "completion (n and best_of 1) of max_tokens tokens sampled with "
+                           "temperature, top_k and seed: no stop, logprobs, echo, suffix, "
+                           "top_p, penalties or logit_bias")
+    if not isinstance(body.get("model", ""), (str, type(None))):
+        raise RequestError(f"model must be a string, got {body['model']!r}")
+    ids = prompt_ids(body, tokenizer, vocab)
+    room = room_for(ids, context)
     # by default as many as fit, up to 64 (a small model's context may hold fewer)
-    max_tokens = _int(body, "max_tokens", min(64, room), 1, context)
+    max_tokens = _int(body, "max_tokens", min(DEFAULT_MAX_TOKENS, room), 1, context)
     assert max_tokens is not None
     if max_tokens > room:
         raise RequestError(f"{len(ids)} prompt tokens + max_tokens {max_tokens} exceed the "
                            f"context of {context}; ask for at most {room} tokens")
-    temperature = body.get("temperature", 1.0)
+    temperature = _given(body, "temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0.0 <= temperature <= MAX_TEMPERATURE:
         raise RequestError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] "
                            f"(0 = greedy), got {temperature!r}")
-    stream = body.get("stream", False)
+    stream = _given(body, "stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be true or false, got {stream!r}")
+    options = _given(body, "stream_options", {})
+    if not isinstance(options, dict) or set(options) - {"include_usage"} \
+            or not isinstance(options.get("include_usage", False), bool) \
+            or (options and not stream):
+        raise RequestError(f"stream_options must be {{\"include_usage\": true or false}}, "
+                           f"with stream true; got {options!r}")
     top_k = _int(body, "top_k", None, 1, 2**31)  # more than the vocabulary: all of it
     return Completion(ids, max_tokens, float(temperature),
                       None if top_k is None else min(top_k, vocab),
-                      _int(body, "seed", None, 0, 2**62), stream)
+                      _int(body, "seed", None, 0, 2**62), stream,
+                      bool(options.get("include_usage", False)))
 
 
 def rank_exited(pid: int) -> bool:
@@ -209,13 +279,15 @@ class CompletionServer:
         self.tokenizer = source.load_tokenizer()
         self.vocab = min(source.config.vocab_size, self.tokenizer.vocab_size)
         self.context = source.config.block_size
+        self.model_name = source.path  # what OpenAI's "model" fields say
         self.max_queue, self.fail_grace_s = max_queue, fail_grace_s
         self.state, self.failure, self.info = "loading", "", {}
         self.streams: dict[int, asyncio.Queue] = {}
         self.cancelled: set[int] = set()  # requests of self.streams cancelled already
         self.ids = itertools.count(1)
-        self.counts = {"requests": 0, "completed": 0, "cancelled": 0, "refused": 0,
-                       "failed": 0, "tokens": 0}
+        # bad_requests: 400s; queue_full: 503s for a full queue (both never queued)
+        self.counts = {"requests": 0, "completed": 0, "cancelled": 0, "bad_requests": 0,
+                       "queue_full": 0, "failed": 0, "tokens": 0}
         self.latencies: deque[float] = deque(maxlen=2000)  # seconds per decoded token
         self.prefills: deque[float] = deque(maxlen=200)
         self.syncs_per_token = None
@@ -335,7 +407,7 @@ class CompletionServer:
         why = {"loading": "the model is still loading; retry when /health says ok",
                "stopping": "the server is shutting down",
                "failed": f"a rank failed and the server is shutting down: {self.failure}"}
-        return web.json_response({"error": why[self.state]}, status=503)
+        return error_response(503, why[self.state])
 
     async def health(self, request: web.Request) -> web.Response:
         body = {"status": "ok" if self.state == "ready" else self.state,
@@ -365,36 +437,60 @@ class CompletionServer:
             "syncs_per_token": self.syncs_per_token, "pattern": self.source.config.pattern,
             "tp_size": self.nproc})
 
+    async def models(self, request: web.Request) -> web.Response:
+        """OpenAI's model list (clients ask it for the name to send): the one served."""
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": int(self.started),
+             "owned_by": "spd_ext", "max_model_len": self.context}]})
+
     async def page(self, request: web.Request) -> web.Response:
         html = resources.files("spd_ext.serve").joinpath("page.html").read_text()
         return web.Response(text=html, content_type="text/html")
+
+    async def _body(self, request: web.Request) -> Any:
+        """The request's JSON; RequestError says what is wrong with it."""
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError("the body is not valid JSON") from None
+        except RecursionError:
+            raise RequestError("the body nests arrays or objects too deeply to parse; a "
+                               "request is one flat JSON object") from None
+        except ValueError as exc:  # Python's limit on the digits of an integer
+            raise RequestError(f"the body cannot be parsed: {str(exc).split(':')[0]}; send "
+                               "numbers within the fields' ranges") from None
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """A prompt's token count and the most max_tokens a completion of it may ask for
+        (the page offers what fits, as the prompt changes). The tokenizer is this
+        process's: it answers while the ranks load too."""
+        try:
+            body = _object(await self._body(request))
+            unknown = sorted(set(body) - {"prompt", "model"})
+            if unknown:
+                raise RequestError(f"unknown field(s) {unknown}; the fields are "
+                                   "['model', 'prompt']")
+            ids = prompt_ids(body, self.tokenizer, self.vocab)
+            room = room_for(ids, self.context)
+        except RequestError as exc:
+            return error_response(400, str(exc))
+        return web.json_response({"count": len(ids), "max_model_len": self.context,
+                                  "max_tokens": room, "tokens": ids})
 
     async def complete(self, request: web.Request) -> web.StreamResponse:
         busy = self.unavailable()
         if busy is not None:
             return busy
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self.counts["refused"] += 1
-            return web.json_response({"error": "the body is not valid JSON"}, status=400)
-        except RecursionError:
-            self.counts["refused"] += 1
-            return web.json_response({"error": "the body nests arrays or objects too deeply "
-                                      "to parse; a request is one flat JSON object"}, status=400)
-        except ValueError as exc:  # Python's limit on the digits of an integer
-            self.counts["refused"] += 1
-            return web.json_response({"error": f"the body cannot be parsed: "
-                                      f"{str(exc).split(':')[0]}; send numbers within the "
-                                      "fields' ranges"}, status=400)
-        try:
-            req = parse_request(body, self.tokenizer, self.context, self.vocab)
+            req = parse_request(await self._body(request), self.tokenizer, self.context,
+                                self.vocab)
         except RequestError as exc:
-            self.counts["refused"] += 1
-            return web.json_response({"error": str(exc)}, status=400)
+            self.counts["bad_requests"] += 1
+            return error_response(400, str(exc))
         if len(self.streams) >= self.max_queue:
-            return web.json_response({"error": f"{self.max_queue} requests are already "
-                                      "queued; retry later"}, status=503)
+            self.counts["queue_full"] += 1
+            return error_response(503, f"{self.max_queue} requests are already queued; "
+                                  "retry later")
         rid = next(self.ids)
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[rid] = queue
@@ -402,10 +498,13 @@ class CompletionServer:
         assert self.job is not None
         self.job.send(("generate", rid, req.ids, req.max_tokens, req.temperature, req.top_k,
                        req.seed))
+        # OpenAI's fields of every answer and chunk of this completion
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                "created": int(time.time()), "model": self.model_name}
         try:
             if req.stream:
-                return await self._stream(request, rid, req, queue)
-            return await self._whole(request, rid, req, queue)
+                return await self._stream(request, rid, req, queue, head)
+            return await self._whole(request, rid, req, queue, head)
         finally:
             del self.streams[rid]
             self.cancelled.discard(rid)
@@ -429,13 +528,22 @@ class CompletionServer:
             return
         self.cancelled.add(rid)
         self.counts["cancelled"] += 1
+        # a client that hangs up is a normal event: one line, no traceback
+        print(f"spd-ext serve: request {rid}: the client went away; its generation stops",
+              flush=True)
         if self.job is not None:
             self.job.send(("cancel", rid))
 
-    @staticmethod
-    def _fault(message: tuple) -> str:
-        return (f"this request failed on {message[2]} (the traceback is in the server's log; "
-                "the server goes on serving other requests)")
+    def _failure(self, message: tuple) -> tuple[int, str]:
+        """The HTTP status and message of a request that ended without its tokens."""
+        if message[0] == "error":
+            self.counts["bad_requests"] += 1
+            return 400, message[2]
+        self.counts["failed"] += 1
+        if message[0] == "fault":
+            return 500, (f"this request failed on {message[2]} (the traceback is in the "
+                         "server's log; the server goes on serving other requests)")
+        return 503, f"a rank failed: {message[2]}"
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)  # the ranks sample below the tokenizer's vocabulary
@@ -458,74 +566,86 @@ class CompletionServer:
                 "latency_ms": round(seconds * 1e3, 3), "syncs": syncs, "positions": positions}
 
     @staticmethod
-    def _summary(req: Completion, events: list[dict], reason: str) -> dict:
+    def _usage(req: Completion, emitted: list[int]) -> dict:
+        return {"prompt_tokens": len(req.ids), "completion_tokens": len(emitted),
+                "total_tokens": len(req.ids) + len(emitted)}
+
+    @staticmethod
+    def _extras(events: list[dict], emitted: list[int]) -> dict:
+        """spd_ext's own fields of a finished completion (OpenAI's format has none)."""
         decode = [e["latency_ms"] for e in events[1:]]
-        return {"finish_reason": reason,
-                "usage": {"prompt_tokens": len(req.ids), "completion_tokens": len(events)},
+        return {"token_ids": emitted,
                 "timing": {"prefill_ms": events[0]["latency_ms"] if events else None,
-                           "decode_ms_p50": statistics.median(decode) if decode else None,
-                           "syncs_per_token": events[-1]["syncs"] if events else None}}
+                           "decode_ms_p50": statistics.median(decode) if decode else None},
+                "syncs_per_token": events[-1]["syncs"] if events else None}
 
     async def _whole(self, request: web.Request, rid: int, req: Completion,
-                     queue: asyncio.Queue) -> web.Response:
+                     queue: asyncio.Queue, head: dict) -> web.Response:
         emitted: list[int] = []
         text = [""]
         events = []
         async for message in self._events(request, rid, queue):
             if message[0] == "step":
                 events.append(self._token_event(message, emitted, text))
-            elif message[0] == "error":
-                self.counts["refused"] += 1
-                return web.json_response({"error": message[2]}, status=400)
-            elif message[0] == "fault":
-                self.counts["failed"] += 1
-                return web.json_response({"error": self._fault(message)}, status=500)
-            elif message[0] == "failed":
-                self.counts["failed"] += 1
-                return web.json_response({"error": f"a rank failed: {message[2]}"}, status=503)
             elif message[0] == "done":
                 self.counts["completed"] += 1
-                return web.json_response({"id": rid, "text": self._decode(emitted),
-                                          "token_ids": emitted,
-                                          **self._summary(req, events, message[2])})
-        return web.json_response({"error": "the client went away"}, status=499)
+                return web.json_response({
+                    **head, "choices": [{"text": self._decode(emitted), "index": 0,
+                                         "logprobs": None, "finish_reason": message[2]}],
+                    "usage": self._usage(req, emitted),
+                    "spd_ext": self._extras(events, emitted)})
+            else:
+                return error_response(*self._failure(message))
+        return error_response(499, "the client went away")  # nobody reads it
 
     async def _stream(self, request: web.Request, rid: int, req: Completion,
-                      queue: asyncio.Queue) -> web.StreamResponse:
+                      queue: asyncio.Queue, head: dict) -> web.StreamResponse:
+        """OpenAI's stream: a `data:` chunk per token (spd_ext's per-token fields in its
+        "spd_ext"), a last one with the finish_reason (and the rest of the text, if the
+        last token ended inside a character), the usage if asked for, then [DONE]."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         emitted: list[int] = []
         text = [""]
         events = []
+        # with include_usage, OpenAI's chunks say "usage": null until the last one
+        usage: dict = {"usage": None} if req.include_usage else {}
 
-        async def send(data: dict, event: str | None = None) -> None:
-            head = f"event: {event}\n" if event else ""
-            await response.write(f"{head}data: {json.dumps(data)}\n\n".encode())
+        async def send(data: dict | str) -> None:
+            line = data if isinstance(data, str) else json.dumps(data)
+            await response.write(f"data: {line}\n\n".encode())
+
+        def chunk(piece: str, reason: str | None, extras: dict) -> dict:
+            return {**head, "choices": [{"text": piece, "index": 0, "logprobs": None,
+                                         "finish_reason": reason}], **usage,
+                    "spd_ext": extras}
 
         try:
             await response.write(b": queued\n\n")
             async for message in self._events(request, rid, queue):
                 if message[0] == "step":
                     events.append(self._token_event(message, emitted, text))
-                    await send(events[-1])
-                elif message[0] == "error":
-                    self.counts["refused"] += 1
-                    await send({"error": message[2]}, "error")
-                elif message[0] == "fault":
-                    self.counts["failed"] += 1
-                    await send({"error": self._fault(message), "status": 500}, "error")
-                elif message[0] == "failed":
-                    self.counts["failed"] += 1
-                    await send({"error": f"a rank failed: {message[2]}", "status": 503},
-                               "error")
+                    event = events[-1]
+                    await send(chunk(event["text"], None,
+                                     {k: v for k, v in event.items() if k != "text"}))
                 elif message[0] == "done":
                     self.counts["completed"] += 1
-                    await send({"done": True, "id": rid, "text": self._decode(emitted),
-                                **self._summary(req, events, message[2])})
+                    rest = self._decode(emitted)[len(text[0]):]
+                    await send(chunk(rest, message[2], self._extras(events, emitted)))
+                    if req.include_usage:
+                        await send({**head, "choices": [], "usage": self._usage(req, emitted)})
+                else:
+                    await send({"error": error_body(*self._failure(message))})
+            await send("[DONE]")
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            self._cancel(rid)  # the client went away: stop its generation, keep serving
+        except ConnectionResetError:
+            # aiohttp's ClientConnectionResetError ("Cannot write to closing transport"):
+            # the client hung up. Stop its generation and return: aiohttp's own last write
+            # to the closed connection fails quietly, where raising logged a traceback.
+            self._cancel(rid)
+        except asyncio.CancelledError:
+            self._cancel(rid)  # the server is stopping with this request in flight
             raise
         return response
 
@@ -534,6 +654,8 @@ class CompletionServer:
         app.router.add_get("/", self.page)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/v1/completions", self.complete)
         return app
 

@@ -102,7 +102,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "eval_interval": Opt(250, "int", "steps between validation passes (0: at the end only)",
                              low=0),
         "eval_batches": Opt(20, "int", "validation batches per pass", low=1),
-        "log_interval": Opt(10, "int", "steps between printed progress lines", low=1),
+        "log_interval": Opt(10, "int", "steps between progress lines and log records (the "
+                            "loss leaves the device only then)", low=1),
         "checkpoint_interval": Opt(0, "int", "steps between checkpoints (0: at the end only)",
                                    low=0),
         "seed": Opt(1337, "int", "initialization, data order and dropout"),

@@ -182,6 +182,16 @@ def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
             torch.save(state, tmp)
 
 
+def whole_copy(model: Any) -> Any:
+    """A model of one rank with ``model``'s weights (whole: gathered by the caller)."""
+    from spd_ext.tp import GPTConfig, ReducedSyncGPT
+
+    copy = ReducedSyncGPT(GPTConfig(**{**model.config.to_dict(), "tp_size": 1}), seed=None)
+    copy.load_dense_state_dict({k: v.detach().clone() for k, v in
+                                model.dense_state_dict().items()})
+    return copy.to(next(model.parameters()).device)
+
+
 def generate(model: Any, tokenizer: Any, prompt: str, tokens: int, temperature: float,
              top_k: int | None, block_size: int, seed: int, device: Any,
              tp_group: Any = None, tp_src: int = 0) -> str:
@@ -319,6 +329,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
 
     from spd_ext.comm.groups import is_peer_failure
     from spd_ext.deepspeed import release_deepspeed_shm_name
+    from spd_ext.deepspeed.ops import load_deepspeed_comm_op
     from spd_ext.train.rank_watch import RankWatch
     from spd_ext.utils.rendezvous import init_launched_group
 
@@ -332,6 +343,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     owned = not dist.is_initialized()
     if owned:
+        load_deepspeed_comm_op()  # under spd_ext's build lock: never a silent hang
         init_launched_group(accelerator.communication_backend_name(), timeout)
         deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout))
         # Every rank has mapped every DeepSpeed CPU all-reduce segment (69 MB each) by now:
@@ -427,10 +439,16 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
         mark("evaluating")
         engine.eval()
         total = 0.0
+        # ZeRO-3 gathers the parameters inside every forward (a collective): each rank runs
+        # as many forwards, the ones past eval_batches uncounted
+        rounds = -(-t.eval_batches // data_world)
         with torch.no_grad():
-            for i in range(data_rank, t.eval_batches, data_world):
-                x, y = sampler("val", -1 - i)
-                total += float(engine(x.to(device), y.to(device))[1].float())
+            for i in range(data_rank, rounds * data_world if plan.zero_stage == 3
+                           else t.eval_batches, data_world):
+                x, y = sampler("val", -1 - (i % t.eval_batches))
+                loss = engine(x.to(device), y.to(device))[1]
+                if i < t.eval_batches:
+                    total += float(loss.float())
         engine.train()
         if counter is not None:
             counter.reset()  # the evaluation's syncs are not a training step's
@@ -448,14 +466,18 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        done = step + 1
+        # The loss stays on the device except on log steps (as nanoGPT's loop): reading it
+        # every micro-batch would stall a GPU's queue of kernels each time.
+        logged = done % t.log_interval == 0 or done == t.steps or done == start + 1
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         try:
             for micro in range(gas):
                 x, y = sampler("train", step * gas + micro)
                 _, loss = engine(x.to(device), y.to(device))
                 engine.backward(loss)
                 engine.step()
-                loss_sum += float(loss.detach().float())
+                loss_sum += loss.detach().double()
         except WeightError as exc:  # raised on every rank together (NaN / inf gradients)
             progress.close()
             if main:
@@ -464,36 +486,36 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
                 log.close()
             return 1
         seconds = time.perf_counter() - t0
-        reduced = torch.tensor([loss_sum / gas], dtype=torch.float64, device=device)
-        dist.all_reduce(reduced)
-        mean_loss = reduced.item() / world
-        if not math.isfinite(mean_loss):
-            progress.close()
-            if main:
-                print(f"{PROG}: error: the training loss became {mean_loss} at step {step + 1}; "
-                      "lower training.lr or raise training.warmup_steps, and resume from the "
-                      "last checkpoint", file=sys.stderr)
-                log.event("stopped", step=step + 1, reason=f"loss {mean_loss}")
-                log.close()
-            return 1
         step_times.append(seconds)
-        record: dict[str, Any] = {"step": step + 1, "loss": mean_loss, "lr": lr,
-                                  "step_time": seconds,
-                                  "tokens_per_sec": tokens_per_step / max(seconds, 1e-9)}
-        last = integration.last
-        for key, name in (("syncs_forward", "syncs_fwd"), ("syncs_backward", "syncs_bwd"),
-                          ("grad_norm", "grad_norm")):
-            if key in last:
-                record[name] = last[key]
-        if last.get("weights") is not None:
-            record["weights"] = list(last["weights"])
-        if main:
-            log.metrics(**record)
-        history.append(record)
-        weights = record.get("weights")
-        extra = ("w " + ",".join(f"{w:.2f}" for w in weights)) if weights else ""
-        progress.update(step + 1, mean_loss, seconds, tokens_per_step, extra)
-        done = step + 1
+        if logged:
+            reduced = (loss_sum / gas).reshape(1)
+            dist.all_reduce(reduced)  # on the backend's device (NCCL reduces GPU tensors)
+            mean_loss = reduced.item() / world
+            if not math.isfinite(mean_loss):
+                progress.close()
+                if main:
+                    print(f"{PROG}: error: the training loss became {mean_loss} at step "
+                          f"{step + 1}; lower training.lr or raise training.warmup_steps, and "
+                          "resume from the last checkpoint", file=sys.stderr)
+                    log.event("stopped", step=step + 1, reason=f"loss {mean_loss}")
+                    log.close()
+                return 1
+            record: dict[str, Any] = {"step": step + 1, "loss": mean_loss, "lr": lr,
+                                      "step_time": seconds,
+                                      "tokens_per_sec": tokens_per_step / max(seconds, 1e-9)}
+            last = integration.last
+            for key, name in (("syncs_forward", "syncs_fwd"), ("syncs_backward", "syncs_bwd"),
+                              ("grad_norm", "grad_norm")):
+                if key in last:
+                    record[name] = last[key]
+            if last.get("weights") is not None:
+                record["weights"] = list(last["weights"])
+            if main:
+                log.metrics(**record)
+            history.append(record)
+            weights = record.get("weights")
+            extra = ("w " + ",".join(f"{w:.2f}" for w in weights)) if weights else ""
+            progress.update(step + 1, mean_loss, seconds, tokens_per_step, extra)
         if t.eval_interval and done % t.eval_interval == 0 and done < t.steps:
             val = evaluate()
             history.append({"step": done, "val_loss": val})
@@ -511,13 +533,25 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
     history.append({"step": t.steps, "val_loss": val})
     tag = save_checkpoint(engine, plan, t.steps, data.tokenizer, mark)
     mark("exporting model.pt")
-    export_model(model, data.tokenizer, plan.out_dir / "model.pt", main)
+    sampled = engine.module
+    if plan.zero_stage == 3:
+        # ZeRO-3 holds each parameter partitioned over the data-parallel ranks: gather them
+        # (collective) to export, and sample with a whole copy (a forward of the
+        # partitioned module on one rank alone would wait for the others' shards)
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters(list(model.parameters())):
+            export_model(model, data.tokenizer, plan.out_dir / "model.pt", main)
+            if s.tokens and data_rank == 0:
+                sampled = whole_copy(model)
+    else:
+        export_model(model, data.tokenizer, plan.out_dir / "model.pt", main)
 
     sample = ""
     if s.tokens and data_rank == 0:
         mark("sampling")
         tp_group = topology.tp_group if plan.tp > 1 else None
-        sample = generate(engine.module, data.tokenizer, s.prompt, s.tokens, s.temperature,
+        sample = generate(sampled, data.tokenizer, s.prompt, s.tokens, s.temperature,
                           s.top_k, block, t.seed, device, tp_group,
                           topology.tp_ranks[0] if plan.tp > 1 else 0)
         if counter is not None:
@@ -544,7 +578,7 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
         write_json(plan.out_dir / "summary.json", summary)
         log.event("summary", **summary)
         rows = [["steps", f"{start}->{t.steps}" if resume else t.steps],
-                ["train loss (last 10 steps)", summary["train_loss"]],
+                ["train loss (last 10 logged steps)", summary["train_loss"]],
                 ["val loss", val],
                 ["step time, median (ms)", summary["step_ms"]],
                 ["tokens/s", summary["tokens_per_sec"]],

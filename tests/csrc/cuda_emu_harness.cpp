@@ -5,11 +5,13 @@
 // tensors straight in. The all-reduce check forks one process per rank; their buffers live
 // in the emulation's shared arena and meet through IPC handles as on a GPU.
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -51,6 +53,10 @@ namespace {
 struct Coordination {  // in the shared arena: what the rank processes exchange
     std::atomic<uint64_t> arrived, generation;
     char handles[kMaxIpcRanks][64];
+    // Calls each rank has completed (-1: still setting up), read by the parent's watchdog:
+    // it fails the run when none of them moves for the stall window, not when a slow but
+    // moving run (a loaded machine) outlasts a fixed total.
+    std::atomic<int64_t> calls_done[kMaxIpcRanks];
 };
 
 void host_barrier(Coordination* c, int world)
@@ -133,6 +139,12 @@ struct Check {
     int64_t numel, capacity;
     uint64_t* digests;  // [calls][world], in the arena
     double* worst;      // [world]: max |out - ref| / bound seen by each rank
+    // For the watchdog's own tests: every rank sleeps pace_us before each call; rank
+    // stop_rank stops before call stop_at_call: it pauses for good (stop_exit 0: its peers
+    // then spin, as in a hang of the flag protocol) or exits with code stop_exit.
+    // stop_rank < 0: nobody stops.
+    int64_t pace_us;
+    int stop_rank, stop_at_call, stop_exit;
 };
 
 // One rank's life: set up, `calls` all-reduces of fresh data, each checked against a float64
@@ -169,7 +181,13 @@ int run_rank(const Check& k, Coordination* coord, int rank)
     if (cudaMalloc(&my_weight, sizeof(float)) != cudaSuccess) return 2;
     const double u = unit_roundoff<T>();
     double worst = 0.0;
+    coord->calls_done[rank] = 0;
     for (int c = 0; c < k.calls; ++c) {
+        if (k.pace_us > 0) usleep(useconds_t(k.pace_us));
+        if (rank == k.stop_rank && c == k.stop_at_call) {
+            if (k.stop_exit != 0) return k.stop_exit;
+            for (;;) pause();  // ended by the parent's watchdog
+        }
         for (int64_t i = 0; i < k.numel; ++i) data[i] = narrow<T>(input_value(rank, c, i));
         *my_weight = weight_of(k.op, rank, c, k.world);
         const cudaError_t err =
@@ -210,10 +228,84 @@ int run_rank(const Check& k, Coordination* coord, int rank)
             worst = std::max(worst, ratio);
         }
         k.digests[int64_t(c) * k.world + rank] = fnv1a(data, size_t(k.numel) * sizeof(T));
+        coord->calls_done[rank] = c + 1;
     }
     k.worst[rank] = worst;
     host_barrier(coord, k.world);  // nobody tears down while a peer still reads its buffer
     return 0;
+}
+
+std::string exit_story(int rank, int status)
+{
+    if (WIFSIGNALED(status))
+        return "rank " + std::to_string(rank) + " died of signal " +
+               std::to_string(WTERMSIG(status)) + "; ";
+    if (WEXITSTATUS(status) == 0) return "";
+    return "rank " + std::to_string(rank) + " exited " + std::to_string(WEXITSTATUS(status)) +
+           (WEXITSTATUS(status) == 1 ? " (a value outside the bound)" : " (a CUDA error)") +
+           "; ";
+}
+
+// Waits for the rank processes and returns what went wrong ("" when every rank passed). A
+// deadline on the whole run would fail a slow run on a loaded machine (4 ranks sharing 2
+// busy cores take minutes), so the watchdog fails the run only when no rank completes a
+// call for `stall_s` seconds (a hang: a missed flag spins forever), or past `limit_s` in
+// all, naming each rank's count of completed calls. A rank that fails stops the others
+// at once: they would wait for it forever.
+std::string watch_ranks(const std::vector<pid_t>& pids, Coordination* coord, int world,
+                        double stall_s, double limit_s)
+{
+    using clock = std::chrono::steady_clock;
+    const auto seconds_since = [](clock::time_point t) {
+        return std::chrono::duration<double>(clock::now() - t).count();
+    };
+    const auto start = clock::now();
+    auto moved = start;
+    int64_t seen = -1;  // the sum of the ranks' counts: it grows with every call
+    std::vector<bool> exited(size_t(world), false);
+    int running = world;
+    std::string problems, why;
+    while (running > 0 && problems.empty()) {
+        for (int r = 0; r < world; ++r) {
+            int status = 0;
+            if (exited[size_t(r)] || waitpid(pids[size_t(r)], &status, WNOHANG) <= 0) continue;
+            exited[size_t(r)] = true;
+            --running;
+            problems += exit_story(r, status);
+        }
+        int64_t sum = 0;
+        for (int r = 0; r < world; ++r) sum += coord->calls_done[r].load();
+        if (sum != seen) {
+            seen = sum;
+            moved = clock::now();
+        }
+        if (running == 0 || !problems.empty()) break;
+        char buf[160];
+        if (seconds_since(moved) > stall_s)
+            std::snprintf(buf, sizeof(buf), "no rank completed a call for %g s (a hang)",
+                          stall_s);
+        else if (seconds_since(start) > limit_s)
+            std::snprintf(buf, sizeof(buf), "still running after %g s in all (the limit)",
+                          limit_s);
+        else {
+            usleep(20000);
+            continue;
+        }
+        why = buf;
+        why += "; calls completed by rank:";
+        for (int r = 0; r < world; ++r)
+            why += " " + std::to_string(r) + ": " +
+                   std::to_string(coord->calls_done[r].load()) + (r + 1 < world ? "," : "");
+        break;
+    }
+    if (running > 0) {
+        for (int r = 0; r < world; ++r)
+            if (!exited[size_t(r)]) kill(pids[size_t(r)], SIGKILL);
+        for (int r = 0; r < world; ++r)
+            if (!exited[size_t(r)]) waitpid(pids[size_t(r)], nullptr, 0);
+        if (why.empty()) why = "the ranks still running were stopped";
+    }
+    return problems + why;
 }
 
 }  // namespace
@@ -223,14 +315,18 @@ extern "C" {
 // Forks `world` rank processes that run `calls` all-reduces (op 0 sum, 1 mean, 2 weighted
 // with per-call device weights) of `numel` elements placed as `placement` says. Returns 0
 // when every rank's result was within the bound of the float64 reference and bitwise-equal
-// across ranks; otherwise
-// a code and a message in `message`. `worst` receives the largest error / bound ratio.
+// across ranks; otherwise a code and a message in `message`. `worst` receives the largest
+// error / bound ratio. `stall_s` and `limit_s` bound the run as watch_ranks says;
+// `pace_us`, `stop_rank`, `stop_at_call` and `stop_exit` slow or stop ranks to test that
+// (see Check).
 int spd_emu_all_reduce_check(int world, int dtype, int op, int two_shot, int placement,
-                             int64_t numel, int calls, int64_t capacity, int timeout_s,
-                             double* worst, char* message, int message_len)
+                             int64_t numel, int calls, int64_t capacity, double stall_s,
+                             double limit_s, int64_t pace_us, int stop_rank, int stop_at_call,
+                             int stop_exit, double* worst, char* message, int message_len)
 {
     Coordination* coord = nullptr;
-    Check k{world, dtype, op, two_shot, calls, placement, numel, capacity, nullptr, nullptr};
+    Check k{world, dtype, op, two_shot, calls, placement, numel, capacity, nullptr, nullptr,
+            pace_us, stop_rank, stop_at_call, stop_exit};
     if (cudaMalloc(&coord, sizeof(Coordination)) != cudaSuccess ||
         cudaMalloc(&k.digests, sizeof(uint64_t) * size_t(calls) * size_t(world)) != cudaSuccess ||
         cudaMalloc(&k.worst, sizeof(double) * size_t(world)) != cudaSuccess) {
@@ -238,13 +334,18 @@ int spd_emu_all_reduce_check(int world, int dtype, int op, int two_shot, int pla
         return 3;
     }
     new (coord) Coordination{};
+    for (int r = 0; r < world; ++r) coord->calls_done[r] = -1;
     std::fill(k.worst, k.worst + world, 0.0);
     std::fflush(nullptr);
+    const pid_t parent = getpid();
     std::vector<pid_t> pids;
     for (int rank = 0; rank < world; ++rank) {
         const pid_t pid = fork();
         if (pid == 0) {
-            alarm(unsigned(timeout_s));  // a hang ends the process (SIGALRM), not the test run
+            // The watchdog lives in the parent: a rank must not outlive it (a killed test
+            // run would leave ranks spinning on flags).
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            if (getppid() != parent) _exit(4);
             int code = 0;
             dispatch_cuda_dtype(dtype, [&](auto* tag) {
                 using T = std::remove_pointer_t<decltype(tag)>;
@@ -255,21 +356,7 @@ int spd_emu_all_reduce_check(int world, int dtype, int op, int two_shot, int pla
         }
         pids.push_back(pid);
     }
-    std::string problems;
-    for (int rank = 0; rank < world; ++rank) {
-        int status = 0;
-        waitpid(pids[size_t(rank)], &status, 0);
-        if (WIFSIGNALED(status))
-            problems += "rank " + std::to_string(rank) + " died of signal " +
-                        std::to_string(WTERMSIG(status)) +
-                        (WTERMSIG(status) == SIGALRM ? " (timeout: a hang)" : "") + "; ";
-        else if (WEXITSTATUS(status) != 0)
-            problems += "rank " + std::to_string(rank) + " exited " +
-                        std::to_string(WEXITSTATUS(status)) +
-                        (WEXITSTATUS(status) == 1 ? " (a value outside the bound)"
-                                                  : " (a CUDA error)") +
-                        "; ";
-    }
+    std::string problems = watch_ranks(pids, coord, world, stall_s, limit_s);
     *worst = *std::max_element(k.worst, k.worst + world);
     if (problems.empty())
         for (int c = 0; c < calls && problems.empty(); ++c)
