@@ -468,7 +468,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "config is checked before any rank starts; a mistake is one line naming the key and "
         "the fix.\n\n  spd-ext train configs/train/quickstart.yaml\n  spd-ext train "
         "configs/train/quickstart.yaml --nproc 2 --set parallel.tp=2 --set "
-        "model.pattern='spd*2'\n  deepspeed --num_gpus 8 --module spd_ext.train.run CONFIG   (or "
+        "model.pattern='spd*2' --set training.out_dir=out/quickstart-tp2\n  deepspeed "
+        "--num_gpus 8 --module spd_ext.train.run CONFIG   (or "
         "torchrun ... -m spd_ext.train.run CONFIG)\n\nRank 0 prints progress and writes "
         "OUT_DIR/log.jsonl, loss.png, sample.txt, summary.json, model.pt (for spd-ext serve) "
         "and checkpoints/.",
@@ -492,7 +493,8 @@ def _train(args: argparse.Namespace) -> int:
                          f"runs under one (WORLD_SIZE={launched}); drop --nproc")
     world = args.nproc or launched or 1
     plan, facts = train_run.prepare(args.config, args.overrides, world, args.resume,
-                                    args.overwrite, hold=not args.dry_run)
+                                    args.overwrite, hold=not args.dry_run,
+                                    dry_run=args.dry_run)
     if args.dry_run:
         print(describe(plan.cfg).rstrip())
         print(f"# {world} rank(s): tp {plan.tp}, islands {plan.islands}, data parallel "
@@ -500,8 +502,12 @@ def _train(args: argparse.Namespace) -> int:
               f"{plan.out_dir}" + (f"; resume from {facts['resume_tag']}"
                                    if "resume_tag" in facts else ""))
         print("# ds_config: " + json.dumps(plan.ds_config))
+        if "checkpoints_note" in facts:
+            print(f"# note: {facts['checkpoints_note']}")
         return 0
     if args.nproc is not None:
+        if facts.get("resume_note"):
+            print(f"{train_run.PROG}: note: {facts['resume_note']}", flush=True)
         return train_run.launch(args.config, args.overrides, args.nproc, args.resume,
                                 args.overwrite)
     train_run.single_process_environment()

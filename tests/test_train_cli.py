@@ -203,6 +203,8 @@ ERRORS = [
     ({}, ["--set", "deepspeed.bf16=true"], "deepspeed.bf16 must be a mapping, got True; e.g. "
      "--set deepspeed.bf16.enabled=true"),
     ({}, ["--set", "deepspeed=missing_ds.json"], "deepspeed 'missing_ds.json' is not a file"),
+    ({"training": {"out_dir": "/proc/spd_ext/out"}}, [], "training.out_dir /proc/spd_ext/out "
+     "cannot be written"),
 ]
 
 
@@ -228,7 +230,8 @@ def _fake_checkpoint(plan, tokenizer, step: int) -> None:
     tag = f"global_step{step}"
     marker = plan.checkpoint_dir / tag / "train" / COMPLETE
     marker.parent.mkdir(parents=True)
-    marker.write_text(json.dumps({"step": step, "layout": plan.checkpoint_layout(tokenizer)}))
+    marker.write_text(json.dumps({"step": step, "layout": plan.checkpoint_layout(tokenizer),
+                                  "decay_steps": plan.decay_steps}))
     (plan.checkpoint_dir / LATEST).write_text(tag)
 
 
@@ -338,6 +341,38 @@ def test_engine_checkpoint_loads_run_no_code(tmp_path) -> None:
     loaded = engine.checkpoint_engine.load(str(tmp_path / "plain.pt"),
                                            map_location=lambda storage, loc: storage)
     assert torch.equal(loaded["module"]["w"], torch.ones(3))
+
+
+def test_resume_with_more_steps_says_the_schedule_changes(tmp_path) -> None:
+    """Raising training.steps on --resume stretches the cosine decay (the learning rate at
+    the resume step jumps): said on resume, with the setting that keeps the old one (was
+    silent). Keeping lr_decay_steps keeps it and says nothing."""
+    from spd_ext.data import TokenDataset
+    from spd_ext.train.run import prepare
+
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out", training={"steps": 6}))
+    plan, _ = prepare(str(path), [], 1)
+    _fake_checkpoint(plan, TokenDataset("tinyshakespeare", "char").tokenizer, 4)
+    _, facts = prepare(str(path), ["training.steps=12"], 1, resume=True)
+    assert "the cosine decay now spans 12 steps (the checkpoint's run: 6)" in \
+        facts["resume_note"] and "set training.lr_decay_steps=6" in facts["resume_note"]
+    _, facts = prepare(str(path), ["training.steps=12", "training.lr_decay_steps=6"], 1,
+                       resume=True)
+    assert "resume_note" not in facts
+
+
+def test_a_dry_run_beside_checkpoints_says_what_the_run_needs(tmp_path, capsys) -> None:
+    """--dry-run writes nothing, so checkpoints in out_dir do not refuse it (they did); it
+    says the real run needs --resume or --overwrite."""
+    from spd_ext.data import TokenDataset
+    from spd_ext.train.run import prepare
+
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out"))
+    plan, _ = prepare(str(path), [], 1)
+    _fake_checkpoint(plan, TokenDataset("tinyshakespeare", "char").tokenizer, 3)
+    assert cli.main(["train", str(path), "--dry-run"]) == 0
+    assert "the run needs --resume or --overwrite" in capsys.readouterr().out
+    assert cli.main(["train", str(path)]) == 2  # the run itself is still refused
 
 
 def test_missing_config_file_and_bad_syntax(tmp_path, capsys) -> None:

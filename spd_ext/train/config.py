@@ -515,6 +515,12 @@ class RunPlan:
         return precision_enabled(self.ds_config, "bf16")
 
     @property
+    def decay_steps(self) -> int:
+        """The steps the cosine decay spans (training.lr_decay_steps, else training.steps)."""
+        t = self.cfg.values["training"]
+        return int(t["lr_decay_steps"] or t["steps"])
+
+    @property
     def rank_timeout(self) -> float:
         return float(self.cfg.values["parallel"]["rank_timeout"])
 
@@ -743,16 +749,23 @@ def resume_tag(checkpoint_dir: Path) -> str | None:
     return complete[-1][1] if complete else None
 
 
-def saved_layout(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
-    """The layout a complete checkpoint was saved with ({} when its marker predates it)."""
+def _saved_info(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
+    """A complete checkpoint's marker ({} when unreadable)."""
     try:
         info = json.loads((checkpoint_dir / tag / "train" / COMPLETE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return info.get("layout", {}) if isinstance(info, dict) else {}
+    return info if isinstance(info, dict) else {}
 
 
-def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = False) -> dict:
+def saved_layout(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
+    """The layout a complete checkpoint was saved with ({} when its marker predates it)."""
+    layout = _saved_info(checkpoint_dir, tag).get("layout", {})
+    return layout if isinstance(layout, dict) else {}
+
+
+def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = False,
+                      dry_run: bool = False) -> dict:
     """What lies outside the config: DeepSpeed, the corpus and tokenizer (encoded into the
     token cache by the first process to get here; `spd-ext train` does it before starting the
     ranks, which then read the cache), the Hugging Face folder, the checkpoints.
@@ -826,7 +839,25 @@ def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = Fal
             raise _fail(f"--resume: {ckpt / tag} is at step {step}: the run already finished "
                         f"its training.steps {t['steps']}; raise training.steps to continue")
         facts["resume_tag"] = tag
+        saved_decay = _saved_info(ckpt, tag).get("decay_steps")
+        if t["schedule"] == "cosine" and isinstance(saved_decay, int) \
+                and saved_decay != plan.decay_steps:
+            from spd_ext.train.trainer import scheduled_lr
+
+            def lr(decay: int) -> float:
+                return scheduled_lr(step, t["lr"], t["min_lr"], t["warmup_steps"], decay,
+                                    t["schedule"])
+
+            facts["resume_note"] = (
+                f"the cosine decay now spans {plan.decay_steps} steps (the checkpoint's run: "
+                f"{saved_decay}), so the learning rate at step {step} moves from "
+                f"{lr(saved_decay):.3g} to {lr(plan.decay_steps):.3g}; set "
+                f"training.lr_decay_steps={saved_decay} to keep the old schedule")
     elif tag is not None and not overwrite:
+        if dry_run:  # a dry run writes nothing: say what the real run would need
+            facts["checkpoints_note"] = (f"{ckpt} holds a run's checkpoints (latest {tag}): "
+                                         "the run needs --resume or --overwrite")
+            return facts
         raise _fail(f"{ckpt} already holds a run's checkpoints (latest {tag}); pass --resume "
                     "to continue it, --overwrite to start over, or set training.out_dir "
                     "elsewhere")

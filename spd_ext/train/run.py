@@ -273,7 +273,7 @@ def save_checkpoint(engine: Any, plan: RunPlan, step: int, tokenizer: Any,
         with explained_write_errors(ckpt / tag, "checkpoint"):
             write_json(ckpt / tag / "train" / COMPLETE,
                        {"step": step, "layout": plan.checkpoint_layout(tokenizer),
-                        "time": time.time()})
+                        "decay_steps": plan.decay_steps, "time": time.time()})
             with atomic_path(ckpt / LATEST) as tmp:
                 tmp.write_text(tag)
     dist.barrier()
@@ -426,6 +426,8 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
     tokens_per_step = t.micro_batch * t.grad_accum * block * data_world
     gas = t.grad_accum
 
+    if main and facts.get("resume_note"):
+        print(f"{PROG}: note: {facts['resume_note']}", flush=True)
     if main:
         params = model.num_params()
         print(f"{PROG}: {cfg.name}: {world} rank(s), {_layout(plan)}, {_precision(plan)}, "
@@ -728,7 +730,8 @@ def hold_out_dir(out_dir: Path) -> ProcessLock:
 
 
 def prepare(config: str, overrides: Sequence[str], world_size: int, resume: bool = False,
-            overwrite: bool = False, hold: bool | None = False) -> tuple[RunPlan, dict]:
+            overwrite: bool = False, hold: bool | None = False,
+            dry_run: bool = False) -> tuple[RunPlan, dict]:
     """Load, plan and check a run (no collective); raises ValueError with one line.
     ``hold``: claim the out_dir for this process first (``facts["out_dir_lock"]``); None:
     unless the process that started this one's launcher (`spd-ext train --nproc`) holds it."""
@@ -741,7 +744,7 @@ def prepare(config: str, overrides: Sequence[str], world_size: int, resume: bool
         hold = os.environ.get(OUT_DIR_HELD_ENV) != str(plan.out_dir.resolve())
     lock = hold_out_dir(plan.out_dir) if hold else None
     try:
-        facts = check_environment(plan, resume=resume, overwrite=overwrite)
+        facts = check_environment(plan, resume=resume, overwrite=overwrite, dry_run=dry_run)
     except BaseException:
         if lock is not None:
             lock.release()
