@@ -436,7 +436,7 @@ def test_trainer_callback_and_metrics(tmp_path) -> None:
     norms reach DeepSpeed's CSV monitor and the JSONL log."""
     ranks = run_scenario("trainer", 2, tmp_path)
     trainer = ranks[0]["trainer"]
-    assert trainer["attached"] and trainer["last"]["step"] == 3
+    assert trainer["attached"] and trainer["last"]["step"] == 4  # from 1, as the metrics
     weights = trainer["last"]["weights"]
     assert abs(sum(weights) - 1) < 1e-12 and abs(weights[0] - 0.5) > 0.01, weights
     assert all("spd_ext/weight/rank0" in h for h in trainer["logged"])

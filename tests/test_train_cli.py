@@ -200,7 +200,7 @@ ERRORS = [
     ({}, ["--set", "parallel.tp_backend=spd"], "did you mean 'spd_ext'?"),
     ({"deepspeed": {"zero_optimization": 5}}, [], "deepspeed.zero_optimization must be a "
      "mapping, got 5"),
-    ({}, ["--set", "deepspeed.bf16=true"], "deepspeed.bf16 must be a mapping, got True; e.g. "
+    ({}, ["--set", "deepspeed.bf16=true"], "deepspeed.bf16 must be a mapping, got true; e.g. "
      "--set deepspeed.bf16.enabled=true"),
     ({}, ["--set", "deepspeed=missing_ds.json"], "deepspeed 'missing_ds.json' is not a file"),
     ({"training": {"out_dir": "/proc/spd_ext/out"}}, [], "training.out_dir /proc/spd_ext/out "

@@ -239,7 +239,7 @@ class EngineIntegration:
         losses, self._micro_losses = self._micro_losses, []
         loss = sum(losses) / len(losses) if losses else float("nan")
         step = engine.global_steps
-        self.last.update(step=step, loss=loss)
+        self.last.update(step=step + 1, loss=loss)  # counted from 1, as the metrics are
         if self.stage in REDUCES_IN_BACKWARD:  # reduced already, weighted by the loss factor
             self._originals["allreduce_gradients"](*args, **kwargs)
             self.reduce_seconds.append(time.perf_counter() - start)

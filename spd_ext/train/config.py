@@ -608,13 +608,13 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     for key, example in (("zero_optimization", "zero_optimization.stage=1"),
                          ("bf16", "bf16.enabled=true"), ("fp16", "fp16.enabled=true")):
         if key in ds and not isinstance(ds[key], dict):
-            raise _fail(f"deepspeed.{key} must be a mapping, got {ds[key]!r}; e.g. --set "
+            raise _fail(f"deepspeed.{key} must be a mapping, got {json.dumps(ds[key])}; e.g. --set "
                         f"deepspeed.{example}")
     section = ds.get(SECTION)
     if section is None:
         section = {}
     if not isinstance(section, dict):
-        raise _fail(f"deepspeed.{SECTION} must be a mapping, got {section!r}")
+        raise _fail(f"deepspeed.{SECTION} must be a mapping, got {json.dumps(section)}")
     section = ds[SECTION] = copy.deepcopy(section)
     tp_section = section.get("tensor_parallel") if isinstance(section.get("tensor_parallel"),
                                                                dict) else {}

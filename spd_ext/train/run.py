@@ -592,7 +592,7 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
             rows.append(["final dp weights", "[" + ", ".join(f"{w:.3f}" for w in
                                                              summary["weights"]) + "]"])
         print(format_table(["metric", "value"], rows))
-        title = (f"{cfg.name}: {model.config.pattern}, {_layout(plan)}, {_precision(plan)}, "
+        title = (f"{run_name}: {model.config.pattern}, {_layout(plan)}, {_precision(plan)}, "
                  f"{t.steps} steps")
         plot: Path | None = plan.out_dir / "loss.png"
         if not plot_losses(read_metrics(plan.out_dir / "log.jsonl"), plot, title):
