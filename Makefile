@@ -20,6 +20,9 @@ $(VENV)/.installed: setup.py pyproject.toml $(SOURCES)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=64" wheel
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) "numpy>=1.24,<3"
 	SPD_BUILD_OPS=1 $(BIN)/python -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
+	# DeepSpeed's CPU communication op too (a minute, once), so no first job sits silent
+	$(BIN)/python -c "import importlib.util as u; u.find_spec('deepspeed') and \
+		__import__('spd_ext.deepspeed.ops', fromlist=['x']).load_deepspeed_comm_op()"
 	touch $@
 
 setup: $(VENV)/.installed

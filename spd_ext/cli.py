@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -86,7 +87,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                  "here and why not, whether it is built (prebuilt or JIT cache), which "
                  "implementation runs, and its compiler flags.")
     p.add_argument("--build", action="store_true",
-                   help="build (JIT) every compatible op now instead of on first use")
+                   help="build (JIT) every compatible op now instead of on first use, "
+                   "DeepSpeed's CPU communication op too")
     p.set_defaults(func=_report)
 
 
@@ -150,6 +152,14 @@ def _report(args: argparse.Namespace) -> int:
     print(format_table(["op", "compatible", "built", "in use", "target", "flags", "note"], rows))
     if locks:
         print("\n" + "\n".join(locks))
+    if importlib.util.find_spec("deepspeed") is not None:
+        from spd_ext.deepspeed.ops import deepspeed_comm_op_state, load_deepspeed_comm_op
+
+        if args.build:
+            load_deepspeed_comm_op()
+        state = deepspeed_comm_op_state()
+        if state:
+            print("\n" + state)
     print("\ncomm.all_reduce on CPU float32/bfloat16/float16 tensors: shared-memory kernel "
           "when every rank of the group is on this host and shm_allreduce is in use, else "
           "torch.distributed. CUDA tensors: the CUDA IPC kernel when ipc_allreduce is in use, "

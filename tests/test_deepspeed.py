@@ -240,6 +240,9 @@ def test_a_stale_lock_on_deepspeeds_op_does_not_hang_a_job(tmp_path) -> None:
     assert "left by a build of op 'deepspeed_shm_comm' that was killed" in proc.stderr
     assert "building DeepSpeed's op" not in proc.stderr  # nothing was compiled again
     assert not (copy / "lock").exists()
+    report = subprocess.run([sys.executable, "-m", "spd_ext.cli", "report"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert f"DeepSpeed's deepspeed_shm_comm: built in {copy}" in report.stdout, report.stdout
 
 
 # -- under the deepspeed launcher -------------------------------------------------------

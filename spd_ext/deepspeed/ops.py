@@ -43,11 +43,7 @@ def deepspeed_ops_root() -> Path:
     return Path(get_default_build_root()) / f"deepspeed-{deepspeed.__version__}-{key}"
 
 
-def load_deepspeed_comm_op() -> Path | None:
-    """Load DeepSpeed's CPU communication op under spd_ext's build lock, before
-    ``deepspeed.init_distributed`` does; returns its build directory, or None where
-    DeepSpeed uses no such op (another accelerator, an incompatible host) or has it
-    prebuilt, which is then left to DeepSpeed."""
+def _comm_op_builder():  # noqa: ANN202 - DeepSpeed's OpBuilder, or None
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops
@@ -55,6 +51,34 @@ def load_deepspeed_comm_op() -> Path | None:
     builder = get_accelerator().create_op_builder(COMM_OP_BUILDER)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
             or installed_ops.get(builder.name, False):
+        return None
+    return builder
+
+
+def deepspeed_comm_op_state() -> str | None:
+    """What `spd-ext report` says of DeepSpeed's comm op (None: DeepSpeed uses none here,
+    or has it prebuilt). Builds nothing."""
+    from spd_ext.ops.build_lock import lock_state
+
+    builder = _comm_op_builder()
+    if builder is None:
+        return None
+    directory = deepspeed_ops_root() / builder.name
+    built = (directory / f"{builder.name}.so").exists()
+    text = (f"DeepSpeed's {builder.name}: " + (f"built in {directory}" if built else
+            "not built yet: the first DeepSpeed job builds it (about a minute on 2 cores; "
+            "`spd-ext report --build` does it now)"))
+    lock = lock_state(directory) if directory.is_dir() else None
+    return text + (f"; build lock {lock.describe()}" if lock is not None else "")
+
+
+def load_deepspeed_comm_op() -> Path | None:
+    """Load DeepSpeed's CPU communication op under spd_ext's build lock, before
+    ``deepspeed.init_distributed`` does; returns its build directory, or None where
+    DeepSpeed uses no such op (another accelerator, an incompatible host) or has it
+    prebuilt, which is then left to DeepSpeed."""
+    builder = _comm_op_builder()
+    if builder is None:
         return None
     root = deepspeed_ops_root()
     directory = root / builder.name

@@ -280,6 +280,9 @@ class OpBuilder:
             verbose = os.environ.get("SPD_EXT_VERBOSE_BUILD", "0") == "1"
         # torch takes its own lock file on every load and waits forever while one exists,
         # even when its owner died; ours is released by the kernel and clears a dead one.
+        if not self.jit_cached():  # say so: a first build takes half a minute or more
+            print(f"spd_ext: building op '{self.NAME}' once (about 30 s; cached in "
+                  f"{build_dir})", file=sys.stderr, flush=True)
         with build_lock(build_dir, self.NAME):
             return cpp_extension.load(name=f"spd_ext_{self.NAME}", **self.jit_arguments(),
                                       build_directory=str(build_dir), verbose=verbose)
