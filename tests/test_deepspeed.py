@@ -213,6 +213,38 @@ def test_attach_names_missing_deepspeed_internals() -> None:
         sd.EngineIntegration(OldEngine(), sd.SpdExtConfig(), None)
 
 
+def test_a_refused_section_is_one_line_per_job(tmp_path) -> None:
+    """A user's script under the deepspeed launcher whose section spd_ext refuses: rank 0
+    prints one line, no rank prints a traceback, the job exits non-zero and leaves no
+    DeepSpeed segment (was: a traceback per rank, and the segments)."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import deepspeed, torch, spd_ext.deepspeed as sd\n"
+        "deepspeed.init_distributed(dist_backend='gloo')\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "sd.initialize(model=model, model_parameters=model.parameters(), config={\n"
+        "    'train_batch_size': 2, 'zero_optimization': {'stage': 1},\n"
+        "    'spd_ext': {'comm': {'backend': 'spd_ext'}}})\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "DS_ACCELERATOR": "cpu"}
+    port = free_port()
+    left: list[Path] = []
+    try:
+        proc = subprocess.run([*LAUNCHER, "--num_gpus", "2", "--master_port", str(port),
+                               str(script)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        left = deepspeed_segments(port)
+        for path in left:
+            path.unlink(missing_ok=True)
+    assert not left, f"the job left {[p.name for p in left]} in /dev/shm"
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "spd_ext: error:" in line]
+    assert len(errors) == 1 and "comm.backend 'spd_ext' with zero_optimization.stage 1" in \
+        errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_stale_lock_on_deepspeeds_op_does_not_hang_a_job(tmp_path) -> None:
     """A DeepSpeed rank killed while its comm op loads leaves torch's `lock` in the op's
     build directory; every later job waited for it forever, silently. spd_ext's entry

@@ -16,8 +16,12 @@ engine someone else created (Hugging Face Trainer, Accelerate); ``SpdExtCallback
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
+import sys
+import time
 from typing import Any
 
 from spd_ext.deepspeed.config import (
@@ -37,6 +41,59 @@ __all__ = ["SECTION", "EngineIntegration", "ModelParallelUnit", "SpdExtCallback"
            "initialize", "parse_config"]
 
 
+#: How long a rank refusing the section waits for the others to refuse it too.
+REFUSAL_WAIT_S = 10.0
+
+
+def _refuse_once_per_job(error: SpdExtConfigError) -> None:
+    """A SpdExtConfigError on its way out of ``initialize`` / ``attach``: every rank refuses
+    the same config, but a launcher stops the whole job when the first rank exits, so the
+    ranks first wait for each other (through the store, at most REFUSAL_WAIT_S), then drop
+    their DeepSpeed segment names (every peer mapped them in init_distributed), and the
+    first rank says it in one line. Left unhandled, the error then ends each rank without
+    a traceback (the process hook below); every rank exits non-zero."""
+    import torch.distributed as dist
+
+    launched = dist.is_initialized() and dist.get_world_size() > 1
+    if launched:
+        from spd_ext.comm.torch_private import default_store
+
+        store, world = default_store(), dist.get_world_size()
+        key = "spd_ext/refused_section"
+        deadline = time.monotonic() + REFUSAL_WAIT_S
+        with contextlib.suppress(Exception):  # a store gone or slow: just go on
+            store.add(key, 1)
+            while int(store.add(key, 0)) < world and time.monotonic() < deadline:
+                time.sleep(0.05)
+    path = _deepspeed_shm_path()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if launched and dist.get_rank() == 0:
+        print(f"spd_ext: error: {error}", file=sys.stderr, flush=True)
+    if launched and not getattr(sys.excepthook, "spd_ext_config_errors", False):
+        previous = sys.excepthook
+
+        def hook(kind: type, value: BaseException, traceback: Any) -> None:
+            if not issubclass(kind, SpdExtConfigError):
+                previous(kind, value, traceback)  # said in one line by the first rank
+
+        hook.spd_ext_config_errors = True  # type: ignore[attr-defined]
+        sys.excepthook = hook
+
+
+def _one_line_errors(function: Any) -> Any:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except SpdExtConfigError as exc:
+            _refuse_once_per_job(exc)
+            raise
+
+    return wrapper
+
+
 def parse_config(ds_config: dict | str | None,
                  world_size: int | None = None) -> tuple[dict | None, SpdExtConfig]:
     """``(the ds_config without the section, the validated section)``; no collective.
@@ -51,6 +108,16 @@ def parse_config(ds_config: dict | str | None,
     return rest, cfg
 
 
+def _deepspeed_shm_path() -> str | None:
+    """This rank's DeepSpeed CPU all-reduce segment name (None outside a launched job)."""
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and dist.is_initialized()):
+        return None
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+
+
 def release_deepspeed_shm_name() -> bool:
     """Unlink the name of this rank's DeepSpeed CPU all-reduce segment (collective).
 
@@ -62,10 +129,9 @@ def release_deepspeed_shm_name() -> bool:
     with any unlinked POSIX shared memory. Returns whether a name was removed."""
     import torch.distributed as dist
 
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not (addr and port and dist.is_initialized()):
+    path = _deepspeed_shm_path()
+    if path is None:
         return False
-    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
     dist.barrier()
     try:
         os.unlink(path)
@@ -109,6 +175,7 @@ def _mark_tensor_parallel(model: Any, topology: Topology, cfg: SpdExtConfig) -> 
             p.partition_stride = 1
 
 
+@_one_line_errors
 def initialize(args: Any = None, model: Any = None, *, config: Any = None,
                config_params: Any = None, mpu: Any = None, **kwargs: Any) -> tuple:
     """``deepspeed.initialize`` with the ``"spd_ext"`` section honoured (same arguments,
@@ -152,6 +219,7 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
     return out
 
 
+@_one_line_errors
 def attach(engine: Any, config: dict | SpdExtConfig | None = None) -> EngineIntegration:
     """Attach spd_ext to an engine created elsewhere. ``config`` is the ``"spd_ext"``
     section (default: the one in the engine's own ds_config). Tensor parallelism and
