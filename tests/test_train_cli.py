@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -611,7 +612,8 @@ def test_tensor_parallel_2_under_the_deepspeed_launcher(tmp_path) -> None:
     assert steps[-1]["loss"] < steps[0]["loss"]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["tp"], summary["data_parallel"], summary["pattern"]) == (2, 1, "spd*2")
-    assert "tp syncs per step (fwd / bwd)  2 / 2" in stdout and "sample (16 tokens" in stdout
+    assert re.search(r"tp syncs per step \(fwd / bwd\) +2 / 2", stdout), stdout
+    assert "sample (16 tokens" in stdout
     assert (out / "loss.png").stat().st_size > 0 and len((out / "sample.txt").read_text()) > 0
     assert (out / "checkpoints" / "latest").read_text() == "global_step6"
     # model.pt: the trained weights, whole, with their config and tokenizer (spd-ext serve)

@@ -460,6 +460,7 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
 
     history: list[dict] = []
     step_times: list[float] = []
+    recent: deque = deque(maxlen=10)  # the last steps' losses, on the device (the summary)
     started = time.perf_counter()
     engine.train()
     for step in range(start, t.steps):
@@ -489,6 +490,7 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
             return 1
         seconds = time.perf_counter() - t0
         step_times.append(seconds)
+        recent.append(loss_sum / gas)
         if logged:
             reduced = (loss_sum / gas).reshape(1)
             dist.all_reduce(reduced)  # on the backend's device (NCCL reduces GPU tensors)
@@ -558,10 +560,14 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
                           topology.tp_ranks[0] if plan.tp > 1 else 0)
         if counter is not None:
             counter.reset()
+    # the summary's train loss: the mean over the ranks and the last 10 steps (one read)
+    tail = torch.stack(list(recent)).reshape(-1) if recent else torch.zeros(0, device=device,
+                                                                             dtype=torch.float64)
+    dist.all_reduce(tail)
+    tail = [v / world for v in tail.tolist()]
     dist.barrier()
     if main:
         trained = [h for h in history if "loss" in h]
-        tail = [h["loss"] for h in trained[-10:]]
         timed = step_times[min(5, len(step_times) // 4):]  # the first steps warm up
         step_s = statistics.median(timed) if timed else float("nan")
         last_train = trained[-1] if trained else {}
@@ -580,7 +586,7 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
         write_json(plan.out_dir / "summary.json", summary)
         log.event("summary", **summary)
         rows = [["steps", f"{start}->{t.steps}" if resume else t.steps],
-                ["train loss (last 10 logged steps)", summary["train_loss"]],
+                ["train loss (last 10 steps)", summary["train_loss"]],
                 ["val loss", val],
                 ["step time, median (ms)", summary["step_ms"]],
                 ["tokens/s", summary["tokens_per_sec"]],
