@@ -259,13 +259,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_bench_generate)
 
     d = _command(bench, "deepspeed", help="DeepSpeed engine step and gradient reduction",
-                 description="Time a DeepSpeed (ZeRO-0, fp32) training step of a GPT of about "
+                 description="Time a DeepSpeed (fp32) training step of a GPT of about "
                  "10M parameters on N local CPU ranks and its gradient reduction: DeepSpeed's "
                  "own reduction vs spd_ext's fused all-reduce (\"comm\": {\"backend\": "
-                 "\"spd_ext\"}), plain and signal-weighted.")
+                 "\"spd_ext\"}, stage 0 only), plain and signal-weighted, at a ZeRO stage.")
     _add_training_step_args(d, ("deepspeed", "deepspeed-weighted", "spd_ext",
                                 "spd_ext-weighted"),
                             steps=10)
+    d.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=0,
+                   help="ZeRO stage of the engines (default 0; the spd_ext variants need 0)")
+    d.set_defaults(variants="")  # every variant the stage allows
     d.set_defaults(func=_bench_deepspeed)
 
     h = _command(bench, "ddp-hook", help="DDP step: signal-weighted hook vs DDP's default",
@@ -605,7 +608,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
 def _bench_deepspeed(args: argparse.Namespace) -> int:
     from spd_ext.bench import ds_engine
 
-    cfg = _training_step_config(ds_engine.DeepSpeedBenchConfig, args)
+    cfg = _training_step_config(ds_engine.DeepSpeedBenchConfig, args, stage=args.stage)
     try:
         import deepspeed  # noqa: F401
     except ImportError:

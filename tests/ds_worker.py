@@ -96,19 +96,28 @@ def train_engine(engine, steps: int, dp_rank: int, gas: int = 1, first: int = 0)
 # -- signal weighting -------------------------------------------------------------
 SIGNAL = {"signal": "loss_ema", "map": "softmax", "temperature": 0.05, "floor": 0.1,
           "warmup_steps": 1}
+#: the gradient signals' arguments in the weighting jobs (a short window: 4 steps)
+SIGNAL_ARGS = {"grad_norm_stability": {"window": 3}, "cosine_to_prev_global": {"beta": 0.5}}
 
 
-def weighting_reference(steps: int, world: int, gas: int, optimizer: str = "sgd") -> dict:
+def weighting_reference(steps: int, world: int, gas: int, optimizer: str = "sgd",
+                        signal: str = "loss_ema") -> dict:
     """All ranks in one process: g = sum_i w_i g_i, then clip and SGD (no DeepSpeed). The
     step's weights are decided before its backward: each rank's signal as it would be
     after the step's first micro-batch loss; the step's mean loss then enters the signal
-    (with one micro-batch, the same)."""
+    (with one micro-batch, the same). Gradient signals see the rank's own gradient (the
+    mean over its micro-batches) and, for the cosine, the previous step's weighted sum
+    before clipping, after the weights are decided: they act one step late."""
+    from spd_ext.dp.signals import make_signal
+
     model = ReducedSyncGPT(gpt_config())
     opt = sgd(model.parameters()) if optimizer == "sgd" else reference_optimizer(model)
-    signals = [LossEMA() for _ in range(world)]
+    args = SIGNAL_ARGS.get(signal, {})
+    signals = [make_signal(signal, **args) for _ in range(world)]
     wmap = SoftmaxWeights(temperature=SIGNAL["temperature"], floor=SIGNAL["floor"],
                           warmup_steps=SIGNAL["warmup_steps"])
     history = []
+    previous_global = None
     for step in range(steps):
         grads, losses, firsts = [], [], []
         for r in range(world):
@@ -122,16 +131,21 @@ def weighting_reference(steps: int, world: int, gas: int, optimizer: str = "sgd"
             firsts.append(micro_losses[0])
             grads.append([p.grad.clone() for p in model.parameters()])
         estimates = []
-        for signal, first in zip(signals, firsts):
-            provisional = LossEMA()
-            provisional.load_state_dict(signal.state_dict())
+        for signal_r, first in zip(signals, firsts):
+            provisional = make_signal(signal, **args)
+            provisional.load_state_dict(signal_r.state_dict())
             provisional.observe_loss(first)
             estimates.append(provisional.raw())
-        weights = wmap(estimates, step, False)
+        weights = wmap(torch.stack(estimates), step, signals[0].higher_is_better).tolist()
         for r in range(world):
             signals[r].observe_loss(losses[r])
+            signals[r].begin_gradient()
+            signals[r].observe_gradient_piece(torch.cat([g.reshape(-1) for g in grads[r]]),
+                                              previous_global)
+            signals[r].end_gradient()
         for i, p in enumerate(model.parameters()):
             p.grad = sum(w * g[i] for w, g in zip(weights, grads))
+        previous_global = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         history.append({"losses": losses, "weights": weights})
@@ -155,14 +169,15 @@ def allow_fp16_on_cpu() -> None:
 
 
 def weighted_engine(stage: int, precision: str, gas: int, backend: str = "deepspeed",
-                    op: str = "mean", fp16: dict | None = None):
+                    op: str = "mean", fp16: dict | None = None, signal: str = "loss_ema"):
     """A signal-weighted engine. fp32 and bf16 take the client's SGD (its update shows the
     aggregate's scale); fp16 takes DeepSpeed's own AdamW from the config: at stage 0,
     DeepSpeed's fp16 wrapper of a client optimizer updates fp32 copies the client never
     sees, so plain DeepSpeed does not train there either."""
     dtype, extra = PRECISIONS[precision]
     model = ReducedSyncGPT(gpt_config()).to(dtype)
-    section = {"signal_weighting": SIGNAL, "comm": {"backend": backend}}
+    weighting = {**SIGNAL, "signal": signal, "signal_args": SIGNAL_ARGS.get(signal, {})}
+    section = {"signal_weighting": weighting, "comm": {"backend": backend}}
     config = {**ds_config(stage, gas=gas, section=section), **extra,
               "gradient_allreduce_op": op, "zero_allow_untested_optimizer": True}
     if fp16 is not None:
@@ -175,6 +190,15 @@ def weighted_engine(stage: int, precision: str, gas: int, backend: str = "deepsp
         engine, *_ = sd.initialize(model=model, optimizer=sgd(model.parameters()),
                                    config=config)
     return model, engine
+
+
+def plain(state):
+    """A state dict with its tensors as lists (to compare, or to write as JSON)."""
+    if isinstance(state, dict):
+        return {key: plain(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [plain(value) for value in state]
+    return state.tolist() if isinstance(state, torch.Tensor) else state
 
 
 def full_params(model: torch.nn.Module) -> list[float]:
@@ -211,16 +235,24 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
         "z1_fp16_gas4": (1, "fp16", 4, "deepspeed", "mean"),
         "z2_fp16_gas4": (2, "fp16", 4, "deepspeed", "mean"),
         "z3_fp16": (3, "fp16", 1, "deepspeed", "mean"),
+        # the gradient signals, where they work (ZeRO 0 and 1; the cosine at 0 only)
+        "z0_fp32_grad_norm_stability": (0, "fp32", 1, "deepspeed", "mean"),
+        "z0_fp32_spd_grad_norm_stability_gas4": (0, "fp32", 4, "spd_ext", "mean"),
+        "z1_fp32_grad_norm_stability": (1, "fp32", 1, "deepspeed", "mean"),
+        "z0_fp32_cosine_to_prev_global": (0, "fp32", 1, "deepspeed", "mean"),
+        "z0_fp32_cosine_to_prev_global_gas4": (0, "fp32", 4, "deepspeed", "mean"),
     }
     for name, (stage, precision, gas, backend, op) in cases.items():
-        model, engine = weighted_engine(stage, precision, gas, backend, op)
+        signal = next((s for s in SIGNAL_ARGS if s in name), "loss_ema")
+        model, engine = weighted_engine(stage, precision, gas, backend, op, signal=signal)
         weights = []
         losses = []
         for step in range(steps):
             losses += train_engine(engine, 1, rank, gas, first=step)
             weights.append(engine.spd_ext.last["weights"])
         out[name] = {"losses": losses, "weights": weights, "params": full_params(model),
-                     "reference": f"{gas}_{'adamw' if precision == 'fp16' else 'sgd'}",
+                     "reference": f"{gas}_{'adamw' if precision == 'fp16' else 'sgd'}"
+                     + ("" if signal == "loss_ema" else f"_{signal}"),
                      "precision": precision}
     # attach() to an engine made by plain deepspeed.initialize (section in its config)
     model = ReducedSyncGPT(gpt_config())
@@ -235,6 +267,8 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
     if rank == 0:
         out["reference"] = {f"{gas}_{opt}": weighting_reference(steps, world, gas, opt)
                             for gas in (1, 4) for opt in ("sgd", "adamw")}
+        out["reference"].update({f"{gas}_sgd_{signal}": weighting_reference(
+            steps, world, gas, "sgd", signal) for gas in (1, 4) for signal in SIGNAL_ARGS})
 
 
 # -- staleness ----------------------------------------------------------------------
@@ -309,44 +343,40 @@ def scenario_islands(rank: int, world: int, out: dict) -> None:
     islands = 2
     per = world // islands
     section = {"staleness": {"mode": f"diloco:{H}", "islands": islands}}
+    island = rank // per
 
-    def make():
+    def make(stage: int):
         model = ReducedSyncGPT(gpt_config())
         engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
-                                   config=ds_config(1, dp=per, section=section))
+                                   config=ds_config(stage, dp=per, section=section))
         return model, engine
 
-    model, engine = make()
-    topo = engine.spd_ext.topology
-    local = topo.dp_ranks.index(rank)
-    island = rank // per
-    losses = []
-    for step in range(steps):
-        x, y = batch(per * island + local, step)
-        _, loss = engine(x, y)
+    def train(engine, step: int) -> float:
+        local = engine.spd_ext.topology.dp_ranks.index(rank)
+        _, loss = engine(*batch(per * island + local, step))
         engine.backward(loss)
         engine.step()
         t = torch.tensor([loss.item()])
-        dist.all_reduce(t, group=topo.dp_group)
-        losses.append(t.item() / per)
-    out["engine"] = {"island_losses": losses, "params": flat_params(model), "island": island}
-    # the same run, checkpointed after `cut` steps and resumed in a new engine
-    root = [tempfile.mkdtemp(prefix="spd_ext_ds_islands_") if rank == 0 else None]
-    dist.broadcast_object_list(root, src=0)
-    resumed = []
-    _, first = make()
-    for step in range(steps):
-        if step == cut:
-            first.save_checkpoint(root[0])
-            _, first = make()
-            first.load_checkpoint(root[0])
-        _, loss = first(*batch(per * island + local, step))
-        first.backward(loss)
-        first.step()
-        t = torch.tensor([loss.item()])
-        dist.all_reduce(t, group=topo.dp_group)
-        resumed.append(t.item() / per)
-    out["resumed"] = {"island_losses": resumed}
+        dist.all_reduce(t, group=engine.spd_ext.topology.dp_group)
+        return t.item() / per
+
+    for stage in (1, 2, 3):
+        model, engine = make(stage)
+        losses = [train(engine, step) for step in range(steps)]
+        out[f"z{stage}"] = {"island_losses": losses, "params": full_params(model),
+                            "island": island}
+        # the same run, checkpointed after `cut` steps and resumed in a new engine
+        root = [tempfile.mkdtemp(prefix="spd_ext_ds_islands_") if rank == 0 else None]
+        dist.broadcast_object_list(root, src=0)
+        resumed = []
+        _, first = make(stage)
+        for step in range(steps):
+            if step == cut:
+                first.save_checkpoint(root[0])
+                _, first = make(stage)
+                first.load_checkpoint(root[0])
+            resumed.append(train(first, step))
+        out[f"z{stage}"]["resumed"] = resumed
     # Reference: spd_ext.staleness's diloco:H with one worker per island (ranks 0, per, ...)
     # whose batch is the island's batch.
     workers = list(range(0, world, per))
@@ -378,7 +408,7 @@ TP_CLIP = 0.3  # below the gradient norms of these steps, so clipping acts every
 def scenario_tp(rank: int, world: int, out: dict) -> None:
     steps, tp = 4, 2
     dp = world // tp
-    for stage in (0, 1):
+    for stage in (0, 1, 2):
         topo = sd.build_topology(tp)
         model = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp),
                                DistributedComm(topo.tp_group))
@@ -397,9 +427,10 @@ def scenario_tp(rank: int, world: int, out: dict) -> None:
             dist.all_reduce(t, group=topo.dp_group)
             losses.append(t.item() / dp)
             syncs.append([engine.spd_ext.last.get("syncs_forward"),
-                          engine.spd_ext.last.get("syncs_backward")])
+                          engine.spd_ext.last.get("syncs_backward"),
+                          engine.spd_ext.last.get("grad_syncs")])
         out[f"z{stage}"] = {"losses": losses, "params": flat_params(model), "syncs": syncs,
-                            "grad_norms": norms}
+                            "grad_norms": norms, "partial": len(engine.spd_ext._partial)}
     if rank == 0:  # the emulated model on the union of the dp ranks' batches
         ref = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp), EmulatedComm(tp))
         opt = reference_optimizer(ref)
@@ -522,7 +553,8 @@ def scenario_skipped(rank: int, world: int, out: dict) -> None:
             hook.remove()
         skipped = {"applied": engine.was_step_applied(), "reported": integration.last["skipped"],
                    "weights": integration.last["weights"],
-                   "signal_kept": integration.aggregator.state_dict() == before["signal"],
+                   "signal_kept": plain(integration.aggregator.state_dict())
+                   == plain(before["signal"]),
                    "count_kept": integration.applied_steps == before["applied"],
                    "params_kept": full_params(model) == before["params"]}
         train_engine(engine, 1, rank, first=3)
@@ -540,6 +572,132 @@ def scenario_skipped(rank: int, world: int, out: dict) -> None:
     if hook is not None:
         hook.remove()
     out["bf16_z2_nan"] = {"message": message, "params_kept": full_params(model) == before}
+
+
+# -- host synchronization -----------------------------------------------------------------
+class HostReads:
+    """Counts the host reads of tensor values made by spd_ext's own code: dispatches of
+    ``aten._local_scalar_dense`` (what ``.item()``, ``float()``, ``bool()`` run) and calls
+    of ``Tensor.tolist`` (which reads memory without a dispatch), each attributed to the
+    innermost frame outside torch; only frames in the spd_ext package count (DeepSpeed's
+    own step reads several values on CPU)."""
+
+    def __init__(self) -> None:
+        import os
+
+        import spd_ext
+
+        self.package = os.path.dirname(spd_ext.__file__) + os.sep
+        self.torch = os.path.dirname(torch.__file__) + os.sep
+        self.sites: list[str] = []
+
+    def _note(self) -> None:
+        import sys
+
+        frame = sys._getframe(2)
+        while frame is not None and (frame.f_code.co_filename.startswith(self.torch)
+                                     or frame.f_code.co_filename == __file__):
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename.startswith(self.package):
+            where = frame.f_code.co_filename[len(self.package):]
+            self.sites.append(f"{where}:{frame.f_lineno}")
+
+    def __enter__(self) -> HostReads:
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    reads._note()
+                return func(*args, **(kwargs or {}))
+
+        class Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is torch.Tensor.tolist:
+                    reads._note()
+                return func(*args, **(kwargs or {}))
+
+        self._modes = [Dispatch(), Function()]
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+
+def scenario_host_sync(rank: int, world: int, out: dict) -> None:
+    """The host reads spd_ext makes in a step that is not a metrics step, for each kind
+    of engine at each stage it supports; then a NaN gradient on such a step, raised at the
+    next metrics step."""
+    from spd_ext.dp.aggregator import WeightError
+
+    allow_fp16_on_cpu()
+    quiet = {"metrics": {"interval": 1000}}
+    weighting = {"signal_weighting": SIGNAL, **quiet}
+    cases = {  # name -> (stage, section, extra ds_config, tp, dp)
+        **{f"plain_z{z}": (z, dict(quiet), {}, 1, world) for z in (0, 1, 2, 3)},
+        **{f"weighted_z{z}": (z, weighting, {}, 1, world) for z in (0, 1, 2, 3)},
+        "weighted_z0_spd_ext": (0, {**weighting, "comm": {"backend": "spd_ext"}}, {}, 1,
+                                world),
+        "grad_norm_z1": (1, {**weighting, "signal_weighting": {
+            **SIGNAL, "signal": "grad_norm_stability"}}, {}, 1, world),
+        "cosine_z0": (0, {**weighting, "signal_weighting": {
+            **SIGNAL, "signal": "cosine_to_prev_global"}}, {}, 1, world),
+        "weighted_z2_bf16": (2, weighting, {"bf16": {"enabled": True}}, 1, world),
+        "weighted_z3_fp16": (3, weighting, {"fp16": {"enabled": True, "loss_scale": 128}},
+                             1, world),
+        **{f"islands_z{z}": (z, {"staleness": {"mode": "diloco:2", "islands": world},
+                                 **quiet}, {}, 1, 1) for z in (1, 2, 3)},
+        **{f"tp_z{z}": (z, {"tensor_parallel": {"size": world, "pattern": TP_PATTERN},
+                            **quiet}, {}, world, 1) for z in (0, 1, 2)},
+    }
+    # a NaN gradient on a step that is not a metrics step: raised at the next one (first:
+    # DeepSpeed keeps the last mpu it was given, so engines with an mpu come last)
+    model = ReducedSyncGPT(gpt_config())
+    engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                               config=ds_config(0, section={"signal_weighting": SIGNAL,
+                                                            "metrics": {"interval": 3}}))
+    raised = []
+    for index in range(3):
+        hook = None
+        if rank == 1 and index == 0:
+            hook = next(model.parameters()).register_hook(
+                lambda g: g.flatten().index_fill(0, torch.tensor([0]), float("nan")).view_as(g))
+        try:
+            _, loss = engine(*batch(rank, index))
+            engine.backward(loss)
+            engine.step()
+        except WeightError as exc:
+            raised.append([index, str(exc)])
+        if hook is not None:
+            hook.remove()
+    out["deferred_nan"] = raised
+    for name, (stage, section, extra, tp, dp) in cases.items():
+        topo = sd.build_topology(tp)
+        dtype = torch.float16 if "fp16" in extra else torch.float32
+        if tp > 1:
+            model = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp),
+                                   DistributedComm(topo.tp_group))
+        else:
+            model = ReducedSyncGPT(gpt_config())
+        config = {**ds_config(stage, dp=dp, section=section), **extra}
+        engine, *_ = sd.initialize(model=model.to(dtype), model_parameters=model.parameters(),
+                                   config=config)
+        dp_rank = rank % dp
+        sites: list[str] = []
+        for index in range(3):  # the first step's set-up (buffers, lazy state) is not counted
+            with HostReads() as reads:
+                _, loss = engine(*batch(dp_rank, index))
+                engine.backward(loss)
+                engine.step()
+            if index:
+                sites += reads.sites
+        out[name] = sites
 
 
 # -- set-ups refused once DeepSpeed's segments exist --------------------------------------
@@ -582,7 +740,8 @@ def scenario_refused(rank: int, world: int, out: dict) -> None:
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
              "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
              "trainer": scenario_trainer, "nan_grad": scenario_nan_grad,
-             "refused": scenario_refused, "skipped": scenario_skipped}
+             "refused": scenario_refused, "skipped": scenario_skipped,
+             "host_sync": scenario_host_sync}
 
 
 def main() -> None:

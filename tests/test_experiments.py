@@ -82,6 +82,20 @@ def test_bench_deepspeed_on_two_ranks(capsys) -> None:
     assert "--nproc must be at least 2" in capsys.readouterr().err
     assert main(["bench", "deepspeed", "--variants", "spd_ext,nccl"]) == 2
     assert "unknown variant(s) ['nccl']" in capsys.readouterr().err
+    assert main(["bench", "deepspeed", "--stage", "2", "--variants", "spd_ext"]) == 2
+    assert "need --stage 0" in capsys.readouterr().err
+
+
+@needs_deepspeed
+def test_bench_deepspeed_at_zero_3(capsys) -> None:
+    assert main(["bench", "deepspeed", "--stage", "3", "--nproc", "2", "--n-layer", "1",
+                 "--n-embd", "16", "--n-head", "2", "--batch-size", "2", "--seq-len", "8",
+                 "--warmup", "1", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-3" in out and "deepspeed-weighted" in out and "step x its plain" in out
+    rows = [line.split()[0] for line in out.splitlines()
+            if line.startswith(("deepspeed", "spd_ext"))]
+    assert rows == ["deepspeed", "deepspeed-weighted"]  # the fused variants need stage 0
 
 
 def test_bench_ddp_hook_on_two_ranks(capsys) -> None:

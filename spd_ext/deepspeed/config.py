@@ -284,24 +284,37 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
         return
     sw = cfg.signal_weighting
     # what besides signal weighting is on: each has its own limits below
+    islands = cfg.staleness.islands > 1
     others = [what for what, on in (
-        (f"staleness.mode {mode}", mode.kind != "ssgd"),
+        (f"staleness.mode {mode}", mode.kind != "ssgd" and not islands),
         (f"tensor_parallel.size {cfg.tensor_parallel.size}", cfg.tensor_parallel.size > 1),
         ("comm.backend 'spd_ext'", cfg.comm.backend == SPD_EXT)) if on]
+    if stage == 3 and cfg.tensor_parallel.size > 1:
+        raise SpdExtConfigError(
+            f"tensor_parallel.size {cfg.tensor_parallel.size} with zero_optimization.stage 3: "
+            "ZeRO-3 partitions every parameter over the data-parallel ranks and gathers it "
+            "inside each forward, while spd_ext's tensor-parallel blocks hold their shards "
+            "whole and give replicated parameters partial gradients that must be summed over "
+            "the tensor-parallel group before DeepSpeed's reduce-scatter; not supported: use "
+            "stage 2 (tensor parallelism shards the weights already) or 0 / 1")
     if stage >= 2:
-        if others:
+        # tensor parallelism at ZeRO-2 sums partial gradients inside backward (engine.py)
+        beyond = [what for what in others if not what.startswith("tensor_parallel")]
+        if beyond:
             raise SpdExtConfigError(
-                f"{others[0]} with zero_optimization.stage {stage}: ZeRO-{stage} reduces "
+                f"{beyond[0]} with zero_optimization.stage {stage}: ZeRO-{stage} reduces "
                 "gradients bucket by bucket during backward (reduce-scatter hooks), so spd_ext "
                 "cannot delay them, average replicas, or reduce them itself; not supported at "
-                "this stage yet: use stage 0 or 1 (signal weighting alone works at every stage)")
+                "this stage yet: use stage 0 or 1 (signal weighting and DiLoCo islands work "
+                "at every stage)")
         if sw is not None and SIGNALS[sw.signal].observes_gradients:
             raise SpdExtConfigError(
                 f"signal_weighting.signal {sw.signal} with zero_optimization.stage {stage}: "
                 "the signal reads this rank's own gradient, which ZeRO-2/3 never hold whole "
                 "(they reduce-scatter it during backward); use loss_ema at this stage, or "
                 "stage 0 or 1")
-    if precision_enabled(ds_config, "fp16") and others:
+    if precision_enabled(ds_config, "fp16") and (others or islands):
+        others = others or [f"staleness.islands {cfg.staleness.islands}"]
         raise SpdExtConfigError(
             f"fp16 with {others[0]}: dynamic loss scaling skips steps on overflow, which would "
             "desynchronize staleness schedules and tensor-parallel sums from the applied "
@@ -358,10 +371,20 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             f"tensor_parallel.size {cfg.tensor_parallel.size} with staleness.mode {mode}: not "
             "supported together yet (the staleness modes average whole replicas); use one of "
             "the two")
-    if cfg.staleness.islands > 1 and stage != 1:
+    if islands and stage == 0:
         raise SpdExtConfigError(
-            f"staleness.islands {cfg.staleness.islands} needs zero_optimization.stage 1 (each "
-            f"island runs ZeRO-1 on its own ranks), got stage {stage}")
+            f"staleness.islands {cfg.staleness.islands} needs zero_optimization.stage 1, 2 or "
+            "3 (each island runs ZeRO on its own ranks; the outer step acts on the fp32 "
+            "master partitions), got stage 0")
+    offload = [key for key in ("offload_optimizer", "offload_param")
+               if isinstance(zero, dict) and isinstance(zero.get(key), dict)
+               and str(zero[key].get("device", "none")).lower() not in ("none", "")]
+    if islands and offload:
+        raise SpdExtConfigError(
+            f"staleness.islands {cfg.staleness.islands} with zero_optimization.{offload[0]}: "
+            "the outer step averages the fp32 master partitions across islands on the "
+            "training device, and offloaded ones live in host memory or NVMe; remove "
+            f"{offload[0]}")
     if cfg.comm.backend == SPD_EXT and mode.kind != "ssgd":
         raise SpdExtConfigError(
             f"comm.backend 'spd_ext' with staleness.mode {mode}: the staleness modes carry their "

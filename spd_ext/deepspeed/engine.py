@@ -3,7 +3,7 @@
 ``EngineIntegration`` attaches to one ``DeepSpeedEngine`` by replacing, on that engine
 instance only, a few of its methods with wrappers that call the originals:
 
-* ``backward(loss)``: records the micro-batch loss (the signals' input). With signal
+* ``backward(loss)``: keeps the micro-batch loss on the device (the signals' input). With signal
   weighting, the step's first backward decides the step's weights (one scalar
   all-gather on the data-parallel group: each rank's signal as it would be after this
   micro-batch's loss) and every backward of the step scales its loss by ``N * w_i``, so
@@ -25,6 +25,10 @@ instance only, a few of its methods with wrappers that call the originals:
   SGD / DiLoCo) and metrics;
 * ``save_checkpoint`` / ``load_checkpoint``: spd_ext's per-rank state beside DeepSpeed's,
   in ``<save_dir>/<tag>/spd_ext/rank<R>.pt``.
+
+Nothing is read on the host except on metrics steps (``metrics.interval``, see
+``check_step``): losses, signals, weights and the non-finite flags stay device tensors,
+and a fault on another step is raised at the next check (``DeferredFaults``).
 
 The DeepSpeed internals relied on are listed in ``REQUIRED_ENGINE_ATTRIBUTES`` and
 ``REQUIRED_ZERO1_ATTRIBUTES`` and checked when attaching.
@@ -62,28 +66,50 @@ REQUIRED_ENGINE_ATTRIBUTES = (
 )
 REQUIRED_ZERO1_ATTRIBUTES = ("bit16_groups", "get_gradient_for_reduction",
                              "single_partition_of_fp32_groups", "update_lp_params")
+#: what islands need of a ZeRO-2 / ZeRO-3 optimizer
+REQUIRED_ISLAND_ATTRIBUTES = {2: ("single_partition_of_fp32_groups", "update_lp_params"),
+                              3: ("fp32_partitioned_groups_flat", "_partition_all_parameters",
+                                  "_reassign_or_swap_out_partitioned_parameters")}
 STATE_VERSION = 1
 #: ZeRO stages at which DeepSpeed reduces gradients inside backward (reduce-scatter hooks).
 REDUCES_IN_BACKWARD = (2, 3)
 
 
 class IslandDiLoCo(DiLoCo):
-    """DiLoCo across islands, each running ZeRO-1: the outer step acts on this rank's fp32
-    master shard (averaged with the same shard of the other islands), then the
-    low-precision weights are refreshed from the masters inside the island."""
+    """DiLoCo across islands, each running ZeRO-1, 2 or 3 on its own ranks: the outer step
+    acts on this rank's fp32 master partition (averaged with the same partition of the
+    other islands, which have the same layout), then the low-precision weights are
+    refreshed from the masters inside the island: ZeRO-1/2 all-gather them, ZeRO-3 copies
+    them into this rank's partition of each parameter (which stays partitioned)."""
 
-    def __init__(self, mode: Any, zero_optimizer: Any, outer_lr: float, outer_momentum: float,
-                 group: Any) -> None:
-        self.zero_optimizer = zero_optimizer
+    def __init__(self, mode: Any, zero_optimizer: Any, stage: int, outer_lr: float,
+                 outer_momentum: float, group: Any) -> None:
+        self.zero_optimizer, self.stage = zero_optimizer, stage
         super().__init__(mode, nn.Module(), outer_lr, outer_momentum, group)
 
     def weights(self, model: nn.Module) -> list[torch.Tensor]:
+        if self.stage == 3:
+            return list(self.zero_optimizer.fp32_partitioned_groups_flat)
         return list(self.zero_optimizer.single_partition_of_fp32_groups)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         super().after_step(model, step)
         if (step + 1) % self.H == 0:
-            self.zero_optimizer.update_lp_params()  # all-gather inside the island
+            opt = self.zero_optimizer
+            if self.stage == 3:
+                # as DeepSpeed's own step does: release every gathered parameter (those it
+                # keeps whole, below stage3_param_persistence_threshold, too), refresh the
+                # partitions from the fp32 masters, gather the persistent ones again
+                opt._partition_all_parameters()
+                for group in range(len(opt.fp32_partitioned_groups_flat)):
+                    opt._reassign_or_swap_out_partitioned_parameters(group)
+                persistent = getattr(opt, "persistent_parameters", [])
+                if persistent:
+                    persistent[0].all_gather(persistent)
+                if hasattr(opt, "invalidate_secondary_tensor"):
+                    opt.invalidate_secondary_tensor()
+            else:
+                opt.update_lp_params()  # all-gather inside the island
 
 
 class EngineIntegration:
@@ -95,6 +121,9 @@ class EngineIntegration:
                                                             "zero_optimization_stage") else 0
         if stage == 1 and cfg.active:
             missing += [f"optimizer.{a}" for a in REQUIRED_ZERO1_ATTRIBUTES
+                        if not hasattr(engine.optimizer, a)]
+        if getattr(topology, "islands", 1) > 1 and stage in REQUIRED_ISLAND_ATTRIBUTES:
+            missing += [f"optimizer.{a}" for a in REQUIRED_ISLAND_ATTRIBUTES[stage]
                         if not hasattr(engine.optimizer, a)]
         if missing:
             import deepspeed
@@ -110,13 +139,15 @@ class EngineIntegration:
         self.dp_group = topology.dp_group
         self.dp_rank = dist.get_rank(self.dp_group)
         self.dp_size = dist.get_world_size(self.dp_group)
-        self._micro_losses: list[float] = []
+        self._micro_losses: list[torch.Tensor] = []
         self._skip_optimizer = False
-        self.last: dict[str, Any] = {}
+        # what `last` shows, kept as DeepSpeed and the signals left it (device tensors)
+        self._last: dict[str, Any] = {}
+        self._unchecked = DeferredFaults(dist.get_world_size())
         # signal weighting: this rank's loss factor for the step under way (None between
         # steps), the aggregator's state when the step began (put back if DeepSpeed skips
         # the step), and the steps applied so far (the weights' warm-up counts these)
-        self._loss_factor: float | None = None
+        self._loss_factor: torch.Tensor | None = None
         self._state_before_step: dict | None = None
         self.applied_steps = 0
         self.reduce_seconds: list[float] = []  # per boundary, for benchmarks
@@ -133,7 +164,7 @@ class EngineIntegration:
                 warmup_steps=sw.warmup_steps, signal_args=sw.signal_args, group=self.dp_group)
         self.strategy: StalenessStrategy | None = None
         if topology.islands > 1:
-            self.strategy = IslandDiLoCo(mode, engine.optimizer, cfg.staleness.outer_lr,
+            self.strategy = IslandDiLoCo(mode, engine.optimizer, stage, cfg.staleness.outer_lr,
                                          cfg.staleness.outer_momentum,
                                          topology.cross_island_group)
         elif mode.kind != "ssgd":
@@ -146,6 +177,8 @@ class EngineIntegration:
                          if topology.tp_size > 1 else [])
         self._counter = getattr(self.module, "sync_counter", None) if topology.tp_size > 1 \
             else None
+        self._tp_hooks = [p.register_hook(self._sum_partial_grad_in_backward)
+                          for p in self._partial] if stage in REDUCES_IN_BACKWARD else []
         self.log: RunLog | None = None
         if cfg.metrics.jsonl and dist.get_rank() == 0:
             self.log = RunLog(Path(cfg.metrics.jsonl), run_name="spd_ext", quiet=True,
@@ -167,11 +200,32 @@ class EngineIntegration:
         engine.clip_fp32_gradients = self.clip_fp32_gradients
         engine.spd_ext = self
 
+    @property
+    def last(self) -> dict[str, Any]:
+        """The last step's values (step, loss, weight, weights, signals, grad_norm,
+        syncs_forward / syncs_backward / grad_syncs, skipped, skipped_optimizer), read on
+        the host: a
+        synchronization with the device, which the engine itself makes only on metrics
+        steps (``metrics.interval``)."""
+        return {key: _host(value) for key, value in self._last.items()}
+
+    def check_step(self, step: int) -> bool:
+        """Whether step ``step`` (counted from 0) reads its values on the host: its metrics
+        are written and a non-finite loss, signal or gradient is refused before its update.
+        Other steps keep every value on the device and are checked at the next such step."""
+        return (step + 1) % self.cfg.metrics.interval == 0
+
+    def check(self) -> None:
+        """Raise WeightError on every rank now if a step since the last check had a
+        non-finite loss, signal or gradient (a host read; the engine itself checks on
+        metrics steps and before saving a checkpoint)."""
+        self._unchecked.raise_if_any(self.engine.global_steps - 1, self.cfg.metrics.interval)
+
     # -- the wrapped engine methods ----------------------------------------------------
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        value = float(loss.detach())
+        value = loss.detach()
         if not self._micro_losses:  # the step's first micro-batch
-            self.last = {}
+            self._last = {}
         self._micro_losses.append(value)
         if self._grad_buffers:
             self._attach_grad_views()
@@ -182,17 +236,26 @@ class EngineIntegration:
         out = self._originals["backward"](loss * self._loss_factor, *args, **kwargs)
         return out / self._loss_factor  # what DeepSpeed returns: the loss over the steps
 
-    def _weigh_step(self, first_loss: float) -> float:
+    def _weigh_step(self, first_loss: torch.Tensor) -> torch.Tensor:
         """The step's weights, before its first backward (collective on the data-parallel
-        group; WeightError on every rank if any rank's loss is not finite); returns this
-        rank's loss factor: ``N * w_i`` where DeepSpeed averages, ``w_i`` where it sums."""
+        group, on the device); returns this rank's loss factor: ``N * w_i`` where DeepSpeed
+        averages, ``w_i`` where it sums. On a check step, every rank raises WeightError if
+        any rank's loss or signal is not finite; otherwise that is noted for the next
+        check."""
         agg = self.aggregator
         assert agg is not None
+        step = self.engine.global_steps
         self._state_before_step = agg.state_dict()
         weights = agg.weights_before_backward(self.applied_steps, first_loss)
-        self.last.update(weight=weights[self.dp_rank], weights=weights,
-                         signals=agg.last.get("signals"))
-        return weights[self.dp_rank] * (self.dp_size if self.engine.gradient_average else 1)
+        signals = agg.last["signals"]
+        self._last.update(weight=weights[self.dp_rank], weights=weights, signals=signals)
+        if self.check_step(step):
+            self._unchecked.raise_if_any(step, self.cfg.metrics.interval)
+            agg.checked_weights()
+        else:
+            self._unchecked.note_signals(step, signals, weights)
+        factor = weights[self.dp_rank] * (self.dp_size if self.engine.gradient_average else 1)
+        return factor.to(torch.promote_types(first_loss.dtype, torch.float32))
 
     # -- gradients as views of flat buffers (comm.backend "spd_ext", stage 0) ----------------
     def _make_grad_buffers(self) -> dict[torch.dtype, torch.Tensor]:
@@ -237,9 +300,10 @@ class EngineIntegration:
             dist.barrier(group=self.dp_group)
         start = time.perf_counter()
         losses, self._micro_losses = self._micro_losses, []
-        loss = sum(losses) / len(losses) if losses else float("nan")
+        loss = (torch.stack([x.double() for x in losses]).mean() if losses
+                else torch.tensor(float("nan"), dtype=torch.float64))
         step = engine.global_steps
-        self.last.update(step=step + 1, loss=loss)  # counted from 1, as the metrics are
+        self._last.update(step=step + 1, loss=loss)  # counted from 1, as the metrics are
         if self.stage in REDUCES_IN_BACKWARD:  # reduced already, weighted by the loss factor
             self._originals["allreduce_gradients"](*args, **kwargs)
             self.reduce_seconds.append(time.perf_counter() - start)
@@ -250,7 +314,7 @@ class EngineIntegration:
         if not self._fp16:
             self._refuse_non_finite(grads, step)
         if self.strategy is not None and self.topology.islands == 1:
-            out = self.strategy.after_backward(self.module, step, loss) or {}
+            out = self.strategy.after_backward(self.module, step, float(loss)) or {}
             self._skip_optimizer = bool(out.get("skip_optimizer", False))
         elif self.aggregator is not None:
             self._weighted_reduce(grads, args, kwargs)
@@ -280,14 +344,17 @@ class EngineIntegration:
                 self.strategy.after_step(self.module, step)
             if self._counter is not None:
                 syncs = self._counter.step()
-                self.last.update(syncs_forward=syncs["forward"],
-                                 syncs_backward=syncs["backward"])
-            norm = self.engine.get_global_grad_norm() if self.stage == 1 else None
+                self._last.update(syncs_forward=syncs["forward"],
+                                  syncs_backward=syncs["backward"],
+                                  grad_syncs=syncs["grad_syncs"])
+            norm = self.engine.get_global_grad_norm() if self.stage >= 1 else None
             if norm is not None:
-                self.last["grad_norm"] = float(norm)
-            self.last["skipped_optimizer"] = self._skip_optimizer
+                self._last["grad_norm"] = norm
+            self._last["skipped_optimizer"] = self._skip_optimizer
             self._skip_optimizer = False
-            self._write_metrics(step)
+            if self.check_step(step):
+                self._unchecked.raise_if_any(step, self.cfg.metrics.interval)
+                self._write_metrics(step)
         return out
 
     def _account_for_step(self, step: int) -> None:
@@ -295,11 +362,11 @@ class EngineIntegration:
         applied; if DeepSpeed skipped it (fp16's loss scaler on an overflow, or ZeRO's
         check of a non-finite reduced gradient), the signal and weight state go back to
         where the step found them, and outside fp16 every rank raises WeightError."""
-        applied = bool(self.engine.was_step_applied())
-        self.last["skipped"] = not applied
+        applied = bool(self.engine.was_step_applied())  # DeepSpeed's own flag (host)
+        self._last["skipped"] = not applied
         if self.aggregator is not None and self._loss_factor is not None:
             if applied:
-                self.aggregator.end_step(self.last.get("loss", float("nan")))
+                self.aggregator.end_step(self._last.get("loss", float("nan")))
             elif self._state_before_step is not None:
                 self.aggregator.load_state_dict(self._state_before_step)
         self._loss_factor, self._state_before_step = None, None
@@ -325,7 +392,7 @@ class EngineIntegration:
 
             norm = clip_grad_norm_(parameters=self.module.parameters(),
                                    max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-        self.last["grad_norm"] = float(norm)
+        self._last["grad_norm"] = norm
 
     # -- reductions ---------------------------------------------------------------
     def _reduction_grads(self) -> list[torch.Tensor]:
@@ -340,11 +407,11 @@ class EngineIntegration:
 
     def _refuse_non_finite(self, grads: list[torch.Tensor], step: int) -> None:
         """A NaN or inf gradient on one rank, even with a finite loss, would spread through
-        the reduction into every rank's update. Like a NaN loss, it makes every rank of
-        the job (all tensor- and data-parallel ranks, which must stop together) raise
-        WeightError before any gradient is reduced or parameter changed. Costs one pass
-        over the local gradient and one all-reduce of world_size floats per step; no host
-        synchronization until the flags are read."""
+        the reduction into every rank's update. Like a NaN loss, on a check step it makes
+        every rank of the job (all tensor- and data-parallel ranks, which must stop
+        together) raise WeightError before any gradient is reduced or parameter changed;
+        on other steps the flags stay on the device until the next check. Costs one pass
+        over the local gradient and one all-reduce of world_size floats per step."""
         world, rank = dist.get_world_size(), dist.get_rank()
         device = grads[0].device if grads else torch.device("cpu")
         flags = torch.zeros(world, dtype=torch.float32, device=device)
@@ -352,6 +419,10 @@ class EngineIntegration:
             total = torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum()
             flags[rank] = (~torch.isfinite(total)).float()
         all_reduce(flags, "sum")
+        if not self.check_step(step):
+            self._unchecked.note_gradients(step, flags)
+            return
+        self._unchecked.raise_if_any(step, self.cfg.metrics.interval)
         bad = [r for r, flag in enumerate(flags.tolist()) if flag != 0]
         if bad:
             raise WeightError(
@@ -376,15 +447,27 @@ class EngineIntegration:
             if self._counter is not None:
                 self._counter.grad_syncs += 1
 
+    def _sum_partial_grad_in_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        """ZeRO-2: a partial gradient summed over the tensor-parallel group as autograd
+        produces it, before DeepSpeed's reduce-scatter hooks take it (they run once it
+        is accumulated). Every rank of the group runs the same graph, so the all-reduces
+        come in the same order; one per such parameter and micro-batch."""
+        grad = grad.clone()
+        all_reduce(grad, "sum", group=self.topology.tp_group)
+        if self._counter is not None:
+            self._counter.grad_syncs += 1
+        return grad
+
     def _weighted_reduce(self, grads: list[torch.Tensor], args: tuple, kwargs: dict) -> None:
         """ZeRO 0 and 1: the gradients hold ``factor * g_i`` (the loss was scaled by the
         rank's factor): gradient-based signals see ``g_i``, then a plain reduction (mean or
         sum, as DeepSpeed is configured) yields sum_i w_i g_i."""
         agg = self.aggregator
         assert agg is not None and self._loss_factor is not None
+        factor = self._loss_factor.double()
         agg.signal.begin_gradient()
         for i, g in enumerate(grads):
-            agg.observe_local_piece(i, g.reshape(-1), self._loss_factor)
+            agg.observe_local_piece(i, g.reshape(-1), factor)
         agg.signal.end_gradient()
         if self.cfg.comm.backend == SPD_EXT:
             self._spd_reduce(grads, "mean" if self.engine.gradient_average else "sum", None)
@@ -423,12 +506,13 @@ class EngineIntegration:
 
     # -- metrics ------------------------------------------------------------------
     def _write_metrics(self, step: int) -> None:
-        if (step + 1) % self.cfg.metrics.interval != 0:
-            return
-        values: dict[str, float] = {"loss": self.last.get("loss", float("nan"))}
-        for r, w in enumerate(self.last.get("weights") or []):
+        """On a check step: the step's values, read on the host, to DeepSpeed's monitor and
+        the metrics file."""
+        last = self.last
+        values: dict[str, float] = {"loss": last.get("loss", float("nan"))}
+        for r, w in enumerate(last.get("weights") or []):
             values[f"weight/rank{r}"] = w
-        for r, s in enumerate(self.last.get("signals") or []):
+        for r, s in enumerate(last.get("signals") or []):
             values[f"signal/rank{r}"] = s
         if self.strategy is not None:
             m = self.strategy.metrics
@@ -436,9 +520,9 @@ class EngineIntegration:
                 values["staleness"] = float(m.staleness[-1])
             values["sync_messages"] = float(m.messages)
         for key in ("syncs_forward", "syncs_backward", "grad_norm"):
-            if key in self.last:
-                values[key] = float(self.last[key])
-        values["skipped_optimizer"] = float(self.last.get("skipped_optimizer", False))
+            if key in last:
+                values[key] = float(last[key])
+        values["skipped_optimizer"] = float(last.get("skipped_optimizer", False))
         engine = self.engine
         if dist.get_rank() == 0:
             if getattr(engine.monitor, "enabled", False):
@@ -500,6 +584,7 @@ class EngineIntegration:
 
     def save_checkpoint(self, save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
         tag = f"global_step{self.engine.global_steps}" if tag is None else str(tag)
+        self.check()  # never save weights a step left non-finite unnoticed
         state = self.state_dict()  # collective for delayed:k (waits for gradients in flight)
         out = self._originals["save_checkpoint"](self._deepspeed_dir(save_dir), tag, *args,
                                                  **kwargs)
@@ -533,6 +618,73 @@ class EngineIntegration:
                 "from a checkpoint saved through spd_ext")
         self.load_state_dict(load_checkpoint(path, "spd_ext engine state"))
         return out
+
+
+class DeferredFaults:
+    """Non-finite losses, signals and gradients found on steps that do not read their
+    values on the host: kept on the device (the first such step and the ranks) and raised
+    as WeightError at the next check step (or checkpoint save)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._first: torch.Tensor | None = None  # first faulty step, -1 if none
+        # at that step: the ranks whose loss or signal, whose gradient, was not finite
+        self._signals: torch.Tensor | None = None
+        self._grads: torch.Tensor | None = None
+
+    def _note(self, step: int, bad: torch.Tensor, kind: str) -> None:
+        bad = bad.reshape(-1)
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.int64, device=bad.device)
+            self._signals = torch.zeros(self.world_size, dtype=torch.bool, device=bad.device)
+            self._grads = torch.zeros_like(self._signals)
+        self._first = torch.where((self._first < 0) & bad.any(), step, self._first)
+        # the ranks of the first faulty step only: after it, NaN spreads to every rank
+        at_first = self._first == step
+        if kind == "signals":
+            self._signals = torch.where(at_first, self._signals | bad, self._signals)
+        else:
+            self._grads = torch.where(at_first, self._grads | bad, self._grads)
+
+    def note_signals(self, step: int, signals: torch.Tensor, weights: torch.Tensor) -> None:
+        """``signals``, ``weights``: the data-parallel group's (any non-finite weight marks
+        every rank of that group)."""
+        bad = ~torch.isfinite(signals) | ~torch.isfinite(weights).all()
+        if bad.numel() != self.world_size:  # a data-parallel group smaller than the world
+            bad = bad.any().expand(self.world_size)
+        self._note(step, bad, "signals")
+
+    def note_gradients(self, step: int, flags: torch.Tensor) -> None:
+        self._note(step, flags != 0, "gradients")
+
+    def raise_if_any(self, step: int, interval: int) -> None:
+        """WeightError on every rank if any noted step was faulty (a host read)."""
+        if self._first is None:
+            return
+        assert self._signals is not None and self._grads is not None
+        first, *flags = torch.cat([self._first.reshape(1), self._signals.long(),
+                                   self._grads.long()]).tolist()
+        self._first = self._signals = self._grads = None
+        if first < 0:
+            return
+        signals = [r for r in range(self.world_size) if flags[r]]
+        grads = [r for r in range(self.world_size) if flags[self.world_size + r]]
+        what = "; ".join(part for part in (
+            f"ranks {signals} had a NaN or inf loss or signal" if signals else "",
+            f"ranks {grads} had NaN or inf gradients" if grads else "") if part)
+        raise WeightError(
+            f"step {first}: {what}, found at step {step}, the first to read them "
+            f"(metrics.interval {interval} reads values on the host every {interval} steps): "
+            "the steps since were applied and the parameters may no longer be finite. Resume "
+            "from the last checkpoint; metrics.interval 1 refuses such a step before its "
+            "update")
+
+
+def _host(value: Any) -> Any:
+    """A value of ``last`` as plain Python: tensors read on the host."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value.tolist()
+    return value
 
 
 def _plain(cfg: SpdExtConfig) -> dict:

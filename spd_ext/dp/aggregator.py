@@ -32,20 +32,28 @@ class WeightError(RuntimeError):
     """The aggregation weights of a step are unusable (NaN or inf); the step is refused."""
 
 
-def gather_scalars(value: float, rank: int, world_size: int, group: Any = None) -> list[float]:
-    """Every rank's float (collective), as one all-reduce of a small fp32 vector: each
-    rank writes its value, split into an fp32 head and tail (48 bits in all), into its own
-    slots and zeros elsewhere, so the sum is exact. On one host that is spd_ext's
-    shared-memory kernel (microseconds) rather than a gloo all-gather (about a
-    millisecond). NaN and inf arrive as themselves."""
-    slots = torch.zeros(2 * world_size, dtype=torch.float32)
-    head = torch.tensor(value, dtype=torch.float32)
+def gather_signals(value: torch.Tensor, rank: int, world_size: int,
+                   group: Any = None) -> torch.Tensor:
+    """Every rank's scalar (collective), as a float64 tensor on ``value``'s device, with no
+    host synchronization: one all-reduce of a small fp32 vector where each rank writes its
+    value, split into an fp32 head and tail (48 bits in all), into its own slots and zeros
+    elsewhere, so the sum is exact. On one host that is spd_ext's shared-memory kernel
+    (microseconds) rather than a gloo all-gather (about a millisecond). NaN and inf arrive
+    as themselves."""
+    value = value.detach().double().reshape(())
+    slots = torch.zeros(2 * world_size, dtype=torch.float32, device=value.device)
+    head = value.float()
     slots[2 * rank] = head
-    if math.isfinite(value):
-        slots[2 * rank + 1] = value - float(head)
+    slots[2 * rank + 1] = torch.where(torch.isfinite(value), value - head.double(), 0.0).float()
     all_reduce(slots, "sum", group=group)
     pairs = slots.double().view(world_size, 2)
-    return [float(h) if not math.isfinite(h) else float(h + t) for h, t in pairs.tolist()]
+    return torch.where(torch.isfinite(pairs[:, 0]), pairs.sum(1), pairs[:, 0])
+
+
+def gather_scalars(value: float, rank: int, world_size: int, group: Any = None) -> list[float]:
+    """Every rank's float (collective; read on the host)."""
+    return gather_signals(torch.tensor(value, dtype=torch.float64), rank, world_size,
+                          group).tolist()
 
 
 def local_gradients(model: nn.Module) -> list[torch.Tensor]:
@@ -105,59 +113,74 @@ class SignalWeightedAggregator(GradientAggregator):
         self._previous_global: dict[int, torch.Tensor] = {}
 
     # -- weights ------------------------------------------------------------------
-    def compute_weights(self, step: int, loss: float) -> list[float]:
+    def compute_weights(self, step: int, loss: float | torch.Tensor) -> list[float]:
         """All ranks' weights for this step (collective: one scalar all-gather), the signal
         having observed this step's ``loss``.
 
         A non-finite loss on any rank makes every rank refuse the step with WeightError
         (they all see the same gathered values), before any gradient is touched.
         """
-        if math.isfinite(loss):
-            self.signal.observe_loss(loss)
-        return self._weights(step, self.signal.raw() if math.isfinite(loss) else float("nan"),
-                             loss)
+        self.signal.observe_loss(loss)  # a non-finite loss leaves the signal as it was
+        self._gather_and_weigh(step, self._raw_unless_non_finite(loss), loss)
+        return self.checked_weights()
 
-    def weights_before_backward(self, step: int, loss_estimate: float) -> list[float]:
+    def weights_before_backward(self, step: int,
+                                loss_estimate: float | torch.Tensor) -> torch.Tensor:
         """All ranks' weights for this step (collective), decided before its backward: the
         signal as it would be after observing ``loss_estimate`` (the step's first
         micro-batch loss), without committing it; :meth:`end_step` commits the step's
-        loss. With one micro-batch per step this is exactly :meth:`compute_weights`."""
-        if not math.isfinite(loss_estimate):
-            return self._weights(step, float("nan"), loss_estimate)
+        loss. With one micro-batch per step this is exactly :meth:`compute_weights`.
+        Computed on the device and not checked: a non-finite loss or signal gives
+        non-finite weights, which :meth:`checked_weights` refuses when it reads them."""
         saved = self.signal.state_dict()
         self.signal.observe_loss(loss_estimate)
-        raw = self.signal.raw()
+        raw = self._raw_unless_non_finite(loss_estimate)
         self.signal.load_state_dict(saved)
-        return self._weights(step, raw, loss_estimate)
+        return self._gather_and_weigh(step, raw, loss_estimate)
 
-    def end_step(self, loss: float) -> None:
+    def end_step(self, loss: float | torch.Tensor) -> None:
         """The step's loss (the mean over its micro-batches) enters the signal."""
-        if math.isfinite(loss):
-            self.signal.observe_loss(loss)
+        self.signal.observe_loss(loss)
 
-    def _weights(self, step: int, raw: float, loss: float) -> list[float]:
-        signals = gather_scalars(raw, self.rank, self.world_size, self.group)
+    def _raw_unless_non_finite(self, loss: float | torch.Tensor) -> torch.Tensor:
+        raw = self.signal.raw()
+        loss = torch.as_tensor(loss, dtype=torch.float64, device=raw.device)
+        return torch.where(torch.isfinite(loss), raw, float("nan"))
+
+    def _gather_and_weigh(self, step: int, raw: torch.Tensor,
+                          loss: float | torch.Tensor) -> torch.Tensor:
+        signals = gather_signals(raw, self.rank, self.world_size, self.group)
+        weights = self.weight_map(signals, step, self.signal.higher_is_better)
+        self.last = {"step": step, "signals": signals, "weights": weights, "loss": loss}
+        return weights
+
+    def checked_weights(self) -> list[float]:
+        """The last weights, read on the host (a synchronization); WeightError on every
+        rank alike if a signal or a weight is not finite (the step is refused)."""
+        step = self.last["step"]
+        signals = self.last["signals"].tolist()
         bad = [r for r, s in enumerate(signals) if not math.isfinite(s)]
         if bad:
             raise WeightError(f"step {step}: ranks {bad} report non-finite signals ({signals}; "
                               "a NaN or inf loss?); the step is refused and no gradient was "
                               "changed")
-        weights = self.weight_map(signals, step, self.signal.higher_is_better)
+        weights = self.last["weights"].tolist()
         if not all(math.isfinite(w) for w in weights):
             raise WeightError(f"step {step}: weights {weights} are not finite; the step is "
                               "refused and no gradient was changed")
-        self.last = {"step": step, "signals": signals, "weights": weights, "loss": loss}
         if self.record:
-            self.history.append(self.last)
+            self.history.append({**self.last, "signals": signals, "weights": weights,
+                                 "loss": float(self.last["loss"])})
         return weights
 
     # -- gradients ----------------------------------------------------------------
-    def observe_local_piece(self, index: int, local: torch.Tensor, scale: float = 1.0) -> None:
+    def observe_local_piece(self, index: int, local: torch.Tensor,
+                            scale: float | torch.Tensor = 1.0) -> None:
         """This rank's own gradient, piece ``index``; ``scale``: what it was multiplied by
         (a loss scaled by the rank's weight), divided out before the signal sees it."""
         if not self.signal.observes_gradients:
             return
-        if scale != 1.0:
+        if isinstance(scale, torch.Tensor) or scale != 1.0:
             local = local / scale
         self.signal.observe_gradient_piece(local, self._previous_global.get(index))
 

@@ -5,14 +5,22 @@ gradient (before aggregation) after: gradient-based signals therefore act one st
 by design (weights for step t use signals through t-1 plus the current
 loss). Gradients arrive in pieces (DDP buckets, or one flat buffer), each with the same
 piece of the previous global gradient.
+
+Every value stays a float64 tensor on the device of what the signal is shown (the loss,
+the gradient): a GPU step never waits for the host to read a signal. A non-finite loss
+leaves a signal as it was; a signal with nothing to report yet (``loss_ema`` before its
+first loss) reports NaN, which the aggregator refuses.
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
-
 import torch
+
+
+def _scalar(value: torch.Tensor | float, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` as a 0-d float64 tensor (on ``like``'s device, if given)."""
+    device = like.device if like is not None else None
+    return torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
 
 
 class Signal:
@@ -21,22 +29,18 @@ class Signal:
     #: whether it reads the rank's own gradient (which ZeRO-2/3 never hold whole)
     observes_gradients: bool = False
     needs_previous_global: bool = False
-    _state: tuple[str, ...] = ()  # the attributes a checkpoint carries (plain data)
+    _state: tuple[str, ...] = ()  # the attributes a checkpoint carries (tensors, None)
 
     def state_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, deque) else v)
-                for k, v in ((k, getattr(self, k)) for k in self._state)}
+        return {key: getattr(self, key) for key in self._state}
 
     def load_state_dict(self, state: dict) -> None:
         for key in self._state:
-            current = getattr(self, key)
-            if isinstance(current, deque):
-                current.clear()
-                current.extend(state[key])
-            else:
-                setattr(self, key, state[key])
+            value = state[key]
+            setattr(self, key, None if value is None else torch.as_tensor(
+                value, dtype=torch.float64).clone())
 
-    def observe_loss(self, loss: float) -> None:
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
         pass
 
     def begin_gradient(self) -> None:
@@ -49,8 +53,8 @@ class Signal:
     def end_gradient(self) -> None:
         pass
 
-    def raw(self) -> float:
-        """The measured quantity (what ranks exchange)."""
+    def raw(self) -> torch.Tensor:
+        """The measured quantity (what ranks exchange), a 0-d float64 tensor."""
         raise NotImplementedError
 
 
@@ -65,13 +69,17 @@ class LossEMA(Signal):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"loss_ema beta must be in [0, 1), got {beta}")
         self.beta = beta
-        self.value: float | None = None
+        self.value: torch.Tensor | None = None  # NaN until a finite loss arrived
 
-    def observe_loss(self, loss: float) -> None:
-        self.value = loss if self.value is None else self.beta * self.value + (1 - self.beta) * loss
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        loss = _scalar(loss, loss if isinstance(loss, torch.Tensor) else None)
+        old = self.value.to(loss.device) if self.value is not None else torch.full_like(
+            loss, float("nan"))
+        new = torch.where(torch.isnan(old), loss, self.beta * old + (1 - self.beta) * loss)
+        self.value = torch.where(torch.isfinite(loss), new, old)
 
-    def raw(self) -> float:
-        return float("nan") if self.value is None else self.value
+    def raw(self) -> torch.Tensor:
+        return _scalar(float("nan")) if self.value is None else self.value
 
 
 class GradNormStability(Signal):
@@ -84,25 +92,35 @@ class GradNormStability(Signal):
     def __init__(self, window: int = 20) -> None:
         if window < 2:
             raise ValueError(f"grad_norm_stability window must be at least 2, got {window}")
-        self.norms: deque[float] = deque(maxlen=window)
-        self._sq = 0.0
+        self.window = window
+        self.norms: torch.Tensor | None = None  # the last <= window norms, oldest first
+        self._sq: torch.Tensor | None = None
 
     def begin_gradient(self) -> None:
-        self._sq = 0.0
+        self._sq = None
 
     def observe_gradient_piece(self, local: torch.Tensor,
                                previous_global: torch.Tensor | None) -> None:
-        self._sq += float(local.double().pow(2).sum())
+        sq = local.detach().double().pow(2).sum()
+        self._sq = sq if self._sq is None else self._sq + sq
 
     def end_gradient(self) -> None:
-        self.norms.append(math.sqrt(self._sq))
+        if self._sq is None:
+            return
+        norm = self._sq.sqrt().reshape(1)
+        kept = self.norms.to(norm.device) if self.norms is not None else norm[:0]
+        self.norms = torch.cat([kept, norm])[-self.window:]
 
-    def raw(self) -> float:
-        if len(self.norms) < 2:
-            return 1.0  # no history yet: every rank alike
-        mean = sum(self.norms) / len(self.norms)
-        std = math.sqrt(sum((n - mean) ** 2 for n in self.norms) / (len(self.norms) - 1))
-        return mean / (std + 1e-12 * max(mean, 1e-30))
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.norms is not None:
+            self.norms = self.norms.reshape(-1)[-self.window:]
+
+    def raw(self) -> torch.Tensor:
+        if self.norms is None or self.norms.numel() < 2:
+            return _scalar(1.0, self.norms)  # no history yet: every rank alike
+        mean, std = self.norms.mean(), self.norms.std()
+        return mean / (std + 1e-12 * mean.clamp(min=1e-30))
 
 
 class CosineToPrevGlobal(Signal):
@@ -117,29 +135,35 @@ class CosineToPrevGlobal(Signal):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"cosine_to_prev_global beta must be in [0, 1), got {beta}")
         self.beta = beta
-        self.value: float | None = None
-        self._dot = self._local = self._prev = 0.0
+        self.value: torch.Tensor | None = None  # NaN until a first comparison
+        self._sums: torch.Tensor | None = None  # a.b, a.a, b.b over the pieces
 
     def begin_gradient(self) -> None:
-        self._dot = self._local = self._prev = 0.0
+        self._sums = None
 
     def observe_gradient_piece(self, local: torch.Tensor,
                                previous_global: torch.Tensor | None) -> None:
         if previous_global is None:
             return
-        a, b = local.double(), previous_global.double()
-        self._dot += float(a @ b)
-        self._local += float(a @ a)
-        self._prev += float(b @ b)
+        a, b = local.detach().double(), previous_global.double()
+        sums = torch.stack([a @ b, a @ a, b @ b])
+        self._sums = sums if self._sums is None else self._sums + sums
 
     def end_gradient(self) -> None:
-        if self._local == 0.0 or self._prev == 0.0:
+        if self._sums is None:
             return  # first step: nothing to compare with
-        cos = self._dot / math.sqrt(self._local * self._prev)
-        self.value = cos if self.value is None else self.beta * self.value + (1 - self.beta) * cos
+        dot, local, prev = self._sums.unbind()
+        cos = dot / (local * prev).sqrt().clamp(min=1e-300)
+        compared = (local > 0) & (prev > 0) & torch.isfinite(cos)
+        old = self.value.to(cos.device) if self.value is not None else torch.full_like(
+            cos, float("nan"))
+        new = torch.where(torch.isnan(old), cos, self.beta * old + (1 - self.beta) * cos)
+        self.value = torch.where(compared, new, old)
 
-    def raw(self) -> float:
-        return 0.0 if self.value is None else self.value
+    def raw(self) -> torch.Tensor:
+        if self.value is None:
+            return _scalar(0.0)
+        return torch.nan_to_num(self.value, nan=0.0)
 
 
 SIGNALS: dict[str, type[Signal]] = {

@@ -8,7 +8,7 @@ through the same code, so they agree on the weights exactly.
 
 from __future__ import annotations
 
-import math
+import torch
 
 
 class WeightMap:
@@ -22,32 +22,41 @@ class WeightMap:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.floor, self.ema, self.warmup_steps = floor, ema, warmup_steps
-        self._previous: list[float] | None = None
+        self._previous: torch.Tensor | None = None
 
-    def raw_weights(self, values: list[float], higher_is_better: bool) -> list[float]:
+    def raw_weights(self, values: torch.Tensor, higher_is_better: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {"previous": self._previous}
 
     def load_state_dict(self, state: dict) -> None:
-        self._previous = state["previous"]
+        previous = state["previous"]
+        self._previous = None if previous is None else torch.as_tensor(
+            previous, dtype=torch.float64).clone()
 
-    def __call__(self, values: list[float], step: int, higher_is_better: bool) -> list[float]:
-        n = len(values)
+    def __call__(self, values: torch.Tensor | list[float], step: int,
+                 higher_is_better: bool) -> torch.Tensor:
+        """The ranks' weights (float64 tensor on ``values``' device) from their signals;
+        computed on the device: non-finite signals give non-finite weights, for the caller
+        to refuse when it reads them."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        n = values.numel()
         if self.floor * n > 1.0 + 1e-12:
             raise ValueError(f"floor {self.floor} leaves no room for {n} ranks: need floor <= "
                              f"1/{n} = {1 / n:.4g}")
         if step < self.warmup_steps:
-            w = [1.0 / n] * n
+            # uniform, yet non-finite where a signal is (a NaN loss is refused in warm-up too)
+            w = torch.full_like(values, 1.0 / n) + values * 0.0
         else:
             w = self.raw_weights(values, higher_is_better)
-        w = [self.floor + (1.0 - n * self.floor) * x for x in w]
+        w = self.floor + (1.0 - n * self.floor) * w
         if self._previous is not None and self.ema > 0.0 and step >= self.warmup_steps:
-            w = [self.ema * p + (1.0 - self.ema) * x for p, x in zip(self._previous, w)]
-        total = sum(w)
-        w = [x / total for x in w]
-        self._previous = w
+            w = self.ema * self._previous.to(w.device) + (1.0 - self.ema) * w
+        w = w / w.sum()
+        # a refused step (non-finite weights) leaves the EMA's memory as it was
+        self._previous = w if self._previous is None else torch.where(
+            torch.isfinite(w).all(), w, self._previous.to(w.device))
         return w
 
 
@@ -62,25 +71,22 @@ class SoftmaxWeights(WeightMap):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
-    def raw_weights(self, values: list[float], higher_is_better: bool) -> list[float]:
-        scores = [(v if higher_is_better else -v) / self.temperature for v in values]
-        top = max(scores)
-        e = [math.exp(s - top) for s in scores]
-        return [x / sum(e) for x in e]
+    def raw_weights(self, values: torch.Tensor, higher_is_better: bool) -> torch.Tensor:
+        scores = (values if higher_is_better else -values) / self.temperature
+        return torch.softmax(scores, dim=0)
 
 
 class InverseWeights(WeightMap):
-    """w proportional to 1 / signal, for lower-is-better signals (inverse-loss weighting)."""
+    """w proportional to 1 / signal, for lower-is-better signals (inverse-loss weighting).
+    A signal <= 0 gives NaN weights (refused by the aggregator)."""
 
     name = "inverse"
 
-    def raw_weights(self, values: list[float], higher_is_better: bool) -> list[float]:
+    def raw_weights(self, values: torch.Tensor, higher_is_better: bool) -> torch.Tensor:
         if higher_is_better:
             raise ValueError("inverse weighting needs a lower-is-better signal such as loss_ema")
-        if any(v <= 0.0 for v in values):
-            raise ValueError(f"inverse weighting needs positive signals, got {values}")
-        inv = [1.0 / v for v in values]
-        return [x / sum(inv) for x in inv]
+        inv = torch.where(values > 0, 1.0 / values, float("nan"))
+        return inv / inv.sum()
 
 
 WEIGHT_MAPS: dict[str, type[WeightMap]] = {cls.name: cls for cls in (SoftmaxWeights,

@@ -481,6 +481,10 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().double()
+            if logged or (t.checkpoint_interval and done % t.checkpoint_interval == 0):
+                # a NaN since the engine's last check (its metrics.interval is the log
+                # interval) stops the run here, before a checkpoint could keep it
+                integration.check()
         except WeightError as exc:  # raised on every rank together (NaN / inf gradients)
             progress.close()
             if main:
