@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import spd_ext.deepspeed as sd
 from spd_ext.deepspeed.ops import load_deepspeed_comm_op
-from spd_ext.dp.signals import LossEMA
+from spd_ext.dp.signals import make_signal
 from spd_ext.dp.weights import SoftmaxWeights
 from spd_ext.staleness import make_strategy, parse_mode
 from spd_ext.tp import DistributedComm, EmulatedComm, GPTConfig, ReducedSyncGPT
@@ -108,7 +108,6 @@ def weighting_reference(steps: int, world: int, gas: int, optimizer: str = "sgd"
     (with one micro-batch, the same). Gradient signals see the rank's own gradient (the
     mean over its micro-batches) and, for the cosine, the previous step's weighted sum
     before clipping, after the weights are decided: they act one step late."""
-    from spd_ext.dp.signals import make_signal
 
     model = ReducedSyncGPT(gpt_config())
     opt = sgd(model.parameters()) if optimizer == "sgd" else reference_optimizer(model)
@@ -213,28 +212,16 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
     allow_fp16_on_cpu()
     steps = 4
     cases = {  # name -> (stage, precision, gas, backend, gradient_allreduce_op)
-        "z0_fp32": (0, "fp32", 1, "deepspeed", "mean"),
+        # every stage x precision x gradient accumulation, DeepSpeed's reduction
+        **{f"z{stage}_{precision}" + ("_gas4" if gas == 4 else ""):
+           (stage, precision, gas, "deepspeed", "mean")
+           for stage in (0, 1, 2, 3) for precision in PRECISIONS for gas in (1, 4)},
+        # spd_ext's reduction (stage 0) and DeepSpeed's sum op
         "z0_fp32_spd": (0, "fp32", 1, "spd_ext", "mean"),
-        "z0_fp32_gas4": (0, "fp32", 4, "deepspeed", "mean"),
         "z0_fp32_spd_gas4": (0, "fp32", 4, "spd_ext", "mean"),
-        "z0_fp32_sum_op": (0, "fp32", 1, "deepspeed", "sum"),
-        "z1_fp32": (1, "fp32", 1, "deepspeed", "mean"),
-        "z1_fp32_gas4": (1, "fp32", 4, "deepspeed", "mean"),
-        "z1_fp32_sum_op": (1, "fp32", 1, "deepspeed", "sum"),
-        "z2_fp32": (2, "fp32", 1, "deepspeed", "mean"),
-        "z2_fp32_gas4": (2, "fp32", 4, "deepspeed", "mean"),
-        "z3_fp32": (3, "fp32", 1, "deepspeed", "mean"),
-        "z3_fp32_gas4": (3, "fp32", 4, "deepspeed", "mean"),
-        "z0_bf16": (0, "bf16", 1, "deepspeed", "mean"),
         "z0_bf16_spd": (0, "bf16", 1, "spd_ext", "mean"),
-        "z1_bf16": (1, "bf16", 1, "deepspeed", "mean"),
-        "z2_bf16": (2, "bf16", 1, "deepspeed", "mean"),
-        "z3_bf16_gas4": (3, "bf16", 4, "deepspeed", "mean"),
-        "z0_fp16": (0, "fp16", 1, "deepspeed", "mean"),
-        "z1_fp16": (1, "fp16", 1, "deepspeed", "mean"),
-        "z1_fp16_gas4": (1, "fp16", 4, "deepspeed", "mean"),
-        "z2_fp16_gas4": (2, "fp16", 4, "deepspeed", "mean"),
-        "z3_fp16": (3, "fp16", 1, "deepspeed", "mean"),
+        "z0_fp32_sum_op": (0, "fp32", 1, "deepspeed", "sum"),
+        "z1_fp32_sum_op": (1, "fp32", 1, "deepspeed", "sum"),
         # the gradient signals, where they work (ZeRO 0 and 1; the cosine at 0 only)
         "z0_fp32_grad_norm_stability": (0, "fp32", 1, "deepspeed", "mean"),
         "z0_fp32_spd_grad_norm_stability_gas4": (0, "fp32", 4, "spd_ext", "mean"),

@@ -353,8 +353,8 @@ TOLERANCE = {"fp32": 1e-6, "bf16": 5e-2, "fp16": 2e-2}
 
 
 def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> None:
-    """The engine's gradient is sum_i w_i g_i at ZeRO 0, 1, 2 and 3, in fp32, bf16 and fp16
-    (a fixed loss scale), with 1 and 4 micro-batches per step, DeepSpeed's reduction and
+    """The engine's gradient is sum_i w_i g_i at ZeRO 0, 1, 2 and 3 x fp32, bf16 and fp16
+    (a fixed loss scale) x 1 and 4 micro-batches per step, DeepSpeed's reduction and
     spd_ext's, gradient_allreduce_op mean and sum, clipping on; SGD, so the aggregate's
     scale shows (fp16: DeepSpeed's AdamW, see weighted_engine): fp32 equals the reference
     to rounding (1e-6), half precisions within their rounding (TOLERANCE). The gradient
@@ -362,6 +362,9 @@ def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> Non
     each rank's own gradient and act one step late, as the reference's."""
     ranks = run_scenario("weighting", 2, tmp_path, timeout=600)
     refs = ranks[0]["reference"]
+    grid = {f"z{stage}_{precision}{gas}" for stage in range(4)
+            for precision in ("fp32", "bf16", "fp16") for gas in ("", "_gas4")}
+    assert grid <= set(ranks[0]), sorted(grid - set(ranks[0]))  # every cell of the matrix
     for name, result in ranks[0].items():
         if name == "reference":
             continue

@@ -95,7 +95,9 @@ def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
         params = list(engine.module.parameters())
         rows.append({"variant": variant, "step_s": stats[0].item(),
                      "reduce_s": stats[1].item(), "reduce_best_s": stats[2].item(),
-                     "grad_bytes": sum(p.numel() * p.element_size() for p in params),
+                     # ZeRO-3 leaves each parameter an empty placeholder: ds_numel is its size
+                     "grad_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+                                       for p in params),
                      "params": engine.module.num_params()})
     return rows
 

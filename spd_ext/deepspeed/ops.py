@@ -82,13 +82,14 @@ def load_deepspeed_comm_op() -> Path | None:
         return None
     root = deepspeed_ops_root()
     directory = root / builder.name
-    if not (directory / f"{builder.name}.so").exists():
-        print(f"spd_ext: building DeepSpeed's op '{builder.name}' once for this install (about "
-              f"a minute on 2 cores; cached in {directory})", file=sys.stderr, flush=True)
     previous = os.environ.get("TORCH_EXTENSIONS_DIR")
     os.environ["TORCH_EXTENSIONS_DIR"] = str(root)  # torch's load reads it (only there)
     try:
         with build_lock(directory, builder.name, shared=True):
+            if not (directory / f"{builder.name}.so").exists():  # said by the builder alone
+                print(f"spd_ext: building DeepSpeed's op '{builder.name}' once for this install "
+                      f"(about a minute on 2 cores; cached in {directory})", file=sys.stderr,
+                      flush=True)
             builder.load(verbose=False)
     finally:
         if previous is None:
