@@ -518,9 +518,7 @@ def _train(args: argparse.Namespace) -> int:
         if "checkpoints_note" in facts:
             print(f"# note: {facts['checkpoints_note']}")
         return 0
-    if args.nproc is not None:
-        if facts.get("resume_note"):
-            print(f"{train_run.PROG}: note: {facts['resume_note']}", flush=True)
+    if args.nproc is not None:  # the launched rank 0 says the resume note, as it does alone
         return train_run.launch(args.config, args.overrides, args.nproc, args.resume,
                                 args.overwrite)
     train_run.single_process_environment()

@@ -433,6 +433,48 @@ def scenario_tp(rank: int, world: int, out: dict) -> None:
         out["reference"] = {"losses": losses, "params": flat_params(ref), "grad_norms": norms}
 
 
+def scenario_tp_islands(rank: int, world: int, out: dict) -> None:
+    """2 DiLoCo islands, each a tensor-parallel pair (tp 2 x dp 1), at ZeRO 1 and 2; the
+    reference: spd_ext.staleness's diloco:H with one worker per island, each the emulated
+    tensor-parallel model on the island's batch."""
+    steps, H, tp, islands = 4, 2, 2, 2
+    island = rank // (world // islands)
+    section = {"staleness": {"mode": f"diloco:{H}", "islands": islands},
+               "tensor_parallel": {"size": tp, "pattern": TP_PATTERN}}
+    for stage in (1, 2):
+        topo = sd.build_topology(tp, islands)
+        model = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp),
+                               DistributedComm(topo.tp_group))
+        engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config(stage, dp=world // (tp * islands),
+                                                    section=section))
+        losses = []
+        for step in range(steps):
+            _, loss = engine(*batch(island, step))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        out[f"z{stage}"] = {"losses": losses, "params": flat_params(model),
+                            "dp_ranks": list(topo.dp_ranks),
+                            "cross": list(topo.cross_island_ranks)}
+    workers = list(range(0, world, world // islands))
+    group = dist.new_group(workers)
+    if rank in workers:
+        ref = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp), EmulatedComm(tp))
+        opt = reference_optimizer(ref)
+        strategy = make_strategy(parse_mode(f"diloco:{H}"), ref, group=group)
+        losses = []
+        for step in range(steps):
+            _, loss = ref(*batch(island, step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+            opt.step()
+            strategy.after_step(ref, step)
+            losses.append(loss.item())
+        out["reference"] = {"losses": losses, "params": flat_params(ref)}
+
+
 # -- Hugging Face Trainer, metrics -----------------------------------------------------
 def scenario_trainer(rank: int, world: int, out: dict) -> None:
     """transformers.Trainer + DeepSpeed ZeRO-1 + SpdExtCallback on a small random-init
@@ -728,7 +770,7 @@ SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
              "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
              "trainer": scenario_trainer, "nan_grad": scenario_nan_grad,
              "refused": scenario_refused, "skipped": scenario_skipped,
-             "host_sync": scenario_host_sync}
+             "host_sync": scenario_host_sync, "tp_islands": scenario_tp_islands}
 
 
 def main() -> None:

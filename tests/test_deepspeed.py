@@ -477,6 +477,22 @@ def test_tensor_x_data_parallel_trains_like_the_emulated_model(tmp_path) -> None
             assert result["syncs"] == [[1, 1, grad_syncs]] * len(ref["losses"]), stage
 
 
+@pytest.mark.skipif(FORCED_FALLBACK, reason="4-rank jobs run once, against the kernels")
+def test_islands_of_tensor_parallel_ranks_equal_two_diloco_workers(tmp_path) -> None:
+    """2 DiLoCo islands x tensor parallelism 2, ZeRO 1 and 2 == diloco:H with one worker per
+    island, each the emulated tensor-parallel model: the groups nest (the data-parallel
+    group stays inside the island, the cross-island group pairs the same shard)."""
+    ranks = run_scenario("tp_islands", 4, tmp_path, timeout=450)
+    for r, rank in enumerate(ranks):
+        ref = ranks[2 * (r // 2)]["reference"]
+        for stage in ("z1", "z2"):
+            run = rank[stage]
+            assert run["dp_ranks"] == [r] and run["cross"] == [r % 2, r % 2 + 2], run
+            close(run["losses"], ref["losses"], 1e-5, f"rank {r} {stage} losses")
+            close(run["params"], ref["params"], 1e-5, f"rank {r} {stage} weights")
+    assert ranks[0]["z1"]["losses"] != ranks[2]["z1"]["losses"]  # the islands differ
+
+
 @pytest.mark.skipif(FORCED_FALLBACK, reason="integration only: covered by the kernel run")
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None or
                     importlib.util.find_spec("accelerate") is None,

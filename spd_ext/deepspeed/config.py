@@ -366,11 +366,12 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             f"signal_weighting with staleness.mode {mode}: the weights are computed for the "
             "gradient of the current step, but this mode applies an older gradient or none; "
             "use one of the two")
-    if mode.kind != "ssgd" and cfg.tensor_parallel.size > 1:
+    if mode.kind != "ssgd" and cfg.tensor_parallel.size > 1 and not islands:
         raise SpdExtConfigError(
             f"tensor_parallel.size {cfg.tensor_parallel.size} with staleness.mode {mode}: not "
             "supported together yet (the staleness modes average whole replicas); use one of "
-            "the two")
+            "the two, or DiLoCo islands (staleness.islands > 1), which work with tensor "
+            "parallelism")
     if islands and stage == 0:
         raise SpdExtConfigError(
             f"staleness.islands {cfg.staleness.islands} needs zero_optimization.stage 1, 2 or "
@@ -390,8 +391,9 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             f"comm.backend 'spd_ext' with staleness.mode {mode}: the staleness modes carry their "
             "own communication through spd_ext already; leave comm.backend out")
     if world_size is not None:
-        tp, islands = cfg.tensor_parallel.size, cfg.staleness.islands
-        for what, size in (("tensor_parallel.size", tp), ("staleness.islands", islands)):
+        tp, n_islands = cfg.tensor_parallel.size, cfg.staleness.islands
+        for what, size in (("tensor_parallel.size", tp), ("staleness.islands", n_islands),
+                           ("tensor_parallel.size x staleness.islands", tp * n_islands)):
             if world_size % size != 0:
                 divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
                 raise SpdExtConfigError(

@@ -9,8 +9,12 @@ rank, replicated ones on model-parallel rank 0 only).
 * tensor parallelism T: ranks ``[k*T, (k+1)*T)`` form tensor-parallel group k (one model
   replica), ranks at the same position of their group form a data-parallel group.
 * islands K (DiLoCo): ranks ``[k*S, (k+1)*S)``, S = world / K, form island k, DeepSpeed's
-  data-parallel group (ZeRO-1 inside it); ranks at the same position of their island hold
-  the same ZeRO partition and average it across islands every H steps.
+  data-parallel group (ZeRO-1, 2 or 3 inside it); ranks at the same position of their
+  island hold the same ZeRO partition and average it across islands every H steps.
+* both: island k splits as above into tensor-parallel groups of T contiguous ranks; its
+  data-parallel group is the ranks at the same tensor-parallel position in the island;
+  ranks at the same position of their island (same shard, same ZeRO partition) average
+  across islands.
 """
 
 from __future__ import annotations
@@ -98,8 +102,8 @@ def build_topology(tp_size: int = 1, islands: int = 1) -> Topology:
         return _CACHE[key]
     world = dist.get_world_size()
     if tp_size > 1 and islands > 1:
-        raise ValueError("tensor parallelism and islands together are not supported")
-    if tp_size > 1:
+        topo = _tensor_parallel_islands(tp_size, islands)
+    elif tp_size > 1:
         groups = initialize_model_parallel(tp_size)
         topo = Topology(tp_size, 1, ModelParallelUnit(groups.tp_group, groups.tp_ranks,
                                                        groups.dp_group, groups.dp_ranks),
@@ -119,3 +123,26 @@ def build_topology(tp_size: int = 1, islands: int = 1) -> Topology:
         topo = Topology(1, 1, None, dp_ranks=tuple(range(world)))
     _CACHE[key] = topo
     return topo
+
+
+def _tensor_parallel_islands(tp_size: int, islands: int) -> Topology:
+    """Islands of tensor x data parallelism (collective: every rank creates every group,
+    in the same order)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % (tp_size * islands) != 0:
+        raise ValueError(f"{islands} islands of tensor-parallel size {tp_size} do not divide "
+                         f"the world size {world}")
+    size = world // islands  # ranks per island
+    (tp_group, tp_ranks), _ = block_and_strided_groups(tp_size)
+    _, (cross_group, cross_ranks) = block_and_strided_groups(size)
+    dp: tuple[Any, tuple[int, ...]] | None = None
+    for island in range(islands):
+        for position in range(tp_size):
+            ranks = tuple(range(island * size + position, (island + 1) * size, tp_size))
+            group = dist.new_group(list(ranks))
+            if rank in ranks:
+                dp = (group, ranks)
+    assert dp is not None
+    return Topology(tp_size, islands, ModelParallelUnit(tp_group, tp_ranks, dp[0], dp[1]),
+                    tp_group=tp_group, tp_ranks=tp_ranks, dp_group=dp[0], dp_ranks=dp[1],
+                    cross_island_group=cross_group, cross_island_ranks=cross_ranks)

@@ -632,15 +632,13 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         section["tensor_parallel"] = {**tp_section, "size": tp}
     if islands > 1:
         section["staleness"] = {**stale_section, "islands": islands}
-    if tp > 1 and islands > 1:
-        raise _fail(f"parallel.tp {tp} with parallel.islands {islands}: tensor parallelism "
-                    "and DiLoCo islands together are not supported; use one of the two")
-    for what, size in (("parallel.tp", tp), ("parallel.islands", islands)):
+    for what, size in (("parallel.tp", tp), ("parallel.islands", islands),
+                       ("parallel.tp x parallel.islands", tp * islands)):
         if world_size % size:
             divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
             raise _fail(f"{what} {size} does not divide the world size {world_size}; launch a "
                         f"multiple of {size} ranks (--nproc) or set {what} to one of {divisors}")
-    ds_dp = world_size // (tp if tp > 1 else islands)  # DeepSpeed's data-parallel group
+    ds_dp = world_size // (tp * islands)  # DeepSpeed's data-parallel group (in an island)
     micro, gas = t["micro_batch"], t["grad_accum"]
     _owned(ds, "train_micro_batch_size_per_gpu", micro, "training.micro_batch")
     _owned(ds, "gradient_accumulation_steps", gas, "training.grad_accum")

@@ -313,7 +313,9 @@ def _precision(plan: RunPlan) -> str:
 
 def _layout(plan: RunPlan) -> str:
     if plan.islands > 1:
-        return f"{plan.islands} islands x {plan.world_size // plan.islands} ranks"
+        per = plan.world_size // plan.islands
+        inside = f"tp {plan.tp} x dp {per // plan.tp}" if plan.tp > 1 else f"{per} ranks"
+        return f"{plan.islands} islands x {inside}"
     return f"tp {plan.tp} x dp {plan.data_world}"
 
 
