@@ -332,10 +332,10 @@ def scenario_islands(rank: int, world: int, out: dict) -> None:
     section = {"staleness": {"mode": f"diloco:{H}", "islands": islands}}
     island = rank // per
 
-    def make(stage: int):
-        model = ReducedSyncGPT(gpt_config())
+    def make(stage: int, bf16: bool = False):
+        model = ReducedSyncGPT(gpt_config()).to(torch.bfloat16 if bf16 else torch.float32)
         engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
-                                   config=ds_config(stage, dp=per, section=section))
+                                   config=ds_config(stage, dp=per, section=section, bf16=bf16))
         return model, engine
 
     def train(engine, step: int) -> float:
@@ -364,6 +364,9 @@ def scenario_islands(rank: int, world: int, out: dict) -> None:
                 first.load_checkpoint(root[0])
             resumed.append(train(first, step))
         out[f"z{stage}"]["resumed"] = resumed
+        model, engine = make(stage, bf16=True)
+        losses = [train(engine, step) for step in range(steps)]
+        out[f"z{stage}_bf16"] = {"island_losses": losses, "params": full_params(model)}
     # Reference: spd_ext.staleness's diloco:H with one worker per island (ranks 0, per, ...)
     # whose batch is the island's batch.
     workers = list(range(0, world, per))
@@ -395,14 +398,15 @@ TP_CLIP = 0.3  # below the gradient norms of these steps, so clipping acts every
 def scenario_tp(rank: int, world: int, out: dict) -> None:
     steps, tp = 4, 2
     dp = world // tp
-    for stage in (0, 1, 2):
+    for stage, bf16 in ((0, False), (1, False), (2, False), (0, True), (1, True), (2, True)):
         topo = sd.build_topology(tp)
         model = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp),
                                DistributedComm(topo.tp_group))
+        model = model.to(torch.bfloat16 if bf16 else torch.float32)
         section = {"tensor_parallel": {"size": tp, "pattern": TP_PATTERN}}
         engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
                                    config=ds_config(stage, dp=dp, section=section,
-                                                    clip=TP_CLIP))
+                                                    clip=TP_CLIP, bf16=bf16))
         dp_rank = topo.dp_ranks.index(rank)
         losses, syncs, norms = [], [], []
         for step in range(steps):
@@ -416,8 +420,9 @@ def scenario_tp(rank: int, world: int, out: dict) -> None:
             syncs.append([engine.spd_ext.last.get("syncs_forward"),
                           engine.spd_ext.last.get("syncs_backward"),
                           engine.spd_ext.last.get("grad_syncs")])
-        out[f"z{stage}"] = {"losses": losses, "params": flat_params(model), "syncs": syncs,
-                            "grad_norms": norms, "partial": len(engine.spd_ext._partial)}
+        out[f"z{stage}" + ("_bf16" if bf16 else "")] = {
+            "losses": losses, "params": flat_params(model), "syncs": syncs,
+            "grad_norms": norms, "partial": len(engine.spd_ext._partial)}
     if rank == 0:  # the emulated model on the union of the dp ranks' batches
         ref = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp), EmulatedComm(tp))
         opt = reference_optimizer(ref)

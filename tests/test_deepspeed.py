@@ -451,6 +451,10 @@ def test_islands_diloco_with_zero_1_2_3_equals_two_diloco_workers(tmp_path) -> N
             close(run["island_losses"], ref["island_losses"], 1e-5, f"rank {r} z{stage} losses")
             close(run["params"], ref["params"], 1e-6, f"rank {r} z{stage} weights")
             assert run["resumed"] == run["island_losses"], (r, stage)
+            half = rank[f"z{stage}_bf16"]  # bf16 weights and activations: their rounding
+            close(half["island_losses"], ref["island_losses"], TOLERANCE["bf16"],
+                  f"rank {r} z{stage} bf16 losses")
+            close(half["params"], ref["params"], TOLERANCE["bf16"], f"rank {r} z{stage} bf16")
     # the islands trained apart between syncs: their losses differ
     assert ranks[0]["z1"]["island_losses"] != ranks[2]["z1"]["island_losses"]
 
@@ -475,6 +479,10 @@ def test_tensor_x_data_parallel_trains_like_the_emulated_model(tmp_path) -> None
             grad_syncs = result["partial"] if stage == "z2" else 1
             assert result["partial"] > 0
             assert result["syncs"] == [[1, 1, grad_syncs]] * len(ref["losses"]), stage
+        for stage in ("z0_bf16", "z1_bf16", "z2_bf16"):  # bf16 weights, activations: rounding
+            result = rank[stage]
+            close(result["losses"], ref["losses"], TOLERANCE["bf16"], f"{stage} rank {r}")
+            close(result["params"], ref["params"], TOLERANCE["bf16"], f"{stage} rank {r}")
 
 
 @pytest.mark.skipif(FORCED_FALLBACK, reason="4-rank jobs run once, against the kernels")
