@@ -228,10 +228,22 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
         "z1_fp32_grad_norm_stability": (1, "fp32", 1, "deepspeed", "mean"),
         "z0_fp32_cosine_to_prev_global": (0, "fp32", 1, "deepspeed", "mean"),
         "z0_fp32_cosine_to_prev_global_gas4": (0, "fp32", 4, "deepspeed", "mean"),
+        "z0_bf16_grad_norm_stability": (0, "bf16", 1, "deepspeed", "mean"),
+        "z1_bf16_grad_norm_stability": (1, "bf16", 1, "deepspeed", "mean"),
+        "z0_bf16_cosine_to_prev_global": (0, "bf16", 1, "deepspeed", "mean"),
+        "z0_fp16_grad_norm_stability": (0, "fp16", 1, "deepspeed", "mean"),
+        "z1_fp16_grad_norm_stability": (1, "fp16", 1, "deepspeed", "mean"),
+        "z0_fp16_cosine_to_prev_global": (0, "fp16", 1, "deepspeed", "mean"),
     }
+    # fp16 with the gradient signals: a loss scale that doubles every step (no overflow in
+    # these 4 steps), which the signals must divide out of the gradient they see
+    growing = {"enabled": True, "initial_scale_power": 4, "loss_scale_window": 1,
+               "hysteresis": 1}
     for name, (stage, precision, gas, backend, op) in cases.items():
         signal = next((s for s in SIGNAL_ARGS if s in name), "loss_ema")
-        model, engine = weighted_engine(stage, precision, gas, backend, op, signal=signal)
+        fp16 = growing if precision == "fp16" and signal != "loss_ema" else None
+        model, engine = weighted_engine(stage, precision, gas, backend, op, fp16=fp16,
+                                        signal=signal)
         weights = []
         losses = []
         for step in range(steps):
@@ -254,8 +266,9 @@ def scenario_weighting(rank: int, world: int, out: dict) -> None:
     if rank == 0:
         out["reference"] = {f"{gas}_{opt}": weighting_reference(steps, world, gas, opt)
                             for gas in (1, 4) for opt in ("sgd", "adamw")}
-        out["reference"].update({f"{gas}_sgd_{signal}": weighting_reference(
-            steps, world, gas, "sgd", signal) for gas in (1, 4) for signal in SIGNAL_ARGS})
+        out["reference"].update({f"{gas}_{opt}_{signal}": weighting_reference(
+            steps, world, gas, opt, signal) for gas in (1, 4) for signal in SIGNAL_ARGS
+            for opt in ("sgd", "adamw")})
 
 
 # -- staleness ----------------------------------------------------------------------

@@ -376,9 +376,14 @@ def test_signal_weighting_equals_weighted_sum_of_rank_gradients(tmp_path) -> Non
         # every rank holds the same weights afterwards
         assert ranks[0][name]["params"] == ranks[1][name]["params"], name
         close(result["params"], ref["params"], tolerance, f"{name} weights")
-        if "weights" in result and result["precision"] == "fp32":
+        # the weights: fp32 to rounding; the gradient signals in half precision too (their
+        # weights follow the gradient the rank sees, which carries fp16's loss scale at ZeRO,
+        # a scale that doubles every step in these runs)
+        gradient_signal = "grad_norm" in name or "cosine" in name
+        if "weights" in result and (result["precision"] == "fp32" or gradient_signal):
+            weights_tolerance = 1e-5 if result["precision"] == "fp32" else 2e-2
             for step, (got, want) in enumerate(zip(result["weights"], ref["history"])):
-                close(got, want["weights"], 1e-5, f"{name} step {step} weights")
+                close(got, want["weights"], weights_tolerance, f"{name} step {step} weights")
     # bf16 (SGD): DeepSpeed's reduction and spd_ext's kernel agree to rounding, and each stage
     # computes what stage 0 does (fp16's AdamW turns rounding differences of tiny gradients
     # into whole steps of lr, so its runs are held to the reference alone)

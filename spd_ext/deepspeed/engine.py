@@ -464,7 +464,9 @@ class EngineIntegration:
         sum, as DeepSpeed is configured) yields sum_i w_i g_i."""
         agg = self.aggregator
         assert agg is not None and self._loss_factor is not None
-        factor = self._loss_factor.double()
+        # what the rank's gradient was multiplied by: its loss factor, and under fp16 at ZeRO
+        # the loss scale (a host float DeepSpeed keeps; a dynamic scale changes over the run)
+        factor = self._loss_factor.double() * self._loss_scale()
         agg.signal.begin_gradient()
         for i, g in enumerate(grads):
             agg.observe_local_piece(i, g.reshape(-1), factor)
@@ -476,6 +478,15 @@ class EngineIntegration:
         if self.stage == 0 and agg.signal.needs_previous_global:
             for i, g in enumerate(self._reduction_grads()):
                 agg.remember_global_piece(i, g.reshape(-1))
+
+    def _loss_scale(self) -> float:
+        """The fp16 loss scale the rank's gradient carries (1 where it carries none).
+        DeepSpeed's engine.backward scales the loss for its ZeRO optimizers only (stage 1
+        and up); at stage 0 its fp16 wrappers receive unscaled gradients."""
+        if not self._fp16 or self.stage == 0:
+            return 1.0
+        scale = getattr(self.engine.optimizer, "loss_scale", None)
+        return float(scale) if isinstance(scale, (int, float)) else 1.0
 
     def _spd_reduce(self, grads: list[torch.Tensor], op: str,
                     weights: list[float] | None) -> None:
