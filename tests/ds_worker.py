@@ -382,25 +382,36 @@ def scenario_islands(rank: int, world: int, out: dict) -> None:
         out[f"z{stage}_bf16"] = {"island_losses": losses, "params": full_params(model)}
     # Reference: spd_ext.staleness's diloco:H with one worker per island (ranks 0, per, ...)
     # whose batch is the island's batch.
-    workers = list(range(0, world, per))
-    group = dist.new_group(workers)
-    if rank in workers:
-        ref = ReducedSyncGPT(gpt_config())
-        opt = reference_optimizer(ref)
-        strategy = make_strategy(parse_mode(f"diloco:{H}"), ref, group=group)
-        ref_losses = []
-        for step in range(steps):
-            parts = [batch(per * island + j, step) for j in range(per)]
-            x = torch.cat([p[0] for p in parts])
-            y = torch.cat([p[1] for p in parts])
-            _, loss = ref(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
-            opt.step()
-            strategy.after_step(ref, step)
-            ref_losses.append(loss.item())
+    def island_batch(step: int) -> tuple:
+        parts = [batch(per * island + j, step) for j in range(per)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    ref = ReducedSyncGPT(gpt_config())
+    ref_losses = diloco_workers(ref, list(range(0, world, per)), steps, H, island_batch)
+    if ref_losses is not None:
         out["reference"] = {"island_losses": ref_losses, "params": flat_params(ref)}
+
+
+def diloco_workers(model: torch.nn.Module, workers: list[int], steps: int, H: int,
+                   batch_of) -> list[float] | None:
+    """spd_ext.staleness's diloco:H over the ``workers`` ranks (collective: every rank
+    creates their group), each training ``model`` alone on ``batch_of(step)`` with the
+    reference AdamW and clipping; the worker's losses (None on other ranks)."""
+    group = dist.new_group(workers)
+    if dist.get_rank() not in workers:
+        return None
+    opt = reference_optimizer(model)
+    strategy = make_strategy(parse_mode(f"diloco:{H}"), model, group=group)
+    losses = []
+    for step in range(steps):
+        _, loss = model(*batch_of(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        strategy.after_step(model, step)
+        losses.append(loss.item())
+    return losses
 
 
 # -- tensor x data parallel ----------------------------------------------------------
@@ -475,21 +486,10 @@ def scenario_tp_islands(rank: int, world: int, out: dict) -> None:
         out[f"z{stage}"] = {"losses": losses, "params": flat_params(model),
                             "dp_ranks": list(topo.dp_ranks),
                             "cross": list(topo.cross_island_ranks)}
-    workers = list(range(0, world, world // islands))
-    group = dist.new_group(workers)
-    if rank in workers:
-        ref = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp), EmulatedComm(tp))
-        opt = reference_optimizer(ref)
-        strategy = make_strategy(parse_mode(f"diloco:{H}"), ref, group=group)
-        losses = []
-        for step in range(steps):
-            _, loss = ref(*batch(island, step))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
-            opt.step()
-            strategy.after_step(ref, step)
-            losses.append(loss.item())
+    ref = ReducedSyncGPT(gpt_config(pattern=TP_PATTERN, tp_size=tp), EmulatedComm(tp))
+    losses = diloco_workers(ref, list(range(0, world, world // islands)), steps, H,
+                            lambda step: batch(island, step))
+    if losses is not None:
         out["reference"] = {"losses": losses, "params": flat_params(ref)}
 
 

@@ -71,11 +71,15 @@ def test_bench_tp_on_two_ranks(capsys) -> None:
     assert "tp*2" in out and "spd*2" in out and "x most-sync step" in out
 
 
+#: a GPT and a run small enough for a test of `bench deepspeed`
+TINY_DS_BENCH = ["--nproc", "2", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                 "--batch-size", "2", "--seq-len", "8", "--warmup", "1", "--steps", "2"]
+
+
 @needs_deepspeed
 def test_bench_deepspeed_on_two_ranks(capsys) -> None:
-    assert main(["bench", "deepspeed", "--nproc", "2", "--n-layer", "1", "--n-embd", "16",
-                 "--n-head", "2", "--batch-size", "2", "--seq-len", "8", "--warmup", "1",
-                 "--steps", "2", "--variants", "deepspeed,spd_ext-weighted"]) == 0
+    assert main(["bench", "deepspeed", *TINY_DS_BENCH,
+                 "--variants", "deepspeed,spd_ext-weighted"]) == 0
     out = capsys.readouterr().out
     assert "deepspeed " in out and "spd_ext-weighted" in out and "reduce best ms" in out
     assert main(["bench", "deepspeed", "--nproc", "1"]) == 2
@@ -88,9 +92,7 @@ def test_bench_deepspeed_on_two_ranks(capsys) -> None:
 
 @needs_deepspeed
 def test_bench_deepspeed_at_zero_3(capsys) -> None:
-    assert main(["bench", "deepspeed", "--stage", "3", "--nproc", "2", "--n-layer", "1",
-                 "--n-embd", "16", "--n-head", "2", "--batch-size", "2", "--seq-len", "8",
-                 "--warmup", "1", "--steps", "2"]) == 0
+    assert main(["bench", "deepspeed", "--stage", "3", *TINY_DS_BENCH]) == 0
     out = capsys.readouterr().out
     assert "ZeRO-3" in out and "deepspeed-weighted" in out and "step x its plain" in out
     rows = [line.split()[0] for line in out.splitlines()
