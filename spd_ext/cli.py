@@ -179,7 +179,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                  description="Time gloo, DeepSpeed's inference_all_reduce (if "
                  "installed), spd_ext sum and spd_ext weighted all-reduce on N local "
                  "CPU ranks and print a table.")
-    a.add_argument("--nproc", type=int, default=2, help="ranks to spawn (default 2)")
+    a.add_argument("--nproc", type=POSITIVE, default=2, help="ranks to spawn (default 2)")
     a.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     a.add_argument("--sizes", default="4K..64M",
                    help="bytes per tensor: LO..HI[:FACTOR] (default factor 4) or a comma list")
@@ -188,11 +188,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "--device cuda spd_ext-registered (a registered buffer: no staging copy) and "
                    "spd_ext-graph "
                    "(the same in a replayed CUDA graph: close to kernel time)")
-    a.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
-    a.add_argument("--warmup", type=int, default=5, help="untimed calls per point")
+    a.add_argument("--repeats", type=POSITIVE, default=7, help="timed loops per point (median)")
+    a.add_argument("--warmup", type=NONNEGATIVE, default=5, help="untimed calls per point")
     a.add_argument("--target-ms", type=float, default=20.0,
                    help="approximate duration of one timed loop")
-    a.add_argument("--threads-per-rank", type=int, default=None,
+    a.add_argument("--threads-per-rank", type=POSITIVE, default=None,
                    help="torch/OpenMP threads per rank (default cores // nproc)")
     a.add_argument("--device", default="cpu",
                    help="cpu, or cuda (every rank on GPU 0: the CUDA IPC path)")
@@ -211,11 +211,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--inputs", default="2,4,8", help="comma list of input counts")
     r.add_argument("--sizes", default="64K..64M", help="bytes per input, as for allreduce")
     r.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
-    r.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
-    r.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
+    r.add_argument("--repeats", type=POSITIVE, default=7, help="timed loops per point (median)")
+    r.add_argument("--warmup", type=NONNEGATIVE, default=3, help="untimed calls per point")
     r.add_argument("--target-ms", type=float, default=50.0,
                    help="approximate duration of one timed loop")
-    r.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    r.add_argument("--threads", type=POSITIVE, default=None, help="torch/OpenMP threads")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     _add_table_args(r)
     r.set_defaults(func=_bench_reduce)
@@ -225,10 +225,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                  "PyTorch) against a copy of the same tensor.")
     q.add_argument("--sizes", default="64K..64M", help="bytes per tensor, as for allreduce")
     q.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
-    q.add_argument("--block-size", type=int, default=256,
+    q.add_argument("--block-size", type=POSITIVE, default=256,
                    help="elements sharing one scale (quantization block)")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
-    q.add_argument("--repeats", type=int, default=7, help="timed loops per point (median)")
+    q.add_argument("--repeats", type=POSITIVE, default=7, help="timed loops per point (median)")
     _add_table_args(q)
     q.set_defaults(func=_bench_quant)
 
@@ -283,7 +283,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_tp_bench_args(p: argparse.ArgumentParser, last_pattern: str, n_embd: int) -> None:
     """The arguments of the tensor-parallel benchmarks (bench tp, bench generate)."""
-    p.add_argument("--nproc", type=int, default=2, help="ranks = tensor-parallel size")
+    p.add_argument("--nproc", type=POSITIVE, default=2, help="ranks = tensor-parallel size")
     p.add_argument("--patterns", default=None,
                    help="';'-separated patterns (default: tp*12;[tp,spd]*6;spd*12;"
                    f"[spd,parallel]*6;grouped:4;{last_pattern})")
@@ -297,7 +297,7 @@ def _add_tp_bench_args(p: argparse.ArgumentParser, last_pattern: str, n_embd: in
 def _add_training_step_args(p: argparse.ArgumentParser, variants: tuple[str, ...],
                             steps: int) -> None:
     """The arguments of the training-step benchmarks (bench deepspeed, bench ddp-hook)."""
-    p.add_argument("--nproc", type=int, default=2, help="data-parallel ranks")
+    p.add_argument("--nproc", type=POSITIVE, default=2, help="data-parallel ranks")
     p.add_argument("--variants", default=",".join(variants),
                    help=f"comma list of {', '.join(variants)}")
     p.add_argument("--n-layer", type=POSITIVE, default=6, help="transformer blocks")

@@ -377,6 +377,8 @@ def scenario_islands(rank: int, world: int, out: dict) -> None:
                 first.load_checkpoint(root[0])
             resumed.append(train(first, step))
         out[f"z{stage}"]["resumed"] = resumed
+        first.save_checkpoint(root[0], tag="kept_apart", save_latest=False)
+        out[f"z{stage}"]["latest"] = Path(root[0], "latest").read_text().strip()
         model, engine = make(stage, bf16=True)
         losses = [train(engine, step) for step in range(steps)]
         out[f"z{stage}_bf16"] = {"island_losses": losses, "params": full_params(model)}

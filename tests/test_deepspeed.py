@@ -218,6 +218,27 @@ def test_attach_names_missing_deepspeed_internals() -> None:
         sd.EngineIntegration(OldEngine(), sd.SpdExtConfig(), None)
 
 
+def test_a_skipped_optimizer_step_keeps_an_instance_step() -> None:
+    """delayed:k skips the optimizer while it has nothing to apply by shadowing its step
+    for one call; an instance step the optimizer had (LR schedulers wrap step so) comes
+    back afterwards (was: deleted, leaving the class's)."""
+    from types import SimpleNamespace
+
+    from spd_ext.deepspeed.engine import EngineIntegration
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    calls: list[str] = []
+    optimizer.step = lambda *args, **kwargs: calls.append("instance")
+    integration = EngineIntegration.__new__(EngineIntegration)
+    integration.engine = SimpleNamespace(optimizer=optimizer)
+    integration._skip_optimizer = True
+    integration._originals = {"_take_model_step": lambda: optimizer.step()}
+    integration._take_model_step()
+    assert calls == []  # skipped
+    optimizer.step()
+    assert calls == ["instance"]
+
+
 def test_a_refused_section_is_one_line_per_job(tmp_path) -> None:
     """A user's script under the deepspeed launcher whose section spd_ext refuses: rank 0
     prints one line, no rank prints a traceback, the job exits non-zero and leaves no
@@ -447,7 +468,8 @@ def test_resume_continues_with_the_same_losses(tmp_path) -> None:
 @pytest.mark.skipif(FORCED_FALLBACK, reason="4-rank jobs run once, against the kernels")
 def test_islands_diloco_with_zero_1_2_3_equals_two_diloco_workers(tmp_path) -> None:
     """4 ranks = 2 islands x ZeRO-1, 2 or 3 over 2 ranks == spd_ext.staleness's diloco:H
-    with 2 workers whose batch is an island's batch; resuming from a checkpoint is exact."""
+    with 2 workers whose batch is an island's batch; resuming from a checkpoint is exact; a
+    save with save_latest=False leaves `latest` alone."""
     ranks = run_scenario("islands", 4, tmp_path, timeout=600)
     for r, rank in enumerate(ranks):
         ref = ranks[2 * (r // 2)]["reference"]
@@ -456,6 +478,7 @@ def test_islands_diloco_with_zero_1_2_3_equals_two_diloco_workers(tmp_path) -> N
             close(run["island_losses"], ref["island_losses"], 1e-5, f"rank {r} z{stage} losses")
             close(run["params"], ref["params"], 1e-6, f"rank {r} z{stage} weights")
             assert run["resumed"] == run["island_losses"], (r, stage)
+            assert run["latest"] == "global_step3", run["latest"]  # not save_latest=False's
             half = rank[f"z{stage}_bf16"]  # bf16 weights and activations: their rounding
             close(half["island_losses"], ref["island_losses"], TOLERANCE["bf16"],
                   f"rank {r} z{stage} bf16 losses")

@@ -257,6 +257,24 @@ def test_resume_with_another_corpus_is_refused_before_any_rank(tmp_path, capsys)
         "(9 characters" in err and "but this run has model.vocab_size 11" in err, err
 
 
+@pytest.mark.parametrize("marker", ["{not json", "[1, 2]", "\udcff"])
+def test_a_corrupt_checkpoint_marker_is_refused_on_resume(tmp_path, capsys, marker) -> None:
+    """A completion marker that is not a JSON object: one line naming the file (was: read
+    as an empty layout, so the resume's layout check passed whatever the config)."""
+    from spd_ext.data import TokenDataset
+    from spd_ext.train.config import COMPLETE
+    from spd_ext.train.run import prepare
+
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out"))
+    plan, _ = prepare(str(path), [], 1)
+    _fake_checkpoint(plan, TokenDataset("tinyshakespeare", "char").tokenizer, 3)
+    file = plan.checkpoint_dir / "global_step3" / "train" / COMPLETE
+    file.write_bytes(marker.encode("utf-8", "surrogateescape"))
+    assert cli.main(["train", str(path), "--resume", "--set", "model.n_embd=64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{file} is corrupt" in err and "--overwrite" in err, err
+
+
 def test_resume_without_the_checkpoints_spd_ext_state_is_refused_before_any_rank(
         tmp_path, capsys) -> None:
     """Signal weighting switched off (or another staleness mode) on --resume: one line

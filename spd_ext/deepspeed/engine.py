@@ -328,11 +328,15 @@ class EngineIntegration:
         if not self._skip_optimizer:
             return self._originals["_take_model_step"](*args, **kwargs)
         optimizer = self.engine.optimizer
+        own = vars(optimizer).get("step")  # an instance step (LR schedulers install one)
         optimizer.step = lambda *a, **k: None  # this instance only, for this one call
         try:
             return self._originals["_take_model_step"](*args, **kwargs)
         finally:
-            del optimizer.step
+            if own is not None:
+                optimizer.step = own
+            else:
+                del optimizer.step
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         boundary = self.engine.is_gradient_accumulation_boundary()
@@ -601,10 +605,14 @@ class EngineIntegration:
                                                  **kwargs)
         with atomic_path(self._state_path(save_dir, tag)) as tmp:
             torch.save(state, tmp)
-        if self.topology.islands > 1 and dist.get_rank() == 0:
-            with atomic_path(Path(save_dir) / "latest") as tmp:
-                tmp.write_text(tag)
-        dist.barrier()
+        dist.barrier()  # every rank's files are written: only now may `latest` name the tag
+        # DeepSpeed's signature: save_checkpoint(save_dir, tag, client_state, save_latest, ...)
+        save_latest = kwargs.get("save_latest", args[1] if len(args) > 1 else True)
+        if self.topology.islands > 1 and save_latest:
+            if dist.get_rank() == 0:
+                with atomic_path(Path(save_dir) / "latest") as tmp:
+                    tmp.write_text(tag)
+            dist.barrier()
         return out
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -752,12 +752,20 @@ def resume_tag(checkpoint_dir: Path) -> str | None:
 
 
 def _saved_info(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
-    """A complete checkpoint's marker ({} when unreadable)."""
+    """A complete checkpoint's marker; a marker that is not a JSON object is refused (the
+    layout check would pass it silently)."""
+    marker = checkpoint_dir / tag / "train" / COMPLETE
     try:
-        info = json.loads((checkpoint_dir / tag / "train" / COMPLETE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return info if isinstance(info, dict) else {}
+        info = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        info = exc
+    if not isinstance(info, dict):
+        why = f"{type(info).__name__}: {info}" if isinstance(info, Exception) else \
+            f"it holds {json.dumps(info)[:60]}, not an object"
+        raise _fail(f"{marker} is corrupt ({why}), so checkpoint {tag} cannot be checked "
+                    "against this config; move that checkpoint away to resume from an older "
+                    "one, or start over with --overwrite")
+    return info
 
 
 def saved_layout(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
