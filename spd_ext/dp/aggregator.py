@@ -143,8 +143,11 @@ class SignalWeightedAggregator(GradientAggregator):
         self.signal.observe_loss(loss)
 
     def _raw_unless_non_finite(self, loss: float | torch.Tensor) -> torch.Tensor:
-        raw = self.signal.raw()
-        loss = torch.as_tensor(loss, dtype=torch.float64, device=raw.device)
+        """The signal, NaN where the loss is not finite, on the loss's device (a signal
+        with no history yet is a host constant; the gather runs where the loss is: NCCL
+        reduces GPU tensors only)."""
+        loss = torch.as_tensor(loss, dtype=torch.float64)
+        raw = self.signal.raw().to(loss.device)
         return torch.where(torch.isfinite(loss), raw, float("nan"))
 
     def _gather_and_weigh(self, step: int, raw: torch.Tensor,
