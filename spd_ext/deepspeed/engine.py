@@ -3,8 +3,8 @@
 ``EngineIntegration`` attaches to one ``DeepSpeedEngine`` by replacing, on that engine
 instance only, a few of its methods with wrappers that call the originals:
 
-* ``backward(loss)``: keeps the micro-batch loss on the device (the signals' input). With signal
-  weighting, the step's first backward decides the step's weights (one scalar
+* ``backward(loss)``: keeps the micro-batch loss on the device (the signals' input). With
+  signal weighting, the step's first backward decides the step's weights (one scalar
   all-gather on the data-parallel group: each rank's signal as it would be after this
   micro-batch's loss) and every backward of the step scales its loss by ``N * w_i``, so
   that DeepSpeed's mean over the ranks yields sum_i w_i g_i. Being linear, this holds
@@ -204,9 +204,8 @@ class EngineIntegration:
     def last(self) -> dict[str, Any]:
         """The last step's values (step, loss, weight, weights, signals, grad_norm,
         syncs_forward / syncs_backward / grad_syncs, skipped, skipped_optimizer), read on
-        the host: a
-        synchronization with the device, which the engine itself makes only on metrics
-        steps (``metrics.interval``)."""
+        the host: a synchronization with the device, which the engine itself makes only
+        on metrics steps (``metrics.interval``)."""
         return {key: _host(value) for key, value in self._last.items()}
 
     def check_step(self, step: int) -> bool:
