@@ -1,8 +1,8 @@
 """DeepSpeed's checkpoint files read without running code.
 
-DeepSpeed's checkpoint engine loads every file of a checkpoint with
-``torch.load(weights_only=False)``: a file replaced by a pickle whose ``__reduce__`` calls
-``os.system`` runs its command on ``load_checkpoint``. spd_ext reads them with
+DeepSpeed's checkpoint engine unpickles every file of a checkpoint with full pickle
+semantics: a file replaced by a pickle whose ``__reduce__`` calls ``os.system`` runs its
+command on ``load_checkpoint``. spd_ext reads them with
 ``weights_only=True`` instead, allowing only the few plain-data classes DeepSpeed's own
 files hold (its loss scaler, the ZeRO stage enum, fragment addresses), so a crafted file
 is refused with one line naming it:
