@@ -286,6 +286,7 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
     # what besides signal weighting is on: each has its own limits below
     islands = cfg.staleness.islands > 1
     others = [what for what, on in (
+        (f"staleness.islands {cfg.staleness.islands}", islands),
         (f"staleness.mode {mode}", mode.kind != "ssgd" and not islands),
         (f"tensor_parallel.size {cfg.tensor_parallel.size}", cfg.tensor_parallel.size > 1),
         ("comm.backend 'spd_ext'", cfg.comm.backend == SPD_EXT)) if on]
@@ -298,8 +299,10 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             "the tensor-parallel group before DeepSpeed's reduce-scatter; not supported: use "
             "stage 2 (tensor parallelism shards the weights already) or 0 / 1")
     if stage >= 2:
-        # tensor parallelism at ZeRO-2 sums partial gradients inside backward (engine.py)
-        beyond = [what for what in others if not what.startswith("tensor_parallel")]
+        # islands act on the fp32 partitions after the step; tensor parallelism sums its
+        # partial gradients inside backward (engine.py; ZeRO-3 refused above)
+        beyond = [what for what in others
+                  if not what.startswith(("staleness.islands", "tensor_parallel"))]
         if beyond:
             raise SpdExtConfigError(
                 f"{beyond[0]} with zero_optimization.stage {stage}: ZeRO-{stage} reduces "
@@ -313,8 +316,7 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
                 "the signal reads this rank's own gradient, which ZeRO-2/3 never hold whole "
                 "(they reduce-scatter it during backward); use loss_ema at this stage, or "
                 "stage 0 or 1")
-    if precision_enabled(ds_config, "fp16") and (others or islands):
-        others = others or [f"staleness.islands {cfg.staleness.islands}"]
+    if precision_enabled(ds_config, "fp16") and others:
         raise SpdExtConfigError(
             f"fp16 with {others[0]}: dynamic loss scaling skips steps on overflow, which would "
             "desynchronize staleness schedules and tensor-parallel sums from the applied "

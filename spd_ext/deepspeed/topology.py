@@ -101,33 +101,24 @@ def build_topology(tp_size: int = 1, islands: int = 1) -> Topology:
     if key in _CACHE:
         return _CACHE[key]
     world = dist.get_world_size()
-    if tp_size > 1 and islands > 1:
-        topo = _tensor_parallel_islands(tp_size, islands)
+    if islands > 1:
+        topo = _islands(tp_size, islands)
     elif tp_size > 1:
         groups = initialize_model_parallel(tp_size)
         topo = Topology(tp_size, 1, ModelParallelUnit(groups.tp_group, groups.tp_ranks,
                                                        groups.dp_group, groups.dp_ranks),
                         tp_group=groups.tp_group, tp_ranks=groups.tp_ranks,
                         dp_group=groups.dp_group, dp_ranks=groups.dp_ranks)
-    elif islands > 1:
-        if world % islands != 0:
-            raise ValueError(f"{islands} islands do not divide the world size {world}")
-        (island_group, island_ranks), (cross_group, cross_ranks) = \
-            block_and_strided_groups(world // islands)
-        (self_group, self_ranks), _ = block_and_strided_groups(1)  # model parallel: alone
-        topo = Topology(1, islands, ModelParallelUnit(self_group, self_ranks, island_group,
-                                                       island_ranks),
-                        dp_group=island_group, dp_ranks=island_ranks,
-                        cross_island_group=cross_group, cross_island_ranks=cross_ranks)
     else:
         topo = Topology(1, 1, None, dp_ranks=tuple(range(world)))
     _CACHE[key] = topo
     return topo
 
 
-def _tensor_parallel_islands(tp_size: int, islands: int) -> Topology:
-    """Islands of tensor x data parallelism (collective: every rank creates every group,
-    in the same order)."""
+def _islands(tp_size: int, islands: int) -> Topology:
+    """Islands, each of tensor x data parallelism (``tp_size`` 1: data parallelism alone,
+    the model-parallel group of one rank). Collective: every rank creates every group, in
+    the same order."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % (tp_size * islands) != 0:
         raise ValueError(f"{islands} islands of tensor-parallel size {tp_size} do not divide "
@@ -143,6 +134,9 @@ def _tensor_parallel_islands(tp_size: int, islands: int) -> Topology:
             if rank in ranks:
                 dp = (group, ranks)
     assert dp is not None
+    tensor_parallel = tp_size > 1
     return Topology(tp_size, islands, ModelParallelUnit(tp_group, tp_ranks, dp[0], dp[1]),
-                    tp_group=tp_group, tp_ranks=tp_ranks, dp_group=dp[0], dp_ranks=dp[1],
+                    tp_group=tp_group if tensor_parallel else None,
+                    tp_ranks=tp_ranks if tensor_parallel else (),
+                    dp_group=dp[0], dp_ranks=dp[1],
                     cross_island_group=cross_group, cross_island_ranks=cross_ranks)

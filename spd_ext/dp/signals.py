@@ -17,10 +17,18 @@ from __future__ import annotations
 import torch
 
 
-def _scalar(value: torch.Tensor | float, like: torch.Tensor | None = None) -> torch.Tensor:
-    """``value`` as a 0-d float64 tensor (on ``like``'s device, if given)."""
-    device = like.device if like is not None else None
-    return torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
+def _scalar(value: torch.Tensor | float) -> torch.Tensor:
+    """``value`` as a 0-d float64 tensor (a tensor stays on its device)."""
+    return torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+
+
+def _ema(old: torch.Tensor | None, x: torch.Tensor, beta: float,
+         accept: torch.Tensor) -> torch.Tensor:
+    """``old`` moved toward ``x`` (``x`` itself while ``old`` is None or NaN: no value
+    yet), where ``accept``; ``old`` elsewhere. On the device, without branching on values."""
+    old = old.to(x.device) if old is not None else torch.full_like(x, float("nan"))
+    new = torch.where(torch.isnan(old), x, beta * old + (1 - beta) * x)
+    return torch.where(accept, new, old)
 
 
 class Signal:
@@ -72,11 +80,8 @@ class LossEMA(Signal):
         self.value: torch.Tensor | None = None  # NaN until a finite loss arrived
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
-        loss = _scalar(loss, loss if isinstance(loss, torch.Tensor) else None)
-        old = self.value.to(loss.device) if self.value is not None else torch.full_like(
-            loss, float("nan"))
-        new = torch.where(torch.isnan(old), loss, self.beta * old + (1 - self.beta) * loss)
-        self.value = torch.where(torch.isfinite(loss), new, old)
+        loss = _scalar(loss)
+        self.value = _ema(self.value, loss, self.beta, torch.isfinite(loss))
 
     def raw(self) -> torch.Tensor:
         return _scalar(float("nan")) if self.value is None else self.value
@@ -118,7 +123,7 @@ class GradNormStability(Signal):
 
     def raw(self) -> torch.Tensor:
         if self.norms is None or self.norms.numel() < 2:
-            return _scalar(1.0, self.norms)  # no history yet: every rank alike
+            return _scalar(1.0)  # no history yet: every rank alike
         mean, std = self.norms.mean(), self.norms.std()
         return mean / (std + 1e-12 * mean.clamp(min=1e-30))
 
@@ -155,10 +160,7 @@ class CosineToPrevGlobal(Signal):
         dot, local, prev = self._sums.unbind()
         cos = dot / (local * prev).sqrt().clamp(min=1e-300)
         compared = (local > 0) & (prev > 0) & torch.isfinite(cos)
-        old = self.value.to(cos.device) if self.value is not None else torch.full_like(
-            cos, float("nan"))
-        new = torch.where(torch.isnan(old), cos, self.beta * old + (1 - self.beta) * cos)
-        self.value = torch.where(compared, new, old)
+        self.value = _ema(self.value, cos, self.beta, compared)
 
     def raw(self) -> torch.Tensor:
         if self.value is None:

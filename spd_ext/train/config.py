@@ -616,10 +616,10 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     if not isinstance(section, dict):
         raise _fail(f"deepspeed.{SECTION} must be a mapping, got {json.dumps(section)}")
     section = ds[SECTION] = copy.deepcopy(section)
-    if isinstance(section.get("metrics", {}), dict) and "interval" not in section.get(
-            "metrics", {}):
+    metrics = section.get("metrics", {})
+    if isinstance(metrics, dict) and "interval" not in metrics:
         # the engine reads its values on the host only every log interval, as the loop does
-        section["metrics"] = {**section.get("metrics", {}), "interval": t["log_interval"]}
+        section["metrics"] = {**metrics, "interval": t["log_interval"]}
     tp_section = section.get("tensor_parallel") if isinstance(section.get("tensor_parallel"),
                                                                dict) else {}
     stale_section = section.get("staleness") if isinstance(section.get("staleness"),
