@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
+from spd_ext.errors import UsageError
 from spd_ext.utils.files import write_json
 
 
@@ -502,7 +503,7 @@ def _train(args: argparse.Namespace) -> int:
 
     launched = train_run.launched_world_size()
     if args.nproc is not None and launched is not None:
-        raise ValueError(f"--nproc {args.nproc} starts a launcher, but this process already "
+        raise UsageError(f"--nproc {args.nproc} starts a launcher, but this process already "
                          f"runs under one (WORLD_SIZE={launched}); drop --nproc")
     world = args.nproc or launched or 1
     plan, facts = train_run.prepare(args.config, args.overrides, world, args.resume,
@@ -610,7 +611,7 @@ def _bench_deepspeed(args: argparse.Namespace) -> int:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise ValueError("spd-ext bench deepspeed needs DeepSpeed: pip install "
+        raise UsageError("spd-ext bench deepspeed needs DeepSpeed: pip install "
                          "'spd_ext[deepspeed]'") from None
     rows = ds_engine.run(cfg)
     print(ds_engine.describe_run(cfg, rows))
@@ -639,29 +640,29 @@ def _gpt_config_file(path: str):
     from spd_ext.tp import GPTConfig
 
     if not Path(path).is_file():
-        raise ValueError(f"--config {path} is not a file; pass a JSON file such as "
+        raise UsageError(f"--config {path} is not a file; pass a JSON file such as "
                          "configs/tp/gpt2-124m-12sync.json")
     try:
         spec = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: line {exc.lineno} column {exc.colno}: "
+        raise UsageError(f"{path} is not valid JSON: line {exc.lineno} column {exc.colno}: "
                          f"{exc.msg}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a text (JSON) file") from None
+        raise UsageError(f"{path} is not a text (JSON) file") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
-        raise ValueError(f"{path} has no \"model\" object; a config holds "
+        raise UsageError(f"{path} has no \"model\" object; a config holds "
                          "{\"model\": {\"pattern\": ..., \"n_layer\": ..., ...}}")
     valid = [f.name for f in fields(GPTConfig)]
     for key in spec["model"]:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{path}: unknown model field {key!r}{hint} (fields: "
+            raise UsageError(f"{path}: unknown model field {key!r}{hint} (fields: "
                              f"{', '.join(valid)})")
     try:
         return GPTConfig(**spec["model"])
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise UsageError(f"{path}: {exc}") from None
 
 
 def _tp_syncs(args: argparse.Namespace) -> int:
@@ -725,11 +726,11 @@ def _sadpt(args: argparse.Namespace) -> int:
         known = {r.name: r for r in runs}
         unknown = [w for w in wanted if w not in known]
         if unknown:
-            raise ValueError(f"unknown run(s) {unknown}; choose from {', '.join(known)}")
+            raise UsageError(f"unknown run(s) {unknown}; choose from {', '.join(known)}")
         runs = tuple(known[w] for w in wanted)
     most = max(r.nproc for r in runs)
     if args.floor * most > 1.0 + 1e-12:
-        raise ValueError(f"--floor {args.floor} leaves no room for {most} ranks (every weight "
+        raise UsageError(f"--floor {args.floor} leaves no room for {most} ranks (every weight "
                          f"is at least the floor and they sum to 1): use --floor <= "
                          f"{1 / most:.4g}, or fewer ranks with --runs")
     cfg = sadpt.SADPTConfig(
@@ -811,7 +812,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import aiohttp  # noqa: F401
     except ImportError:
-        raise ValueError("spd-ext serve needs aiohttp: pip install 'spd_ext[serve]'") from None
+        raise UsageError("spd-ext serve needs aiohttp: pip install 'spd_ext[serve]'") from None
     from spd_ext.serve import inspect_source
     from spd_ext.serve.app import run_server
 
@@ -844,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except UsageError as exc:  # a mistake in what was asked: one line; a defect keeps its traceback
         print(f"spd-ext: error: {exc}", file=sys.stderr)
         return 2
 

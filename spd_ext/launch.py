@@ -23,6 +23,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from spd_ext.errors import UsageError
+
 
 class RankError(RuntimeError):
     """A rank raised, died or timed out under :func:`spawn`."""
@@ -74,7 +76,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, nproc: int, port: int, backend
     import torch
     import torch.distributed as dist
 
-    from spd_ext.utils.rendezvous import bound_store  # rank 0 serves it on 127.0.0.1 only
+    from spd_ext.comm.rendezvous import bound_store  # rank 0 serves it on 127.0.0.1 only
 
     torch.set_num_threads(threads)
     if bind:
@@ -164,10 +166,10 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
     ``bind_cores`` pins each rank to its own cores when there are enough (benchmarks).
     """
     if nproc < 1:
-        raise ValueError(f"nproc must be at least 1, got {nproc}")
+        raise UsageError(f"nproc must be at least 1, got {nproc}")
     pg_timeout = pg_timeout or timeout
     if not 0 < pg_timeout < math.inf:  # timeout=math.inf (no deadline) needs its own
-        raise ValueError(f"the process group's timeout must be a finite number of seconds "
+        raise UsageError(f"the process group's timeout must be a finite number of seconds "
                          f"> 0, got {pg_timeout}; pass pg_timeout with timeout=math.inf")
     if threads_per_rank is None:
         threads_per_rank = max(1, (os.cpu_count() or 1) // nproc)

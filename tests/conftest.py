@@ -26,19 +26,6 @@ def c_ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow") or os.environ.get("SPD_EXT_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow or SPD_EXT_RUN_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 # Unit roundoff of the storage dtype (the one final rounding of an fp32 result).
 _ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # Half the smallest subnormal: the absolute error floor of that final rounding.

@@ -300,6 +300,30 @@ def test_bad_inputs_get_one_line_before_anything_runs(tmp_path, capsys) -> None:
         assert "Traceback" not in err
 
 
+def test_a_defect_keeps_its_traceback(monkeypatch, capsys) -> None:
+    """Only a UsageError (a mistake in what was asked) becomes one line and exit 2; a
+    ValueError or KeyError from inside spd_ext is a defect and must not be disguised as the
+    user's mistake."""
+    import spd_ext.cli
+    from spd_ext.errors import UsageError
+
+    for defect in (KeyError("n_layer"), ValueError("math domain error"),
+                   FileNotFoundError("/tmp/x.so")):
+        def broken(args, defect=defect):
+            raise defect
+
+        monkeypatch.setattr(spd_ext.cli, "_clean", broken)
+        with pytest.raises(type(defect)):
+            main(["clean"])
+
+    def mistake(args):
+        raise UsageError("--foo 3 is too many; pass at most 2")
+
+    monkeypatch.setattr(spd_ext.cli, "_clean", mistake)
+    assert main(["clean"]) == 2
+    assert capsys.readouterr().err == "spd-ext: error: --foo 3 is too many; pass at most 2\n"
+
+
 def _deepspeed_segment(port: int | str, rank: int | str) -> Path:
     """The /dev/shm name DeepSpeed's CPU comm op gives rank ``rank`` of a spawn job
     (rank "*": a pattern for every rank's)."""

@@ -23,6 +23,7 @@ import torch
 
 from spd_ext.data.tokenizers import CharTokenizer
 from spd_ext.launch import free_port
+from spd_ext.serve.messages import Done, Ready
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 
 pytest.importorskip("aiohttp")
@@ -464,12 +465,12 @@ def silent_job(pids: list[int]) -> type:
 
         def start(self) -> None:
             self.thread.start()
-            self.loop.call_soon(self.on_message, ("ready", {"pids": pids}))
+            self.loop.call_soon(self.on_message, Ready(pids))
 
         def ready(self) -> None:
             pass
 
-        def send(self, message: tuple) -> None:
+        def send(self, message: Any) -> None:
             self.sent.append(message)
 
     return SilentJob
@@ -541,7 +542,7 @@ def test_metrics_count_bad_requests_and_a_full_queue_apart(tmp_path, monkeypatch
                     statuses.append(r.status)
             async with client.get("/metrics") as r:
                 metrics = await r.json()
-            server._on_message(("done", next(iter(server.streams)), "length"))
+            server._on_message(Done(next(iter(server.streams)), "length"))
             async with await held as r:
                 return metrics, statuses, await r.json()
 

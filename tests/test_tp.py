@@ -93,7 +93,7 @@ def _count_on_meta(config: GPTConfig) -> tuple[ReducedSyncGPT, dict]:
 
 @pytest.mark.parametrize("pattern, syncs", SEED_PATTERNS.items())
 def test_sync_counts_of_gpt2_patterns(pattern: str, syncs: int) -> None:
-    model, counts = _count_on_meta(GPTConfig(pattern=pattern, vocab_size=50257))
+    model, counts = _count_on_meta(GPTConfig(pattern=pattern, vocab_size=50257, tp_size=2))
     assert counts["forward"] == syncs
     assert counts["backward"] == syncs  # every forward sync costs one backward all-reduce
     assert model.sync_counter.forward == 0  # step() archived and reset
@@ -109,10 +109,20 @@ def test_sync_counts_per_block() -> None:
                                 "final": (1, 0)}
 
 
+def test_a_config_that_names_no_tp_size_is_one_whole_model() -> None:
+    """GPTConfig once defaulted to two shards: a single-process model silently emulated
+    tensor parallelism 2, and a communicator of one rank was refused."""
+    config = GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, pattern="tp")
+    assert config.tp_size == 1
+    model = ReducedSyncGPT(config, EmulatedComm(1), seed=0)
+    assert model.comm.tp_size == 1
+
+
 def test_gpt2_124m_parameter_count() -> None:
     for pattern in SEED_PATTERNS:
         with torch.device("meta"):
-            model = ReducedSyncGPT(GPTConfig(pattern=pattern, vocab_size=50257), seed=None)
+            model = ReducedSyncGPT(GPTConfig(pattern=pattern, vocab_size=50257, tp_size=2),
+                                   seed=None)
         assert abs(model.num_params() - 124e6) / 124e6 < 0.01
         assert model.num_params() == 124_439_808  # Hugging Face gpt2
 
@@ -257,7 +267,7 @@ def test_mismatched_checkpoint_shapes_are_named() -> None:
     with pytest.raises(ValueError, match="wte.weight: checkpoint shape"):
         wider.load_dense_state_dict(small)
     deeper = ReducedSyncGPT(tiny("tp*2", 2, 2), seed=None)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ValueError, match="missing"):
         deeper.load_dense_state_dict(small)
 
 

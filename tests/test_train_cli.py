@@ -756,3 +756,33 @@ def test_diloco_islands_on_4_ranks(tmp_path) -> None:
     ckpt = out / "checkpoints"
     assert (ckpt / "island0" / "global_step4").is_dir() and (ckpt / "island1").is_dir()
     assert (ckpt / "latest").read_text() == "global_step4"
+
+
+_FAILS_TO_WRITE = """
+import sys
+import torch.distributed as dist
+import spd_ext.train.run as train_run
+from spd_ext.utils.files import WriteError
+
+def disk_full(*args):
+    raise WriteError("no space left on device")
+
+train_run._train = disk_full
+plan, facts = train_run.prepare(sys.argv[1], [], 1, hold=False)
+code = train_run.run(plan, facts)
+print(code, dist.is_initialized())
+"""
+
+
+def test_an_error_exit_ends_the_process_group(tmp_path) -> None:
+    """A rank that stops on an error ends the torch.distributed group it started, as one
+    that finishes does (was: only after success; NCCL leaks and warns of such a group)."""
+    from spd_ext.launch import free_port
+
+    path = write(tmp_path / "run.json", tiny(tmp_path / "out"))
+    rank = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", _FAILS_TO_WRITE, str(path)], cwd=tmp_path,
+                          env={**env(), **rank}, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split()[-2:] == ["1", "False"], proc.stdout + proc.stderr
+    assert "no space left on device" in proc.stderr

@@ -21,6 +21,7 @@ from spd_ext.bench.deepspeed_comm import init_deepspeed_comm
 from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
 from spd_ext.comm import all_reduce
 from spd_ext.comm.shm import shm_group
+from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
@@ -50,7 +51,7 @@ class AllReduceConfig:
         names = [s.strip() for s in self.impls.split(",") if s.strip()]
         bad = [n for n in names if n not in IMPLS]
         if bad or not names:
-            raise ValueError(f"unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
+            raise UsageError(f"unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
         return names
 
 
@@ -200,16 +201,16 @@ def run(cfg: AllReduceConfig) -> dict:
     """Run the benchmark on ``cfg.nproc`` ranks; returns rows (seconds per call)."""
     impls = cfg.impl_list()
     if cfg.gap_us and cfg.device == "cuda":
-        raise ValueError("--gap-us times CPU calls (a CUDA call returns before it is done, "
+        raise UsageError("--gap-us times CPU calls (a CUDA call returns before it is done, "
                          "so the gap would hide it); leave it out with --device cuda")
     check_device(cfg.device)
     if cfg.device != "cuda" and any(i in CUDA_ONLY for i in impls):
-        raise ValueError(f"{', '.join(CUDA_ONLY)} time CUDA IPC paths; use them with "
+        raise UsageError(f"{', '.join(CUDA_ONLY)} time CUDA IPC paths; use them with "
                          "--device cuda")
     parse_sizes(cfg.sizes)
     parse_dtypes(cfg.dtypes)
     if cfg.nproc < 2:
-        raise ValueError(f"--nproc must be at least 2 for an all-reduce, got {cfg.nproc}")
+        raise UsageError(f"--nproc must be at least 2 for an all-reduce, got {cfg.nproc}")
     return spawn(_rank_bench, cfg.nproc, cfg, timeout=cfg.timeout,
                  threads_per_rank=cfg.threads_per_rank, bind_cores=cfg.bind_cores,
                  env={"DS_ACCELERATOR": "cpu"})[0]

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.bench.training_step import TrainingStepBenchConfig
+from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table
 
@@ -40,7 +41,7 @@ class DDPHookBenchConfig(TrainingStepBenchConfig):
     def check(self) -> None:
         super().check()
         if self.bucket_mb <= 0:
-            raise ValueError(f"--bucket-mb must be positive, got {self.bucket_mb}")
+            raise UsageError(f"--bucket-mb must be positive, got {self.bucket_mb}")
 
 
 def _waiting_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP checks no annotations here

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from spd_ext.bench.deepspeed_comm import init_deepspeed_comm
 from spd_ext.bench.training_step import TrainingStepBenchConfig
+from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table
 
@@ -46,14 +47,14 @@ class DeepSpeedBenchConfig(TrainingStepBenchConfig):
             names = [v for v in self.KNOWN_VARIANTS if not VARIANTS[v].get("comm")]
         fused = [v for v in names if VARIANTS[v].get("comm")]
         if fused and self.stage != 0:
-            raise ValueError(f"variant(s) {fused} need --stage 0: spd_ext's fused all-reduce "
+            raise UsageError(f"variant(s) {fused} need --stage 0: spd_ext's fused all-reduce "
                              "replaces DeepSpeed's reduction at ZeRO stage 0 only; use "
                              "--variants deepspeed,deepspeed-weighted")
         return names
 
     def check(self) -> None:
         if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"--stage must be 0, 1, 2 or 3, got {self.stage}")
+            raise UsageError(f"--stage must be 0, 1, 2 or 3, got {self.stage}")
         super().check()
 
 

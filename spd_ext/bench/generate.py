@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.bench.tp import parse_backends, split_patterns
+from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
 from spd_ext.utils.table import format_table
@@ -51,7 +52,7 @@ class GenerateBenchConfig:
         except ValueError:
             sizes = []
         if not sizes or min(sizes) < 1:
-            raise ValueError(f"--batch-sizes must be a comma list of integers >= 1, got "
+            raise UsageError(f"--batch-sizes must be a comma list of integers >= 1, got "
                              f"{self.batch_sizes!r}")
         return sizes
 
@@ -59,17 +60,17 @@ class GenerateBenchConfig:
         self.backend_list()
         self.batch_list()
         if self.nproc < 2:
-            raise ValueError(f"--nproc must be at least 2, got {self.nproc}")
+            raise UsageError(f"--nproc must be at least 2, got {self.nproc}")
         for name, least in (("prompt_len", 1), ("new_tokens", 2), ("repeats", 1)):
             if getattr(self, name) < least:  # new tokens: the first is the prefill's
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got "
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got "
                                  f"{getattr(self, name)}")
         patterns = self.pattern_list()
         for p in patterns:
             self.model_config(p)
         twice = sorted({p for p in patterns if patterns.count(p) > 1})
         if twice:
-            raise ValueError(f"--patterns names {', '.join(twice)} more than once; each "
+            raise UsageError(f"--patterns names {', '.join(twice)} more than once; each "
                              "pattern is one row")
 
     def model_config(self, pattern: str) -> GPTConfig:

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 
 from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
+from spd_ext.errors import UsageError
 from spd_ext.ops import weighted_reduce
 from spd_ext.ops.weighted_reduce import builder, cuda_builder
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
@@ -31,10 +32,10 @@ class ReduceConfig:
         try:
             counts = [int(s) for s in self.inputs.split(",") if s.strip()]
         except ValueError:
-            raise ValueError(f"--inputs must be a comma list of integers, got "
+            raise UsageError(f"--inputs must be a comma list of integers, got "
                              f"{self.inputs!r}") from None
         if not counts or min(counts) < 1:
-            raise ValueError(f"--inputs needs counts >= 1, got {self.inputs!r}")
+            raise UsageError(f"--inputs needs counts >= 1, got {self.inputs!r}")
         return counts
 
 

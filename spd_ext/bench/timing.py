@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from spd_ext.errors import UsageError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -15,16 +17,16 @@ def parse_dtypes(spec: str) -> list[torch.dtype]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in DTYPES]
     if bad or not names:
-        raise ValueError(f"unknown dtype(s) {bad or spec!r}; use a comma list of "
+        raise UsageError(f"unknown dtype(s) {bad or spec!r}; use a comma list of "
                          f"{', '.join(DTYPES)}")
     return [DTYPES[n] for n in names]
 
 
 def check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this torch sees no CUDA device")
+        raise UsageError("--device cuda: this torch sees no CUDA device")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from spd_ext.bench.timing import measure
 from spd_ext.comm.backend import TP_BACKENDS, renamed_backend_hint
+from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
 from spd_ext.utils.table import format_table
@@ -51,7 +52,7 @@ def parse_backends(spec: str) -> list[str]:
     bad = [b for b in names if b not in TP_BACKENDS]
     if bad or not names:
         hint = "".join(renamed_backend_hint(b) for b in bad)
-        raise ValueError(f"unknown backend(s) {bad}{hint}; use torch (torch.distributed on "
+        raise UsageError(f"unknown backend(s) {bad}{hint}; use torch (torch.distributed on "
                          "the process group's backend) and/or spd_ext (spd_ext.comm)")
     return names
 
@@ -105,7 +106,7 @@ def _rank(rank: int, world: int, cfg: TPBenchConfig) -> list[dict]:
 def run(cfg: TPBenchConfig) -> list[dict]:
     cfg.backend_list()
     if cfg.nproc < 2:
-        raise ValueError(f"--nproc must be at least 2, got {cfg.nproc}")
+        raise UsageError(f"--nproc must be at least 2, got {cfg.nproc}")
     for p in cfg.pattern_list():
         GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, pattern=p,
                   tp_size=cfg.nproc)

@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from spd_ext.errors import UsageError
+
 
 @dataclass
 class TrainingStepBenchConfig:
@@ -35,20 +37,20 @@ class TrainingStepBenchConfig:
             or list(self.KNOWN_VARIANTS)
         bad = [v for v in names if v not in self.KNOWN_VARIANTS]
         if bad:
-            raise ValueError(f"unknown variant(s) {bad}; use a comma list of "
+            raise UsageError(f"unknown variant(s) {bad}; use a comma list of "
                              f"{', '.join(self.KNOWN_VARIANTS)}")
         return names
 
     def check(self) -> None:
         self.variant_list()
         if self.nproc < 2:
-            raise ValueError(f"--nproc must be at least 2, got {self.nproc}")
+            raise UsageError(f"--nproc must be at least 2, got {self.nproc}")
         for name in ("steps", "batch_size", "seq_len", "n_layer"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got "
                                  f"{getattr(self, name)}")
         if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
         self.gpt_config()  # raises on an impossible shape (heads not dividing the width)
 
     def gpt_config(self):  # noqa: ANN201 - spd_ext.tp is imported lazily

@@ -29,6 +29,7 @@ from spd_ext.comm.groups import CommError, check_timeout
 from spd_ext.comm.shm import cached_shm_group, shm_group
 from spd_ext.comm.torch_backend import TORCH_DISTRIBUTED
 from spd_ext.comm.work import AllReduceWork
+from spd_ext.errors import UsageError
 from spd_ext.ops.codes import OP_CODES
 from spd_ext.ops.weighted_reduce import as_weight_list
 
@@ -52,45 +53,45 @@ def rank_weight(op: str, weights: torch.Tensor | Sequence[float] | None, rank: i
     """
     if op == "weighted":
         if weights is not None and weight is not None:
-            raise ValueError("pass either weights= (every rank's weights) or weight= (this "
+            raise UsageError("pass either weights= (every rank's weights) or weight= (this "
                              "rank's own), not both")
         if weight is not None:
             if isinstance(weight, (list, tuple, torch.Tensor)):
-                raise ValueError("weight= is this rank's own weight, a number; pass every "
+                raise UsageError("weight= is this rank's own weight, a number; pass every "
                                  "rank's weights as weights=")
             if not math.isfinite(weight):
-                raise ValueError(f"this rank's weight {weight} is not finite; use weights "
+                raise UsageError(f"this rank's weight {weight} is not finite; use weights "
                                  "that sum to 1")
             return float(weight)
         if isinstance(weights, torch.Tensor):
             values = (weights if weights.dim() == 1 else weights.reshape(-1)).tolist()
         elif weights is None:
-            raise ValueError("op='weighted' needs weights= (one per rank, the same on every "
+            raise UsageError("op='weighted' needs weights= (one per rank, the same on every "
                              "rank) or weight= (this rank's own)")
         elif isinstance(weights, (int, float)):
-            raise ValueError(f"weights={weights} is a single number: weights= takes every "
+            raise UsageError(f"weights={weights} is a single number: weights= takes every "
                              "rank's weights (one per rank); pass this rank's own weight as "
                              "weight=")
         else:
             values = list(weights)
         if len(values) != world_size:
-            raise ValueError(f"got {len(values)} weights for {world_size} ranks; pass one "
+            raise UsageError(f"got {len(values)} weights for {world_size} ranks; pass one "
                              "weight per rank (or this rank's own weight as weight=)")
         if not math.isfinite(sum(values)):  # NaN or inf anywhere makes the sum non-finite
             as_weight_list(values, len(values), "ranks")  # raises naming the entries
-            raise ValueError(f"weights {values} overflow when summed; use weights that sum to 1")
+            raise UsageError(f"weights {values} overflow when summed; use weights that sum to 1")
         return float(values[rank])
     if op not in OP_CODES:
-        raise ValueError(f"unknown op {op!r}; use one of {', '.join(OP_CODES)}")
+        raise UsageError(f"unknown op {op!r}; use one of {', '.join(OP_CODES)}")
     if weights is not None or weight is not None:
-        raise ValueError(f"weights are only used with op='weighted', not op={op!r}")
+        raise UsageError(f"weights are only used with op='weighted', not op={op!r}")
     return 1.0 if op == "sum" else 1.0 / world_size
 
 
 def _device_weight(weights: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's weight as a 1-element view of ``weights``: read on the device."""
     if weights.numel() != world_size:
-        raise ValueError(f"got {weights.numel()} weights for {world_size} ranks; pass one "
+        raise UsageError(f"got {weights.numel()} weights for {world_size} ranks; pass one "
                          "weight per rank")
     if not weights.is_floating_point():
         raise TypeError(f"weights must be floating point, got {weights.dtype}")

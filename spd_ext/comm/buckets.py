@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from spd_ext.comm.torch_private import flatten_dense, unflatten_dense
+from spd_ext.errors import UsageError
 
 
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -23,7 +24,7 @@ def shard_bounds(numel: int, parts: int, align: int = 1) -> list[tuple[int, int]
     possible in units of ``align`` elements (every boundary but the last end is a multiple
     of ``align``, so blockwise work on a slice matches the same work on the whole)."""
     if parts < 1 or align < 1:
-        raise ValueError(f"parts and align must be >= 1, got parts={parts} align={align}")
+        raise UsageError(f"parts and align must be >= 1, got parts={parts} align={align}")
     units = -(-numel // align)
     base, extra = divmod(units, parts)
     bounds, start = [], 0

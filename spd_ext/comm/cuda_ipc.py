@@ -33,6 +33,7 @@ from spd_ext.comm.groups import (
     single_host_reason,
 )
 from spd_ext.comm.work import AllReduceWork
+from spd_ext.errors import UsageError
 from spd_ext.ops.codes import KERNEL_DTYPES, OP_CODES
 from spd_ext.ops.ipc_allreduce import builder
 
@@ -175,7 +176,7 @@ def ipc_buffer(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32,
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"ipc_buffer supports {', '.join(map(str, KERNEL_DTYPES))}, got {dtype}")
     if any(d < 0 for d in shape):
-        raise ValueError(f"ipc_buffer: negative dimension in shape {shape}")
+        raise UsageError(f"ipc_buffer: negative dimension in shape {shape}")
     ipc = ipc_group(group)
     if ipc is None:
         raise RuntimeError(f"spd_ext.comm.ipc_buffer: this group has no CUDA IPC path "

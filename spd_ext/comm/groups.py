@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import torch.distributed as dist
 
 from spd_ext.comm.torch_private import default_store, group_name, live_groups
+from spd_ext.errors import UsageError
 
 T = TypeVar("T")
 #: Seconds of one wait inside the store during a set-up (signals are handled between).
@@ -47,7 +48,7 @@ def default_timeout() -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"SPD_EXT_COMM_TIMEOUT={raw!r} is not a number of seconds") from None
+        raise UsageError(f"SPD_EXT_COMM_TIMEOUT={raw!r} is not a number of seconds") from None
     return check_timeout(value, "SPD_EXT_COMM_TIMEOUT")
 
 
@@ -55,7 +56,7 @@ def check_timeout(value: float, what: str = "timeout") -> float:
     """``value`` if it is a finite, positive number of seconds; otherwise ValueError (a
     zero timeout would fail the call at once and leave this rank's group unusable)."""
     if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-        raise ValueError(f"{what} must be a finite, positive number of seconds, got {value!r}")
+        raise UsageError(f"{what} must be a finite, positive number of seconds, got {value!r}")
     return float(value)
 
 
@@ -66,9 +67,9 @@ def env_bytes(name: str, default: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of bytes") from None
+        raise UsageError(f"{name}={raw!r} is not a number of bytes") from None
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise UsageError(f"{name} must be positive, got {value}")
     return value
 
 

@@ -8,6 +8,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.utils.files import atomic_path
 
 
@@ -54,21 +55,21 @@ def resolve_corpus(name_or_path: str | os.PathLike, data_dir: str | os.PathLike 
         return path
     known = KNOWN_CORPORA.get(str(name_or_path))
     if known is None:
-        raise FileNotFoundError(f"corpus {str(name_or_path)!r} is neither a file nor a known "
+        raise MissingFileError(f"corpus {str(name_or_path)!r} is neither a file nor a known "
                                 f"name ({', '.join(KNOWN_CORPORA)})")
     found = find_data_file(known.filename, data_dir)
     if found is not None:
         return found
     looked = ", ".join(str(d) for d in data_dirs(data_dir))
     if not download:
-        raise FileNotFoundError(f"{known.filename} not found in {looked}; set SPD_EXT_DATA_DIR "
+        raise MissingFileError(f"{known.filename} not found in {looked}; set SPD_EXT_DATA_DIR "
                                 "to the folder holding it")
     target = cache_dir() / "data" / known.filename
     try:
         with atomic_path(target) as tmp, urllib.request.urlopen(known.url, timeout=30) as got:
             tmp.write_bytes(got.read())
     except (urllib.error.URLError, OSError) as exc:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{known.filename} is not in {looked} and downloading {known.url} failed ({exc}); "
             "when offline, put the file in a folder and set SPD_EXT_DATA_DIR to it") from None
     return target
@@ -81,10 +82,10 @@ def read_corpus(path: str | os.PathLike, loader: str = "plain") -> str:
         try:
             return Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"corpus {path} is not UTF-8 text (byte {exc.start}); pass a "
+            raise UsageError(f"corpus {path} is not UTF-8 text (byte {exc.start}); pass a "
                              "plain-text file") from None
     if loader != "datasets":
-        raise ValueError(f"unknown loader {loader!r}; use 'plain' or 'datasets'")
+        raise UsageError(f"unknown loader {loader!r}; use 'plain' or 'datasets'")
     try:
         import datasets
     except ImportError:

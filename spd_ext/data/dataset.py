@@ -11,6 +11,7 @@ import torch
 
 from spd_ext.data.corpus import cache_dir, read_corpus, resolve_corpus
 from spd_ext.data.tokenizers import CharTokenizer, GPT2Tokenizer, get_tokenizer
+from spd_ext.errors import UsageError
 from spd_ext.utils.files import atomic_path
 
 
@@ -35,16 +36,16 @@ class TokenDataset:
                  loader: str = "plain") -> None:
         """``loader="datasets"`` reads the file through Hugging Face datasets."""
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise UsageError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.path = resolve_corpus(corpus, data_dir)
         text = read_corpus(self.path, loader)
         if len(text) < 2:
-            raise ValueError(f"corpus {self.path} holds {len(text)} characters: too short to "
+            raise UsageError(f"corpus {self.path} holds {len(text)} characters: too short to "
                              "train on (it needs at least a few blocks of text)")
         raw = text.encode("utf-8")
         self.tokenizer: CharTokenizer | GPT2Tokenizer = get_tokenizer(tokenizer, text=text)
         if self.tokenizer.vocab_size > 1 << 16:
-            raise ValueError("token ids must fit uint16")
+            raise UsageError("token ids must fit uint16")
         key = hashlib.sha1(raw + json.dumps(self.tokenizer.state()).encode()).hexdigest()[:16]
         self.cache_path = cache_dir() / "tokens" / f"{self.path.stem}-{tokenizer}-{key}.bin"
         if not self.cache_path.is_file():
@@ -62,7 +63,7 @@ class TokenDataset:
         try:
             return self.splits[name]
         except KeyError:
-            raise ValueError(f"unknown split {name!r}; use 'train' or 'val'") from None
+            raise UsageError(f"unknown split {name!r}; use 'train' or 'val'") from None
 
     def windows(self, split: str, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor,
                                                                                   torch.Tensor]:
@@ -74,7 +75,7 @@ class TokenDataset:
         """``batch_size`` random windows of ``block_size`` tokens (inputs, targets)."""
         data = self.split(split)
         if len(data) <= block_size + 1:
-            raise ValueError(f"the {split} split has {len(data)} tokens, too few for "
+            raise UsageError(f"the {split} split has {len(data)} tokens, too few for "
                              f"block_size {block_size}")
         starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
         return self.windows(split, starts, block_size)

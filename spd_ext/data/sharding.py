@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from spd_ext.data.dataset import TokenDataset, windows
+from spd_ext.errors import UsageError
 
 CORRUPTIONS = ("token_swap", "shuffle", "label_noise", "duplicate")
 SHARDINGS = ("iid", "clean_vs_corrupt")
@@ -37,12 +38,12 @@ class Corruption:
 
     def __post_init__(self) -> None:
         if self.kind not in CORRUPTIONS:
-            raise ValueError(f"unknown corruption {self.kind!r}; use one of "
+            raise UsageError(f"unknown corruption {self.kind!r}; use one of "
                              f"{', '.join(CORRUPTIONS)}")
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"corruption probability must be in [0, 1], got {self.probability}")
+            raise UsageError(f"corruption probability must be in [0, 1], got {self.probability}")
         if self.window < 2:
-            raise ValueError(f"shuffle window must be at least 2 tokens, got {self.window}")
+            raise UsageError(f"shuffle window must be at least 2 tokens, got {self.window}")
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, vocab: int,
               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,21 +79,21 @@ class ShardedSampler:
                  block_size: int, seed: int, sharding: str = "iid",
                  corrupt_ranks: tuple[int, ...] = (), corruption: Corruption | None = None):
         if sharding not in SHARDINGS:
-            raise ValueError(f"unknown sharding {sharding!r}; use one of {', '.join(SHARDINGS)}")
+            raise UsageError(f"unknown sharding {sharding!r}; use one of {', '.join(SHARDINGS)}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
+            raise UsageError(f"rank {rank} outside world of size {world_size}")
         bad = [r for r in corrupt_ranks if not 0 <= r < world_size]
         if bad:
-            raise ValueError(f"corrupt ranks {bad} outside world of size {world_size}")
+            raise UsageError(f"corrupt ranks {bad} outside world of size {world_size}")
         if sharding == "clean_vs_corrupt" and (not corrupt_ranks or corruption is None):
-            raise ValueError("clean_vs_corrupt needs corrupt_ranks and a corruption")
+            raise UsageError("clean_vs_corrupt needs corrupt_ranks and a corruption")
         self.data, self.rank, self.batch_size, self.block_size = data, rank, batch_size, block_size
         self.seed = seed
         train = data.split("train")
         per = len(train) // world_size
         self.shard = train[rank * per:(rank + 1) * per]
         if len(self.shard) <= block_size + 1:
-            raise ValueError(f"rank {rank}'s shard has {len(self.shard)} tokens, too few for "
+            raise UsageError(f"rank {rank}'s shard has {len(self.shard)} tokens, too few for "
                              f"block_size {block_size}; use fewer ranks or a larger corpus")
         self.corruption = corruption if (sharding == "clean_vs_corrupt"
                                           and rank in corrupt_ranks) else None

@@ -7,6 +7,7 @@ import os
 from typing import Protocol
 
 from spd_ext.data.corpus import find_data_file
+from spd_ext.errors import MissingFileError, UsageError
 
 GPT2_RANKS_FILE = "gpt2.tiktoken"
 
@@ -38,7 +39,7 @@ class CharTokenizer:
         try:
             return [self._index[c] for c in text]
         except KeyError as exc:
-            raise ValueError(f"character {exc.args[0]!r} is not in this tokenizer's vocabulary "
+            raise UsageError(f"character {exc.args[0]!r} is not in this tokenizer's vocabulary "
                              f"of {self.vocab_size} characters") from None
 
     def decode(self, ids: list[int]) -> str:
@@ -73,7 +74,7 @@ class GPT2Tokenizer:
             try:
                 self._enc = tiktoken.get_encoding("gpt2")
             except Exception as exc:  # tiktoken raises several kinds when offline
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"tiktoken could not download the GPT-2 encoding ({exc}); put "
                     f"{GPT2_RANKS_FILE} in a folder and set SPD_EXT_DATA_DIR to it") from None
 
@@ -104,8 +105,8 @@ def get_tokenizer(name: str, text: str | None = None,
         if state is not None:
             return CharTokenizer(state["chars"])
         if text is None:
-            raise ValueError("the char tokenizer is built from a corpus: pass its text")
+            raise UsageError("the char tokenizer is built from a corpus: pass its text")
         return CharTokenizer.from_text(text)
     if name == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; use 'char' or 'gpt2'")
+    raise UsageError(f"unknown tokenizer {name!r}; use 'char' or 'gpt2'")

@@ -21,6 +21,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from spd_ext.errors import UsageError
 from spd_ext.utils.files import load_weights_only
 
 #: The classes DeepSpeed pickles into its checkpoints (ZeRO optimizer states): plain data,
@@ -33,7 +34,7 @@ DEEPSPEED_PLAIN_CLASSES = (
 )
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UsageError):
     """A checkpoint file holds something other than tensors and plain data, or is damaged."""
 
 

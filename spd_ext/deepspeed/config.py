@@ -25,6 +25,7 @@ from typing import Any
 from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
 from spd_ext.dp.signals import SIGNALS
 from spd_ext.dp.weights import WEIGHT_MAPS
+from spd_ext.errors import UsageError
 from spd_ext.staleness.modes import Mode, parse_mode
 from spd_ext.tp.patterns import PatternError, parse_pattern
 
@@ -33,7 +34,7 @@ ENGINE_MODES = ("ssgd", "delayed", "local_sgd", "diloco")  # the collective stal
 BACKENDS = ("deepspeed", SPD_EXT)
 
 
-class SpdExtConfigError(ValueError):
+class SpdExtConfigError(UsageError):
     """The ``"spd_ext"`` section (or its combination with the ds_config) is unusable."""
 
 

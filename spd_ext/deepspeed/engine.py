@@ -52,6 +52,7 @@ from spd_ext.deepspeed.checkpoint import guard_checkpoint_loads
 from spd_ext.deepspeed.config import SpdExtConfig
 from spd_ext.deepspeed.topology import Topology
 from spd_ext.dp.aggregator import SignalWeightedAggregator, WeightError
+from spd_ext.errors import MissingFileError
 from spd_ext.staleness.collective import DiLoCo, StalenessStrategy, make_strategy
 from spd_ext.tp.sharding import tensor_parallel_layout
 from spd_ext.utils.files import atomic_path, load_checkpoint
@@ -618,7 +619,7 @@ class EngineIntegration:
         if tag is None and self.topology.islands > 1:
             latest = Path(load_dir) / "latest"
             if not latest.is_file():
-                raise FileNotFoundError(f"{latest} is missing: no checkpoint of an islands run "
+                raise MissingFileError(f"{latest} is missing: no checkpoint of an islands run "
                                         f"in {load_dir}; pass tag= or the directory given to "
                                         "save_checkpoint")
             tag = latest.read_text().strip()
@@ -630,7 +631,7 @@ class EngineIntegration:
             tag = (Path(load_dir) / "latest").read_text().strip()
         path = self._state_path(load_dir, str(tag))
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is missing: the checkpoint in {load_dir} (tag {tag}) was not saved by "
                 "an engine with spd_ext attached, or with a different world size; resume "
                 "from a checkpoint saved through spd_ext")

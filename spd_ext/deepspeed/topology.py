@@ -24,6 +24,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from spd_ext.errors import UsageError
 from spd_ext.tp.parallel_state import block_and_strided_groups, initialize_model_parallel
 
 
@@ -121,7 +122,7 @@ def _islands(tp_size: int, islands: int) -> Topology:
     the same order."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % (tp_size * islands) != 0:
-        raise ValueError(f"{islands} islands of tensor-parallel size {tp_size} do not divide "
+        raise UsageError(f"{islands} islands of tensor-parallel size {tp_size} do not divide "
                          f"the world size {world}")
     size = world // islands  # ranks per island
     (tp_group, tp_ranks), _ = block_and_strided_groups(tp_size)

@@ -25,6 +25,7 @@ from spd_ext.comm import all_reduce
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.dp.signals import make_signal
 from spd_ext.dp.weights import make_weight_map
+from spd_ext.errors import UsageError
 from spd_ext.hooks import TrainerHooks
 
 
@@ -100,12 +101,12 @@ class SignalWeightedAggregator(GradientAggregator):
             map_args["temperature"] = temperature
         self.weight_map = make_weight_map(weighting, **map_args)
         if weighting == "inverse" and self.signal.higher_is_better:
-            raise ValueError(f"inverse weighting needs a lower-is-better signal (loss_ema), "
+            raise UsageError(f"inverse weighting needs a lower-is-better signal (loss_ema), "
                              f"not {signal}")
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         if floor * self.world_size > 1.0:
-            raise ValueError(f"floor {floor} leaves no room for {self.world_size} ranks: need "
+            raise UsageError(f"floor {floor} leaves no room for {self.world_size} ranks: need "
                              f"floor <= 1/{self.world_size}")
         self.record = record
         self.history: list[dict] = []

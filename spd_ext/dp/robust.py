@@ -15,13 +15,14 @@ from torch import nn
 
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.dp.aggregator import GradientAggregator, local_gradients
+from spd_ext.errors import UsageError
 
 
 def trimmed_mean(stacked: torch.Tensor, trim: int) -> torch.Tensor:
     """Per coordinate, drop the ``trim`` largest and smallest values, average the rest."""
     n = stacked.shape[0]
     if not 0 <= 2 * trim < n:
-        raise ValueError(f"trimming {trim} from each side leaves nothing of {n} ranks")
+        raise UsageError(f"trimming {trim} from each side leaves nothing of {n} ranks")
     ordered = stacked.sort(dim=0).values
     return ordered[trim:n - trim].mean(0)
 
@@ -51,15 +52,15 @@ class RobustAggregator(GradientAggregator):
     def __init__(self, method: str = "trimmed_mean", *, trim: int = 1, tau: float = 1.0,
                  iterations: int = 3, group: Any = None) -> None:
         if method not in ROBUST_METHODS:
-            raise ValueError(f"unknown robust method {method!r}; use one of "
+            raise UsageError(f"unknown robust method {method!r}; use one of "
                              f"{', '.join(ROBUST_METHODS)}")
         if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
+            raise UsageError(f"tau must be > 0, got {tau}")
         self.method, self.trim, self.tau, self.iterations = method, trim, tau, iterations
         self.group = group
         self.world_size = dist.get_world_size(group)
         if method == "trimmed_mean" and not 0 <= 2 * trim < self.world_size:
-            raise ValueError(f"trim={trim} from each side leaves nothing of {self.world_size} "
+            raise UsageError(f"trim={trim} from each side leaves nothing of {self.world_size} "
                              "ranks")
         self._previous: torch.Tensor | None = None
 

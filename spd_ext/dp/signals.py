@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from spd_ext.errors import UsageError
+
 
 def _scalar(value: torch.Tensor | float) -> torch.Tensor:
     """``value`` as a 0-d float64 tensor (a tensor stays on its device)."""
@@ -75,7 +77,7 @@ class LossEMA(Signal):
 
     def __init__(self, beta: float = 0.9) -> None:
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"loss_ema beta must be in [0, 1), got {beta}")
+            raise UsageError(f"loss_ema beta must be in [0, 1), got {beta}")
         self.beta = beta
         self.value: torch.Tensor | None = None  # NaN until a finite loss arrived
 
@@ -96,7 +98,7 @@ class GradNormStability(Signal):
 
     def __init__(self, window: int = 20) -> None:
         if window < 2:
-            raise ValueError(f"grad_norm_stability window must be at least 2, got {window}")
+            raise UsageError(f"grad_norm_stability window must be at least 2, got {window}")
         self.window = window
         self.norms: torch.Tensor | None = None  # the last <= window norms, oldest first
         self._sq: torch.Tensor | None = None
@@ -138,7 +140,7 @@ class CosineToPrevGlobal(Signal):
 
     def __init__(self, beta: float = 0.9) -> None:
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"cosine_to_prev_global beta must be in [0, 1), got {beta}")
+            raise UsageError(f"cosine_to_prev_global beta must be in [0, 1), got {beta}")
         self.beta = beta
         self.value: torch.Tensor | None = None  # NaN until a first comparison
         self._sums: torch.Tensor | None = None  # a.b, a.a, b.b over the pieces
@@ -176,5 +178,5 @@ def make_signal(name: str, **kwargs) -> Signal:
     try:
         cls = SIGNALS[name]
     except KeyError:
-        raise ValueError(f"unknown signal {name!r}; use one of {', '.join(SIGNALS)}") from None
+        raise UsageError(f"unknown signal {name!r}; use one of {', '.join(SIGNALS)}") from None
     return cls(**kwargs)

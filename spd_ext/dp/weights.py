@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import torch
 
+from spd_ext.errors import UsageError
+
 
 class WeightMap:
     name = ""
 
     def __init__(self, floor: float = 0.0, ema: float = 0.0, warmup_steps: int = 0) -> None:
         if floor < 0.0:
-            raise ValueError(f"floor must be >= 0, got {floor}")
+            raise UsageError(f"floor must be >= 0, got {floor}")
         if not 0.0 <= ema < 1.0:
-            raise ValueError(f"weight ema must be in [0, 1), got {ema}")
+            raise UsageError(f"weight ema must be in [0, 1), got {ema}")
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+            raise UsageError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.floor, self.ema, self.warmup_steps = floor, ema, warmup_steps
         self._previous: torch.Tensor | None = None
 
@@ -43,7 +45,7 @@ class WeightMap:
         values = torch.as_tensor(values, dtype=torch.float64)
         n = values.numel()
         if self.floor * n > 1.0 + 1e-12:
-            raise ValueError(f"floor {self.floor} leaves no room for {n} ranks: need floor <= "
+            raise UsageError(f"floor {self.floor} leaves no room for {n} ranks: need floor <= "
                              f"1/{n} = {1 / n:.4g}")
         if step < self.warmup_steps:
             # uniform, yet non-finite where a signal is (a NaN loss is refused in warm-up too)
@@ -68,7 +70,7 @@ class SoftmaxWeights(WeightMap):
     def __init__(self, temperature: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if not temperature > 0.0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise UsageError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def raw_weights(self, values: torch.Tensor, higher_is_better: bool) -> torch.Tensor:
@@ -84,7 +86,7 @@ class InverseWeights(WeightMap):
 
     def raw_weights(self, values: torch.Tensor, higher_is_better: bool) -> torch.Tensor:
         if higher_is_better:
-            raise ValueError("inverse weighting needs a lower-is-better signal such as loss_ema")
+            raise UsageError("inverse weighting needs a lower-is-better signal such as loss_ema")
         inv = torch.where(values > 0, 1.0 / values, float("nan"))
         return inv / inv.sum()
 
@@ -97,6 +99,6 @@ def make_weight_map(name: str, **kwargs) -> WeightMap:
     try:
         cls = WEIGHT_MAPS[name]
     except KeyError:
-        raise ValueError(f"unknown weighting {name!r}; use one of {', '.join(WEIGHT_MAPS)}") \
+        raise UsageError(f"unknown weighting {name!r}; use one of {', '.join(WEIGHT_MAPS)}") \
             from None
     return cls(**kwargs)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from spd_ext.data import Corruption, ShardedSampler, TokenDataset
 from spd_ext.dp import MeanAggregator, RobustAggregator, SignalWeightedAggregator
-from spd_ext.experiments.common import finished_runs, pyplot, write_json
+from spd_ext.experiments.common import finished_runs, write_json
 from spd_ext.launch import spawn
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
 from spd_ext.utils.files import save_figure
+from spd_ext.utils.plot import pyplot
 from spd_ext.utils.table import format_table
 
 

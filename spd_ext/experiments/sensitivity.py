@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from spd_ext.data import TokenDataset
+from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.utils.files import load_checkpoint
 from spd_ext.utils.table import format_table
@@ -33,19 +34,19 @@ class SensitivityConfig:
 
 def _load(cfg: SensitivityConfig) -> tuple[dict, GPTConfig, TokenDataset]:
     if (cfg.checkpoint is None) == (cfg.hf is None):
-        raise ValueError("pass exactly one of --checkpoint (spd_ext ckpt.pt) or --hf (a local "
+        raise UsageError("pass exactly one of --checkpoint (spd_ext ckpt.pt) or --hf (a local "
                          "Hugging Face GPT-2 folder)")
     if cfg.checkpoint is not None:
         if not os.path.isfile(cfg.checkpoint):
-            raise FileNotFoundError(f"no checkpoint at {cfg.checkpoint}")
+            raise MissingFileError(f"no checkpoint at {cfg.checkpoint}")
         state = load_checkpoint(cfg.checkpoint)
         if not {"model", "model_config", "tokenizer"} <= set(state):
-            raise ValueError(f"{cfg.checkpoint} lacks model_config/tokenizer; it was not written "
+            raise UsageError(f"{cfg.checkpoint} lacks model_config/tokenizer; it was not written "
                              "by an spd_ext experiment")
         model_cfg = GPTConfig(**{**state["model_config"], "tp_size": cfg.tp_size})
         data = TokenDataset(cfg.corpus, state["tokenizer"]["name"])
         if data.tokenizer.state() != state["tokenizer"]:
-            raise ValueError(f"the checkpoint's tokenizer does not match {cfg.corpus}'s; "
+            raise UsageError(f"the checkpoint's tokenizer does not match {cfg.corpus}'s; "
                              "evaluate on the corpus it was trained on")
         return state["model"], model_cfg, data
     from spd_ext.tp.convert import load_pretrained

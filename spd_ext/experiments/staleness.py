@@ -21,7 +21,8 @@ import torch
 
 from spd_ext.comm.buckets import copy_back
 from spd_ext.data import ShardedSampler, TokenDataset
-from spd_ext.experiments.common import finished_runs, pyplot, write_json
+from spd_ext.errors import UsageError
+from spd_ext.experiments.common import finished_runs, write_json
 from spd_ext.launch import spawn
 from spd_ext.staleness import (
     ParameterServer,
@@ -37,6 +38,7 @@ from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
 from spd_ext.train.tasks import XORTask
 from spd_ext.utils.files import atomic_path
+from spd_ext.utils.plot import pyplot
 from spd_ext.utils.table import format_table
 
 DEFAULT_MODES = ("ssgd", "delayed:2", "local_sgd:8", "diloco:8", "ssp:2", "asgd", "syncps")
@@ -77,7 +79,7 @@ class StalenessConfig:
 
     def task(self, name: str) -> TaskSpec:
         if name not in TASKS:
-            raise ValueError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
+            raise UsageError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
         base = TASKS[name]
         return TaskSpec(**{**base.__dict__, **self.task_overrides.get(name, {})})
 
@@ -216,7 +218,7 @@ def run(cfg: StalenessConfig) -> list[dict]:
     for m in cfg.modes:
         parse_mode(m)
     if cfg.nproc < 2:
-        raise ValueError(f"--nproc must be at least 2, got {cfg.nproc}")
+        raise UsageError(f"--nproc must be at least 2, got {cfg.nproc}")
     if "gpt" in cfg.tasks:
         TokenDataset(cfg.corpus, "char")  # fail early if the corpus is missing
     runs = [(t, m, s) for t in cfg.tasks for s in cfg.stragglers for m in cfg.modes]

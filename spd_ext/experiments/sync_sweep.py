@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from spd_ext.data import TokenDataset
-from spd_ext.experiments.common import finished_runs, pyplot, write_json
+from spd_ext.experiments.common import finished_runs, write_json
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.train import TrainConfig, Trainer
+from spd_ext.utils.plot import pyplot
 from spd_ext.utils.table import format_table
 
 # The GPT-2 124M patterns (configs/tp), scaled down by width only.

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import ClassVar
 
+from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.ops.build_lock import build_lock, lock_state
 
 # Compiler flags per vector ISA, and the /proc/cpuinfo flags each one needs at run time.
@@ -68,10 +69,10 @@ def host_isa() -> str:
     wanted = os.environ.get("SPD_EXT_CPU_ISA", "").lower()
     if wanted:
         if wanted not in ISA_FLAGS:
-            raise ValueError(f"SPD_EXT_CPU_ISA={wanted!r} is not one of {', '.join(ISA_FLAGS)}")
+            raise UsageError(f"SPD_EXT_CPU_ISA={wanted!r} is not one of {', '.join(ISA_FLAGS)}")
         if not isa_supported(wanted):
             missing = sorted(ISA_REQUIRES[wanted] - host_cpu_flags())
-            raise ValueError(f"SPD_EXT_CPU_ISA={wanted} needs CPU flags this host lacks: "
+            raise UsageError(f"SPD_EXT_CPU_ISA={wanted} needs CPU flags this host lacks: "
                              f"{' '.join(missing)}")
         return wanted
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -85,7 +86,7 @@ def csrc_root() -> Path:
     for candidate in (here.parent / "csrc", here.parents[1] / "csrc"):
         if (candidate / "includes").is_dir():
             return candidate
-    raise FileNotFoundError(f"spd_ext C++ sources not found next to {here}; reinstall spd_ext")
+    raise MissingFileError(f"spd_ext C++ sources not found next to {here}; reinstall spd_ext")
 
 
 class CUDAOpBuilder:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from spd_ext.errors import UsageError
 from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
 from spd_ext.ops.codes import KERNEL_DTYPES
 
@@ -40,7 +41,7 @@ cuda_builder = QuantizeCUDABuilder()
 
 def _kernel(x: torch.Tensor, impl: Impl):
     if impl not in ("auto", "kernel", "fallback"):
-        raise ValueError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
+        raise UsageError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
     chosen = cuda_builder if x.device.type == "cuda" else builder
     module = chosen.load() if impl != "fallback" else None
     if module is None and impl == "kernel":
@@ -69,16 +70,16 @@ def quantize_blockwise(x: torch.Tensor, block_size: int = 256,
         raise TypeError(f"quantize_blockwise supports float32, bfloat16 and float16, got "
                         f"{x.dtype}")
     if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+        raise UsageError(f"block_size must be positive, got {block_size}")
     module = _kernel(x, impl)
     if module is not None:
         try:
             values, scales, *flags = module.quantize(x.detach().reshape(-1).contiguous(),
                                                      block_size)
         except RuntimeError as exc:
-            raise ValueError(str(exc).splitlines()[0]) from None
+            raise UsageError(str(exc).splitlines()[0]) from None
         if flags and bool(flags[0].item()):  # the CUDA kernel flags NaN / inf blocks
-            raise ValueError("cannot quantize a tensor with NaN or inf entries")
+            raise UsageError("cannot quantize a tensor with NaN or inf entries")
         return QuantizedTensor(values, scales, x.shape, x.dtype, block_size)
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
@@ -88,7 +89,7 @@ def quantize_blockwise(x: torch.Tensor, block_size: int = 256,
     blocks = flat.view(-1, block_size)
     absmax = blocks.abs().amax(dim=1)
     if not torch.isfinite(absmax).all():
-        raise ValueError("cannot quantize a tensor with NaN or inf entries")
+        raise UsageError("cannot quantize a tensor with NaN or inf entries")
     scales = absmax / 127.0
     inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
     q = torch.round(blocks * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
@@ -100,7 +101,7 @@ def dequantize_blockwise(q: QuantizedTensor, out: torch.Tensor | None = None,
                          impl: Impl = "auto") -> torch.Tensor:
     """x_hat = values * scale of their block, in the original shape and dtype (or ``out``)."""
     if out is not None and out.shape != q.shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, the quantized tensor "
+        raise UsageError(f"out has shape {tuple(out.shape)}, the quantized tensor "
                          f"{tuple(q.shape)}")
     module = _kernel(q.values, impl)
     if module is not None and (out is None or out.is_contiguous()):

@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from spd_ext.errors import UsageError
 from spd_ext.ops.builder import CUDAOpBuilder, OpBuilder
 from spd_ext.ops.codes import KERNEL_DTYPES
 
@@ -35,33 +36,33 @@ def as_weight_list(weights: torch.Tensor | Sequence[float], count: int, what: st
     else:
         values = [float(w) for w in weights]
     if len(values) != count:
-        raise ValueError(f"got {len(values)} weights for {count} {what}; pass one weight per "
+        raise UsageError(f"got {len(values)} weights for {count} {what}; pass one weight per "
                          f"{what.rstrip('s')}")
     bad = [i for i, w in enumerate(values) if not math.isfinite(w)]
     if bad:
-        raise ValueError(f"weights must be finite; entries {bad} are {[values[i] for i in bad]}")
+        raise UsageError(f"weights must be finite; entries {bad} are {[values[i] for i in bad]}")
     return values
 
 
 def _check_inputs(xs: list[torch.Tensor], out: torch.Tensor | None) -> None:
     if not xs:
-        raise ValueError("weighted_reduce needs at least one input tensor")
+        raise UsageError("weighted_reduce needs at least one input tensor")
     first = xs[0]
     shape, dtype, device = first.shape, first.dtype, first.device
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"weighted_reduce supports float32, bfloat16 and float16, got {dtype}")
     for j, x in enumerate(xs):
         if x.shape != shape or x.dtype != dtype or x.device != device:
-            raise ValueError(
+            raise UsageError(
                 f"all inputs must match input 0 ({tuple(shape)}, {dtype}, {device}); input {j} "
                 f"is ({tuple(x.shape)}, {x.dtype}, {x.device})")
     if out is None:
         return
     if out.shape != shape or out.dtype != dtype or out.device != device:
-        raise ValueError(f"out is ({tuple(out.shape)}, {out.dtype}, {out.device}) but the inputs "
+        raise UsageError(f"out is ({tuple(out.shape)}, {out.dtype}, {out.device}) but the inputs "
                          f"are ({tuple(shape)}, {dtype}, {device})")
     if not out.is_contiguous():
-        raise ValueError("out must be contiguous (the result is written in one pass); pass "
+        raise UsageError("out must be contiguous (the result is written in one pass); pass "
                          "out=None to get a new tensor, or a contiguous buffer")
     # out may be exactly one of the inputs (in-place accumulation), never a partial overlap.
     lo = out.data_ptr()
@@ -71,7 +72,7 @@ def _check_inputs(xs: list[torch.Tensor], out: torch.Tensor | None) -> None:
         if x_lo == lo and x.is_contiguous():
             continue
         if x_lo < hi and lo < x_lo + x.numel() * x.element_size():
-            raise ValueError(f"out partially overlaps input {j}; out may alias an input only "
+            raise UsageError(f"out partially overlaps input {j}; out may alias an input only "
                              "exactly")
 
 
@@ -105,13 +106,13 @@ def weighted_reduce(xs: Sequence[torch.Tensor], weights: torch.Tensor | Sequence
     xs = list(xs)
     _check_inputs(xs, out)
     if impl not in ("auto", "kernel", "fallback"):
-        raise ValueError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
+        raise UsageError(f"impl must be 'auto', 'kernel' or 'fallback', got {impl!r}")
     cuda = xs[0].device.type == "cuda"
     if cuda and isinstance(weights, torch.Tensor) and weights.device.type == "cuda":
         # Device weights are used as they are: checking them for NaN would cost a sync.
         w = weights.detach().reshape(-1).to(torch.float32)
         if w.numel() != len(xs):
-            raise ValueError(f"got {w.numel()} weights for {len(xs)} inputs; pass one weight "
+            raise UsageError(f"got {w.numel()} weights for {len(xs)} inputs; pass one weight "
                              "per input")
     else:
         w = as_weight_list(weights, len(xs), "inputs")

@@ -29,7 +29,20 @@ from typing import Any
 from aiohttp import web
 
 from spd_ext.comm.backend import SPD_EXT
+from spd_ext.errors import UsageError
 from spd_ext.launch import RankError, spawn
+from spd_ext.serve.messages import (
+    LAST,
+    Cancel,
+    Done,
+    Fault,
+    Generate,
+    RanksFailed,
+    Ready,
+    Refused,
+    Stop,
+    Token,
+)
 from spd_ext.serve.model_source import ModelSource
 from spd_ext.serve.ranks import keepalive_interval, serve_rank
 from spd_ext.tp.generation import new_tokens_that_fit
@@ -60,7 +73,7 @@ WATCH_S, WATCH_GRACE_S = 0.5, 10.0
 SECOND_SIGNAL_S = 0.5
 
 
-class RequestError(ValueError):
+class RequestError(UsageError):
     """A request the server refuses with 400: the message says what to change."""
 
 
@@ -266,7 +279,7 @@ class RankJob:
             except (BrokenPipeError, OSError):
                 return  # the ranks are gone; on_exit (or the server's watch) says why
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: Generate | Cancel | Stop) -> None:
         self.outbox.put(message)
 
 
@@ -307,9 +320,9 @@ class CompletionServer:
         self.job.start()
         self._watch()
 
-    def _on_message(self, message: tuple) -> None:
-        if message[0] == "ready":
-            self.info = message[1]
+    def _on_message(self, message: Ready | Token | Done | Refused | Fault) -> None:
+        if isinstance(message, Ready):
+            self.info = {"pids": message.pids}
             assert self.job is not None
             self.job.ready()
             if self.state != "loading":  # stopped while loading: stay stopping
@@ -318,7 +331,7 @@ class CompletionServer:
             print(f"spd-ext serve: ready ({self.source.describe()}; rank pids "
                   f"{self.info['pids']})", flush=True)
             return
-        stream = self.streams.get(message[1])
+        stream = self.streams.get(message.request)
         if stream is not None:
             stream.put_nowait(message)
 
@@ -339,7 +352,7 @@ class CompletionServer:
         # The first line names the rank and how it ended; the tracebacks go to the log.
         self.state, self.failure = "failed", failure.splitlines()[0]
         for stream in self.streams.values():
-            stream.put_nowait(("failed", 0, self.failure))
+            stream.put_nowait(RanksFailed(0, self.failure))
         self._kill_ranks()
         print(f"spd-ext serve: {failure.strip()}\nspd-ext serve: every rank was stopped; "
               f"answering 503 for {self.fail_grace_s:g} s, then exiting", flush=True)
@@ -391,7 +404,7 @@ class CompletionServer:
                 self._fail(f"rank {gone[0]} (pid {self._pids()[gone[0]]}) has exited; "
                            "stopping every rank")
             elif self.job is not None:
-                self.job.send(("stop",))
+                self.job.send(Stop())
             else:
                 assert self.finished is not None
                 self.finished.set()
@@ -496,8 +509,8 @@ class CompletionServer:
         self.streams[rid] = queue
         self.counts["requests"] += 1
         assert self.job is not None
-        self.job.send(("generate", rid, req.ids, req.max_tokens, req.temperature, req.top_k,
-                       req.seed))
+        self.job.send(Generate(rid, req.ids, req.max_tokens, req.temperature, req.top_k,
+                               req.seed))
         # OpenAI's fields of every answer and chunk of this completion
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                 "created": int(time.time()), "model": self.model_name}
@@ -520,7 +533,7 @@ class CompletionServer:
                     return
                 continue
             yield message
-            if message[0] in ("done", "error", "fault", "failed"):
+            if isinstance(message, LAST):
                 return
 
     def _cancel(self, rid: int) -> None:
@@ -532,25 +545,25 @@ class CompletionServer:
         print(f"spd-ext serve: request {rid}: the client went away; its generation stops",
               flush=True)
         if self.job is not None:
-            self.job.send(("cancel", rid))
+            self.job.send(Cancel(rid))
 
-    def _failure(self, message: tuple) -> tuple[int, str]:
+    def _failure(self, message: Refused | Fault | RanksFailed) -> tuple[int, str]:
         """The HTTP status and message of a request that ended without its tokens."""
-        if message[0] == "error":
+        if isinstance(message, Refused):
             self.counts["bad_requests"] += 1
-            return 400, message[2]
+            return 400, message.message
         self.counts["failed"] += 1
-        if message[0] == "fault":
-            return 500, (f"this request failed on {message[2]} (the traceback is in the "
-                         "server's log; the server goes on serving other requests)")
-        return 503, f"a rank failed: {message[2]}"
+        if isinstance(message, Fault):
+            return 500, (f"this request failed on {message.message} (the traceback is in "
+                         "the server's log; the server goes on serving other requests)")
+        return 503, f"a rank failed: {message.message}"
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)  # the ranks sample below the tokenizer's vocabulary
 
-    def _token_event(self, message: tuple, emitted: list[int], text_so_far: list[str]) -> dict:
-        _, _, index, token, seconds, syncs, positions = message
-        emitted.append(token)
+    def _token_event(self, message: Token, emitted: list[int], text_so_far: list[str]) -> dict:
+        index, seconds, syncs = message.index, message.seconds, message.syncs
+        emitted.append(message.token)
         text = self._decode(emitted)
         # A token may end inside a multi-byte character: hold its text until it is whole.
         piece = "" if text.endswith("\ufffd") else text[len(text_so_far[0]):]
@@ -562,8 +575,9 @@ class CompletionServer:
             self.latencies.append(seconds)
         self.syncs_per_token = syncs
         self.counts["tokens"] += 1
-        return {"index": index, "token": token, "text": piece,
-                "latency_ms": round(seconds * 1e3, 3), "syncs": syncs, "positions": positions}
+        return {"index": index, "token": message.token, "text": piece,
+                "latency_ms": round(seconds * 1e3, 3), "syncs": syncs,
+                "positions": message.positions}
 
     @staticmethod
     def _usage(req: Completion, emitted: list[int]) -> dict:
@@ -585,13 +599,13 @@ class CompletionServer:
         text = [""]
         events = []
         async for message in self._events(request, rid, queue):
-            if message[0] == "step":
+            if isinstance(message, Token):
                 events.append(self._token_event(message, emitted, text))
-            elif message[0] == "done":
+            elif isinstance(message, Done):
                 self.counts["completed"] += 1
                 return web.json_response({
                     **head, "choices": [{"text": self._decode(emitted), "index": 0,
-                                         "logprobs": None, "finish_reason": message[2]}],
+                                         "logprobs": None, "finish_reason": message.reason}],
                     "usage": self._usage(req, emitted),
                     "spd_ext": self._extras(events, emitted)})
             else:
@@ -624,15 +638,15 @@ class CompletionServer:
         try:
             await response.write(b": queued\n\n")
             async for message in self._events(request, rid, queue):
-                if message[0] == "step":
+                if isinstance(message, Token):
                     events.append(self._token_event(message, emitted, text))
                     event = events[-1]
                     await send(chunk(event["text"], None,
                                      {k: v for k, v in event.items() if k != "text"}))
-                elif message[0] == "done":
+                elif isinstance(message, Done):
                     self.counts["completed"] += 1
                     rest = self._decode(emitted)[len(text[0]):]
-                    await send(chunk(rest, message[2], self._extras(events, emitted)))
+                    await send(chunk(rest, message.reason, self._extras(events, emitted)))
                     if req.include_usage:
                         await send({**head, "choices": [], "usage": self._usage(req, emitted)})
                 else:
@@ -668,7 +682,7 @@ async def _serve(server: CompletionServer, host: str, port: int) -> int:
         await site.start()  # before the ranks: a port in use fails before any rank loads
     except OSError as exc:
         await runner.cleanup()
-        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another "
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another "
                          "--port") from None
     server.start_ranks()
     print(f"spd-ext serve: listening on http://{host}:{port} (loading the model on "

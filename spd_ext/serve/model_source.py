@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.tp import GPTConfig, ReducedSyncGPT, TensorParallelComm, parse_pattern
 from spd_ext.utils.files import load_checkpoint
 
@@ -52,13 +53,13 @@ def inspect_source(checkpoint: str | None, hf: str | None, pattern: str | None,
     """Read the config (and for a checkpoint the whole file) and check the pattern and the
     tensor-parallel size against it; every problem is a ValueError naming the fix."""
     if (checkpoint is None) == (hf is None):
-        raise ValueError("pass exactly one of --checkpoint (an spd_ext ckpt.pt) or --hf (a "
+        raise UsageError("pass exactly one of --checkpoint (an spd_ext ckpt.pt) or --hf (a "
                          "local Hugging Face GPT-2 folder)")
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
         if not isinstance(state, dict) or not {"model", "model_config", "tokenizer"} <= set(state) \
                 or not isinstance(state["model_config"], dict):
-            raise ValueError(f"{checkpoint} lacks model_config/tokenizer: it was not written "
+            raise UsageError(f"{checkpoint} lacks model_config/tokenizer: it was not written "
                              "by spd_ext (spd-ext experiment, or spd-ext train's model.pt)")
         fields = {**state["model_config"], "tp_size": tp_size}
         if pattern is not None:
@@ -76,16 +77,16 @@ def inspect_source(checkpoint: str | None, hf: str | None, pattern: str | None,
     path = Path(hf).expanduser()
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no Hugging Face model folder at {hf} (no config.json); "
+        raise MissingFileError(f"no Hugging Face model folder at {hf} (no config.json); "
                                 "download one with `huggingface-cli download gpt2` and pass "
                                 "its local path")
     try:
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file} is not valid JSON: line {exc.lineno}: {exc.msg}") \
+        raise UsageError(f"{config_file} is not valid JSON: line {exc.lineno}: {exc.msg}") \
             from None
     if hf_config.get("model_type") != "gpt2":
-        raise ValueError(f"{hf} holds a {hf_config.get('model_type')!r} model; spd-ext serve "
+        raise UsageError(f"{hf} holds a {hf_config.get('model_type')!r} model; spd-ext serve "
                          "converts GPT-2 models only")
     n_layer = hf_config.get("n_layer", 12)
     fields = dict(block_size=hf_config.get("n_positions", 1024),
@@ -105,7 +106,7 @@ def _check_weights(path: str, weights: Any, config: GPTConfig) -> None:
     starts."""
     if not isinstance(weights, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
-        raise ValueError(f"{path}: its 'model' entry is not a state dict of tensors; the file "
+        raise UsageError(f"{path}: its 'model' entry is not a state dict of tensors; the file "
                          "is damaged or was not written by spd_ext")
     with torch.device("meta"):
         expected = ReducedSyncGPT(config, seed=None).dense_shapes()
@@ -115,11 +116,11 @@ def _check_weights(path: str, weights: Any, config: GPTConfig) -> None:
         ("missing", sorted(set(expected) - set(weights))),
         ("unexpected", sorted(set(weights) - set(expected)))) if names]
     if odd:
-        raise ValueError(f"{path}: its weights do not fit {model}: {', '.join(odd)}; the file "
+        raise UsageError(f"{path}: its weights do not fit {model}: {', '.join(odd)}; the file "
                          "is damaged or its model_config was edited")
     for name, shape in expected.items():
         if weights[name].shape != shape:
-            raise ValueError(f"{path}: its weight {name} is {tuple(weights[name].shape)} but "
+            raise UsageError(f"{path}: its weight {name} is {tuple(weights[name].shape)} but "
                              f"{model} needs {tuple(shape)}; the file is damaged or its "
                              "model_config was edited")
 
@@ -133,12 +134,12 @@ def _check_tokenizer(path: str, state: Any, vocab_size: int) -> None:
     if name not in ("char", "gpt2") or (name == "char" and not (isinstance(chars, str)
                                                                and chars)):
         shown = repr(state) if len(repr(state)) <= 60 else repr(state)[:57] + "..."
-        raise ValueError(f"{path}: its tokenizer {shown} is not one spd_ext writes (a char "
+        raise UsageError(f"{path}: its tokenizer {shown} is not one spd_ext writes (a char "
                          "tokenizer with its characters, or gpt2); the file is damaged or "
                          "was not written by spd_ext")
     tokens = CharTokenizer(chars).vocab_size if name == "char" else GPT2Tokenizer.vocab_size
     if tokens > vocab_size:
-        raise ValueError(f"{path}: its {name} tokenizer has {tokens} tokens but the model's "
+        raise UsageError(f"{path}: its {name} tokenizer has {tokens} tokens but the model's "
                          f"vocabulary only {vocab_size}; the file is damaged or its "
                          "model_config was edited")
 
@@ -147,4 +148,4 @@ def _config(fields: dict) -> GPTConfig:
     try:
         return GPTConfig(**fields)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"the model cannot be served this way: {exc}") from None
+        raise UsageError(f"the model cannot be served this way: {exc}") from None

@@ -2,16 +2,8 @@
 group's first rank takes requests from the front end (a pipe), announces each to the
 other ranks through the process group, and streams the tokens back.
 
-Messages on the pipe (plain tuples), front end -> rank 0:
-    ("generate", id, prompt_ids, max_tokens, temperature, top_k, seed)
-    ("cancel", id)          the client went away: stop it (queued or running)
-    ("stop",)               shut down once the queue is empty
-rank 0 -> front end:
-    ("ready", info)         loaded; info = {"pids": [...], ...}
-    ("step", id, index, token, seconds, syncs, positions)
-    ("done", id, reason)    reason: "length" or "cancelled"
-    ("error", id, message)  the request was refused (bad arguments)
-    ("fault", id, message)  the request failed on a rank (the ranks go on)
+The pipe carries the messages of spd_ext.serve.messages: Generate, Cancel and Stop from
+the front end; Ready, then Token, Done, Refused or Fault per request from the first rank.
 Rank 0 -> every rank, per request (broadcast): an int64 header [command, prompt length,
 max tokens, top_k or -1, seed or -1], the temperature, then the prompt's ids. An idle
 first rank sends a header alone (KEEPALIVE) at ``keepalive_interval`` of the process
@@ -41,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.comm.groups import is_peer_failure
+from spd_ext.serve.messages import Cancel, Done, Fault, Generate, Ready, Refused, Stop, Token
 from spd_ext.serve.model_source import ModelSource
 from spd_ext.tp import DistributedComm
 from spd_ext.tp.generation import DecodeStep, StepFailed, check_prompt, check_sampling
@@ -153,12 +146,12 @@ def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_s
                 return
             if request is not None:  # GENERATE (a KEEPALIVE has nothing to do)
                 _agree(_generate(model, request, vocab_size))
-    conn.send(("ready", {"pids": pids}))
+    conn.send(Ready(pids))
     _first_rank_loop(model, vocab_size, conn, keepalive_s)
 
 
 def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float) -> None:
-    queue: deque[tuple] = deque()
+    queue: deque[Generate] = deque()
     cancelled: set[int] = set()
     running: list[int] = []  # the request generating now, if any
     stopping = False
@@ -168,14 +161,15 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float)
         while conn.poll(wait_s):
             wait_s = 0.0
             message = conn.recv()
-            if message[0] == "generate":
+            if isinstance(message, Generate):
                 queue.append(message)
-            elif message[0] == "cancel":
+            elif isinstance(message, Cancel):
                 # only a request still queued or running: a late cancel of a finished one
                 # would stay in the set for good
-                if message[1] in running or any(q[1] == message[1] for q in queue):
-                    cancelled.add(message[1])
-            elif message[0] == "stop":
+                if message.request in running or any(q.request == message.request
+                                                     for q in queue):
+                    cancelled.add(message.request)
+            elif isinstance(message, Stop):
                 stopping = True
 
     last_announce = time.monotonic()
@@ -189,18 +183,19 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float)
                 last_announce = time.monotonic()
             read(0.2)
             continue
-        _, rid, ids, max_tokens, temperature, top_k, seed = queue.popleft()
+        g = queue.popleft()
+        rid = g.request
         if rid in cancelled:
             cancelled.discard(rid)
-            conn.send(("done", rid, "cancelled"))
+            conn.send(Done(rid, "cancelled"))
             continue
         try:  # the front end checks these too; a request must never reach the others bad
-            check_prompt(model, torch.tensor([ids], dtype=torch.int64), max_tokens)
-            check_sampling(temperature, top_k, vocab_size)
+            check_prompt(model, torch.tensor([g.ids], dtype=torch.int64), g.max_tokens)
+            check_sampling(g.temperature, g.top_k, vocab_size)
         except ValueError as exc:
-            conn.send(("error", rid, str(exc)))
+            conn.send(Refused(rid, str(exc)))
             continue
-        _, request = _announce(GENERATE, ids, max_tokens, temperature, top_k, seed)
+        _, request = _announce(GENERATE, g.ids, g.max_tokens, g.temperature, g.top_k, g.seed)
         assert request is not None
         last_announce = time.monotonic()
 
@@ -209,14 +204,14 @@ def _first_rank_loop(model: Any, vocab_size: int, conn: Any, keepalive_s: float)
             return rid in cancelled
 
         def report(step: DecodeStep, rid: int = rid) -> None:
-            conn.send(("step", rid, step.index, int(step.tokens[0]), step.seconds, step.syncs,
-                       step.positions))
+            conn.send(Token(rid, step.index, int(step.tokens[0]), step.seconds, step.syncs,
+                            step.positions))
 
         running.append(rid)
         failure = _agree(_generate(model, request, vocab_size, gone, report))
         running.clear()
         if failure is not None:
-            conn.send(("fault", rid, failure))
+            conn.send(Fault(rid, failure))
         else:
-            conn.send(("done", rid, "cancelled" if rid in cancelled else "length"))
+            conn.send(Done(rid, "cancelled" if rid in cancelled else "length"))
         cancelled.discard(rid)

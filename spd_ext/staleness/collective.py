@@ -19,6 +19,7 @@ from spd_ext.comm import AllReduceWork, all_reduce
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.comm.groups import background_group
 from spd_ext.dp.aggregator import local_gradients
+from spd_ext.errors import UsageError
 from spd_ext.hooks import TrainerHooks
 from spd_ext.staleness.metrics import WorkerMetrics
 from spd_ext.staleness.modes import Mode
@@ -207,7 +208,7 @@ class DiLoCo(StalenessStrategy):
 def make_strategy(mode: Mode, model: nn.Module, group: Any = None,
                   **diloco_args) -> StalenessStrategy:
     if mode.server:
-        raise ValueError(f"mode {mode} runs on a parameter server "
+        raise UsageError(f"mode {mode} runs on a parameter server "
                          "(spd_ext.staleness.parameter_server), not as a collective strategy")
     if mode.kind == "ssgd":
         return SynchronousSGD(mode, group)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spd_ext.errors import UsageError
+
 MODES = {  # name -> (parameter name or None, needs a parameter server)
     "ssgd": (None, False),
     "delayed": ("k", False),
@@ -34,18 +36,18 @@ def parse_mode(text: str) -> Mode:
     kind, _, arg = text.strip().partition(":")
     forms = ", ".join(k if p is None else f"{k}:{p}" for k, (p, _) in MODES.items())
     if kind not in MODES:
-        raise ValueError(f"unknown staleness mode {text!r}; use one of {forms}")
+        raise UsageError(f"unknown staleness mode {text!r}; use one of {forms}")
     param = MODES[kind][0]
     if param is None:
         if arg:
-            raise ValueError(f"mode {kind} takes no parameter, got {text!r}")
+            raise UsageError(f"mode {kind} takes no parameter, got {text!r}")
         return Mode(kind)
     try:
         value = int(arg)
     except ValueError:
-        raise ValueError(f"mode {kind} needs an integer {param}, as in {kind}:2; got "
+        raise UsageError(f"mode {kind} needs an integer {param}, as in {kind}:2; got "
                          f"{text!r}") from None
     if value < 0 or (kind in ("local_sgd", "diloco") and value < 1):
         low = 1 if kind in ("local_sgd", "diloco") else 0
-        raise ValueError(f"{kind}:{param} must be >= {low}, got {value}")
+        raise UsageError(f"{kind}:{param} must be >= {low}, got {value}")
     return Mode(kind, value)

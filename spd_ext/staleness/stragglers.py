@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spd_ext.errors import UsageError
 from spd_ext.hooks import TrainerHooks
 
 
@@ -23,9 +24,9 @@ class Straggler:
 
     def __post_init__(self) -> None:
         if self.base_delay < 0 or self.jitter < 0:
-            raise ValueError("straggler base_delay and jitter must be >= 0")
+            raise UsageError("straggler base_delay and jitter must be >= 0")
         if self.factor < 1 or self.every < 1:
-            raise ValueError(f"straggler factor must be >= 1 and every >= 1, got factor="
+            raise UsageError(f"straggler factor must be >= 1 and every >= 1, got factor="
                              f"{self.factor} every={self.every}")
 
     def delay(self, rank: int, step: int) -> float:

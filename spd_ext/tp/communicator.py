@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS, renamed_backend_hint
 from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.errors import UsageError
 from spd_ext.tp.sync_counter import SyncCounter
 
 
@@ -39,7 +40,7 @@ class TensorParallelComm:
 
     def __init__(self, tp_size: int, shards: int, rank: int) -> None:
         if tp_size < 1:
-            raise ValueError(f"tensor-parallel size must be at least 1, got {tp_size}")
+            raise UsageError(f"tensor-parallel size must be at least 1, got {tp_size}")
         self.tp_size = tp_size
         self.shards = shards  # shard slices held by this process
         self.rank = rank  # first shard held here
@@ -88,7 +89,7 @@ class DistributedComm(TensorParallelComm):
         if not dist.is_initialized():
             raise RuntimeError("DistributedComm needs torch.distributed initialized first")
         if backend not in TP_BACKENDS:
-            raise ValueError(f"backend must be 'spd_ext' or 'torch', got {backend!r}"
+            raise UsageError(f"backend must be 'spd_ext' or 'torch', got {backend!r}"
                              + renamed_backend_hint(backend))
         super().__init__(dist.get_world_size(group), shards=1, rank=dist.get_rank(group))
         self.group = group

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.tp.communicator import TensorParallelComm
 from spd_ext.tp.model import GPTConfig, ReducedSyncGPT
 from spd_ext.tp.patterns import parse_pattern
@@ -43,7 +44,7 @@ def check_hf_config(hf_config: Any) -> None:
     if not getattr(hf_config, "scale_attn_weights", True):
         problems.append("scale_attn_weights=False")
     if problems:
-        raise ValueError("unsupported GPT-2 configuration: " + ", ".join(problems))
+        raise UsageError("unsupported GPT-2 configuration: " + ", ".join(problems))
 
 
 def config_from_hf(hf_config: Any, pattern: str | None = None, tp_size: int = 1) -> GPTConfig:
@@ -62,7 +63,7 @@ def hf_to_dense(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         dense[key.removeprefix("transformer.")] = value
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], dense["wte.weight"]):
-        raise ValueError("lm_head.weight differs from wte.weight; ReducedSyncGPT ties them")
+        raise UsageError("lm_head.weight differs from wte.weight; ReducedSyncGPT ties them")
     return dense
 
 
@@ -81,7 +82,7 @@ def from_hf(model_or_state: Any, hf_config: Any = None, pattern: str | None = No
     else:
         state = model_or_state
         if hf_config is None:
-            raise ValueError("pass hf_config with a bare state dict")
+            raise UsageError("pass hf_config with a bare state dict")
     config = config_from_hf(hf_config, pattern, tp_size)
     model = ReducedSyncGPT(config, comm, seed=None)
     model.load_dense_state_dict(hf_to_dense(state))
@@ -91,7 +92,7 @@ def from_hf(model_or_state: Any, hf_config: Any = None, pattern: str | None = No
 def to_hf(model: ReducedSyncGPT):
     """The equivalent GPT2LMHeadModel; only for pattern ``tp*L`` (exactly GPT-2)."""
     if set(parse_pattern(model.config.pattern, model.config.n_layer)) != {"tp"}:
-        raise ValueError(f"only tp*L models are GPT-2; pattern {model.config.pattern!r} is a "
+        raise UsageError(f"only tp*L models are GPT-2; pattern {model.config.pattern!r} is a "
                          "different architecture")
     transformers = _require_transformers()
     c = model.config
@@ -103,7 +104,7 @@ def to_hf(model: ReducedSyncGPT):
     missing, unexpected = hf.load_state_dict(dense_to_hf(model.dense_state_dict()), strict=False)
     missing = [k for k in missing if not k.endswith(_BUFFERS)]
     if missing or unexpected:
-        raise KeyError(f"conversion left missing {missing} unexpected {unexpected}")
+        raise UsageError(f"conversion left missing {missing} unexpected {unexpected}")
     return hf.eval()
 
 
@@ -112,7 +113,7 @@ def load_pretrained(path: str | os.PathLike, pattern: str | None = None, tp_size
     """Local Hugging Face GPT-2 weights (a folder with config.json and the weights)."""
     transformers = _require_transformers()
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no Hugging Face model folder at {path}; download one with "
+        raise MissingFileError(f"no Hugging Face model folder at {path}; download one with "
                                 "`huggingface-cli download gpt2` and pass its local path")
     hf = transformers.GPT2LMHeadModel.from_pretrained(path, local_files_only=True)
     return from_hf(hf, pattern=pattern, tp_size=tp_size, comm=comm)

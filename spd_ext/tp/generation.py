@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from spd_ext.errors import UsageError
 from spd_ext.tp.communicator import TensorParallelComm
 
 if TYPE_CHECKING:
@@ -67,11 +68,11 @@ def samples_greedily(temperature: float) -> bool:
 def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
     if not (isinstance(temperature, (int, float)) and temperature >= 0.0
             and temperature == temperature and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+        raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got "
                          f"{temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or not 1 <= top_k <= vocab_size):
-        raise ValueError(f"top_k must be None or an integer in [1, {vocab_size}], got {top_k!r}")
+        raise UsageError(f"top_k must be None or an integer in [1, {vocab_size}], got {top_k!r}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -92,18 +93,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
 def check_prompt(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int) -> None:
     cfg = model.config
     if idx.dim() != 2 or idx.dtype != torch.long or idx.numel() == 0:
-        raise ValueError(f"idx must be a non-empty [batch, tokens] int64 tensor, got "
+        raise UsageError(f"idx must be a non-empty [batch, tokens] int64 tensor, got "
                          f"{tuple(idx.shape)} {idx.dtype}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= cfg.vocab_size:
-        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+        raise UsageError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
                          f"[0, {cfg.vocab_size})")
     room = max(new_tokens_that_fit(idx.size(1), cfg.block_size), 0)
     if room == 0 or max_new_tokens > room:
-        raise ValueError(f"{idx.size(1)} prompt tokens + {max_new_tokens} new ones exceed the "
+        raise UsageError(f"{idx.size(1)} prompt tokens + {max_new_tokens} new ones exceed the "
                          f"model's context of {cfg.block_size} positions (the last new token "
                          f"is not fed back: at most {room} fit); shorten the prompt or ask for "
                          "fewer tokens")
@@ -224,7 +225,7 @@ def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int
     head = model.wte.weight  # the tied LM head
     if vocab_size is not None:
         if not 1 <= vocab_size <= head.size(0):
-            raise ValueError(f"vocab_size must be in [1, {head.size(0)}], got {vocab_size}")
+            raise UsageError(f"vocab_size must be in [1, {head.size(0)}], got {vocab_size}")
         head = head[:vocab_size]
     check_sampling(temperature, top_k, head.size(0))
     if max_new_tokens == 0:

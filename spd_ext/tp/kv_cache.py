@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from spd_ext.errors import UsageError
+
 
 class LayerKVCache:
     """Keys and values of one block, ``[S * B, local heads, max_len, head_dim]``."""
@@ -29,7 +31,7 @@ class LayerKVCache:
         """Store the new positions' keys and values; return every cached position's."""
         start, t = self.length, k.shape[2]
         if start + t > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; {start} are used "
+            raise UsageError(f"the KV cache holds {self.max_len} positions; {start} are used "
                              f"and {t} more do not fit")
         self.k[:, :, start:start + t] = k
         self.v[:, :, start:start + t] = v

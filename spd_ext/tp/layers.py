@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd_ext.errors import UsageError
 from spd_ext.tp.communicator import TensorParallelComm
 from spd_ext.tp.kv_cache import LayerKVCache, causal_mask
 from spd_ext.tp.sharding import set_tensor_parallel_layout
@@ -21,7 +22,7 @@ from spd_ext.tp.sharding import set_tensor_parallel_layout
 
 def divide(n: int, tp_size: int, what: str) -> int:
     if n % tp_size != 0:
-        raise ValueError(f"{what} ({n}) must be divisible by the tensor-parallel size "
+        raise UsageError(f"{what} ({n}) must be divisible by the tensor-parallel size "
                          f"({tp_size})")
     return n // tp_size
 
@@ -40,7 +41,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         per = divide(out_features, comm.tp_size, "output features")
         if per % stride != 0:
-            raise ValueError(f"output features ({out_features}) must be {stride} blocks each "
+            raise UsageError(f"output features ({out_features}) must be {stride} blocks each "
                              f"divisible by the tensor-parallel size ({comm.tp_size})")
         self.weight = set_tensor_parallel_layout(
             nn.Parameter(torch.empty(comm.shards, in_features, per)), partition_dim=1,
@@ -88,7 +89,7 @@ class ShardedCausalSelfAttention(nn.Module):
                  bias: bool = True) -> None:
         super().__init__()
         if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+            raise UsageError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.local_heads = divide(n_head, comm.tp_size, "n_head")
         self.head_dim = n_embd // n_head
         self.dropout = dropout

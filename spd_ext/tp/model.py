@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from spd_ext.errors import UsageError
 from spd_ext.tp.blocks import BLOCKS
 from spd_ext.tp.communicator import DistributedComm, EmulatedComm, TensorParallelComm
 from spd_ext.tp.generation import DecodeStep, generate_steps
@@ -42,22 +43,22 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     pattern: str = "tp*12"
-    tp_size: int = 2
+    tp_size: int = 1  # one shard unless asked: a single-process model is the whole model
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tp_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
         parse_pattern(self.pattern, self.n_layer)  # fail early, naming the bad token
         for name in ("n_head", "n_embd"):
             if getattr(self, name) % self.tp_size != 0:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be divisible by "
+                raise UsageError(f"{name} ({getattr(self, name)}) must be divisible by "
                                  f"tp_size ({self.tp_size})")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise UsageError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +72,7 @@ class ReducedSyncGPT(nn.Module):
         super().__init__()
         comm = comm or EmulatedComm(config.tp_size)
         if comm.tp_size != config.tp_size:
-            raise ValueError(f"config.tp_size is {config.tp_size} but the communicator spans "
+            raise UsageError(f"config.tp_size is {config.tp_size} but the communicator spans "
                              f"{comm.tp_size} shards")
         self.config, self.comm = config, comm
         self.kinds = parse_pattern(config.pattern, config.n_layer)
@@ -123,11 +124,11 @@ class ReducedSyncGPT(nn.Module):
         missing = set(self.state_dict()) - set(dense)
         unexpected = set(dense) - set(self.state_dict())
         if missing or unexpected:
-            raise KeyError(f"state dict does not fit this model: missing {sorted(missing)[:5]}, "
+            raise UsageError(f"state dict does not fit this model: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
         for name, shape in self.dense_shapes().items():
             if dense[name].shape != shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(dense[name].shape)} does not "
+                raise UsageError(f"{name}: checkpoint shape {tuple(dense[name].shape)} does not "
                                  f"match the model's {tuple(shape)}; check n_layer, n_embd, "
                                  "n_head, vocab_size and block_size")
         own = shard_state_dict(dense, self, self.config.tp_size, self.comm.rank,
@@ -184,11 +185,11 @@ class ReducedSyncGPT(nn.Module):
         b, t = idx.shape
         start = 0 if kv_cache is None else kv_cache.length
         if start + t > self.config.block_size:
-            raise ValueError(f"sequence of {start + t} tokens is longer than block_size "
+            raise UsageError(f"sequence of {start + t} tokens is longer than block_size "
                              f"{self.config.block_size}")
         if kv_cache is not None and (len(kv_cache.layers) != len(self.h)
                                      or kv_cache.batch_size != b):
-            raise ValueError(f"this KV cache was made for {len(kv_cache.layers)} blocks and "
+            raise UsageError(f"this KV cache was made for {len(kv_cache.layers)} blocks and "
                              f"batch {kv_cache.batch_size}, not {len(self.h)} and {b}; make "
                              "one with model.new_kv_cache(batch_size, max_len)")
         pos = torch.arange(start, start + t, device=idx.device)
@@ -207,7 +208,7 @@ class ReducedSyncGPT(nn.Module):
         (default: the context), in the parameters' dtype and device."""
         max_len = self.config.block_size if max_len is None else max_len
         if not 1 <= max_len <= self.config.block_size:
-            raise ValueError(f"max_len must be in [1, {self.config.block_size}], got {max_len}")
+            raise UsageError(f"max_len must be in [1, {self.config.block_size}], got {max_len}")
         w = self.wte.weight
         layers = [LayerKVCache(self.comm.shards * batch_size, block.attn.local_heads, max_len,
                                block.attn.head_dim, w.dtype, w.device) for block in self.h]

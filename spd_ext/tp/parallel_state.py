@@ -11,6 +11,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from spd_ext.errors import UsageError
+
 
 @dataclass(frozen=True)
 class ModelParallelGroups:
@@ -24,7 +26,7 @@ class ModelParallelGroups:
 
 def check_tp_size(tp_size: int, world_size: int) -> None:
     if tp_size < 1 or world_size % tp_size != 0:
-        raise ValueError(f"tensor-parallel size {tp_size} must be a positive divisor of the world "
+        raise UsageError(f"tensor-parallel size {tp_size} must be a positive divisor of the world "
                          f"size {world_size}; launch a multiple of {tp_size} ranks or choose one "
                          f"of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
 

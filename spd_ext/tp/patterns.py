@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 
+from spd_ext.errors import UsageError
+
 BLOCK_KINDS = ("tp", "spd", "parallel", "palm", "ladder")
 _TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z_0-9]*)|(\d+)|(.))")
 
 
-class PatternError(ValueError):
+class PatternError(UsageError):
     """A pattern string that does not parse or does not fit the model."""
 
 

@@ -24,6 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from spd_ext.errors import UsageError
+
 
 @runtime_checkable
 class ShardedModel(Protocol):
@@ -72,16 +74,16 @@ class TensorParallelLayout:
     def __post_init__(self) -> None:
         if self.partition_dim is None:
             if self.partition_stride != 1 or self.dense_shape is not None:
-                raise ValueError("partition_stride and dense_shape describe sharded "
+                raise UsageError("partition_stride and dense_shape describe sharded "
                                  "parameters; set partition_dim too")
             return
         if self.dense_shape is None or not 0 <= self.partition_dim < len(self.dense_shape):
-            raise ValueError(f"a sharded parameter needs its dense_shape and a partition_dim "
+            raise UsageError(f"a sharded parameter needs its dense_shape and a partition_dim "
                              f"inside it, got {self.partition_dim} and {self.dense_shape}")
         if self.partition_stride < 1:
-            raise ValueError(f"partition_stride must be positive, got {self.partition_stride}")
+            raise UsageError(f"partition_stride must be positive, got {self.partition_stride}")
         if self.partial_gradient:
-            raise ValueError("partial_gradient is for replicated parameters: a sharded "
+            raise UsageError("partial_gradient is for replicated parameters: a sharded "
                              "parameter's gradient is its own shard's")
 
     @property
@@ -117,11 +119,11 @@ def shard_tensor(dense: torch.Tensor, layout: TensorParallelLayout,
         return dense
     dim, stride, t = layout.partition_dim, layout.partition_stride, tp_size
     if tuple(dense.shape) != layout.dense_shape:
-        raise ValueError(f"shape {tuple(dense.shape)} is not the layout's dense shape "
+        raise UsageError(f"shape {tuple(dense.shape)} is not the layout's dense shape "
                          f"{layout.dense_shape}")
     n = dense.shape[dim]
     if n % (stride * t) != 0:
-        raise ValueError(f"dimension {dim} ({n}) does not split into {stride} x {t} slices")
+        raise UsageError(f"dimension {dim} ({n}) does not split into {stride} x {t} slices")
     before, after = dense.shape[:dim], dense.shape[dim + 1:]
     d = dense.reshape(*before, stride, t, n // (stride * t), *after).movedim(dim + 1, 0)
     return d.reshape(t, *before, n // t, *after)

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
+from spd_ext.errors import UsageError
 
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 (nanoGPT)
 CHECKPOINTS = "checkpoints"
@@ -36,7 +37,7 @@ COMPLETE = "complete.json"  # in <tag>/train/: written once every rank's files a
 _SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """The run configuration (or what it points to) cannot be used; one line, with the fix."""
 
 
@@ -817,7 +818,7 @@ def check_environment(plan: RunPlan, resume: bool = False, overwrite: bool = Fal
                            sharding=d["sharding"], corrupt_ranks=tuple(d["corrupt_ranks"]),
                            corruption=corruption)
         if len(data.split("val")) <= block + 1:
-            raise ValueError(f"the validation split has {len(data.split('val'))} tokens, too "
+            raise UsageError(f"the validation split has {len(data.split('val'))} tokens, too "
                              f"few for block_size {block}; raise data.val_fraction or lower "
                              "model.block_size")
     except ValueError as exc:

@@ -101,7 +101,7 @@ def table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def plot(rows: list[dict], logs: dict[str, list[dict]], path: Path) -> bool:
-    from spd_ext.experiments.common import pyplot
+    from spd_ext.utils.plot import pyplot
 
     plt = pyplot()
     if plt is None:

@@ -58,7 +58,7 @@ class RankWatch:
         if world < 2:
             return None
         host = os.environ["MASTER_ADDR"]
-        from spd_ext.utils.rendezvous import is_loopback
+        from spd_ext.comm.rendezvous import is_loopback
 
         return cls(int(os.environ["RANK"]), world, "127.0.0.1" if is_loopback(host) else host,
                    int(os.environ["MASTER_PORT"]))

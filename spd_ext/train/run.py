@@ -34,6 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from spd_ext.errors import UsageError
 from spd_ext.train.config import (
     COMPLETE,
     LATEST,
@@ -222,7 +223,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, tokens: int, temperature: 
 
 
 def plot_losses(history: list[dict], path: Path, title: str) -> bool:
-    from spd_ext.experiments.common import pyplot
+    from spd_ext.utils.plot import pyplot
 
     plt = pyplot()
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -322,7 +323,7 @@ def _layout(plan: RunPlan) -> str:
 # -- the run ------------------------------------------------------------------------------
 def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     """Train on this rank. torch.distributed is initialized here if it is not yet: its
-    rendezvous bound to the job's address (spd_ext.utils.rendezvous), every wait for
+    rendezvous bound to the job's address (spd_ext.comm.rendezvous), every wait for
     another rank bounded by ``parallel.rank_timeout`` (gloo's collectives and spd_ext's),
     and a rank whose wait fails names the rank that stopped answering."""
     import deepspeed
@@ -330,10 +331,10 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from spd_ext.comm.groups import is_peer_failure
+    from spd_ext.comm.rendezvous import init_launched_group
     from spd_ext.deepspeed import release_deepspeed_shm_name
     from spd_ext.deepspeed.ops import load_deepspeed_comm_op
     from spd_ext.train.rank_watch import RankWatch
-    from spd_ext.utils.rendezvous import init_launched_group
 
     _quiet_deepspeed()
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
@@ -354,7 +355,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     rank = dist.get_rank()
     watch = RankWatch.from_environment() if owned else None
     try:
-        code = _train(plan, facts, resume, watch.mark if watch else lambda phase: None)
+        return _train(plan, facts, resume, watch.mark if watch else lambda phase: None)
     except WriteError as exc:
         print(f"{PROG}: error: rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -369,9 +370,8 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     finally:
         if watch is not None:
             watch.close()
-    if owned and code == 0:
-        dist.destroy_process_group()
-    return code
+        if owned:  # on every exit: a group left behind leaks its communicators (NCCL warns)
+            dist.destroy_process_group()
 
 
 def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]) -> int:
@@ -731,10 +731,10 @@ def hold_out_dir(out_dir: Path) -> ProcessLock:
     try:
         holder = lock.acquire()
     except OSError as exc:
-        raise ValueError(f"training.out_dir {out_dir} cannot be written ({exc.strerror}); "
+        raise UsageError(f"training.out_dir {out_dir} cannot be written ({exc.strerror}); "
                          "choose a folder this user can write") from None
     if holder is not None:
-        raise ValueError(f"training.out_dir {out_dir} is in use by a run in progress "
+        raise UsageError(f"training.out_dir {out_dir} is in use by a run in progress "
                          f"({holder.describe()}); wait for it to end or stop it, or set "
                          "training.out_dir elsewhere")
     os.environ[OUT_DIR_HELD_ENV] = str(out_dir.resolve())  # for the ranks this one starts
@@ -748,7 +748,7 @@ def prepare(config: str, overrides: Sequence[str], world_size: int, resume: bool
     ``hold``: claim the out_dir for this process first (``facts["out_dir_lock"]``); None:
     unless the process that started this one's launcher (`spd-ext train --nproc`) holds it."""
     if resume and overwrite:
-        raise ValueError("--resume continues the run in out_dir and --overwrite starts it over; "
+        raise UsageError("--resume continues the run in out_dir and --overwrite starts it over; "
                          "pass one of them")
     cfg = load_config(config, list(overrides))
     plan = plan_run(cfg, world_size)
@@ -792,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # holds it for them)
         plan, facts = prepare(args.config, args.overrides, launched_world_size() or 1,
                               args.resume, args.overwrite, hold=None if rank0 else False)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except UsageError as exc:  # a defect keeps its traceback
         if rank0:
             print(f"spd-ext: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd_ext.errors import UsageError
+
 
 def xor_features(n: int, d: int = 8, noise: float = 0.05,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if d < 2:
-        raise ValueError(f"the XOR task needs d >= 2, got {d}")
+        raise UsageError(f"the XOR task needs d >= 2, got {d}")
     if not 0.0 <= noise <= 0.5:
-        raise ValueError(f"label noise must be in [0, 0.5], got {noise}")
+        raise UsageError(f"label noise must be in [0, 0.5], got {noise}")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).float()

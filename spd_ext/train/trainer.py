@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.hooks import TrainerHooks, check_hooks
 from spd_ext.tp.sharding import ShardedModel
 from spd_ext.utils.files import atomic_path, load_checkpoint
@@ -50,11 +51,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.eval_interval < 0 or self.checkpoint_interval < 0:
-            raise ValueError("warmup_steps, eval_interval and checkpoint_interval must be >= 0")
+            raise UsageError("warmup_steps, eval_interval and checkpoint_interval must be >= 0")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}")
+            raise UsageError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}")
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------
     def checkpoint_path(self) -> Path:
         if not self.cfg.out_dir:
-            raise ValueError("checkpoints need out_dir")
+            raise UsageError("checkpoints need out_dir")
         return Path(self.cfg.out_dir) / "ckpt.pt"
 
     def state(self) -> dict:
@@ -165,11 +166,11 @@ class Trainer:
     def _resume(self) -> None:
         path = self.checkpoint_path()
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+            raise MissingFileError(f"--resume: no checkpoint at {path}")
         state = load_checkpoint(path)
         missing = [k for k in ("model", "optimizer", "step", "rng") if k not in state]
         if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by "
+            raise UsageError(f"{path} lacks {', '.join(missing)}: it was not written by "
                              "spd_ext's Trainer; resume from the run's own ckpt.pt")
         if self.sharded is not None:
             self.sharded.load_dense_state_dict(state["model"])

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from spd_ext.errors import MissingFileError, UsageError
+
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (a process of another user counts)."""
@@ -134,7 +136,7 @@ def read_json(path: Path, default: object) -> object:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: "
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: "
                          f"{exc.msg}); repair it, or move it away to start over") from None
 
 
@@ -152,7 +154,7 @@ def load_weights_only(path: Path | str, what: str = "checkpoint", map_location: 
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}")
+        raise MissingFileError(f"no {what} at {path}")
     try:
         with torch.serialization.safe_globals(list(allowed)):
             try:
@@ -167,14 +169,14 @@ def load_weights_only(path: Path | str, what: str = "checkpoint", map_location: 
         text = str(exc)
         named = re.search(r"GLOBAL ([\w.]+)", text)
         if named:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is not a {what} spd_ext can load: it holds objects other than "
                 f"tensors and plain data (here {named.group(1)}), and spd_ext reads checkpoints "
                 "with weights_only=True so that a file cannot run code") from None
-        raise ValueError(f"{path} is not a readable {what} (not written by torch.save, or "
+        raise UsageError(f"{path} is not a readable {what} (not written by torch.save, or "
                          "damaged)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"{path} is not a readable {what} (truncated or not written by "
+        raise UsageError(f"{path} is not a readable {what} (truncated or not written by "
                          f"torch.save?): {str(exc).splitlines()[0] if str(exc) else exc!r}") \
             from None
 
@@ -185,6 +187,6 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
     path = Path(path)
     state = load_weights_only(path, what)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a {what} dict; pass a "
+        raise UsageError(f"{path} holds a {type(state).__name__}, not a {what} dict; pass a "
                          "checkpoint written by spd_ext")
     return state

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from spd_ext.errors import UsageError
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                  markdown: bool = False) -> str:
@@ -47,9 +49,9 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(number) * scale)
     except ValueError:
-        raise ValueError(f"bad size {text!r}; write bytes like 4096, 4K, 16M or 1G") from None
+        raise UsageError(f"bad size {text!r}; write bytes like 4096, 4K, 16M or 1G") from None
     if value <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
+        raise UsageError(f"size must be positive, got {text!r}")
     return value
 
 
@@ -63,7 +65,7 @@ def parse_sizes(spec: str) -> list[int]:
             lo, hi = parse_size(lo_text), parse_size(hi_text)
             factor = int(step) if step else 4
             if factor < 2 or lo > hi:
-                raise ValueError(f"bad size range {part!r}: need LO..HI[:FACTOR] with LO <= HI "
+                raise UsageError(f"bad size range {part!r}: need LO..HI[:FACTOR] with LO <= HI "
                                  "and FACTOR >= 2")
             size = lo
             while size <= hi:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from spd_ext.comm.buckets import shard_bounds
 from spd_ext.comm.groups import host_id
+from spd_ext.errors import UsageError
 from spd_ext.staleness.modes import Mode
 from spd_ext.utils.files import process_exited
 
@@ -30,20 +31,20 @@ class PSConfig:
 
     def __post_init__(self) -> None:
         if not self.mode.server:
-            raise ValueError(f"mode {self.mode} is not a parameter-server mode")
+            raise UsageError(f"mode {self.mode} is not a parameter-server mode")
         if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"server optimizer must be sgd or adamw, got {self.optimizer!r}")
+            raise UsageError(f"server optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.lr <= 0 or self.straggler_timeout <= 0 or self.dead_timeout <= 0:
-            raise ValueError("lr, straggler_timeout and dead_timeout must be > 0")
+            raise UsageError("lr, straggler_timeout and dead_timeout must be > 0")
         if not 0.0 <= self.polyak_beta < 1.0:
-            raise ValueError(f"polyak_beta must be in [0, 1), got {self.polyak_beta}")
+            raise UsageError(f"polyak_beta must be in [0, 1), got {self.polyak_beta}")
         if self.servers < 1 or self.block_size < 1:
-            raise ValueError(f"servers and block_size must be >= 1, got servers={self.servers} "
+            raise UsageError(f"servers and block_size must be >= 1, got servers={self.servers} "
                              f"block_size={self.block_size}")
 
     def check_world(self, world_size: int) -> None:
         if world_size <= self.servers:
-            raise ValueError(f"mode {self.mode} with {self.servers} server(s) needs at least "
+            raise UsageError(f"mode {self.mode} with {self.servers} server(s) needs at least "
                              f"{self.servers + 1} ranks: ranks 0..{self.servers - 1} serve, the "
                              f"others work; got {world_size}")
 
@@ -51,7 +52,7 @@ class PSConfig:
         """Each server's (start, end) in the flat parameters."""
         bounds = shard_bounds(numel, self.servers, self.block_size if self.quantize else 1)
         if any(end == start for start, end in bounds):
-            raise ValueError(f"{numel} parameters are too few for {self.servers} servers "
+            raise UsageError(f"{numel} parameters are too few for {self.servers} servers "
                              f"(shards of whole {self.block_size}-element blocks when "
                              "quantizing); use fewer servers or a smaller block_size")
         return bounds

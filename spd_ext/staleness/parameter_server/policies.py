@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from spd_ext.errors import UsageError
 from spd_ext.staleness.parameter_server.protocol import Message
 
 if TYPE_CHECKING:
@@ -192,4 +193,4 @@ def make_policy(server: ParameterServer) -> Policy:
         return SSP(server, mode.value)
     if mode.kind == "syncps":
         return SyncPS(server)
-    raise ValueError(f"mode {mode} has no parameter-server policy")
+    raise UsageError(f"mode {mode} has no parameter-server policy")

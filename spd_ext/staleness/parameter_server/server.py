@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_ext.comm.buckets import flatten
+from spd_ext.errors import UsageError
 from spd_ext.staleness.parameter_server.config import PSConfig, PSProcessGroups
 from spd_ext.staleness.parameter_server.policies import Progress, make_policy
 from spd_ext.staleness.parameter_server.protocol import (
@@ -59,10 +60,10 @@ class ParameterServer:
         world, rank = dist.get_world_size(), dist.get_rank()
         cfg.check_world(world)
         if rank >= cfg.servers:
-            raise ValueError(f"rank {rank} is a worker (ranks 0..{cfg.servers - 1} serve); "
+            raise UsageError(f"rank {rank} is a worker (ranks 0..{cfg.servers - 1} serve); "
                              "call train_worker on it")
         if cfg.servers > 1 and groups.servers is None:
-            raise ValueError(f"{cfg.servers} servers need PSProcessGroups.create({cfg.servers})")
+            raise UsageError(f"{cfg.servers} servers need PSProcessGroups.create({cfg.servers})")
         self.workers = list(range(cfg.servers, world))
         self.params = list(model.parameters())
         whole = flatten([p.detach() for p in self.params])

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.errors import UsageError
 from spd_ext.staleness.metrics import WorkerMetrics
 from spd_ext.staleness.parameter_server.config import PSConfig, PSProcessGroups
 from spd_ext.staleness.parameter_server.protocol import (
@@ -40,7 +41,7 @@ class Worker:
         self.rank = dist.get_rank()
         cfg.check_world(dist.get_world_size())
         if self.rank < cfg.servers:
-            raise ValueError(f"rank {self.rank} is a server (ranks 0..{cfg.servers - 1} "
+            raise UsageError(f"rank {self.rank} is a server (ranks 0..{cfg.servers - 1} "
                              "serve); run ParameterServer(...).serve() on it")
         self.params = list(model.parameters())
         self.metrics = WorkerMetrics(self.rank)

@@ -19,6 +19,8 @@ import socket
 from datetime import timedelta
 from typing import Any
 
+from spd_ext.errors import UsageError
+
 _LISTENERS: list[socket.socket] = []  # the stores serve on these descriptors: kept open
 
 
@@ -52,7 +54,7 @@ def bound_store(rank: int, world_size: int, host: str, port: int, timeout: float
         except OSError as exc:
             if listener is not None:
                 listener.close()
-            raise ValueError(
+            raise UsageError(
                 f"rank 0 cannot listen for the rendezvous on {bind_host}:{port} "
                 f"({exc.strerror or exc}); MASTER_ADDR must be an address of rank 0's host "
                 "and MASTER_PORT a free port") from None
