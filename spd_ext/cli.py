@@ -241,6 +241,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _standard_arg(t, "--batch-size", type=POSITIVE, default=8)
     _standard_arg(t, "--seq-len", type=POSITIVE, default=64)
     t.add_argument("--repeats", type=POSITIVE, default=7, help="timed loops per pattern (median)")
+    t.add_argument("--compile", action="store_true",
+                   help="also time each pattern under torch.compile(model, fullgraph=True) "
+                   "(spd_ext's collectives are torch operators; compiling takes a while)")
     _add_table_args(t)
     t.set_defaults(func=_bench_tp)
 
@@ -577,7 +580,7 @@ def _bench_tp(args: argparse.Namespace) -> int:
 
     cfg = tp.TPBenchConfig(nproc=args.nproc, backends=args.backends, n_layer=args.n_layer,
                            n_embd=args.n_embd, n_head=args.n_head, batch_size=args.batch_size,
-                           seq_len=args.seq_len, repeats=args.repeats)
+                           seq_len=args.seq_len, repeats=args.repeats, compile=args.compile)
     if args.patterns:
         cfg.patterns = args.patterns
     rows = tp.run(cfg)
@@ -718,6 +721,7 @@ def _sync_sweep(args: argparse.Namespace) -> int:
 
 def _sadpt(args: argparse.Namespace) -> int:
     from spd_ext.data import Corruption
+    from spd_ext.dp.weights import check_floor
     from spd_ext.experiments import sadpt
 
     runs = sadpt.default_runs()
@@ -729,10 +733,7 @@ def _sadpt(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown run(s) {unknown}; choose from {', '.join(known)}")
         runs = tuple(known[w] for w in wanted)
     most = max(r.nproc for r in runs)
-    if args.floor * most > 1.0 + 1e-12:
-        raise UsageError(f"--floor {args.floor} leaves no room for {most} ranks (every weight "
-                         f"is at least the floor and they sum to 1): use --floor <= "
-                         f"{1 / most:.4g}, or fewer ranks with --runs")
+    check_floor(args.floor, most, "--floor", hint=", or fewer ranks with --runs")
     cfg = sadpt.SADPTConfig(
         runs=runs, corruption=Corruption(args.corruption, args.corruption_prob, seed=args.seed),
         signal=args.signal, weighting=args.weighting, temperature=args.temperature,

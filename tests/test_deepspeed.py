@@ -86,7 +86,7 @@ def test_the_issue_example_parses() -> None:
     ({"tensor_parallel": {"size": 0}}, r"size must be >= 1"),
     ({"tensor_parallel": {"size": 2, "pattern": "spd*x"}}, r"tensor_parallel.pattern"),
     ({"tensor_parallel": {"size": 3}}, r"tensor_parallel.size 3 does not divide the world "
-                                       r"size 2; .* use one of \[1, 2\]"),
+                                       r"size 2; .* set tensor_parallel.size to one of \[1, 2\]"),
     ({"comm": {"backend": "nccl"}}, "unknown backend 'nccl'"),
     ({"metrics": {"interval": 0}}, "interval must be >= 1"),
     ({"staleness": None}, "cannot be None"),

@@ -13,7 +13,7 @@ LAYERS: dict[str, int] = {
     "utils": 1, "__init__": 1,
     "ops": 2,
     "comm": 3,
-    "launch": 4, "hooks": 4,
+    "launch": 4, "hooks": 4, "parallel_dims": 4,
     "tp": 5, "dp": 5, "data": 5,
     "staleness": 6,
     "deepspeed": 7,

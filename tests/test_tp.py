@@ -255,7 +255,7 @@ def test_blocks_are_usable_alone() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match=r"n_head \(12\) must be divisible by tp_size \(5\)"):
         GPTConfig(n_head=12, n_embd=60, tp_size=5)
-    with pytest.raises(ValueError, match="must be a positive divisor of the world size 6"):
+    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide the world size 6"):
         check_tp_size(4, 6)
     with pytest.raises(ValueError, match="tp_size is 2 but the communicator spans 4"):
         ReducedSyncGPT(tiny("tp*1", 1, 2), EmulatedComm(4))

@@ -33,6 +33,10 @@ class TPBenchConfig:
     warmup: int = 3
     repeats: int = 7
     target_ms: float = 200.0
+    compile: bool = False  # also time each pattern under torch.compile(fullgraph=True)
+
+    def modes(self) -> list[str]:
+        return ["eager", "compiled"] if self.compile else ["eager"]
 
     def pattern_list(self) -> list[str]:
         return split_patterns(self.patterns)
@@ -57,12 +61,13 @@ def parse_backends(spec: str) -> list[str]:
     return names
 
 
-def _step_fn(model: ReducedSyncGPT, x: torch.Tensor, y: torch.Tensor):
+def _step_fn(model: ReducedSyncGPT, x: torch.Tensor, y: torch.Tensor, mode: str):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    call = torch.compile(model, fullgraph=True) if mode == "compiled" else model
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
+        _, loss = call(x, y)
         loss.backward()
         model.sync_partial_grads_()
         opt.step()
@@ -81,12 +86,14 @@ def _rank(rank: int, world: int, cfg: TPBenchConfig) -> list[dict]:
             mc = GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size,
                            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                            pattern=pattern, tp_size=world)
-            comm_models[pattern] = ReducedSyncGPT(mc, DistributedComm(backend=backend), seed=0)
-        steps = {p: _step_fn(m, x, y) for p, m in comm_models.items()}
+            for mode in cfg.modes():
+                comm_models[pattern, mode] = ReducedSyncGPT(
+                    mc, DistributedComm(backend=backend), seed=0)
+        steps = {k: _step_fn(m, x, y, k[1]) for k, m in comm_models.items()}
         counts = {}
-        for p, m in comm_models.items():
-            steps[p]()
-            counts[p] = m.sync_counter.step()
+        for k, m in comm_models.items():
+            steps[k]()  # compiles a compiled one
+            counts[k] = m.sync_counter.step()
 
         def agree(n: int) -> int:
             t = torch.tensor([n])
@@ -95,11 +102,12 @@ def _rank(rank: int, world: int, cfg: TPBenchConfig) -> list[dict]:
 
         times = measure(steps, warmup=cfg.warmup, repeats=cfg.repeats,
                         target_s=cfg.target_ms / 1e3, barrier=dist.barrier, agree=agree)
-        for p in cfg.pattern_list():
-            t = torch.tensor([times[p]], dtype=torch.float64)
+        for k in comm_models:
+            t = torch.tensor([times[k]], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            rows.append({"backend": backend, "pattern": p, "syncs_fwd": counts[p]["forward"],
-                         "syncs_bwd": counts[p]["backward"], "seconds": t.item()})
+            rows.append({"backend": backend, "pattern": k[0], "mode": k[1],
+                         "syncs_fwd": counts[k]["forward"], "syncs_bwd": counts[k]["backward"],
+                         "seconds": t.item()})
     return rows
 
 
@@ -114,13 +122,19 @@ def run(cfg: TPBenchConfig) -> list[dict]:
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
+    """One row per backend, pattern (and mode, when compiled steps were timed too); the
+    last column compares each step with the most-synchronizing pattern's of its backend
+    and mode."""
+    modes = len({r.get("mode", "eager") for r in rows}) > 1
     body = []
     for r in rows:
-        most = max((b for b in rows if b["backend"] == r["backend"]), key=lambda b: b["syncs_fwd"])
-        body.append([r["backend"], r["pattern"], r["syncs_fwd"], r["syncs_bwd"],
-                     r["seconds"] * 1e3, r["seconds"] / most["seconds"]])
-    return format_table(["backend", "pattern", "syncs fwd", "syncs bwd", "step ms",
-                         "x most-sync step"], body, markdown)
+        most = max((b for b in rows if b["backend"] == r["backend"]
+                    and b.get("mode") == r.get("mode")), key=lambda b: b["syncs_fwd"])
+        body.append([r["backend"], r["pattern"], *([r["mode"]] if modes else []),
+                     r["syncs_fwd"], r["syncs_bwd"], r["seconds"] * 1e3,
+                     r["seconds"] / most["seconds"]])
+    return format_table(["backend", "pattern", *(["mode"] if modes else []), "syncs fwd",
+                         "syncs bwd", "step ms", "x most-sync step"], body, markdown)
 
 
 def describe_run(cfg: TPBenchConfig) -> str:

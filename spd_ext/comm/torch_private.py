@@ -61,6 +61,12 @@ def group_name(group: Any) -> str:
     return c10d._get_process_group_name(group)
 
 
+def resolve_group(name: str) -> Any:
+    """The process group that :func:`group_name` calls ``name`` (what the functional
+    collectives resolve their group arguments with)."""
+    return c10d._resolve_process_group(name)
+
+
 def live_groups() -> set[Any] | None:
     """The process groups torch.distributed has not destroyed, or None when it cannot
     tell (then nothing is released before the process ends)."""

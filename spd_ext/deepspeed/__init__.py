@@ -26,6 +26,7 @@ from typing import Any
 
 from spd_ext.deepspeed.config import (
     SECTION,
+    SECTION_NAMES,
     SpdExtConfig,
     SpdExtConfigError,
     check_metrics_path,
@@ -33,7 +34,7 @@ from spd_ext.deepspeed.config import (
     validate_against_deepspeed,
 )
 from spd_ext.deepspeed.engine import EngineIntegration
-from spd_ext.deepspeed.topology import ModelParallelUnit, Topology, build_topology
+from spd_ext.parallel_dims import ModelParallelUnit, ParallelDims, Topology
 from spd_ext.tp.sharding import tensor_parallel_layout
 
 __all__ = ["SECTION", "EngineIntegration", "ModelParallelUnit", "SpdExtCallback",
@@ -92,6 +93,17 @@ def _one_line_errors(function: Any) -> Any:
             raise
 
     return wrapper
+
+
+def build_topology(tp_size: int = 1, islands: int = 1) -> Topology:
+    """The groups (and the ``mpu``) for tensor parallelism ``tp_size`` and ``islands``
+    DiLoCo islands on this job's world (collective the first time; cached)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("spd_ext.deepspeed needs torch.distributed initialized; call "
+                           "deepspeed.init_distributed() first (initialize() does)")
+    return ParallelDims(dist.get_world_size(), tp_size, islands, SECTION_NAMES).build()
 
 
 def parse_config(ds_config: dict | str | None,

@@ -24,12 +24,15 @@ from typing import Any
 
 from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
 from spd_ext.dp.signals import SIGNALS
-from spd_ext.dp.weights import WEIGHT_MAPS
+from spd_ext.dp.weights import WEIGHT_MAPS, check_floor
 from spd_ext.errors import UsageError
+from spd_ext.parallel_dims import LayoutNames, ParallelDims
 from spd_ext.staleness.modes import Mode, parse_mode
 from spd_ext.tp.patterns import PatternError, parse_pattern
 
 SECTION = "spd_ext"
+#: the section's keys for the parallel sizes, as its messages name them
+SECTION_NAMES = LayoutNames(tp="tensor_parallel.size", islands="staleness.islands")
 ENGINE_MODES = ("ssgd", "delayed", "local_sgd", "diloco")  # the collective staleness modes
 BACKENDS = ("deepspeed", SPD_EXT)
 
@@ -394,21 +397,14 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             f"comm.backend 'spd_ext' with staleness.mode {mode}: the staleness modes carry their "
             "own communication through spd_ext already; leave comm.backend out")
     if world_size is not None:
-        tp, n_islands = cfg.tensor_parallel.size, cfg.staleness.islands
-        for what, size in (("tensor_parallel.size", tp), ("staleness.islands", n_islands),
-                           ("tensor_parallel.size x staleness.islands", tp * n_islands)):
-            if world_size % size != 0:
-                divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-                raise SpdExtConfigError(
-                    f"{what} {size} does not divide the world size {world_size}; launch a "
-                    f"multiple of {size} ranks or use one of {divisors}")
-        dp = world_size // tp
-        sw = cfg.signal_weighting
-        if sw is not None and sw.floor * dp > 1.0 + 1e-12:
-            raise SpdExtConfigError(
-                f"signal_weighting.floor {sw.floor} leaves no room for {dp} data-parallel "
-                f"ranks (every weight is at least the floor and they sum to 1): use a floor "
-                f"<= 1/{dp} = {1 / dp:.4g}")
+        try:
+            dims = ParallelDims(world_size, cfg.tensor_parallel.size, cfg.staleness.islands,
+                                SECTION_NAMES)
+            if cfg.signal_weighting is not None:
+                check_floor(cfg.signal_weighting.floor, dims.data_ranks,
+                            "signal_weighting.floor", "data-parallel ranks")
+        except UsageError as exc:
+            raise SpdExtConfigError(str(exc)) from None
 
 
 def check_metrics_path(cfg: SpdExtConfig) -> None:

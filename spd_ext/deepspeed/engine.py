@@ -50,9 +50,9 @@ from spd_ext.comm.backend import SPD_EXT
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.deepspeed.checkpoint import guard_checkpoint_loads
 from spd_ext.deepspeed.config import SpdExtConfig
-from spd_ext.deepspeed.topology import Topology
 from spd_ext.dp.aggregator import SignalWeightedAggregator, WeightError
 from spd_ext.errors import MissingFileError
+from spd_ext.parallel_dims import Topology
 from spd_ext.staleness.collective import DiLoCo, StalenessStrategy, make_strategy
 from spd_ext.tp.sharding import tensor_parallel_layout
 from spd_ext.utils.files import atomic_path, load_checkpoint

@@ -24,7 +24,7 @@ from torch import nn
 from spd_ext.comm import all_reduce
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.dp.signals import make_signal
-from spd_ext.dp.weights import make_weight_map
+from spd_ext.dp.weights import check_floor, make_weight_map
 from spd_ext.errors import UsageError
 from spd_ext.hooks import TrainerHooks
 
@@ -105,9 +105,7 @@ class SignalWeightedAggregator(GradientAggregator):
                              f"not {signal}")
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        if floor * self.world_size > 1.0:
-            raise UsageError(f"floor {floor} leaves no room for {self.world_size} ranks: need "
-                             f"floor <= 1/{self.world_size}")
+        check_floor(floor, self.world_size)
         self.record = record
         self.history: list[dict] = []
         self.last: dict = {}

@@ -13,6 +13,15 @@ import torch
 from spd_ext.errors import UsageError
 
 
+def check_floor(floor: float, ranks: int, what: str = "floor", ranks_are: str = "ranks",
+                hint: str = "") -> None:
+    """Every weight is at least the floor and they sum to 1: at most 1/ranks."""
+    if floor * ranks > 1.0 + 1e-12:
+        raise UsageError(f"{what} {floor} leaves no room for {ranks} {ranks_are} (every weight "
+                         f"is at least the floor and they sum to 1): use {what} <= 1/{ranks} "
+                         f"= {1 / ranks:.4g}{hint}")
+
+
 class WeightMap:
     name = ""
 
@@ -44,9 +53,7 @@ class WeightMap:
         to refuse when it reads them."""
         values = torch.as_tensor(values, dtype=torch.float64)
         n = values.numel()
-        if self.floor * n > 1.0 + 1e-12:
-            raise UsageError(f"floor {self.floor} leaves no room for {n} ranks: need floor <= "
-                             f"1/{n} = {1 / n:.4g}")
+        check_floor(self.floor, n)
         if step < self.warmup_steps:
             # uniform, yet non-finite where a signal is (a NaN loss is refused in warm-up too)
             w = torch.full_like(values, 1.0 / n) + values * 0.0

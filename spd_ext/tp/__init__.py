@@ -17,11 +17,7 @@ from spd_ext.tp.layers import (
     ShardedMLP,
 )
 from spd_ext.tp.model import GPTConfig, ReducedSyncGPT
-from spd_ext.tp.parallel_state import (
-    ModelParallelGroups,
-    check_tp_size,
-    initialize_model_parallel,
-)
+from spd_ext.tp.parallel_state import check_tp_size, initialize_model_parallel
 from spd_ext.tp.patterns import BLOCK_KINDS, PatternError, parse_pattern
 from spd_ext.tp.regions import copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region
 from spd_ext.tp.sharding import (
@@ -35,7 +31,7 @@ from spd_ext.tp.sync_counter import SyncCounter
 
 __all__ = [
     "BLOCKS", "BLOCK_KINDS", "ColumnParallelLinear", "DistributedComm", "EmulatedComm",
-    "GPTConfig", "LadderBlock", "ModelParallelGroups", "PaLMBlock", "ParallelBlock",
+    "GPTConfig", "LadderBlock", "PaLMBlock", "ParallelBlock",
     "PatternError", "ReducedSyncBlock", "ReducedSyncGPT", "ResidualStream", "RowParallelLinear",
     "SPDBlock", "ShardedCausalSelfAttention", "ShardedMLP", "ShardedModel", "SyncCounter",
     "TPBlock", "TensorParallelComm", "TensorParallelLayout", "check_tp_size",

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS, renamed_backend_hint
 from spd_ext.comm.buckets import copy_back, flatten
+from spd_ext.comm.library import group_key
 from spd_ext.errors import UsageError
 from spd_ext.tp.sync_counter import SyncCounter
 
@@ -94,15 +95,29 @@ class DistributedComm(TensorParallelComm):
         super().__init__(dist.get_world_size(group), shards=1, rank=dist.get_rank(group))
         self.group = group
         self.backend = backend
+        self._group_key = group_key(group)  # the group as spd_ext's operators name it
 
     def _reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
         # detach: the region's output is written in place outside autograd's view (its
         # backward does not read it)
+        if torch.compiler.is_compiling():
+            self._reduce_traced(t)
+            return None  # compiled: synchronous (Inductor orders the graph's work itself)
         if self.backend == SPD_EXT:
             from spd_ext.comm import all_reduce
 
             return all_reduce(t.detach(), group=self.group, async_op=async_op)
         return dist.all_reduce(t.detach(), group=self.group, async_op=async_op)
+
+    def _reduce_traced(self, t: torch.Tensor) -> None:
+        """The all-reduce as operators torch.compile traces (a pybind call or a ``Work``
+        would break the graph): spd_ext's, or torch's functional collective."""
+        if self.backend == SPD_EXT:
+            torch.ops.spd_ext.all_reduce_(t, "sum", self._group_key)
+        else:
+            from torch.distributed import _functional_collectives as funcol
+
+            t.copy_(funcol.all_reduce(t, "sum", self.group or dist.group.WORLD))
 
     def all_reduce_(self, t: torch.Tensor) -> None:
         self._reduce(t)

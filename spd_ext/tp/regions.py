@@ -7,7 +7,10 @@ gradient, since every shard's computation contributed to it.
 reduce-from-region: the region's rank-local contributions are summed. Forward: one
 all-reduce. Backward: identity (the gradient of a sum reaches every shard unchanged).
 
-Both count their all-reduce on the communicator's SyncCounter as it happens.
+Both count their all-reduce on the communicator's SyncCounter as it happens. A compiled
+backward cannot count (it runs no Python): under torch.compile the backward all-reduce of
+a copy-to-region is counted when the region opens, where the forward makes it certain
+(the input needs its gradient).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ class _CopyToTensorParallelRegion(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         g = grad.sum(0)
         ctx.comm.all_reduce_(g)
-        ctx.comm.counter.count_backward(ctx.label)
+        if not torch.compiler.is_compiling():
+            ctx.comm.counter.count_backward(ctx.label)
         return g, None
 
 
@@ -62,6 +66,8 @@ class _SumOverShards(torch.autograd.Function):
 
 def copy_to_tensor_parallel_region(x: torch.Tensor, comm: TensorParallelComm) -> torch.Tensor:
     """[...] replicated -> [shards, ...] rank-local (backward: one all-reduce)."""
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and x.requires_grad:
+        comm.counter.count_backward(comm.counter.label)
     return _CopyToTensorParallelRegion.apply(x, comm)
 
 

@@ -29,12 +29,15 @@ from typing import Any
 
 from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
 from spd_ext.errors import UsageError
+from spd_ext.parallel_dims import LayoutNames, ParallelDims
 
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 (nanoGPT)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "complete.json"  # in <tag>/train/: written once every rank's files are on disk
 _SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+#: the parallel sizes as a train config names them
+LAYOUT_NAMES = LayoutNames(tp="parallel.tp", islands="parallel.islands", launch=" (--nproc)")
 
 
 class ConfigError(UsageError):
@@ -490,16 +493,26 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 @dataclass
 class RunPlan:
     cfg: RunConfig
-    world_size: int
-    tp: int
-    islands: int
+    dims: ParallelDims  # the layout: world = islands x data parallel x parallel.tp
     ds_config: dict  # what spd_ext.deepspeed.initialize gets (with the "spd_ext" section)
     model: dict  # GPTConfig fields (vocab_size None: the tokenizer's)
 
     @property
+    def world_size(self) -> int:
+        return self.dims.world
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def islands(self) -> int:
+        return self.dims.islands
+
+    @property
     def data_world(self) -> int:
         """Data-parallel replicas that see distinct batches (every tp group is one)."""
-        return self.world_size // self.tp
+        return self.dims.data_ranks
 
     @property
     def out_dir(self) -> Path:
@@ -633,13 +646,11 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         section["tensor_parallel"] = {**tp_section, "size": tp}
     if islands > 1:
         section["staleness"] = {**stale_section, "islands": islands}
-    for what, size in (("parallel.tp", tp), ("parallel.islands", islands),
-                       ("parallel.tp x parallel.islands", tp * islands)):
-        if world_size % size:
-            divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
-            raise _fail(f"{what} {size} does not divide the world size {world_size}; launch a "
-                        f"multiple of {size} ranks (--nproc) or set {what} to one of {divisors}")
-    ds_dp = world_size // (tp * islands)  # DeepSpeed's data-parallel group (in an island)
+    try:
+        dims = ParallelDims(world_size, tp, islands, LAYOUT_NAMES)
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    ds_dp = dims.dp  # DeepSpeed's data-parallel group (in an island)
     micro, gas = t["micro_batch"], t["grad_accum"]
     _owned(ds, "train_micro_batch_size_per_gpu", micro, "training.micro_batch")
     _owned(ds, "gradient_accumulation_steps", gas, "training.grad_accum")
@@ -691,7 +702,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
                         f"differs from model.pattern {pattern!r}; make them agree or leave the "
                         "section's pattern out")
     # data
-    data_world = world_size // tp
+    data_world = dims.data_ranks
     if d["sharding"] == "clean_vs_corrupt":
         if not d["corrupt_ranks"]:
             raise _fail("data.sharding clean_vs_corrupt needs data.corrupt_ranks, e.g. [1]")
@@ -707,7 +718,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         raise _fail("sample.prompt is empty; give at least one character (default a newline)")
     if cfg.values["training"]["out_dir"] == "":
         raise _fail("training.out_dir is empty; give a folder or null for out/<config name>")
-    return RunPlan(cfg=cfg, world_size=world_size, tp=tp, islands=islands, ds_config=ds,
+    return RunPlan(cfg=cfg, dims=dims, ds_config=ds,
                    model=model)
 
 

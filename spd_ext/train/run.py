@@ -399,7 +399,7 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
     mark("building the model and the engine")
 
     data = TokenDataset(d.corpus, d.tokenizer, val_fraction=d.val_fraction)
-    topology = sd.build_topology(plan.tp, plan.islands)
+    topology = plan.dims.build()
     torch.manual_seed(t.seed + data_rank)  # dropout: one stream per tensor-parallel group
     model = build_model(plan, data.vocab_size, topology)
     block = model.config.block_size
