@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.distributed as dist
-
 from spd_ext.errors import UsageError
 
 __all__ = ["LayoutNames", "ModelParallelUnit", "ParallelDims", "Topology"]
@@ -74,6 +72,8 @@ class ParallelDims:
         """This rank's groups (collective the first time: every rank creates every group,
         in the same order; cached for the life of the default group, so every engine of a
         process shares them)."""
+        import torch.distributed as dist
+
         if not dist.is_initialized():
             raise RuntimeError("building process groups needs torch.distributed initialized "
                                "first (deepspeed.init_distributed() or init_process_group)")
@@ -86,6 +86,8 @@ class ParallelDims:
         return _BUILT[key]
 
     def _build(self) -> Topology:
+        import torch.distributed as dist
+
         if self.tp == 1 and self.islands == 1:
             return Topology(1, 1, None, dp_ranks=tuple(range(self.world)))
         rank, size = dist.get_rank(), self.world // self.islands  # ranks per island
@@ -111,6 +113,8 @@ _BUILT: dict[tuple, Topology] = {}
 def _mine(rank: int, partition: list[range]) -> tuple[Any, tuple[int, ...]]:
     """Create a group for every set of ``partition`` (every rank, the same order); this
     rank's ``(group, ranks)``."""
+    import torch.distributed as dist
+
     found: tuple[Any, tuple[int, ...]] | None = None
     for ranks in partition:
         group = dist.new_group(list(ranks))
@@ -129,6 +133,8 @@ class ModelParallelUnit:
 
     def __init__(self, mp_group: Any, mp_ranks: tuple[int, ...], dp_group: Any,
                  dp_ranks: tuple[int, ...]) -> None:
+        import torch.distributed as dist
+
         rank = dist.get_rank()
         self._mp = (mp_group, mp_ranks, mp_ranks.index(rank))
         self._dp = (dp_group, dp_ranks, dp_ranks.index(rank))
@@ -184,4 +190,6 @@ class Topology:
 
     @property
     def island(self) -> int:
+        import torch.distributed as dist
+
         return dist.get_rank() // (dist.get_world_size() // self.islands)

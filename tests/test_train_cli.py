@@ -175,9 +175,9 @@ ERRORS = [
     ({"trainig": {"steps": 5}}, [], "unknown key 'trainig'; did you mean 'training'?"),
     ({}, ["--set", "model.n_layers=3"], "unknown key 'model.n_layers'; did you mean "
      "'model.n_layer'?"),
-    ({}, ["--set", "training.steps=ten"], "training.steps must be an integer, got 'ten'"),
+    ({}, ["--set", "training.steps=ten"], "training.steps must be an integer >= 1, got 'ten'"),
     ({}, ["--set", "model.dropout=high"], "model.dropout must be a number"),
-    ({"training": {"lr": "fast"}}, [], "training.lr must be a number, got 'fast'"),
+    ({"training": {"lr": "fast"}}, [], "training.lr must be a number >= 0, got 'fast'"),
     ({"model": {"bias": 1}}, [], "model.bias must be true or false"),
     ({}, ["--set", "parallel.tp=4", "--nproc", "2"],
      "parallel.tp 4 does not divide the world size 2"),

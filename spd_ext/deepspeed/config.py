@@ -17,18 +17,17 @@ the ds_config (ZeRO stage, precision) that cannot be sound.
 
 from __future__ import annotations
 
-import difflib
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
+from spd_ext.comm.names import SPD_EXT, renamed_backend_hint
 from spd_ext.dp.signals import SIGNALS
 from spd_ext.dp.weights import WEIGHT_MAPS, check_floor
 from spd_ext.errors import UsageError
 from spd_ext.parallel_dims import LayoutNames, ParallelDims
 from spd_ext.staleness.modes import Mode, parse_mode
 from spd_ext.tp.patterns import PatternError, parse_pattern
+from spd_ext.utils.options import check_fields, closest, option
 
 SECTION = "spd_ext"
 #: the section's keys for the parallel sizes, as its messages name them
@@ -42,8 +41,8 @@ class SpdExtConfigError(UsageError):
 
 
 def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    match = closest(key, valid)
+    return f"; did you mean {match!r}?" if match else ""
 
 
 def _check_keys(where: str, given: dict, valid: list[str]) -> None:
@@ -56,28 +55,15 @@ def _check_keys(where: str, given: dict, valid: list[str]) -> None:
                                     f"(valid keys: {', '.join(valid)})")
 
 
-def _number(where: str, value: Any, *, low: float | None = None, high: float | None = None,
-            integer: bool = False, low_open: bool = False) -> float:
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not isinstance(value, int)) or not math.isfinite(value):
-        raise SpdExtConfigError(f"{where} must be {kind}, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise SpdExtConfigError(f"{where} must be {bound}, got {value!r}")
-    if high is not None and value > high:
-        raise SpdExtConfigError(f"{where} must be <= {high}, got {value!r}")
-    return value
-
-
 @dataclass
 class SignalWeightingConfig:
     signal: str = "loss_ema"
     map: str = "softmax"
-    temperature: float = 1.0
-    floor: float = 0.05
-    ema: float = 0.0
-    warmup_steps: int = 20
+    temperature: float = option(1.0, "softmax temperature", low=0.0, low_open=True)
+    floor: float = option(0.05, "least weight of any rank", low=0.0, high=1.0)
+    ema: float = option(0.0, "EMA smoothing of the weights", low=0.0, high=1.0,
+                        high_open=True)
+    warmup_steps: int = option(20, "steps of uniform weights first", low=0)
     signal_args: dict = field(default_factory=dict)
 
     def check(self, where: str) -> None:
@@ -97,12 +83,7 @@ class SignalWeightingConfig:
         if self.map == "inverse" and SIGNALS[self.signal].higher_is_better:
             raise SpdExtConfigError(f"{where}: map 'inverse' needs a lower-is-better signal "
                                     f"(loss_ema), not {self.signal!r}; use map 'softmax'")
-        _number(f"{where}.temperature", self.temperature, low=0.0, low_open=True)
-        _number(f"{where}.floor", self.floor, low=0.0, high=1.0)
-        _number(f"{where}.ema", self.ema, low=0.0)
-        if self.ema >= 1.0:
-            raise SpdExtConfigError(f"{where}.ema must be in [0, 1), got {self.ema!r}")
-        _number(f"{where}.warmup_steps", self.warmup_steps, low=0, integer=True)
+        check_fields(self, where, SpdExtConfigError)
         if not isinstance(self.signal_args, dict):
             raise SpdExtConfigError(f"{where}.signal_args must be an object, got "
                                     f"{self.signal_args!r}")
@@ -116,9 +97,10 @@ class SignalWeightingConfig:
 @dataclass
 class StalenessConfig:
     mode: str = "ssgd"
-    islands: int = 1
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    islands: int = option(1, "DiLoCo islands", low=1)
+    outer_lr: float = option(0.7, "DiLoCo's outer learning rate", low=0.0, low_open=True)
+    outer_momentum: float = option(0.9, "DiLoCo's outer Nesterov momentum", low=0.0,
+                                   high=1.0, high_open=True)
 
     def check(self, where: str) -> None:
         if not isinstance(self.mode, str):
@@ -133,17 +115,12 @@ class StalenessConfig:
                 f"{where}.mode {self.mode!r} needs a parameter server, which does not run "
                 f"inside a DeepSpeed engine; use one of ssgd, delayed:k, local_sgd:H, diloco:H "
                 "(or spd_ext.staleness.parameter_server outside DeepSpeed)")
-        _number(f"{where}.islands", self.islands, low=1, integer=True)
+        check_fields(self, where, SpdExtConfigError)
         if self.islands > 1 and mode.kind != "diloco":
             raise SpdExtConfigError(
                 f"{where}.islands = {self.islands} needs mode diloco:H (islands average their "
                 f"pseudo-gradients every H steps), got mode {self.mode!r}; set islands to 1 or "
                 "use diloco")
-        _number(f"{where}.outer_lr", self.outer_lr, low=0.0, low_open=True)
-        _number(f"{where}.outer_momentum", self.outer_momentum, low=0.0)
-        if self.outer_momentum >= 1.0:
-            raise SpdExtConfigError(f"{where}.outer_momentum must be in [0, 1), got "
-                                    f"{self.outer_momentum!r}")
 
     @property
     def parsed(self) -> Mode:
@@ -152,11 +129,11 @@ class StalenessConfig:
 
 @dataclass
 class TensorParallelConfig:
-    size: int = 1
+    size: int = option(1, "tensor-parallel size", low=1)
     pattern: str | None = None
 
     def check(self, where: str) -> None:
-        _number(f"{where}.size", self.size, low=1, integer=True)
+        check_fields(self, where, SpdExtConfigError)
         if self.pattern is not None:
             if not isinstance(self.pattern, str):
                 raise SpdExtConfigError(f"{where}.pattern must be a string such as 'spd*12', "
@@ -171,7 +148,7 @@ class TensorParallelConfig:
 @dataclass
 class CommConfig:
     backend: str = "deepspeed"
-    bucket_mb: float = 64.0
+    bucket_mb: float = option(64.0, "MB per fused all-reduce", low=0.0, low_open=True)
 
     def check(self, where: str) -> None:
         if self.backend not in BACKENDS:
@@ -179,18 +156,18 @@ class CommConfig:
                                     f"{renamed_backend_hint(self.backend)}; use 'deepspeed' "
                                     "(DeepSpeed's own reduction) or 'spd_ext' (spd_ext's "
                                     "fused all-reduce, ZeRO stage 0)")
-        _number(f"{where}.bucket_mb", self.bucket_mb, low=0.0, low_open=True)
+        check_fields(self, where, SpdExtConfigError)
 
 
 @dataclass
 class MetricsConfig:
     jsonl: str | None = None
-    interval: int = 1
+    interval: int = option(1, "steps between metrics records", low=1)
 
     def check(self, where: str) -> None:
         if self.jsonl is not None and not isinstance(self.jsonl, str):
             raise SpdExtConfigError(f"{where}.jsonl must be a file path, got {self.jsonl!r}")
-        _number(f"{where}.interval", self.interval, low=1, integer=True)
+        check_fields(self, where, SpdExtConfigError)
 
 
 _SUBSECTIONS: dict[str, type] = {

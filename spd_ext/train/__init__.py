@@ -1,18 +1,15 @@
 """Training loop, evaluation, checkpoints and logs for the CLI and examples; `spd-ext train`'s
 run configuration (spd_ext.train.config) and rank program (spd_ext.train.run)."""
 
-from spd_ext.hooks import TrainerHooks
-from spd_ext.train.config import (
-    ConfigError,
-    RunConfig,
-    RunPlan,
-    check_environment,
-    load_config,
-    plan_run,
-)
-from spd_ext.train.trainer import TrainConfig, Trainer, TrainResult, lr_at, make_optimizer
-from spd_ext.utils.run_log import RunLog
+from spd_ext.utils.lazy import lazy_exports
 
-__all__ = ["ConfigError", "RunConfig", "RunLog", "RunPlan", "TrainConfig", "TrainResult",
-           "Trainer", "TrainerHooks", "check_environment", "load_config", "lr_at",
-           "make_optimizer", "plan_run"]
+# Loaded on first use: the run configuration's schema (spd_ext.train.config) is read by the
+# command line without loading torch.
+_EXPORTS = {"TrainerHooks": "spd_ext.hooks", "RunLog": "spd_ext.utils.run_log",
+            **dict.fromkeys(["ConfigError", "RunConfig", "RunPlan", "check_environment",
+                             "load_config", "plan_run"], "spd_ext.train.config"),
+            **dict.fromkeys(["TrainConfig", "TrainResult", "Trainer", "lr_at",
+                             "make_optimizer"], "spd_ext.train.trainer")}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(globals(), _EXPORTS)

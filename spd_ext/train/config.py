@@ -17,9 +17,7 @@ the closest valid one), ``plan_run`` the values and their combinations for a wor
 from __future__ import annotations
 
 import copy
-import difflib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,9 +25,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
+from spd_ext.comm.names import SPD_EXT, TP_BACKENDS
 from spd_ext.errors import UsageError
 from spd_ext.parallel_dims import LayoutNames, ParallelDims
+from spd_ext.utils.options import Opt, check, closest, parse_text
 
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 (nanoGPT)
 CHECKPOINTS = "checkpoints"
@@ -42,18 +41,6 @@ LAYOUT_NAMES = LayoutNames(tp="parallel.tp", islands="parallel.islands", launch=
 
 class ConfigError(UsageError):
     """The run configuration (or what it points to) cannot be used; one line, with the fix."""
-
-
-@dataclass(frozen=True)
-class Opt:
-    """One option: its default, its kind and the bounds checked on load."""
-
-    default: Any
-    kind: str  # int, float, bool, str, ints (a list of ints)
-    help: str
-    nullable: bool = False
-    choices: tuple[str, ...] | None = None
-    low: float | None = None  # inclusive minimum of numbers
 
 
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -126,7 +113,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                             "collective, checkpoint barrier and spd_ext all-reduce) before the "
                             "run stops, naming the rank that stopped answering", low=0.0),
     },
-    "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "deepspeed",
+    "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "object",
                      "a ds_config JSON path (relative to the config file) or an inline dict"),
     "sample": {
         "tokens": Opt(200, "int", "tokens generated at the end (0: none)", low=0),
@@ -242,69 +229,23 @@ ALIASES = {
 def _unknown(dotted: str, valid: list[str], where: str) -> ConfigError:
     leaf = dotted.rsplit(".", 1)[-1]
     prefix = dotted[:-len(leaf)]
-    match = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean {prefix + match[0]!r}?" if match else ""
+    match = closest(leaf, valid)
+    hint = f"; did you mean {prefix + match!r}?" if match else ""
     if leaf in ALIASES:
         hint = f"; did you mean {ALIASES[leaf]!r}?"
     elif leaf in ("dp", "data_parallel"):
         hint = ("; the data-parallel size is not set: it is what remains, world size / "
                 "parallel.tp")
     elif not match:  # a key put in the wrong section: look everywhere
-        anywhere = difflib.get_close_matches(dotted, _all_keys(), n=1, cutoff=0.6) or \
-            [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
-        hint = f"; did you mean {anywhere[0]!r}?" if anywhere else ""
+        anywhere = closest(dotted, _all_keys()) or next(
+            (k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf), None)
+        hint = f"; did you mean {anywhere!r}?" if anywhere else ""
     return ConfigError(f"{where}: unknown key {dotted!r}{hint} (valid keys here: "
                        f"{', '.join(valid)})")
 
 
-def _describe(kind: str, nullable: bool) -> str:
-    text = {"int": "an integer", "float": "a number", "bool": "true or false",
-            "str": "a string", "ints": "a list of integers"}[kind]
-    return text + (" or null" if nullable else "")
-
-
 def _check_value(dotted: str, value: Any, opt: Opt, where: str) -> Any:
-    """``value`` as the option's kind (ints stay ints, a YAML string such as '1e-3' for a
-    number becomes the number), or a ConfigError naming key, value and kind."""
-    if value is None:
-        if opt.nullable:
-            return None
-        raise ConfigError(f"{where}: {dotted} cannot be null; it must be "
-                          f"{_describe(opt.kind, False)} (default {opt.default!r})")
-    bad = ConfigError(f"{where}: {dotted} must be {_describe(opt.kind, opt.nullable)}, got "
-                      f"{value!r} ({type(value).__name__})")
-    kind = opt.kind
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif kind == "float":
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value):
-            raise bad
-        value = float(value)
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise bad
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise bad
-    elif kind == "ints":
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int)
-                                              for v in value):
-            raise bad
-    if opt.choices is not None and value not in opt.choices:
-        match = difflib.get_close_matches(str(value), opt.choices, n=1)
-        hint = f"; did you mean {match[0]!r}?" if match else ""
-        raise ConfigError(f"{where}: {dotted} is {value!r}{hint} (choose one of "
-                          f"{', '.join(opt.choices)})")
-    if opt.low is not None and kind in ("int", "float") and value < opt.low:
-        raise ConfigError(f"{where}: {dotted} must be >= {opt.low:g}, got {value!r}")
-    return value
+    return check(f"{where}: {dotted}", value, opt, ConfigError)
 
 
 def _defaults(schema: dict = SCHEMA) -> dict:
@@ -324,7 +265,7 @@ def _merge(into: dict, given: dict, schema: dict, prefix: str, where: str,
         spec = schema[key]
         if isinstance(spec, dict):
             _merge(into[key], value, spec, f"{dotted}.", where, explicit)
-        elif spec.kind == "deepspeed":
+        elif spec.kind == "object":
             if not isinstance(value, (str, dict)):
                 raise ConfigError(f"{where}: deepspeed must be a ds_config JSON path or an "
                                   f"inline mapping, got {value!r}")
@@ -356,9 +297,6 @@ def _resolve_deepspeed(value: str | dict, base: Path, where: str) -> dict:
     return data
 
 
-_NULL = ("null", "none", "~")
-
-
 def _parse_text(text: str) -> Any:
     """A --set value without a schema (inside the ds_config): JSON / YAML scalars, lists and
     mappings; numbers such as 1e-3 as numbers; anything else a string."""
@@ -381,42 +319,7 @@ def _parse_text(text: str) -> Any:
 
 
 def _parse_set_value(text: str, opt: Opt, dotted: str) -> Any:
-    where = "--set"
-    stripped = text.strip()
-    if stripped.lower() in _NULL and opt.kind != "str":
-        return _check_value(dotted, None, opt, where)
-    if opt.kind == "str":
-        if opt.nullable and stripped.lower() in _NULL:
-            return None
-        return _check_value(dotted, text.replace("\\n", "\n").replace("\\t", "\t"), opt,
-                            where)
-    if opt.kind == "int":
-        try:
-            value: Any = int(stripped)
-        except ValueError:
-            raise ConfigError(f"--set {dotted}={text}: {dotted} must be "
-                              f"{_describe('int', opt.nullable)}, got {text!r}") from None
-    elif opt.kind == "float":
-        try:
-            value = float(stripped)
-        except ValueError:
-            raise ConfigError(f"--set {dotted}={text}: {dotted} must be "
-                              f"{_describe('float', opt.nullable)}, got {text!r}") from None
-    elif opt.kind == "bool":
-        words = {"true": True, "yes": True, "on": True, "1": True,
-                 "false": False, "no": False, "off": False, "0": False}
-        if stripped.lower() not in words:
-            raise ConfigError(f"--set {dotted}={text}: {dotted} must be true or false, got "
-                              f"{text!r}")
-        value = words[stripped.lower()]
-    else:  # ints: [1, 2], 1,2 or a single number
-        body = stripped.strip("[]").strip()
-        try:
-            value = [int(v) for v in body.split(",") if v.strip()] if body else []
-        except ValueError:
-            raise ConfigError(f"--set {dotted}={text}: {dotted} must be a list of integers "
-                              f"such as [1] or 1,3, got {text!r}") from None
-    return _check_value(dotted, value, opt, where)
+    return parse_text(f"--set {dotted}", text, opt, ConfigError)
 
 
 def _apply_set(cfg: RunConfig, item: str) -> None:
