@@ -71,6 +71,9 @@ def _step_fn(model: ReducedSyncGPT, x: torch.Tensor, y: torch.Tensor, mode: str)
         loss.backward()
         model.sync_partial_grads_()
         opt.step()
+        # a step's counts start at zero, as a training loop's do: torch.compile guards on
+        # the counter's values, and counts that kept growing would recompile every step
+        step.counts = model.sync_counter.step()
 
     return step
 
@@ -91,9 +94,9 @@ def _rank(rank: int, world: int, cfg: TPBenchConfig) -> list[dict]:
                     mc, DistributedComm(backend=backend), seed=0)
         steps = {k: _step_fn(m, x, y, k[1]) for k, m in comm_models.items()}
         counts = {}
-        for k, m in comm_models.items():
+        for k in comm_models:
             steps[k]()  # compiles a compiled one
-            counts[k] = m.sync_counter.step()
+            counts[k] = steps[k].counts
 
         def agree(n: int) -> int:
             t = torch.tensor([n])

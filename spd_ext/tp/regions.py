@@ -10,7 +10,10 @@ all-reduce. Backward: identity (the gradient of a sum reaches every shard unchan
 Both count their all-reduce on the communicator's SyncCounter as it happens. A compiled
 backward cannot count (it runs no Python): under torch.compile the backward all-reduce of
 a copy-to-region is counted when the region opens, where the forward makes it certain
-(the input needs its gradient).
+(the input needs its gradient). The compiled graph is guarded on the counter's values as
+they were when it was traced (zero: a step's counts start there), so a loop under
+torch.compile ends each step with ``model.sync_counter.step()``, as spd_ext's loops do;
+counts left to grow recompile every step.
 """
 
 from __future__ import annotations
