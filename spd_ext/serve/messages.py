@@ -61,27 +61,26 @@ class Done:
 
 
 @dataclass(frozen=True)
-class Refused:
+class _Failed:
+    """A request that ended without its tokens, and why."""
+
+    request: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Refused(_Failed):
     """The rank refused the request's arguments (a 400)."""
 
-    request: int
-    message: str
-
 
 @dataclass(frozen=True)
-class Fault:
+class Fault(_Failed):
     """The request failed on a rank (a 500); the ranks go on serving."""
 
-    request: int
-    message: str
-
 
 @dataclass(frozen=True)
-class RanksFailed:
+class RanksFailed(_Failed):
     """The front end's own: a rank has failed, so has every request (a 503)."""
-
-    request: int
-    message: str
 
 
 #: the messages after which a request gets no more
