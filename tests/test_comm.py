@@ -460,7 +460,7 @@ def _ipc_buffer_ranks(rank: int, world: int) -> list[str]:
 def test_ipc_buffer_without_cuda_says_why() -> None:
     for messages in spawn(_ipc_buffer_ranks, 2, timeout=120):
         assert messages[0].startswith("TypeError: ipc_buffer supports"), messages[0]
-        assert messages[1].startswith("ValueError: ipc_buffer: negative"), messages[1]
+        assert messages[1].startswith("UsageError: ipc_buffer: negative"), messages[1]
         assert messages[2].startswith("RuntimeError: spd_ext.comm.ipc_buffer: this group has "
                                       "no CUDA IPC path (torch.distributed ("), messages[2]
         assert "ipc_allreduce op is unavailable" in messages[2], messages[2]
