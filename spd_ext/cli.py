@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spd_ext.comm.names import SPD_EXT, TP_BACKENDS
+from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
 from spd_ext.errors import UsageError
 from spd_ext.utils.files import write_json
 

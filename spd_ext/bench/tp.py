@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.bench.timing import measure
-from spd_ext.comm.names import TP_BACKENDS, renamed_backend_hint
+from spd_ext.comm.backend import TP_BACKENDS, renamed_backend_hint
 from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT

@@ -46,8 +46,8 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_ext.comm import all_reduce
+from spd_ext.comm.backend import SPD_EXT
 from spd_ext.comm.buckets import copy_back, flatten
-from spd_ext.comm.names import SPD_EXT
 from spd_ext.deepspeed.checkpoint import guard_checkpoint_loads
 from spd_ext.deepspeed.config import SpdExtConfig
 from spd_ext.dp.aggregator import SignalWeightedAggregator, WeightError

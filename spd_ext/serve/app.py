@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from spd_ext.comm.names import SPD_EXT
+from spd_ext.comm.backend import SPD_EXT
 from spd_ext.errors import UsageError
 from spd_ext.launch import RankError, spawn
 from spd_ext.serve.messages import (

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from spd_ext.comm.names import SPD_EXT, TP_BACKENDS
+from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
 from spd_ext.errors import UsageError
 from spd_ext.parallel_dims import LayoutNames, ParallelDims
 from spd_ext.utils.options import Opt, check, closest, parse_text
