@@ -108,8 +108,10 @@ def test_bench_ddp_hook_on_two_ranks(capsys) -> None:
     assert "weighted-sync" in out and "x DDP default hook" in out
     assert main(["bench", "ddp-hook", "--variants", "weighted,allgather"]) == 2
     assert "unknown variant(s) ['allgather']" in capsys.readouterr().err
-    assert main(["bench", "ddp-hook", "--bucket-mb", "0"]) == 2
-    assert "--bucket-mb must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # refused by the flag's declared bounds
+        main(["bench", "ddp-hook", "--bucket-mb", "0"])
+    assert info.value.code == 2
+    assert "argument --bucket-mb: must be a number > 0, got '0'" in capsys.readouterr().err
 
 
 def test_tp_syncs_command(capsys) -> None:
@@ -304,7 +306,7 @@ def test_a_defect_keeps_its_traceback(monkeypatch, capsys) -> None:
     """Only a UsageError (a mistake in what was asked) becomes one line and exit 2; a
     ValueError or KeyError from inside spd_ext is a defect and must not be disguised as the
     user's mistake."""
-    import spd_ext.cli
+    import spd_ext.cli.maintenance
     from spd_ext.errors import UsageError
 
     for defect in (KeyError("n_layer"), ValueError("math domain error"),
@@ -312,14 +314,14 @@ def test_a_defect_keeps_its_traceback(monkeypatch, capsys) -> None:
         def broken(args, defect=defect):
             raise defect
 
-        monkeypatch.setattr(spd_ext.cli, "_clean", broken)
+        monkeypatch.setattr(spd_ext.cli.maintenance, "clean", broken)
         with pytest.raises(type(defect)):
             main(["clean"])
 
     def mistake(args):
         raise UsageError("--foo 3 is too many; pass at most 2")
 
-    monkeypatch.setattr(spd_ext.cli, "_clean", mistake)
+    monkeypatch.setattr(spd_ext.cli.maintenance, "clean", mistake)
     assert main(["clean"]) == 2
     assert capsys.readouterr().err == "spd-ext: error: --foo 3 is too many; pass at most 2\n"
 

@@ -105,7 +105,7 @@ def test_a_temperature_that_is_zero_in_float32_is_greedy() -> None:
     generate and train's sample alike."""
     from spd_ext.data.tokenizers import CharTokenizer
     from spd_ext.tp.generation import sample_next
-    from spd_ext.train.run import generate as train_sample
+    from spd_ext.train.outputs import generate as train_sample
 
     logits = torch.randn(3, 61, generator=torch.Generator().manual_seed(0))
     for t in (1e-300, 1e-46, 1e-39):  # 1e-39 is a float32 subnormal: greedy too

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "spd_ext"
 
 LAYERS: dict[str, int] = {
-    "errors": 0,
+    "errors": 0, "backend_names": 0,
     "utils": 1, "__init__": 1,
     "ops": 2,
     "comm": 3,

@@ -24,6 +24,7 @@ import torch
 from spd_ext.data.tokenizers import CharTokenizer
 from spd_ext.launch import free_port
 from spd_ext.serve.messages import Done, Ready
+from spd_ext.serve.options import ServeOptions
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 
 pytest.importorskip("aiohttp")
@@ -491,7 +492,7 @@ def test_stopping_with_ranks_gone_exits_1_within_the_grace(tmp_path, monkeypatch
     monkeypatch.setattr(app, "RankJob", silent_job([running.pid, gone.pid]))
 
     async def stop_it() -> tuple[int, float, dict]:
-        server = app.CompletionServer(source, fail_grace_s=0.5)
+        server = app.CompletionServer(source, ServeOptions(fail_grace_s=0.5))
         server.start_ranks()
         while server.state != "ready":
             await asyncio.sleep(0.01)
@@ -527,7 +528,7 @@ def test_metrics_count_bad_requests_and_a_full_queue_apart(tmp_path, monkeypatch
     monkeypatch.setattr(app, "RankJob", silent_job([]))
 
     async def scenario() -> tuple[dict, list[int], dict]:
-        server = app.CompletionServer(source, max_queue=1)
+        server = app.CompletionServer(source, ServeOptions(max_queue=1))
         server.start_ranks()
         while server.state != "ready":
             await asyncio.sleep(0.01)

@@ -12,11 +12,11 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from spd_ext.bench.config import ALLREDUCE_CUDA_ONLY, AllReduceConfig
 from spd_ext.bench.deepspeed_comm import init_deepspeed_comm
 from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
 from spd_ext.comm import all_reduce
@@ -25,34 +25,7 @@ from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
 
-IMPLS = ("gloo", "deepspeed", "spd_ext", "spd_ext-weighted", "spd_ext-registered", "spd_ext-graph")
-CUDA_ONLY = ("spd_ext-registered", "spd_ext-graph")
-DEFAULT_IMPLS = ("gloo", "deepspeed", "spd_ext", "spd_ext-weighted")
 GRAPH_CALLS = 20
-
-
-@dataclass
-class AllReduceConfig:
-    nproc: int = 2
-    dtypes: str = "fp32,bf16"
-    sizes: str = "4K..64M"
-    impls: str = ",".join(DEFAULT_IMPLS)
-    warmup: int = 5
-    repeats: int = 7
-    target_ms: float = 20.0
-    threads_per_rank: int | None = None
-    bind_cores: bool = True
-    device: str = "cpu"  # cuda: every rank on GPU 0 (CUDA IPC across processes)
-    gap_us: float = 0.0  # busy compute before every call (subtracted from its time)
-    timeout: float = 1800.0
-    extra: dict = field(default_factory=dict)
-
-    def impl_list(self) -> list[str]:
-        names = [s.strip() for s in self.impls.split(",") if s.strip()]
-        bad = [n for n in names if n not in IMPLS]
-        if bad or not names:
-            raise UsageError(f"unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
-        return names
 
 
 def _deepspeed_all_reduce():
@@ -119,7 +92,7 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
         impls = [i for i in impls if i != "deepspeed"]  # its shm op is CPU-only
         notes["deepspeed"] = "CPU-only op, not timed on cuda"
     else:
-        impls = [i for i in impls if i not in CUDA_ONLY]
+        impls = [i for i in impls if i not in ALLREDUCE_CUDA_ONLY]
     if "deepspeed" in impls:
         ds_run, why = _deepspeed_all_reduce()
         if ds_run is None:
@@ -129,7 +102,7 @@ def _rank_bench(rank: int, world: int, cfg: AllReduceConfig) -> dict:
     shm = shm_group() if cfg.device == "cpu" else None
     weights = torch.softmax(torch.arange(world, dtype=torch.float32), 0)
     registered = None
-    if any(i in CUDA_ONLY for i in impls):
+    if any(i in ALLREDUCE_CUDA_ONLY for i in impls):
         from spd_ext.comm import cuda_ipc
 
         ipc = cuda_ipc.ipc_group()
@@ -204,8 +177,8 @@ def run(cfg: AllReduceConfig) -> dict:
         raise UsageError("--gap-us times CPU calls (a CUDA call returns before it is done, "
                          "so the gap would hide it); leave it out with --device cuda")
     check_device(cfg.device)
-    if cfg.device != "cuda" and any(i in CUDA_ONLY for i in impls):
-        raise UsageError(f"{', '.join(CUDA_ONLY)} time CUDA IPC paths; use them with "
+    if cfg.device != "cuda" and any(i in ALLREDUCE_CUDA_ONLY for i in impls):
+        raise UsageError(f"{', '.join(ALLREDUCE_CUDA_ONLY)} time CUDA IPC paths; use them with "
                          "--device cuda")
     parse_sizes(cfg.sizes)
     parse_dtypes(cfg.dtypes)
@@ -258,3 +231,8 @@ def describe_run(result: dict, cfg: AllReduceConfig) -> str:
     lines.append("time per call: median of repeats, slowest rank; busbw = bytes/time * "
                  "2(n-1)/n")
     return "\n".join(lines)
+
+
+def report(cfg: AllReduceConfig, rows: dict, markdown: bool = False) -> str:
+    """What `spd-ext bench` prints: the setup, then the table."""
+    return describe_run(rows, cfg) + "\n" + table(rows, cfg, markdown)

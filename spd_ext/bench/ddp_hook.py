@@ -16,32 +16,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Collection
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
-from spd_ext.bench.training_step import TrainingStepBenchConfig
-from spd_ext.errors import UsageError
+from spd_ext.bench.config import DDPHookBenchConfig
+from spd_ext.bench.training_step import dense_model, fixed_batch
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table
-
-VARIANTS = ("default", "weighted", "weighted-sync")
-
-
-@dataclass
-class DDPHookBenchConfig(TrainingStepBenchConfig):
-    bucket_mb: float = 4.0
-    steps: int = 15
-
-    KNOWN_VARIANTS: ClassVar[Collection[str]] = VARIANTS
-
-    def check(self) -> None:
-        super().check()
-        if self.bucket_mb <= 0:
-            raise UsageError(f"--bucket-mb must be positive, got {self.bucket_mb}")
 
 
 def _waiting_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP checks no annotations here
@@ -59,10 +41,10 @@ def _rank(rank: int, world: int, cfg: DDPHookBenchConfig) -> list[dict]:
 
     from spd_ext.dp import SignalWeightedAggregator, SignalWeightingState, signal_weighted_hook
 
-    x, y = cfg.batch(rank)
+    x, y = fixed_batch(cfg, rank)
     runs = {}
     for variant in cfg.variant_list():
-        model = cfg.model()
+        model = dense_model(cfg)
         ddp = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_mb)
         state = None
         if variant != "default":
@@ -116,3 +98,8 @@ def describe_run(cfg: DDPHookBenchConfig, rows: list[dict]) -> str:
     return (f"DistributedDataParallel step (forward, backward, SGD) on "
             f"{cfg.describe_ranks_and_model(rows)} in {cfg.bucket_mb:g} MB buckets), "
             f"{cfg.describe_timing()}")
+
+
+def report(cfg: DDPHookBenchConfig, rows: list[dict], markdown: bool = False) -> str:
+    """What `spd-ext bench` prints: the setup, then the table."""
+    return describe_run(cfg, rows) + "\n" + table(rows, markdown)

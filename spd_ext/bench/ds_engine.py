@@ -12,65 +12,30 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Collection
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
+from spd_ext.bench.config import DEEPSPEED_VARIANTS, DeepSpeedBenchConfig
 from spd_ext.bench.deepspeed_comm import init_deepspeed_comm
-from spd_ext.bench.training_step import TrainingStepBenchConfig
-from spd_ext.errors import UsageError
+from spd_ext.bench.training_step import dense_model, fixed_batch
 from spd_ext.launch import spawn
 from spd_ext.utils.table import format_table
-
-VARIANTS = {  # name -> the "spd_ext" section
-    "deepspeed": {},
-    "deepspeed-weighted": {"signal_weighting": {"warmup_steps": 0}},
-    "spd_ext": {"comm": {"backend": "spd_ext"}},
-    "spd_ext-weighted": {"signal_weighting": {"warmup_steps": 0},
-                         "comm": {"backend": "spd_ext"}},
-}
-
-
-@dataclass
-class DeepSpeedBenchConfig(TrainingStepBenchConfig):
-    stage: int = 0  # ZeRO stage
-
-    KNOWN_VARIANTS: ClassVar[Collection[str]] = tuple(VARIANTS)
-
-    def variant_list(self) -> list[str]:
-        if self.stage == 0 or self.variants.strip():
-            names = super().variant_list()
-        else:  # spd_ext's fused reduction replaces DeepSpeed's at stage 0 only
-            names = [v for v in self.KNOWN_VARIANTS if not VARIANTS[v].get("comm")]
-        fused = [v for v in names if VARIANTS[v].get("comm")]
-        if fused and self.stage != 0:
-            raise UsageError(f"variant(s) {fused} need --stage 0: spd_ext's fused all-reduce "
-                             "replaces DeepSpeed's reduction at ZeRO stage 0 only; use "
-                             "--variants deepspeed,deepspeed-weighted")
-        return names
-
-    def check(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise UsageError(f"--stage must be 0, 1, 2 or 3, got {self.stage}")
-        super().check()
 
 
 def _rank(rank: int, world: int, cfg: DeepSpeedBenchConfig) -> list[dict]:
     import spd_ext.deepspeed as sd
 
     init_deepspeed_comm()  # before the models are built: a failure there leaves no segment
-    x, y = cfg.batch(rank)
+    x, y = fixed_batch(cfg, rank)
     engines = {}
     for variant in cfg.variant_list():
-        model = cfg.model()
+        model = dense_model(cfg)
         ds_config = {"train_batch_size": cfg.batch_size * world,
                      "train_micro_batch_size_per_gpu": cfg.batch_size,
                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
                      "zero_optimization": {"stage": cfg.stage}, "steps_per_print": 1_000_000,
-                     "spd_ext": VARIANTS[variant]}
+                     "spd_ext": DEEPSPEED_VARIANTS[variant]}
         engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
                                    config=ds_config)
         engine.spd_ext.barrier_before_reduce = True
@@ -130,3 +95,8 @@ def describe_run(cfg: DeepSpeedBenchConfig, rows: list[dict]) -> str:
             f"{cfg.describe_ranks_and_model(rows)}), "
             f"{cfg.describe_timing()}; deepspeed = DeepSpeed's reduction (gloo), spd_ext = "
             "spd_ext's fused all-reduce; weighted = signal weights (loss_ema, softmax)")
+
+
+def report(cfg: DeepSpeedBenchConfig, rows: list[dict], markdown: bool = False) -> str:
+    """What `spd-ext bench` prints: the setup, then the table."""
+    return describe_run(cfg, rows) + "\n" + table(rows, markdown)

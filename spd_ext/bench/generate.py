@@ -12,72 +12,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from spd_ext.bench.tp import parse_backends, split_patterns
-from spd_ext.errors import UsageError
+from spd_ext.bench.config import GenerateBenchConfig
 from spd_ext.launch import spawn
-from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
+from spd_ext.tp import DistributedComm, ReducedSyncGPT
 from spd_ext.utils.table import format_table
-
-DEFAULT_PATTERNS = "tp*12;[tp,spd]*6;spd*12;[spd,parallel]*6;grouped:4;parallel*12"
-
-
-@dataclass
-class GenerateBenchConfig:
-    nproc: int = 2
-    patterns: str = DEFAULT_PATTERNS  # ';'-separated (patterns contain commas)
-    backends: str = "torch,spd_ext"
-    batch_sizes: str = "1,8"
-    n_layer: int = 12
-    n_head: int = 4
-    n_embd: int = 128
-    vocab_size: int = 50304
-    prompt_len: int = 32
-    new_tokens: int = 64
-    repeats: int = 5
-
-    def pattern_list(self) -> list[str]:
-        return split_patterns(self.patterns)
-
-    def backend_list(self) -> list[str]:
-        return parse_backends(self.backends)
-
-    def batch_list(self) -> list[int]:
-        try:
-            sizes = [int(b) for b in self.batch_sizes.split(",") if b.strip()]
-        except ValueError:
-            sizes = []
-        if not sizes or min(sizes) < 1:
-            raise UsageError(f"--batch-sizes must be a comma list of integers >= 1, got "
-                             f"{self.batch_sizes!r}")
-        return sizes
-
-    def check(self) -> None:
-        self.backend_list()
-        self.batch_list()
-        if self.nproc < 2:
-            raise UsageError(f"--nproc must be at least 2, got {self.nproc}")
-        for name, least in (("prompt_len", 1), ("new_tokens", 2), ("repeats", 1)):
-            if getattr(self, name) < least:  # new tokens: the first is the prefill's
-                raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got "
-                                 f"{getattr(self, name)}")
-        patterns = self.pattern_list()
-        for p in patterns:
-            self.model_config(p)
-        twice = sorted({p for p in patterns if patterns.count(p) > 1})
-        if twice:
-            raise UsageError(f"--patterns names {', '.join(twice)} more than once; each "
-                             "pattern is one row")
-
-    def model_config(self, pattern: str) -> GPTConfig:
-        return GPTConfig(block_size=self.prompt_len + self.new_tokens,
-                         vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
-                         n_embd=self.n_embd, dropout=0.0, pattern=pattern,
-                         tp_size=self.nproc)
 
 
 def _timed_steps(model: ReducedSyncGPT, prompt: torch.Tensor, cfg: GenerateBenchConfig,
@@ -146,3 +88,8 @@ def describe_run(cfg: GenerateBenchConfig) -> str:
             f"{cfg.n_embd}d/{cfg.n_head}h, vocabulary {cfg.vocab_size}; prompt "
             f"{cfg.prompt_len} tokens, {cfg.new_tokens} new, {cfg.repeats} repeats; backend "
             "torch = torch.distributed (gloo), spd_ext = spd_ext.comm; latency on the first rank")
+
+
+def report(cfg: GenerateBenchConfig, rows: list[dict], markdown: bool = False) -> str:
+    """What `spd-ext bench` prints: the setup, then the table."""
+    return describe_run(cfg) + "\n" + table(rows, markdown)

@@ -5,25 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
+from spd_ext.bench.config import QuantBenchConfig
 from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
 from spd_ext.ops.quantize import builder, cuda_builder, dequantize_blockwise, quantize_blockwise
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
-
-
-@dataclass
-class QuantBenchConfig:
-    sizes: str = "64K..64M"
-    dtypes: str = "fp32,bf16"
-    block_size: int = 256
-    device: str = "cpu"
-    warmup: int = 3
-    repeats: int = 7
-    target_ms: float = 50.0
 
 
 def run(cfg: QuantBenchConfig) -> list[dict]:
@@ -78,3 +67,8 @@ def describe_run(cfg: QuantBenchConfig) -> str:
             "GB/s counts the bytes read plus written (input + int8 values + fp32 scales); "
             "memcpy = dst.copy_(src) of the input; dequantize writes into a preallocated out, "
             "quantize allocates its int8 values and scales on every call")
+
+
+def report(cfg: QuantBenchConfig, rows: list[dict], markdown: bool = False) -> str:
+    """What `spd-ext bench` prints: the setup, then the table."""
+    return describe_run(cfg) + "\n" + table(rows, cfg.block_size, markdown)

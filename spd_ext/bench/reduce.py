@@ -5,38 +5,15 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
+from spd_ext.bench.config import ReduceConfig
 from spd_ext.bench.timing import check_device, device_timing, dtype_name, measure, parse_dtypes
-from spd_ext.errors import UsageError
 from spd_ext.ops import weighted_reduce
 from spd_ext.ops.weighted_reduce import builder, cuda_builder
 from spd_ext.utils.table import format_table, human_bytes, parse_sizes
-
-
-@dataclass
-class ReduceConfig:
-    inputs: str = "2,4,8"
-    sizes: str = "64K..64M"
-    dtypes: str = "fp32,bf16"
-    warmup: int = 3
-    repeats: int = 7
-    target_ms: float = 50.0
-    threads: int | None = None
-    device: str = "cpu"
-
-    def input_counts(self) -> list[int]:
-        try:
-            counts = [int(s) for s in self.inputs.split(",") if s.strip()]
-        except ValueError:
-            raise UsageError(f"--inputs must be a comma list of integers, got "
-                             f"{self.inputs!r}") from None
-        if not counts or min(counts) < 1:
-            raise UsageError(f"--inputs needs counts >= 1, got {self.inputs!r}")
-        return counts
 
 
 def _candidates(xs: list[torch.Tensor], w: list[float]) -> dict:
@@ -120,3 +97,8 @@ def describe_run(cfg: ReduceConfig) -> str:
             "stack = torch.stack(xs).mul_(w).sum(0); chain = torch.mul(x0, w0, out=out) then "
             "out.add_(x, alpha=w); GB/s counts (inputs + 1) x size bytes; memcpy = "
             "dst.copy_(src), 2 x size bytes")
+
+
+def report(cfg: ReduceConfig, rows: list[dict], markdown: bool = False) -> str:
+    """What `spd-ext bench` prints: the setup, then the table."""
+    return describe_run(cfg) + "\n" + table(rows, markdown)

@@ -4,61 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from spd_ext.bench.config import TPBenchConfig
 from spd_ext.bench.timing import measure
-from spd_ext.comm.backend import TP_BACKENDS, renamed_backend_hint
-from spd_ext.errors import UsageError
 from spd_ext.launch import spawn
 from spd_ext.tp import DistributedComm, GPTConfig, ReducedSyncGPT
 from spd_ext.utils.table import format_table
-
-DEFAULT_PATTERNS = "tp*12;[tp,spd]*6;spd*12;[spd,parallel]*6;grouped:4;ladder*12"
-
-
-@dataclass
-class TPBenchConfig:
-    nproc: int = 2
-    patterns: str = DEFAULT_PATTERNS  # ';'-separated (patterns contain commas)
-    backends: str = "torch,spd_ext"
-    n_layer: int = 12
-    n_head: int = 4
-    n_embd: int = 64
-    batch_size: int = 8
-    seq_len: int = 64
-    vocab_size: int = 65
-    warmup: int = 3
-    repeats: int = 7
-    target_ms: float = 200.0
-    compile: bool = False  # also time each pattern under torch.compile(fullgraph=True)
-
-    def modes(self) -> list[str]:
-        return ["eager", "compiled"] if self.compile else ["eager"]
-
-    def pattern_list(self) -> list[str]:
-        return split_patterns(self.patterns)
-
-    def backend_list(self) -> list[str]:
-        return parse_backends(self.backends)
-
-
-def split_patterns(spec: str) -> list[str]:
-    """``--patterns``: ';'-separated (patterns contain commas)."""
-    return [p.strip() for p in spec.split(";") if p.strip()]
-
-
-def parse_backends(spec: str) -> list[str]:
-    """``--backends``: a comma list of the tensor-parallel all-reduce backends."""
-    names = [b.strip() for b in spec.split(",") if b.strip()]
-    bad = [b for b in names if b not in TP_BACKENDS]
-    if bad or not names:
-        hint = "".join(renamed_backend_hint(b) for b in bad)
-        raise UsageError(f"unknown backend(s) {bad}{hint}; use torch (torch.distributed on "
-                         "the process group's backend) and/or spd_ext (spd_ext.comm)")
-    return names
 
 
 def _step_fn(model: ReducedSyncGPT, x: torch.Tensor, y: torch.Tensor, mode: str):
@@ -115,12 +69,7 @@ def _rank(rank: int, world: int, cfg: TPBenchConfig) -> list[dict]:
 
 
 def run(cfg: TPBenchConfig) -> list[dict]:
-    cfg.backend_list()
-    if cfg.nproc < 2:
-        raise UsageError(f"--nproc must be at least 2, got {cfg.nproc}")
-    for p in cfg.pattern_list():
-        GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, pattern=p,
-                  tp_size=cfg.nproc)
+    cfg.check()
     return spawn(_rank, cfg.nproc, cfg, timeout=3600, bind_cores=True)[0]
 
 
@@ -146,3 +95,8 @@ def describe_run(cfg: TPBenchConfig) -> str:
             f"{cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}h, batch {cfg.batch_size} x "
             f"{cfg.seq_len}; one all-reduce moves {cfg.batch_size * cfg.seq_len * cfg.n_embd * 4}"
             " bytes; backend torch = torch.distributed (gloo), spd_ext = spd_ext.comm")
+
+
+def report(cfg: TPBenchConfig, rows: list[dict], markdown: bool = False) -> str:
+    """What `spd-ext bench` prints: the setup, then the table."""
+    return describe_run(cfg) + "\n" + table(rows, markdown)

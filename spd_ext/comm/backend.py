@@ -9,7 +9,7 @@ the backend (:func:`~spd_ext.comm.all_reduce.backend_for`); the backend reduces 
 
 Where a setting chooses between spd_ext's collectives and another library's (tensor
 parallelism's ``backend``, DeepSpeed's ``comm.backend``, the benchmarks' rows), spd_ext's
-are named :data:`SPD_EXT`.
+are named :data:`spd_ext.backend_names.SPD_EXT`.
 """
 
 from __future__ import annotations
@@ -21,19 +21,6 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from spd_ext.comm.work import AllReduceWork
-
-#: The name of spd_ext's own collectives where a setting chooses between them and another
-#: library's ("spd" before 2026-11-23; "spd" names a block kind only).
-SPD_EXT = "spd_ext"
-
-#: The tensor-parallel all-reduces a setting chooses from (``DistributedComm(backend=)``,
-#: ``parallel.tp_backend``, ``spd-ext serve --backend``, the benchmarks' ``--backends``).
-TP_BACKENDS = (SPD_EXT, "torch")
-
-
-def renamed_backend_hint(name: object) -> str:
-    """A hint for the old name of :data:`SPD_EXT`, to append to an error message."""
-    return f" ('{name}' is now called '{SPD_EXT}')" if name == "spd" else ""
 
 
 @dataclass

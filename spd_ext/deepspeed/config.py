@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from spd_ext.comm.backend import SPD_EXT, renamed_backend_hint
+from spd_ext.backend_names import SPD_EXT, renamed_backend_hint
 from spd_ext.dp.signals import SIGNALS
 from spd_ext.dp.weights import WEIGHT_MAPS, check_floor
 from spd_ext.errors import UsageError

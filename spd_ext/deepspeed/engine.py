@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spd_ext.backend_names import SPD_EXT
 from spd_ext.comm import all_reduce
-from spd_ext.comm.backend import SPD_EXT
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.deepspeed.checkpoint import guard_checkpoint_loads
 from spd_ext.deepspeed.config import SpdExtConfig

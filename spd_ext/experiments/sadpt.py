@@ -8,63 +8,19 @@ from the same model and batches; validation data is clean.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 from spd_ext.data import Corruption, ShardedSampler, TokenDataset
 from spd_ext.dp import MeanAggregator, RobustAggregator, SignalWeightedAggregator
 from spd_ext.experiments.common import finished_runs, write_json
+from spd_ext.experiments.config import RunSpec, SADPTConfig
 from spd_ext.launch import spawn
-from spd_ext.tp import GPTConfig, ReducedSyncGPT
-from spd_ext.train import TrainConfig, Trainer
+from spd_ext.tp import ReducedSyncGPT
+from spd_ext.train import Trainer
 from spd_ext.utils.files import save_figure
 from spd_ext.utils.plot import pyplot
 from spd_ext.utils.table import format_table
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    name: str
-    nproc: int
-    corrupt_ranks: tuple[int, ...]
-    aggregation: str  # uniform | weighted | trimmed_mean | median | centered_clipping
-
-
-def default_runs() -> tuple[RunSpec, ...]:
-    return (
-        RunSpec("iid_uniform", 2, (), "uniform"),
-        RunSpec("iid_weighted", 2, (), "weighted"),
-        RunSpec("noniid_uniform", 2, (1,), "uniform"),
-        RunSpec("noniid_weighted", 2, (1,), "weighted"),
-        RunSpec("4rank_uniform", 4, (3,), "uniform"),
-        RunSpec("4rank_weighted", 4, (3,), "weighted"),
-        RunSpec("4rank_trimmed_mean", 4, (3,), "trimmed_mean"),
-        RunSpec("4rank_median", 4, (3,), "median"),
-        RunSpec("4rank_centered_clipping", 4, (3,), "centered_clipping"),
-    )
-
-
-@dataclass
-class SADPTConfig:
-    runs: tuple[RunSpec, ...] = field(default_factory=default_runs)
-    corruption: Corruption = field(default_factory=lambda: Corruption("token_swap", 0.3))
-    signal: str = "loss_ema"
-    weighting: str = "softmax"
-    temperature: float = 1.0
-    floor: float = 0.05
-    weight_ema: float = 0.0
-    warmup_steps: int = 20
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 96
-    block_size: int = 64
-    corpus: str = "tinyshakespeare"
-    seed: int = 1337
-    out_dir: str = "out/sadpt"
-    force: bool = False
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=500, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-        eval_interval=50, eval_batches=10, log_interval=50))
 
 
 def _aggregator(spec: RunSpec, cfg: SADPTConfig):
@@ -79,16 +35,14 @@ def _aggregator(spec: RunSpec, cfg: SADPTConfig):
 
 def _rank(rank: int, world: int, spec: RunSpec, cfg: SADPTConfig) -> dict:
     data = TokenDataset(cfg.corpus, "char")
-    sampler = ShardedSampler(data, rank, world, cfg.train.batch_size, cfg.block_size, cfg.seed,
-                             sharding="clean_vs_corrupt" if spec.corrupt_ranks else "iid",
+    corruption = Corruption(cfg.corruption, cfg.corruption_prob, seed=cfg.seed)
+    sampler = ShardedSampler(data, rank, world, cfg.train.batch_size, cfg.model.block_size,
+                             cfg.seed, sharding="clean_vs_corrupt" if spec.corrupt_ranks else "iid",
                              corrupt_ranks=spec.corrupt_ranks,
-                             corruption=cfg.corruption if spec.corrupt_ranks else None)
-    model = ReducedSyncGPT(GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size,
-                                     n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                     pattern=f"tp*{cfg.n_layer}", tp_size=1), seed=cfg.seed)
+                             corruption=corruption if spec.corrupt_ranks else None)
+    model = ReducedSyncGPT(replace(cfg.model, vocab_size=data.vocab_size), seed=cfg.seed)
     aggregator = _aggregator(spec, cfg)
-    train_cfg = TrainConfig(**{**asdict(cfg.train), "seed": cfg.seed,
-                               "out_dir": str(Path(cfg.out_dir) / spec.name)})
+    train_cfg = replace(cfg.train, seed=cfg.seed, out_dir=str(Path(cfg.out_dir) / spec.name))
     trainer = Trainer(model, sampler, train_cfg, hooks=aggregator, run_name=spec.name)
     result = trainer.train()
     history = getattr(aggregator, "history", [])

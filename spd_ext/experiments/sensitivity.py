@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 
 from spd_ext.data import TokenDataset
 from spd_ext.errors import MissingFileError, UsageError
+from spd_ext.experiments.config import SensitivityConfig
 from spd_ext.tp import GPTConfig, ReducedSyncGPT
 from spd_ext.utils.files import load_checkpoint
 from spd_ext.utils.table import format_table
-
-
-@dataclass
-class SensitivityConfig:
-    checkpoint: str | None = None  # a spd_ext training checkpoint (ckpt.pt)
-    hf: str | None = None  # or a local Hugging Face GPT-2 folder
-    corpus: str = "tinyshakespeare"
-    tp_size: int = 2
-    eval_batches: int = 20
-    batch_size: int = 16
-    block_size: int | None = None  # default: the model's
-    seed: int = 0
 
 
 def _load(cfg: SensitivityConfig) -> tuple[dict, GPTConfig, TokenDataset]:

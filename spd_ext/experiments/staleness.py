@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from spd_ext.comm.buckets import copy_back
 from spd_ext.data import ShardedSampler, TokenDataset
 from spd_ext.errors import UsageError
 from spd_ext.experiments.common import finished_runs, write_json
+from spd_ext.experiments.config import StalenessConfig, TaskSpec
 from spd_ext.launch import spawn
 from spd_ext.staleness import (
     ParameterServer,
@@ -40,48 +40,6 @@ from spd_ext.train.tasks import XORTask
 from spd_ext.utils.files import atomic_path
 from spd_ext.utils.plot import pyplot
 from spd_ext.utils.table import format_table
-
-DEFAULT_MODES = ("ssgd", "delayed:2", "local_sgd:8", "diloco:8", "ssp:2", "asgd", "syncps")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    steps: int
-    optimizer: str  # sgd | adamw
-    lr: float
-    target: float  # loss counted as "reached"
-    base_delay: float  # seconds of simulated compute per step
-    eval_every: int  # steps
-
-
-TASKS = {
-    "xor": TaskSpec("xor", steps=1000, optimizer="sgd", lr=0.5, target=0.40, base_delay=0.01,
-                    eval_every=20),
-    "gpt": TaskSpec("gpt", steps=200, optimizer="adamw", lr=3e-3, target=2.6, base_delay=0.02,
-                    eval_every=20),
-}
-
-
-@dataclass
-class StalenessConfig:
-    modes: tuple[str, ...] = DEFAULT_MODES
-    tasks: tuple[str, ...] = ("xor", "gpt")
-    stragglers: tuple[bool, ...] = (False, True)
-    nproc: int = 4
-    straggler_factor: float = 5.0
-    straggler_every: int = 10
-    corpus: str = "tinyshakespeare"
-    seed: int = 1337
-    out_dir: str = "out/staleness"
-    force: bool = False
-    task_overrides: dict = field(default_factory=dict)  # name -> {field: value}
-
-    def task(self, name: str) -> TaskSpec:
-        if name not in TASKS:
-            raise UsageError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
-        base = TASKS[name]
-        return TaskSpec(**{**base.__dict__, **self.task_overrides.get(name, {})})
 
 
 class _Task:

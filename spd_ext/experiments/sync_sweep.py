@@ -9,38 +9,16 @@ against the sync count the library measured, and plots it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 from spd_ext.data import TokenDataset
 from spd_ext.experiments.common import finished_runs, write_json
-from spd_ext.tp import GPTConfig, ReducedSyncGPT
-from spd_ext.train import TrainConfig, Trainer
+from spd_ext.experiments.config import SyncSweepConfig
+from spd_ext.tp import ReducedSyncGPT
+from spd_ext.train import Trainer
 from spd_ext.utils.plot import pyplot
 from spd_ext.utils.table import format_table
-
-# The GPT-2 124M patterns (configs/tp), scaled down by width only.
-DEFAULT_PATTERNS = ("tp*12", "[tp,spd]*6", "[tp,spd,spd]*4", "spd*12", "[spd,parallel]*6",
-                    "[spd,parallel,parallel]*4", "grouped:2", "grouped:3", "grouped:4",
-                    "grouped:6")
-
-
-@dataclass
-class SyncSweepConfig:
-    patterns: tuple[str, ...] = DEFAULT_PATTERNS
-    n_layer: int = 12
-    n_head: int = 4
-    n_embd: int = 64
-    block_size: int = 128
-    tp_size: int = 2
-    dropout: float = 0.0
-    corpus: str = "tinyshakespeare"
-    seed: int = 1337
-    out_dir: str = "out/sync-sweep"
-    force: bool = False
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=800, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-        eval_interval=200, eval_batches=20, log_interval=50))
 
 
 def run_name(pattern: str) -> str:
@@ -57,14 +35,11 @@ def run(cfg: SyncSweepConfig) -> list[dict]:
         if pattern in done:
             print(f"[sync-sweep] {pattern}: already in {results_path}, skipped (--force reruns)")
             continue
-        model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                              dropout=cfg.dropout, pattern=pattern, tp_size=cfg.tp_size)
+        model_cfg = replace(cfg.model, vocab_size=data.vocab_size, pattern=pattern)
         model = ReducedSyncGPT(model_cfg, seed=cfg.seed)
-        train_cfg = TrainConfig(**{**asdict(cfg.train), "seed": cfg.seed,
-                                   "out_dir": str(out / run_name(pattern))})
+        train_cfg = replace(cfg.train, seed=cfg.seed, out_dir=str(out / run_name(pattern)))
         name = f"{i + 1}/{len(cfg.patterns)} {pattern}"
-        trainer = Trainer(model, data.sampler(train_cfg.batch_size, cfg.block_size, cfg.seed),
+        trainer = Trainer(model, data.sampler(train_cfg.batch_size, model_cfg.block_size, cfg.seed),
                           train_cfg, run_name=name,
                           checkpoint_extra={"model_config": model_cfg.to_dict(),
                                             "tokenizer": data.tokenizer.state()})
@@ -108,7 +83,8 @@ def plot(rows: list[dict], path: Path, cfg: SyncSweepConfig) -> None:
         curves.plot(steps, losses, marker="o", label=f"{r['pattern']} ({r['syncs_fwd']})")
     ax.set_xlabel("tensor-parallel syncs per forward pass (measured)")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"char GPT {cfg.n_layer}L/{cfg.n_embd}d, T={cfg.tp_size} emulated, "
+    shape = cfg.model
+    ax.set_title(f"char GPT {shape.n_layer}L/{shape.n_embd}d, T={shape.tp_size} emulated, "
                  f"{rows[0]['steps']} steps")
     curves.set_xlabel("step")
     curves.set_ylabel("validation loss")

@@ -28,7 +28,6 @@ from typing import Any
 
 from aiohttp import web
 
-from spd_ext.comm.backend import SPD_EXT
 from spd_ext.errors import UsageError
 from spd_ext.launch import RankError, spawn
 from spd_ext.serve.messages import (
@@ -44,6 +43,7 @@ from spd_ext.serve.messages import (
     Token,
 )
 from spd_ext.serve.model_source import ModelSource
+from spd_ext.serve.options import ServeOptions
 from spd_ext.serve.ranks import keepalive_interval, serve_rank
 from spd_ext.tp.generation import new_tokens_that_fit
 
@@ -60,10 +60,6 @@ NEUTRAL: dict[str, tuple] = {"n": (1,), "best_of": (1,), "echo": (False,), "logp
                              "logit_bias": ({},)}
 MAX_TEMPERATURE = 100.0
 DEFAULT_MAX_TOKENS = 64
-# The ranks' process-group timeout by default: a collective that waits this long means a
-# rank stopped answering. An idle server's ranks never wait that long (the first rank's
-# keepalives); the job itself has no deadline.
-RANK_TIMEOUT_S = 300.0
 # How often the front end looks at the rank processes itself, and how long a rank may be
 # gone before it acts without the launcher's report (which comes within a second of a
 # crash, and within seconds of a clean stop: spawn joins each rank for up to 5 s).
@@ -221,7 +217,7 @@ class RankJob:
 
     def __init__(self, source: ModelSource, nproc: int, backend: str, vocab_size: int,
                  loop: asyncio.AbstractEventLoop, on_message: Any, on_exit: Any,
-                 rank_timeout_s: float = RANK_TIMEOUT_S) -> None:
+                 rank_timeout_s: float) -> None:
         self.loop, self.on_message, self.on_exit = loop, on_message, on_exit
         self.rank_timeout_s = rank_timeout_s
         self.conn, self.child = mp.get_context("spawn").Pipe()
@@ -284,16 +280,16 @@ class RankJob:
 
 
 class CompletionServer:
-    def __init__(self, source: ModelSource, backend: str = SPD_EXT, max_queue: int = 64,
-                 fail_grace_s: float = 3.0, rank_timeout_s: float = RANK_TIMEOUT_S) -> None:
-        self.rank_timeout_s = rank_timeout_s
-        self.source, self.backend = source, backend
+    def __init__(self, source: ModelSource, options: ServeOptions | None = None) -> None:
+        options = options or ServeOptions()
+        self.rank_timeout_s = options.rank_timeout_s
+        self.source, self.backend = source, options.backend
         self.nproc = source.config.tp_size  # one rank per shard
         self.tokenizer = source.load_tokenizer()
         self.vocab = min(source.config.vocab_size, self.tokenizer.vocab_size)
         self.context = source.config.block_size
         self.model_name = source.path  # what OpenAI's "model" fields say
-        self.max_queue, self.fail_grace_s = max_queue, fail_grace_s
+        self.max_queue, self.fail_grace_s = options.max_queue, options.fail_grace_s
         self.state, self.failure, self.info = "loading", "", {}
         self.streams: dict[int, asyncio.Queue] = {}
         self.cancelled: set[int] = set()  # requests of self.streams cancelled already
@@ -703,10 +699,8 @@ async def _serve(server: CompletionServer, host: str, port: int) -> int:
     return server.exit_code
 
 
-def run_server(source: ModelSource, host: str = "127.0.0.1", port: int = 5050,
-               backend: str = SPD_EXT, max_queue: int = 64, fail_grace_s: float = 3.0,
-               rank_timeout_s: float = RANK_TIMEOUT_S) -> int:
+def run_server(source: ModelSource, options: ServeOptions) -> int:
     """Serve until SIGINT/SIGTERM (exit 0), or a rank fails, a rank is found gone when
-    stopping, or a second signal stops at once (exit 1, after ``fail_grace_s``)."""
-    server = CompletionServer(source, backend, max_queue, fail_grace_s, rank_timeout_s)
-    return asyncio.run(_serve(server, host, port))
+    stopping, or a second signal stops at once (exit 1, after ``options.fail_grace_s``)."""
+    server = CompletionServer(source, options)
+    return asyncio.run(_serve(server, options.host, options.port))

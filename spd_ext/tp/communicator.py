@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS, renamed_backend_hint
+from spd_ext.backend_names import SPD_EXT, TP_BACKENDS, renamed_backend_hint
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.comm.library import group_key
 from spd_ext.errors import UsageError

@@ -16,7 +16,8 @@ import torch
 
 from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.tp.communicator import TensorParallelComm
-from spd_ext.tp.model import GPTConfig, ReducedSyncGPT
+from spd_ext.tp.config import GPTConfig
+from spd_ext.tp.model import ReducedSyncGPT
 from spd_ext.tp.patterns import parse_pattern
 
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older versions

@@ -10,7 +10,6 @@ exactly GPT-2 (Hugging Face's included, see spd_ext.tp.convert).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,6 +19,7 @@ from torch import nn
 from spd_ext.errors import UsageError
 from spd_ext.tp.blocks import BLOCKS
 from spd_ext.tp.communicator import DistributedComm, EmulatedComm, TensorParallelComm
+from spd_ext.tp.config import GPTConfig
 from spd_ext.tp.generation import DecodeStep, generate_steps
 from spd_ext.tp.kv_cache import KVCache, LayerKVCache
 from spd_ext.tp.layers import gpt2_init_std
@@ -31,37 +31,6 @@ from spd_ext.tp.sharding import (
     tensor_parallel_layout,
 )
 from spd_ext.tp.stream import ResidualStream
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-    pattern: str = "tp*12"
-    tp_size: int = 1  # one shard unless asked: a single-process model is the whole model
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tp_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        parse_pattern(self.pattern, self.n_layer)  # fail early, naming the bad token
-        for name in ("n_head", "n_embd"):
-            if getattr(self, name) % self.tp_size != 0:
-                raise UsageError(f"{name} ({getattr(self, name)}) must be divisible by "
-                                 f"tp_size ({self.tp_size})")
-        if self.n_embd % self.n_head != 0:
-            raise UsageError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ReducedSyncGPT(nn.Module):

@@ -8,7 +8,8 @@ from spd_ext.utils.lazy import lazy_exports
 _EXPORTS = {"TrainerHooks": "spd_ext.hooks", "RunLog": "spd_ext.utils.run_log",
             **dict.fromkeys(["ConfigError", "RunConfig", "RunPlan", "check_environment",
                              "load_config", "plan_run"], "spd_ext.train.config"),
-            **dict.fromkeys(["TrainConfig", "TrainResult", "Trainer", "lr_at",
+            "TrainConfig": "spd_ext.train.trainer_config",
+            **dict.fromkeys(["TrainResult", "Trainer", "lr_at",
                              "make_optimizer"], "spd_ext.train.trainer")}
 
 __all__ = sorted(_EXPORTS)

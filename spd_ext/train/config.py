@@ -25,9 +25,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from spd_ext.comm.backend import SPD_EXT, TP_BACKENDS
+from spd_ext.backend_names import SPD_EXT, TP_BACKENDS
 from spd_ext.errors import UsageError
 from spd_ext.parallel_dims import LayoutNames, ParallelDims
+from spd_ext.train.trainer_config import shared_options
 from spd_ext.utils.options import Opt, check, closest, parse_text
 
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 (nanoGPT)
@@ -78,26 +79,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "steps": Opt(1000, "int", "optimizer steps to run (max_iters)", low=1),
         "micro_batch": Opt(16, "int", "sequences per rank per micro-batch", low=1),
         "grad_accum": Opt(1, "int", "micro-batches per optimizer step", low=1),
-        "lr": Opt(1e-3, "float", "peak learning rate", low=0.0),
-        "min_lr": Opt(1e-4, "float", "learning rate at the end of the decay", low=0.0),
-        "warmup_steps": Opt(100, "int", "linear warm-up steps", low=0),
+        **shared_options("lr", "min_lr", "warmup_steps"),
         "lr_decay_steps": Opt(None, "int", "steps of the cosine decay (default: steps)",
                               nullable=True, low=1),
         "schedule": Opt("cosine", "str", "cosine (after warm-up) or constant",
                         choices=("cosine", "constant")),
-        "weight_decay": Opt(0.1, "float", "AdamW weight decay (matrices and embeddings)",
-                            low=0.0),
-        "beta1": Opt(0.9, "float", "AdamW beta1", low=0.0),
-        "beta2": Opt(0.99, "float", "AdamW beta2", low=0.0),
-        "grad_clip": Opt(1.0, "float", "gradient-norm clipping (0: off)", low=0.0),
-        "eval_interval": Opt(250, "int", "steps between validation passes (0: at the end only)",
-                             low=0),
-        "eval_batches": Opt(20, "int", "validation batches per pass", low=1),
-        "log_interval": Opt(10, "int", "steps between progress lines and log records (the "
-                            "loss leaves the device only then)", low=1),
-        "checkpoint_interval": Opt(0, "int", "steps between checkpoints (0: at the end only)",
-                                   low=0),
-        "seed": Opt(1337, "int", "initialization, data order and dropout"),
+        # one declaration (default, bounds, help) with the Trainer's configuration
+        **shared_options("weight_decay", "beta1", "beta2", "grad_clip", "eval_interval",
+                         "eval_batches", "log_interval", "checkpoint_interval", "seed"),
         "out_dir": Opt(None, "str", "log, checkpoints, plot, sample (default: out/<config "
                        "name>)", nullable=True),
     },
@@ -488,7 +477,7 @@ def _owned(ds: dict, key: str, value: Any, setting: str) -> None:
 def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     """Check every value and combination for ``world_size`` ranks (no files but the config,
     no collective); the ds_config DeepSpeed will get."""
-    from spd_ext.tp.model import GPTConfig
+    from spd_ext.tp.config import GPTConfig
     from spd_ext.tp.patterns import PatternError
 
     if world_size < 1:

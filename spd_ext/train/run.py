@@ -28,26 +28,23 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from spd_ext.errors import UsageError
 from spd_ext.train.config import (
-    COMPLETE,
-    LATEST,
     RunPlan,
     check_environment,
     load_config,
     plan_run,
 )
+from spd_ext.train.loop import LoopResult, LoopSettings, TrainingDiverged, TrainingLoop
 from spd_ext.utils.files import (
     WriteError,
     atomic_path,
-    explained_write_errors,
-    save_figure,
     write_json,
 )
 from spd_ext.utils.locks import ProcessLock
@@ -64,75 +61,6 @@ def lr_at(step: int, training: Any) -> float:
 
     return scheduled_lr(step, training.lr, training.min_lr, training.warmup_steps,
                         training.lr_decay_steps or training.steps, training.schedule)
-
-
-# -- progress -----------------------------------------------------------------------------
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _rate(tokens_per_second: float) -> str:
-    if tokens_per_second >= 1e6:
-        return f"{tokens_per_second / 1e6:.2f}M"
-    return f"{tokens_per_second / 1e3:.1f}k" if tokens_per_second >= 1e3 else \
-        f"{tokens_per_second:.0f}"
-
-
-class Progress:
-    """A live bar on a terminal (redrawn at most 10 times a second), plain lines every
-    ``interval`` steps otherwise; only where ``enabled`` (rank 0)."""
-
-    def __init__(self, total: int, start: int, interval: int, enabled: bool,
-                 stream: Any = None) -> None:
-        self.total, self.interval, self.enabled = total, interval, enabled
-        self.stream = stream or sys.stdout
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.times: deque[float] = deque(maxlen=50)
-        self._drawn = 0.0
-        self._bar = False
-        self.start = start
-
-    def update(self, step: int, loss: float, seconds: float, tokens: int, extra: str = ""
-               ) -> None:
-        if not self.enabled:
-            return
-        self.times.append(seconds)
-        mean = sum(self.times) / len(self.times)
-        eta = mean * (self.total - step)
-        text = (f"step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4f} | "
-                f"{seconds * 1e3:.1f} ms/step | {_rate(tokens / max(mean, 1e-9))} tok/s | "
-                f"ETA {_duration(eta)}" + (f" | {extra}" if extra else ""))
-        if self.tty:
-            now = time.monotonic()
-            if now - self._drawn < 0.1 and step < self.total:
-                return
-            self._drawn = now
-            width = 24
-            done = int(width * step / self.total)
-            bar = "#" * done + "." * (width - done)
-            self.stream.write(f"\r\033[K[{bar}] {text}")
-            self.stream.flush()
-            self._bar = True
-        elif step % self.interval == 0 or step == self.total or step == self.start + 1:
-            print(text, file=self.stream, flush=True)
-
-    def line(self, text: str) -> None:
-        """A line that stays (evaluation, checkpoints)."""
-        if not self.enabled:
-            return
-        if self._bar:
-            self.stream.write("\r\033[K")
-            self._bar = False
-        print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self._bar:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._bar = False
 
 
 # -- pieces of the run --------------------------------------------------------------------
@@ -167,135 +95,6 @@ def build_model(plan: RunPlan, vocab_size: int, topology: Any):
         return model
     fields = {**plan.model, "vocab_size": plan.model["vocab_size"] or vocab_size}
     return ReducedSyncGPT(GPTConfig(**fields), comm, seed=seed)
-
-
-def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
-    """The trained weights in the dense layout with their config and tokenizer, the file
-    `spd-ext serve --checkpoint` and `spd-ext tp sensitivity` read (collective: every rank
-    calls it; the main rank writes, atomically)."""
-    import torch
-
-    dense = model.dense_state_dict()
-    if main:
-        state = {"model": {k: v.cpu() for k, v in dense.items()},
-                 "model_config": model.config.to_dict(), "tokenizer": tokenizer.state()}
-        with explained_write_errors(path, "the model"), atomic_path(path) as tmp:
-            torch.save(state, tmp)
-
-
-def whole_copy(model: Any) -> Any:
-    """A model of one rank with ``model``'s weights (whole: gathered by the caller)."""
-    from spd_ext.tp import GPTConfig, ReducedSyncGPT
-
-    copy = ReducedSyncGPT(GPTConfig(**{**model.config.to_dict(), "tp_size": 1}), seed=None)
-    copy.load_dense_state_dict({k: v.detach().clone() for k, v in
-                                model.dense_state_dict().items()})
-    return copy.to(next(model.parameters()).device)
-
-
-def generate(model: Any, tokenizer: Any, prompt: str, tokens: int, temperature: float,
-             top_k: int | None, block_size: int, seed: int, device: Any,
-             tp_group: Any = None, tp_src: int = 0) -> str:
-    """Sample ``tokens`` tokens after ``prompt`` with the model's forward over the last
-    ``block_size`` tokens (so a sample may outrun the context, which the KV-cached
-    ``generate`` refuses); every rank of a tensor-parallel group calls this together and
-    rank ``tp_src``'s choice is broadcast. The prompt was checked at set-up."""
-    import torch
-    import torch.distributed as dist
-
-    from spd_ext.tp.generation import sample_next
-
-    ids = tokenizer.encode(prompt)
-    vocab = tokenizer.vocab_size  # below a padded model vocabulary
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for _ in range(tokens):
-            logits, _ = model(idx[:, -block_size:])
-            nxt = sample_next(logits[:, -1, :vocab], temperature, top_k, g)[:, None]
-            if tp_group is not None:
-                dist.broadcast(nxt, src=tp_src, group=tp_group)
-            idx = torch.cat([idx, nxt], dim=1)
-    model.train(was_training)
-    return tokenizer.decode(idx[0, len(ids):].tolist())
-
-
-def plot_losses(history: list[dict], path: Path, title: str) -> bool:
-    from spd_ext.utils.plot import pyplot
-
-    plt = pyplot()
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    if plt is None or not train:
-        return False
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    steps, losses = zip(*train)
-    ax.plot(steps, losses, lw=0.8, alpha=0.8, label="train (mean over ranks)")
-    if val:
-        vs, vl = zip(*val)
-        ax.plot(vs, vl, marker="o", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-    return True
-
-
-def _rank_state_path(checkpoint_dir: Path, tag: str, rank: int) -> Path:
-    return checkpoint_dir / tag / "train" / f"rank{rank:05d}.pt"
-
-
-def save_checkpoint(engine: Any, plan: RunPlan, step: int, tokenizer: Any,
-                    mark: Callable[[str], None] = lambda phase: None) -> str:
-    """The engine's checkpoint (DeepSpeed's files and spd_ext's per-rank state), this rank's
-    RNG and step; then, once every rank is done, the completion marker and ``latest``.
-    A write that fails raises WriteError (saying so when the disk is full)."""
-    import torch
-    import torch.distributed as dist
-
-    ckpt = plan.checkpoint_dir
-    tag = f"global_step{step}"
-    rank = dist.get_rank()
-    mark(f"saving checkpoint {tag}")
-    with explained_write_errors(ckpt / tag, "checkpoint"):
-        engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
-        state = {"step": step, "rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        with atomic_path(_rank_state_path(ckpt, tag, rank)) as tmp:
-            torch.save(state, tmp)
-    mark(f"checkpoint {tag} written, waiting for the other ranks")
-    dist.barrier()
-    if rank == 0:
-        with explained_write_errors(ckpt / tag, "checkpoint"):
-            write_json(ckpt / tag / "train" / COMPLETE,
-                       {"step": step, "layout": plan.checkpoint_layout(tokenizer),
-                        "decay_steps": plan.decay_steps, "time": time.time()})
-            with atomic_path(ckpt / LATEST) as tmp:
-                tmp.write_text(tag)
-    dist.barrier()
-    return tag
-
-
-def load_checkpoint(engine: Any, plan: RunPlan, tag: str) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from spd_ext.utils.files import load_checkpoint as load_state
-
-    out = engine.load_checkpoint(str(plan.checkpoint_dir), tag=tag)
-    if out is None or out[0] is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {plan.checkpoint_dir}")
-    state = load_state(_rank_state_path(plan.checkpoint_dir, tag, dist.get_rank()),
-                       "spd-ext train rank state")
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    return int(state["step"])
 
 
 def _fresh_out_dir(plan: RunPlan) -> None:
@@ -374,176 +173,159 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
             dist.destroy_process_group()
 
 
-def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]) -> int:
+@dataclass
+class _Rank:
+    """What this rank trains with (:func:`_build`)."""
+
+    plan: RunPlan
+    rank: int
+    world: int
+    data_rank: int
+    data: Any  # the TokenDataset
+    topology: Any
+    model: Any
+    sampler: Any
+    optimizer: Any
+    engine: Any
+    log: Any  # a RunLog on rank 0, else None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.plan.cfg.training
+        return t.micro_batch * t.grad_accum * self.model.config.block_size * self.plan.data_world
+
+
+def _build(plan: RunPlan, resume: bool, mark: Callable[[str], None]) -> _Rank:
+    """The out_dir (a fresh run's: emptied), data, model, sampler, engine and log."""
     import torch
     import torch.distributed as dist
 
     import spd_ext.deepspeed as sd
     from spd_ext.data import Corruption, ShardedSampler, TokenDataset
-    from spd_ext.dp.aggregator import WeightError
     from spd_ext.train.trainer import make_optimizer
     from spd_ext.utils.run_log import RunLog
-    from spd_ext.utils.table import format_table
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan.world_size:
         raise RuntimeError(f"planned for {plan.world_size} ranks, launched with {world}")
     cfg = plan.cfg
-    t, d, s = cfg.training, cfg.data, cfg.sample
-    main = rank == 0
-    data_rank, data_world = rank // plan.tp, plan.data_world
+    t, d = cfg.training, cfg.data
+    data_rank = rank // plan.tp
     mark("preparing the out_dir")
-    if main and not resume:
+    if rank == 0 and not resume:
         _fresh_out_dir(plan)
     dist.barrier()
     mark("building the model and the engine")
-
     data = TokenDataset(d.corpus, d.tokenizer, val_fraction=d.val_fraction)
     topology = plan.dims.build()
     torch.manual_seed(t.seed + data_rank)  # dropout: one stream per tensor-parallel group
     model = build_model(plan, data.vocab_size, topology)
-    block = model.config.block_size
     corruption = (Corruption(**cfg.values["data"]["corruption"])
                   if d.sharding == "clean_vs_corrupt" else None)
-    sampler = ShardedSampler(data, data_rank, data_world, t.micro_batch, block, t.seed,
-                             sharding=d.sharding, corrupt_ranks=tuple(d.corrupt_ranks),
-                             corruption=corruption)
+    sampler = ShardedSampler(data, data_rank, plan.data_world, t.micro_batch,
+                             model.config.block_size, t.seed, sharding=d.sharding,
+                             corrupt_ranks=tuple(d.corrupt_ranks), corruption=corruption)
     optimizer = make_optimizer(model, t)  # AdamW: the Trainer's parameter groups
     engine, *_ = sd.initialize(model=model, optimizer=optimizer, config=plan.ds_config)
-    device = engine.device
-    integration = engine.spd_ext
-    run_name = cfg.values["wandb"]["name"] or plan.out_dir.name
-    log = RunLog(plan.out_dir / "log.jsonl", run_name=run_name,
+    log = RunLog(plan.out_dir / "log.jsonl", run_name=_run_name(plan),
                  config={**cfg.to_dict(), "world_size": world}, quiet=True,
-                 wandb_project=cfg.values["wandb"]["project"]) if main else None
-    start = 0
-    if resume:
-        mark(f"loading checkpoint {facts['resume_tag']}")
-        start = load_checkpoint(engine, plan, facts["resume_tag"])
-        if main:
-            dropped = log.drop_after(start)
-            log.event("resume", step=start, tag=facts["resume_tag"], dropped_records=dropped)
-    progress = Progress(t.steps, start, t.log_interval, main)
-    counter = getattr(model, "sync_counter", None)
-    tokens_per_step = t.micro_batch * t.grad_accum * block * data_world
-    gas = t.grad_accum
+                 wandb_project=cfg.values["wandb"]["project"]) if rank == 0 else None
+    return _Rank(plan, rank, world, data_rank, data, topology, model, sampler, optimizer,
+                 engine, log)
 
-    if main and facts.get("resume_note"):
+
+def _run_name(plan: RunPlan) -> str:
+    return plan.cfg.values["wandb"]["name"] or plan.out_dir.name
+
+
+def _loop(r: _Rank, facts: dict, mark: Callable[[str], None]) -> TrainingLoop:
+    """The training loop of this rank: the engine's step and evaluation, the checkpointer."""
+    from spd_ext.train.checkpoints import EngineCheckpointer
+    from spd_ext.train.engine_step import EngineEvaluation, EngineStep, mean_over_ranks
+
+    t, plan = r.plan.cfg.training, r.plan
+    settings = LoopSettings(t.steps, t.log_interval, t.eval_interval, t.checkpoint_interval)
+
+    def checks(done: int) -> bool:  # the NaN check runs where the loss is read or kept
+        return settings.logs(done, loop.result.start) or \
+            settings.due(done, t.checkpoint_interval)
+
+    step = EngineStep(r.engine, r.sampler, t.grad_accum, r.tokens_per_step, checks)
+    evaluate = EngineEvaluation(r.engine, r.sampler, t.eval_batches, r.data_rank,
+                                plan.data_world, plan.tp, plan.zero_stage,
+                                getattr(r.model, "sync_counter", None))
+    checkpointer = EngineCheckpointer(r.engine, plan, r.data.tokenizer, mark,
+                                      facts.get("resume_tag"))
+    loop = TrainingLoop(settings, step, r.optimizer, lambda s: lr_at(s, t), evaluate,
+                        read_loss=mean_over_ranks, checkpointer=checkpointer, log=r.log,
+                        mark=mark, diverged_hint="lower training.lr or raise "
+                        "training.warmup_steps, and resume from the last checkpoint")
+    return loop
+
+
+def _announce(r: _Rank, facts: dict, start: int) -> None:
+    plan, t = r.plan, r.plan.cfg.training
+    if facts.get("resume_note"):
         print(f"{PROG}: note: {facts['resume_note']}", flush=True)
-    if main:
-        params = model.num_params()
-        print(f"{PROG}: {cfg.name}: {world} rank(s), {_layout(plan)}, {_precision(plan)}, "
-              f"pattern {model.config.pattern}, {params / 1e6:.2f}M parameters, "
-              f"{tokens_per_step:,} tokens/step, steps {start}->{t.steps}, out "
-              f"{plan.out_dir}", flush=True)
+    print(f"{PROG}: {plan.cfg.name}: {r.world} rank(s), {_layout(plan)}, {_precision(plan)}, "
+          f"pattern {r.model.config.pattern}, {r.model.num_params() / 1e6:.2f}M parameters, "
+          f"{r.tokens_per_step:,} tokens/step, steps {start}->{t.steps}, out "
+          f"{plan.out_dir}", flush=True)
 
-    def evaluate() -> float:
-        """Mean clean validation loss over eval_batches fixed batches, split over the
-        data-parallel replicas (every rank of a tensor-parallel group runs the same ones)."""
-        mark("evaluating")
-        engine.eval()
-        total = 0.0
-        # ZeRO-3 gathers the parameters inside every forward (a collective): each rank runs
-        # as many forwards, the ones past eval_batches uncounted
-        rounds = -(-t.eval_batches // data_world)
-        with torch.no_grad():
-            for i in range(data_rank, rounds * data_world if plan.zero_stage == 3
-                           else t.eval_batches, data_world):
-                x, y = sampler("val", -1 - (i % t.eval_batches))
-                loss = engine(x.to(device), y.to(device))[1]
-                if i < t.eval_batches:
-                    total += float(loss.float())
-        engine.train()
-        if counter is not None:
-            counter.reset()  # the evaluation's syncs are not a training step's
-        summed = torch.tensor([total], dtype=torch.float64, device=device)
-        dist.all_reduce(summed)  # on the backend's device (NCCL reduces GPU tensors only)
-        return summed.item() / (plan.tp * t.eval_batches)
 
-    history: list[dict] = []
-    step_times: list[float] = []
-    recent: deque = deque(maxlen=10)  # the last steps' losses, on the device (the summary)
-    started = time.perf_counter()
-    engine.train()
-    for step in range(start, t.steps):
-        mark(f"step {step + 1}")
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        done = step + 1
-        # The loss stays on the device except on log steps (as nanoGPT's loop): reading it
-        # every micro-batch would stall a GPU's queue of kernels each time.
-        logged = done % t.log_interval == 0 or done == t.steps or done == start + 1
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        try:
-            for micro in range(gas):
-                x, y = sampler("train", step * gas + micro)
-                _, loss = engine(x.to(device), y.to(device))
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().double()
-            if logged or (t.checkpoint_interval and done % t.checkpoint_interval == 0):
-                # a NaN since the engine's last check (its metrics.interval is the log
-                # interval) stops the run here, before a checkpoint could keep it
-                integration.check()
-        except WeightError as exc:  # raised on every rank together (NaN / inf gradients)
-            progress.close()
-            if main:
-                print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-                log.event("stopped", step=step + 1, reason=one_line(exc))
-                log.close()
-            return 1
-        seconds = time.perf_counter() - t0
-        step_times.append(seconds)
-        recent.append(loss_sum / gas)
-        if logged:
-            reduced = (loss_sum / gas).reshape(1)
-            dist.all_reduce(reduced)  # on the backend's device (NCCL reduces GPU tensors)
-            mean_loss = reduced.item() / world
-            if not math.isfinite(mean_loss):
-                progress.close()
-                if main:
-                    print(f"{PROG}: error: the training loss became {mean_loss} at step "
-                          f"{step + 1}; lower training.lr or raise training.warmup_steps, and "
-                          "resume from the last checkpoint", file=sys.stderr)
-                    log.event("stopped", step=step + 1, reason=f"loss {mean_loss}")
-                    log.close()
-                return 1
-            record: dict[str, Any] = {"step": step + 1, "loss": mean_loss, "lr": lr,
-                                      "step_time": seconds,
-                                      "tokens_per_sec": tokens_per_step / max(seconds, 1e-9)}
-            last = integration.last
-            for key, name in (("syncs_forward", "syncs_fwd"), ("syncs_backward", "syncs_bwd"),
-                              ("grad_norm", "grad_norm")):
-                if key in last:
-                    record[name] = last[key]
-            if last.get("weights") is not None:
-                record["weights"] = list(last["weights"])
-            if main:
-                log.metrics(**record)
-            history.append(record)
-            weights = record.get("weights")
-            extra = ("w " + ",".join(f"{w:.2f}" for w in weights)) if weights else ""
-            progress.update(step + 1, mean_loss, seconds, tokens_per_step, extra)
-        if t.eval_interval and done % t.eval_interval == 0 and done < t.steps:
-            val = evaluate()
-            history.append({"step": done, "val_loss": val})
-            if main:
-                log.metrics(step=done, val_loss=val)
-            progress.line(f"step {done}: val loss {val:.4f}")
-        if t.checkpoint_interval and done % t.checkpoint_interval == 0 and done < t.steps:
-            tag = save_checkpoint(engine, plan, done, data.tokenizer, mark)
-            progress.line(f"step {done}: checkpoint {plan.checkpoint_dir / tag}")
-    progress.close()
-    wall = time.perf_counter() - started
-    val = evaluate()
-    if main:
-        log.metrics(step=t.steps, val_loss=val, final=True)
-    history.append({"step": t.steps, "val_loss": val})
-    tag = save_checkpoint(engine, plan, t.steps, data.tokenizer, mark)
+def _stopped(r: _Rank, loop: TrainingLoop, exc: BaseException) -> int:
+    """A run stopped on every rank together (NaN / inf loss or gradients): one line, exit 1."""
+    if loop.progress is not None:
+        loop.progress.close()
+    if r.main:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        # a loss read after its step, a gradient check inside it
+        step = getattr(exc, "step", loop.result.start + len(loop.result.step_times) + 1)
+        r.log.event("stopped", step=step, reason=one_line(exc))
+        r.log.close()
+    return 1
+
+
+def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]) -> int:
+    import torch.distributed as dist
+
+    from spd_ext.dp.aggregator import WeightError
+    from spd_ext.train.progress import Progress
+
+    r = _build(plan, resume, mark)
+    loop = _loop(r, facts, mark)
+    start = loop.resume() if resume else 0
+    t = plan.cfg.training
+    loop.progress = Progress(t.steps, start, t.log_interval, r.main)
+    if r.main:
+        _announce(r, facts, start)
+    r.engine.train()
+    try:
+        loop.run(start)
+    except (WeightError, TrainingDiverged) as exc:  # raised on every rank together
+        return _stopped(r, loop, exc)
+    result = loop.finish()
+    sample = _export_and_sample(r, mark)
+    train_loss = _recent_mean(result.recent, r.engine.device)
+    if r.main:
+        _summarize(r, result, train_loss, sample, start if resume else None)
+    mark("finishing")
+    dist.barrier()
+    return 0
+
+
+def _export_and_sample(r: _Rank, mark: Callable[[str], None]) -> str:
+    """model.pt (every rank takes part; rank 0 writes), then the sample (the first
+    data-parallel replica's ranks generate it together)."""
+    from spd_ext.train.outputs import export_model, generate, whole_copy
+
+    plan, s, model = r.plan, r.plan.cfg.sample, r.model
     mark("exporting model.pt")
-    sampled = engine.module
+    sampled = r.engine.module
     if plan.zero_stage == 3:
         # ZeRO-3 holds each parameter partitioned over the data-parallel ranks: gather them
         # (collective) to export, and sample with a whole copy (a forward of the
@@ -551,75 +333,93 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         with GatheredParameters(list(model.parameters())):
-            export_model(model, data.tokenizer, plan.out_dir / "model.pt", main)
-            if s.tokens and data_rank == 0:
+            export_model(model, r.data.tokenizer, plan.out_dir / "model.pt", r.main)
+            if s.tokens and r.data_rank == 0:
                 sampled = whole_copy(model)
     else:
-        export_model(model, data.tokenizer, plan.out_dir / "model.pt", main)
+        export_model(model, r.data.tokenizer, plan.out_dir / "model.pt", r.main)
+    if not s.tokens or r.data_rank != 0:
+        return ""
+    mark("sampling")
+    tp_group = r.topology.tp_group if plan.tp > 1 else None
+    sample = generate(sampled, r.data.tokenizer, s.prompt, s.tokens, s.temperature, s.top_k,
+                      model.config.block_size, plan.cfg.training.seed, r.engine.device,
+                      tp_group, r.topology.tp_ranks[0] if plan.tp > 1 else 0)
+    counter = getattr(model, "sync_counter", None)
+    if counter is not None:
+        counter.reset()
+    return sample
 
-    sample = ""
-    if s.tokens and data_rank == 0:
-        mark("sampling")
-        tp_group = topology.tp_group if plan.tp > 1 else None
-        sample = generate(sampled, data.tokenizer, s.prompt, s.tokens, s.temperature,
-                          s.top_k, block, t.seed, device, tp_group,
-                          topology.tp_ranks[0] if plan.tp > 1 else 0)
-        if counter is not None:
-            counter.reset()
-    # the summary's train loss: the mean over the ranks and the last 10 steps (one read)
-    tail = torch.stack(list(recent)).reshape(-1) if recent else torch.zeros(0, device=device,
-                                                                             dtype=torch.float64)
+
+def _recent_mean(recent: list, device: Any) -> float:
+    """The summary's train loss: the mean over the ranks and the last steps (one read;
+    every rank calls it)."""
+    import torch
+    import torch.distributed as dist
+
+    tail = torch.stack(recent).reshape(-1) if recent else torch.zeros(
+        0, device=device, dtype=torch.float64)
     dist.all_reduce(tail)
-    tail = [v / world for v in tail.tolist()]
+    values = [v / dist.get_world_size() for v in tail.tolist()]
     dist.barrier()
-    if main:
-        trained = [h for h in history if "loss" in h]
-        timed = step_times[min(5, len(step_times) // 4):]  # the first steps warm up
-        step_s = statistics.median(timed) if timed else float("nan")
-        last_train = trained[-1] if trained else {}
-        summary = {
-            "config": cfg.name, "world_size": world, "tp": plan.tp, "islands": plan.islands,
-            "data_parallel": data_world, "pattern": model.config.pattern,
-            "precision": _precision(plan), "params": model.num_params(),
-            "steps": t.steps, "resumed_from": start if resume else None,
-            "train_loss": sum(tail) / len(tail) if tail else float("nan"),
-            "val_loss": val, "step_ms": step_s * 1e3,
-            "tokens_per_sec": tokens_per_step / step_s if timed else float("nan"),
-            "syncs_fwd": last_train.get("syncs_fwd"), "syncs_bwd": last_train.get("syncs_bwd"),
-            "weights": last_train.get("weights"), "wall_seconds": wall,
-            "checkpoint": str(plan.checkpoint_dir / tag),
-        }
-        write_json(plan.out_dir / "summary.json", summary)
-        log.event("summary", **summary)
-        rows = [["steps", f"{start}->{t.steps}" if resume else t.steps],
-                ["train loss (last 10 steps)", summary["train_loss"]],
-                ["val loss", val],
-                ["step time, median (ms)", summary["step_ms"]],
-                ["tokens/s", summary["tokens_per_sec"]],
-                ["wall time (s)", wall]]
-        if summary["syncs_fwd"] is not None:
-            rows.append(["tp syncs per step (fwd / bwd)",
-                         f"{summary['syncs_fwd']} / {summary['syncs_bwd']}"])
-        if summary["weights"]:
-            rows.append(["final dp weights", "[" + ", ".join(f"{w:.3f}" for w in
-                                                             summary["weights"]) + "]"])
-        print(format_table(["metric", "value"], rows))
-        title = (f"{run_name}: {model.config.pattern}, {_layout(plan)}, {_precision(plan)}, "
-                 f"{t.steps} steps")
-        plot: Path | None = plan.out_dir / "loss.png"
-        if not plot_losses(read_metrics(plan.out_dir / "log.jsonl"), plot, title):
-            plot = None
-        if sample:
-            with atomic_path(plan.out_dir / "sample.txt") as tmp:
-                tmp.write_text(sample)
-            print(f"sample ({s.tokens} tokens, temperature {s.temperature}):\n{sample}\n")
-        print(f"log: {plan.out_dir / 'log.jsonl'}" + (f"  plot: {plot}" if plot else "") +
-              f"  checkpoint: {plan.checkpoint_dir / tag}  model: {plan.out_dir / 'model.pt'} "
-              "(spd-ext serve --checkpoint)", flush=True)
-        log.close()
-    mark("finishing")
-    dist.barrier()
-    return 0
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _summarize(r: _Rank, result: LoopResult, train_loss: float, sample: str,
+               resumed_from: int | None) -> None:
+    """summary.json, the table, the plot and sample.txt (rank 0)."""
+    from spd_ext.train.outputs import plot_losses
+    from spd_ext.utils.table import format_table
+
+    plan, t, s = r.plan, r.plan.cfg.training, r.plan.cfg.sample
+    trained = [h for h in result.history if "loss" in h]
+    timed = result.step_times[min(5, len(result.step_times) // 4):]  # the first warm up
+    step_s = statistics.median(timed) if timed else float("nan")
+    last = trained[-1] if trained else {}
+    summary = {
+        "config": plan.cfg.name, "world_size": r.world, "tp": plan.tp, "islands": plan.islands,
+        "data_parallel": plan.data_world, "pattern": r.model.config.pattern,
+        "precision": _precision(plan), "params": r.model.num_params(), "steps": t.steps,
+        "resumed_from": resumed_from, "train_loss": train_loss, "val_loss": result.val_loss,
+        "step_ms": step_s * 1e3,
+        "tokens_per_sec": r.tokens_per_step / step_s if timed else float("nan"),
+        "syncs_fwd": last.get("syncs_fwd"), "syncs_bwd": last.get("syncs_bwd"),
+        "weights": last.get("weights"), "wall_seconds": result.seconds,
+        "checkpoint": result.checkpoint,
+    }
+    write_json(plan.out_dir / "summary.json", summary)
+    r.log.event("summary", **summary)
+    print(format_table(["metric", "value"], _summary_rows(summary, result.start)))
+    title = (f"{_run_name(plan)}: {r.model.config.pattern}, {_layout(plan)}, "
+             f"{_precision(plan)}, {t.steps} steps")
+    plot: Path | None = plan.out_dir / "loss.png"
+    if not plot_losses(read_metrics(plan.out_dir / "log.jsonl"), plot, title):
+        plot = None
+    if sample:
+        with atomic_path(plan.out_dir / "sample.txt") as tmp:
+            tmp.write_text(sample)
+        print(f"sample ({s.tokens} tokens, temperature {s.temperature}):\n{sample}\n")
+    print(f"log: {plan.out_dir / 'log.jsonl'}" + (f"  plot: {plot}" if plot else "") +
+          f"  checkpoint: {result.checkpoint}  model: {plan.out_dir / 'model.pt'} "
+          "(spd-ext serve --checkpoint)", flush=True)
+    r.log.close()
+
+
+def _summary_rows(summary: dict, start: int) -> list[list]:
+    steps = summary["steps"]
+    rows = [["steps", f"{start}->{steps}" if summary["resumed_from"] is not None else steps],
+            ["train loss (last 10 steps)", summary["train_loss"]],
+            ["val loss", summary["val_loss"]],
+            ["step time, median (ms)", summary["step_ms"]],
+            ["tokens/s", summary["tokens_per_sec"]],
+            ["wall time (s)", summary["wall_seconds"]]]
+    if summary["syncs_fwd"] is not None:
+        rows.append(["tp syncs per step (fwd / bwd)",
+                     f"{summary['syncs_fwd']} / {summary['syncs_bwd']}"])
+    if summary["weights"]:
+        rows.append(["final dp weights", "[" + ", ".join(f"{w:.3f}" for w in
+                                                         summary["weights"]) + "]"])
+    return rows
 
 
 def single_process_environment() -> None:

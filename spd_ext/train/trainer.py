@@ -1,15 +1,16 @@
-"""The training loop behind the CLI experiments and examples.
+"""The Trainer: a model and an optimizer (no DeepSpeed) on the training loop, for the
+experiments and examples.
 
-nanoGPT's loop (AdamW, warm-up + cosine LR, gradient clipping, fixed evaluation batches)
-with what experiments need: a JSONL log, progress lines, atomic checkpoints with resume,
-sync counts per step for tensor-parallel models, and a hook after backward where data-
-parallel strategies reduce gradients.
+nanoGPT's step (AdamW, warm-up + cosine LR, gradient clipping, fixed evaluation batches)
+with what experiments need: a JSONL log, atomic checkpoints with resume
+(:class:`~spd_ext.train.checkpoints.FileCheckpointer`), sync counts per step for
+tensor-parallel models, and a hook after backward where data-parallel strategies reduce
+gradients. The loop itself is :class:`~spd_ext.train.loop.TrainingLoop`.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,43 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spd_ext.errors import MissingFileError, UsageError
+from spd_ext.errors import UsageError
 from spd_ext.hooks import TrainerHooks, check_hooks
 from spd_ext.tp.sharding import ShardedModel
-from spd_ext.utils.files import atomic_path, load_checkpoint
+from spd_ext.train.checkpoints import FileCheckpointer
+from spd_ext.train.loop import LoopSettings, StepResult, TrainingDiverged, TrainingLoop
+from spd_ext.train.trainer_config import TrainConfig
 from spd_ext.utils.run_log import RunLog
 
 BatchFn = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 500
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 100
-    eval_batches: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int = 0  # 0: only at the end (when out_dir is set)
-    seed: int = 1337
-    out_dir: str | None = None
-    resume: bool = False
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "eval_batches", "log_interval"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.eval_interval < 0 or self.checkpoint_interval < 0:
-            raise UsageError("warmup_steps, eval_interval and checkpoint_interval must be >= 0")
-        if not 0 <= self.min_lr <= self.lr:
-            raise UsageError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}")
 
 
 @dataclass
@@ -112,7 +85,8 @@ def is_main_process() -> bool:
 
 
 class Trainer:
-    """Trains ``model`` (``model(x, y) -> (logits, loss)``) on batches from ``batches``.
+    """Trains ``model`` (``model(x, y) -> (logits, loss)``) on batches from ``batches`` with
+    the training loop (:class:`~spd_ext.train.loop.TrainingLoop`).
 
     ``batches(split, step)`` returns (inputs, targets); evaluation asks for
     ``batches("val", -1 - i)`` so that it can serve fixed batches.
@@ -132,61 +106,27 @@ class Trainer:
         self.model, self.batches, self.cfg = model, batches, cfg
         self.hooks = check_hooks(hooks)
         self.sharded: ShardedModel | None = model if isinstance(model, ShardedModel) else None
-        self.checkpoint_extra = checkpoint_extra or {}
         self.optimizer = optimizer or make_optimizer(model, cfg)
         self.step = 0
         self.log = RunLog(Path(cfg.out_dir) / "log.jsonl" if cfg.out_dir and is_main_process()
                           else None, run_name=run_name, config=asdict(cfg),
                           quiet=cfg.quiet or not is_main_process())
+        self.checkpointer = None if not cfg.out_dir else FileCheckpointer(
+            Path(cfg.out_dir) / "ckpt.pt", model, self.optimizer, cfg, checkpoint_extra,
+            self.sharded)
+        # Tensor-parallel models report their all-reduces (none happen at tp_size 1).
+        self.counter = self.sharded.sync_counter if self.sharded is not None and \
+            self.sharded.config.tp_size > 1 else None
+        self.loop = TrainingLoop(
+            LoopSettings(cfg.max_steps, cfg.log_interval, cfg.eval_interval,
+                         cfg.checkpoint_interval),
+            self.train_step, self.optimizer, lambda step: lr_at(step, cfg), self.evaluate,
+            checkpointer=self.checkpointer, log=self.log)
         if cfg.resume:
-            self._resume()
+            if self.checkpointer is None:
+                raise UsageError("resume needs out_dir (where the checkpoint is)")
+            self.step = self.loop.resume()
 
-    # -- checkpoints --------------------------------------------------------------
-    def checkpoint_path(self) -> Path:
-        if not self.cfg.out_dir:
-            raise UsageError("checkpoints need out_dir")
-        return Path(self.cfg.out_dir) / "ckpt.pt"
-
-    def state(self) -> dict:
-        model_state = (self.sharded.dense_state_dict() if self.sharded is not None
-                       else self.model.state_dict())
-        return {"model": model_state, "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "train_config": asdict(self.cfg),
-                "rng": torch.get_rng_state(), **self.checkpoint_extra}
-
-    def save_checkpoint(self) -> Path:
-        """Atomic: written to a temporary file, then renamed over the old checkpoint."""
-        state = self.state()  # collective for distributed tensor-parallel models
-        path = self.checkpoint_path()
-        if is_main_process():
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
-        return path
-
-    def _resume(self) -> None:
-        path = self.checkpoint_path()
-        if not path.is_file():
-            raise MissingFileError(f"--resume: no checkpoint at {path}")
-        state = load_checkpoint(path)
-        missing = [k for k in ("model", "optimizer", "step", "rng") if k not in state]
-        if missing:
-            raise UsageError(f"{path} lacks {', '.join(missing)}: it was not written by "
-                             "spd_ext's Trainer; resume from the run's own ckpt.pt")
-        if self.sharded is not None:
-            self.sharded.load_dense_state_dict(state["model"])
-        else:
-            self.model.load_state_dict(state["model"])
-        if self.sharded is None or self.sharded.comm.emulated:
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:  # rank 0's optimizer state holds only its own shards
-            self.log.event("resume-without-optimizer-state", reason="distributed tensor "
-                           "parallel: AdamW moments restart from zero")
-        self.step = state["step"]
-        torch.set_rng_state(state["rng"])
-        dropped = self.log.drop_after(self.step)  # the crashed run's steps past the checkpoint
-        self.log.event("resume", step=self.step, path=str(path), dropped_records=dropped)
-
-    # -- loop ---------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> float:
         was_training = self.model.training
@@ -208,59 +148,38 @@ class Trainer:
         self.model.train(was_training)
         return sum(losses) / len(losses)
 
+    def train_step(self, step: int) -> StepResult:
+        """One step: forward, backward, the hooks' gradient exchange, clipping, update."""
+        model = self.model
+        self.hooks.before_step(step)
+        x, y = self.batches("train", step)
+        _, loss = model(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.sharded is not None:
+            self.sharded.sync_partial_grads_()
+        value = loss.item()  # the hooks weigh each rank by it
+        metrics = dict(self.hooks.after_backward(model, step, value) or {})
+        if not metrics.pop("skip_optimizer", False):
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+        self.hooks.after_step(model, step)
+        syncs = self.counter.step() if self.counter is not None else None
+        if not math.isfinite(value):
+            raise TrainingDiverged(step, value)
+        if syncs:
+            metrics.update(syncs_fwd=syncs["forward"], syncs_bwd=syncs["backward"])
+        self.step = step + 1
+        return StepResult(loss.detach(), x.numel(), metrics)
+
     def train(self) -> TrainResult:
-        cfg, model = self.cfg, self.model
-        model.train()
-        # Tensor-parallel models report their all-reduces (none happen at tp_size 1).
-        counter = None
-        if self.sharded is not None and self.sharded.config.tp_size > 1:
-            counter = self.sharded.sync_counter
-        start, tokens, last_loss = time.perf_counter(), 0, float("nan")
-        val_loss = float("nan")
-        while self.step < cfg.max_steps:
-            lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.hooks.before_step(self.step)
-            x, y = self.batches("train", self.step)
-            _, loss = model(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.sharded is not None:
-                self.sharded.sync_partial_grads_()
-            extra = dict(self.hooks.after_backward(model, self.step, loss.item()) or {})
-            if not extra.pop("skip_optimizer", False):
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-            self.hooks.after_step(model, self.step)
-            syncs = counter.step() if counter is not None else None
-            last_loss = loss.item()
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"training loss became {last_loss} at step {self.step}; "
-                                         "lower the learning rate")
-            tokens += x.numel()
-            self.step += 1
-            if syncs:
-                extra.update(syncs_fwd=syncs["forward"], syncs_bwd=syncs["backward"])
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                self.log.metrics(step=self.step, loss=last_loss, lr=lr,
-                                 elapsed=time.perf_counter() - start, **extra)
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0 \
-                    and self.step < cfg.max_steps:
-                val_loss = self.evaluate()
-                self.log.metrics(step=self.step, val_loss=val_loss,
-                                 elapsed=time.perf_counter() - start)
-            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 \
-                    and cfg.out_dir:
-                self.save_checkpoint()
-        self.hooks.finish(model)
-        seconds = time.perf_counter() - start
-        val_loss = self.evaluate()
-        self.log.metrics(step=self.step, val_loss=val_loss, elapsed=seconds, final=True)
-        if cfg.out_dir:
-            self.save_checkpoint()
+        self.model.train()
+        result = self.loop.run(self.step)
+        self.hooks.finish(self.model)
+        self.loop.finish()
         self.log.close()
-        return TrainResult(steps=self.step, train_loss=last_loss, val_loss=val_loss,
-                           seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9),
+        return TrainResult(steps=self.step, train_loss=result.last_loss,
+                           val_loss=result.val_loss, seconds=result.seconds,
+                           tokens_per_second=result.tokens / max(result.seconds, 1e-9),
                            history=self.log.history)

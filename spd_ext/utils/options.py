@@ -20,8 +20,8 @@ from typing import Any
 
 from spd_ext.errors import UsageError
 
-__all__ = ["Opt", "check", "check_fields", "closest", "describe", "option", "options_of",
-           "parse_text"]
+__all__ = ["Opt", "check", "check_fields", "closest", "describe", "flag_of", "option",
+           "option_from", "options_of", "parse_text"]
 
 #: "object": a mapping (or what its owner accepts in its place) the owner checks itself
 KINDS = ("int", "float", "bool", "str", "ints", "object")
@@ -151,15 +151,35 @@ def parse_text(name: str, text: str, opt: Opt, error: type[UsageError] = UsageEr
 # -- options as dataclass fields ----------------------------------------------------------
 def option(default: Any, help: str, *, choices: Sequence[str] | None = None,
            low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False) -> Any:
+           high_open: bool = False, flag: str | None = None) -> Any:
     """A dataclass field declared as an option: the kind comes from the annotation
-    (``int``, ``float``, ``bool``, ``str``, ``list[int]``; ``| None``: nullable)."""
+    (``int``, ``float``, ``bool``, ``str``, ``list[int]``; ``| None``: nullable). ``flag``:
+    its command-line flag where that is not ``--`` and the name with dashes (a flag that
+    kept its older spelling)."""
     meta = {"help": help, "choices": None if choices is None else tuple(choices),
-            "low": low, "high": high, "low_open": low_open, "high_open": high_open}
+            "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "flag": flag}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default),
                                  metadata={"option": meta})
     return dataclasses.field(default=default, metadata={"option": meta})
+
+
+def option_from(cls: type, name: str, default: Any = dataclasses.MISSING, *,
+                help: str | None = None) -> Any:
+    """A field declared as ``cls.name`` is (its help, bounds and choices), with another
+    default (or help): the same option in another configuration, described once."""
+    source = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["option"]
+    opt = options_of(cls)[name]
+    return option(opt.default if default is dataclasses.MISSING else default,
+                  help or opt.help, choices=opt.choices, low=opt.low, high=opt.high,
+                  low_open=opt.low_open, high_open=opt.high_open, flag=source["flag"])
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The command-line flag of option ``name`` of ``cls``."""
+    meta = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["option"]
+    return meta["flag"] or "--" + name.replace("_", "-")
 
 
 _ANNOTATION_KINDS = {"int": "int", "float": "float", "bool": "bool", "str": "str",
@@ -187,8 +207,10 @@ def options_of(cls: type) -> dict[str, Opt]:
     return found
 
 
-def check_fields(obj: Any, where: str, error: type[UsageError] = UsageError) -> None:
+def check_fields(obj: Any, where: str = "", error: type[UsageError] = UsageError) -> None:
     """Every option field of the dataclass instance ``obj`` checked (and coerced: an int
     where a number is due becomes a float) in place; ``where`` prefixes the names."""
     for name, opt in options_of(type(obj)).items():
-        setattr(obj, name, check(f"{where}.{name}", getattr(obj, name), opt, error))
+        label = f"{where}.{name}" if where else name
+        # object.__setattr__: frozen dataclasses are checked the same way
+        object.__setattr__(obj, name, check(label, getattr(obj, name), opt, error))
