@@ -28,8 +28,9 @@ from typing import Any
 from spd_ext.backend_names import SPD_EXT, TP_BACKENDS
 from spd_ext.errors import UsageError
 from spd_ext.parallel_dims import LayoutNames, ParallelDims
+from spd_ext.tp.config import GPTConfig
 from spd_ext.train.trainer_config import shared_options
-from spd_ext.utils.options import Opt, check, closest, parse_text
+from spd_ext.utils.options import Opt, check, closest, opt_from, parse_text
 
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 (nanoGPT)
 CHECKPOINTS = "checkpoints"
@@ -46,14 +47,15 @@ class ConfigError(UsageError):
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "model": {
-        "n_layer": Opt(6, "int", "transformer blocks", low=1),
-        "n_head": Opt(6, "int", "attention heads", low=1),
-        "n_embd": Opt(384, "int", "model width", low=1),
-        "block_size": Opt(256, "int", "context length", low=1),
+        # one declaration (kind, bounds, help) with the model's, another default
+        "n_layer": opt_from(GPTConfig, "n_layer", 6),
+        "n_head": opt_from(GPTConfig, "n_head", 6),
+        "n_embd": opt_from(GPTConfig, "n_embd", 384),
+        "block_size": opt_from(GPTConfig, "block_size", 256),
         "vocab_size": Opt(None, "int", "embedding rows (default: the tokenizer's vocabulary; "
                           f"{PADDED_GPT2_VOCAB} for gpt2)", nullable=True, low=1),
-        "dropout": Opt(0.0, "float", "dropout probability", low=0.0),
-        "bias": Opt(False, "bool", "biases in linear layers and LayerNorms"),
+        "dropout": opt_from(GPTConfig, "dropout"),
+        "bias": opt_from(GPTConfig, "bias", False),
         "pattern": Opt(None, "str", "block sync pattern such as 'tp*12', '[tp,spd]*6', "
                        "'grouped:4' (default tp*n_layer)", nullable=True),
         "hf_path": Opt(None, "str", "a local Hugging Face GPT-2 folder to start from (its "
@@ -62,14 +64,15 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
         "corpus": Opt("tinyshakespeare", "str", "a known corpus name or a UTF-8 text file"),
         "tokenizer": Opt("char", "str", "char or gpt2 (BPE)", choices=("char", "gpt2")),
-        "val_fraction": Opt(0.1, "float", "the corpus tail held out for validation", low=0.0),
+        "val_fraction": Opt(0.1, "float", "the corpus tail held out for validation", low=0.0,
+                            low_open=True, high=1.0, high_open=True),
         "sharding": Opt("iid", "str", "iid, or clean_vs_corrupt (corrupt_ranks see corrupted "
                         "batches)", choices=("iid", "clean_vs_corrupt")),
         "corrupt_ranks": Opt([], "ints", "data-parallel ranks whose batches are corrupted"),
         "corruption": {
             "kind": Opt("token_swap", "str", "how batches are corrupted",
                         choices=("token_swap", "shuffle", "label_noise", "duplicate")),
-            "probability": Opt(0.3, "float", "corruption strength", low=0.0),
+            "probability": Opt(0.3, "float", "corruption strength", low=0.0, high=1.0),
             "seed": Opt(0, "int", "seed of the corruption's randomness"),
             "window": Opt(8, "int", "shuffle: tokens per permuted window", low=2),
             "shift": Opt(False, "bool", "label_noise: shift targets instead of randomizing"),
@@ -100,7 +103,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                           "(torch.distributed)", choices=TP_BACKENDS),
         "rank_timeout": Opt(300.0, "float", "seconds a rank waits for the others (every "
                             "collective, checkpoint barrier and spd_ext all-reduce) before the "
-                            "run stops, naming the rank that stopped answering", low=0.0),
+                            "run stops, naming the rank that stopped answering", low=0.0,
+                            low_open=True),
     },
     "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "object",
                      "a ds_config JSON path (relative to the config file) or an inline dict"),
@@ -477,34 +481,25 @@ def _owned(ds: dict, key: str, value: Any, setting: str) -> None:
 def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     """Check every value and combination for ``world_size`` ranks (no files but the config,
     no collective); the ds_config DeepSpeed will get."""
-    from spd_ext.tp.config import GPTConfig
-    from spd_ext.tp.patterns import PatternError
-
     if world_size < 1:
         raise _fail(f"world size must be at least 1, got {world_size}")
-    v = cfg.values
-    m, d, t, p, s = v["model"], v["data"], v["training"], v["parallel"], v["sample"]
-    # training
+    t = cfg.values["training"]
     if t["min_lr"] > t["lr"]:
         raise _fail(f"training.min_lr {t['min_lr']:g} is above training.lr {t['lr']:g}; set "
                     "min_lr <= lr (nanoGPT: lr / 10)")
-    for name in ("beta1", "beta2"):
-        if not t[name] < 1.0:
-            raise _fail(f"training.{name} must be in [0, 1), got {t[name]!r}")
-    if d["val_fraction"] >= 1.0 or d["val_fraction"] <= 0.0:
-        raise _fail(f"data.val_fraction must be in (0, 1), got {d['val_fraction']!r}")
-    if d["corruption"]["probability"] > 1.0:
-        raise _fail(f"data.corruption.probability must be in [0, 1], got "
-                    f"{d['corruption']['probability']!r}")
-    if not p["rank_timeout"] > 0:
-        raise _fail(f"parallel.rank_timeout must be > 0 seconds, got {p['rank_timeout']!r}")
-    if not m["dropout"] < 1.0:
-        raise _fail(f"model.dropout must be in [0, 1), got {m['dropout']!r}")
-    # the ds_config and its spd_ext section
-    from spd_ext.deepspeed.config import SECTION, SpdExtConfigError
-    from spd_ext.staleness.modes import parse_mode
+    ds, dims, spd_cfg = _plan_deepspeed(cfg, world_size)
+    model = _plan_model(cfg, dims.tp, spd_cfg.tensor_parallel.pattern)
+    _check_data_and_sample(cfg, dims.data_ranks)
+    return RunPlan(cfg=cfg, dims=dims, ds_config=ds, model=model)
 
-    ds = copy.deepcopy(v["deepspeed"])
+
+def _plan_deepspeed(cfg: RunConfig, world_size: int) -> tuple[dict, ParallelDims, Any]:
+    """The ds_config DeepSpeed gets (the train config's sizes and batch in it), the layout,
+    and the checked "spd_ext" section."""
+    from spd_ext.deepspeed.config import SECTION, SpdExtConfigError
+
+    t = cfg.values["training"]
+    ds = copy.deepcopy(cfg.values["deepspeed"])
     for key in _OPTIMIZER_KEYS:
         if key in ds:
             raise _fail(f"deepspeed.{key} is set, but the optimizer (AdamW) and its learning-"
@@ -526,22 +521,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     if isinstance(metrics, dict) and "interval" not in metrics:
         # the engine reads its values on the host only every log interval, as the loop does
         section["metrics"] = {**metrics, "interval": t["log_interval"]}
-    tp_section = section.get("tensor_parallel") if isinstance(section.get("tensor_parallel"),
-                                                               dict) else {}
-    stale_section = section.get("staleness") if isinstance(section.get("staleness"),
-                                                            dict) else {}
-    tp = _agree("parallel.tp", p["tp"], f"deepspeed.{SECTION}.tensor_parallel.size",
-                tp_section.get("size"))
-    islands = _agree("parallel.islands", p["islands"], f"deepspeed.{SECTION}.staleness.islands",
-                     stale_section.get("islands"))
-    if tp > 1:
-        section["tensor_parallel"] = {**tp_section, "size": tp}
-    if islands > 1:
-        section["staleness"] = {**stale_section, "islands": islands}
-    try:
-        dims = ParallelDims(world_size, tp, islands, LAYOUT_NAMES)
-    except UsageError as exc:
-        raise _fail(str(exc)) from None
+    dims = _plan_layout(cfg, section, world_size)
     ds_dp = dims.dp  # DeepSpeed's data-parallel group (in an island)
     micro, gas = t["micro_batch"], t["grad_accum"]
     _owned(ds, "train_micro_batch_size_per_gpu", micro, "training.micro_batch")
@@ -556,17 +536,58 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         _, spd_cfg = parse_config(ds, world_size=world_size)
     except SpdExtConfigError as exc:
         raise _fail(f"deepspeed: {exc}") from None
-    mode = parse_mode(spd_cfg.staleness.mode)
-    if mode.kind in ("local_sgd", "diloco"):
-        for key in ("steps", "eval_interval"):
-            if t[key] % mode.value:
-                raise _fail(
-                    f"training.{key} {t[key]} is not a multiple of staleness.mode {mode}'s "
-                    f"{mode.value} local steps: between syncs each rank holds its own weights, "
-                    "and evaluation and the exported model need the synchronized ones; make "
-                    f"it a multiple of {mode.value}")
-    pattern_in_section = spd_cfg.tensor_parallel.pattern
-    # model
+    _check_local_steps(t, spd_cfg.staleness.mode)
+    return ds, dims, spd_cfg
+
+
+def _plan_layout(cfg: RunConfig, section: dict, world_size: int) -> ParallelDims:
+    """The sizes of the parallel section, agreed with the spd_ext section's (which gets
+    them), as a checked layout."""
+    from spd_ext.deepspeed.config import SECTION
+
+    p = cfg.values["parallel"]
+    tp_section = section.get("tensor_parallel") if isinstance(section.get("tensor_parallel"),
+                                                               dict) else {}
+    stale_section = section.get("staleness") if isinstance(section.get("staleness"),
+                                                            dict) else {}
+    tp = _agree("parallel.tp", p["tp"], f"deepspeed.{SECTION}.tensor_parallel.size",
+                tp_section.get("size"))
+    islands = _agree("parallel.islands", p["islands"], f"deepspeed.{SECTION}.staleness.islands",
+                     stale_section.get("islands"))
+    if tp > 1:
+        section["tensor_parallel"] = {**tp_section, "size": tp}
+    if islands > 1:
+        section["staleness"] = {**stale_section, "islands": islands}
+    try:
+        return ParallelDims(world_size, tp, islands, LAYOUT_NAMES)
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _check_local_steps(t: dict, staleness_mode: str) -> None:
+    """Between a local-SGD / DiLoCo mode's syncs each rank holds its own weights: the run
+    must end, and evaluate, on a sync."""
+    from spd_ext.staleness.modes import parse_mode
+
+    mode = parse_mode(staleness_mode)
+    if mode.kind not in ("local_sgd", "diloco"):
+        return
+    for key in ("steps", "eval_interval"):
+        if t[key] % mode.value:
+            raise _fail(
+                f"training.{key} {t[key]} is not a multiple of staleness.mode {mode}'s "
+                f"{mode.value} local steps: between syncs each rank holds its own weights, "
+                "and evaluation and the exported model need the synchronized ones; make "
+                f"it a multiple of {mode.value}")
+
+
+def _plan_model(cfg: RunConfig, tp: int, pattern_in_section: str | None) -> dict:
+    """The GPTConfig fields of the model (checked), or for a Hugging Face start what the
+    config may change of it."""
+    from spd_ext.deepspeed.config import SECTION
+    from spd_ext.tp.patterns import PatternError
+
+    m, d = cfg.values["model"], cfg.values["data"]
     explicit_shape = [k for k in _SHAPE_KEYS if f"model.{k}" in cfg.explicit]
     if m["hf_path"] is not None:
         if explicit_shape:
@@ -575,26 +596,27 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         if d["tokenizer"] != "gpt2":
             raise _fail(f"model.hf_path loads GPT-2 weights, which need data.tokenizer gpt2 "
                         f"(got {d['tokenizer']!r})")
-        model = {"pattern": m["pattern"], "dropout": m["dropout"], "tp_size": tp}
-    else:
-        pattern = m["pattern"] or f"tp*{m['n_layer']}"
-        vocab = m["vocab_size"]
-        if vocab is None and d["tokenizer"] == "gpt2":
-            vocab = PADDED_GPT2_VOCAB
-        model = {k: m[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout",
-                                   "bias")}
-        model.update(pattern=pattern, vocab_size=vocab, tp_size=tp)
-        try:
-            GPTConfig(**{**model, "vocab_size": vocab or 256})
-        except (PatternError, ValueError) as exc:
-            raise _fail(f"model: {exc}" + (" (tp_size is parallel.tp)" if "tp_size" in str(exc)
-                                            else "")) from None
-        if pattern_in_section is not None and pattern_in_section != pattern:
-            raise _fail(f"deepspeed.{SECTION}.tensor_parallel.pattern {pattern_in_section!r} "
-                        f"differs from model.pattern {pattern!r}; make them agree or leave the "
-                        "section's pattern out")
-    # data
-    data_world = dims.data_ranks
+        return {"pattern": m["pattern"], "dropout": m["dropout"], "tp_size": tp}
+    pattern = m["pattern"] or f"tp*{m['n_layer']}"
+    vocab = m["vocab_size"]
+    if vocab is None and d["tokenizer"] == "gpt2":
+        vocab = PADDED_GPT2_VOCAB
+    model = {k: m[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}
+    model.update(pattern=pattern, vocab_size=vocab, tp_size=tp)
+    try:
+        GPTConfig(**{**model, "vocab_size": vocab or 256})
+    except (PatternError, ValueError) as exc:
+        raise _fail(f"model: {exc}" + (" (tp_size is parallel.tp)" if "tp_size" in str(exc)
+                                        else "")) from None
+    if pattern_in_section is not None and pattern_in_section != pattern:
+        raise _fail(f"deepspeed.{SECTION}.tensor_parallel.pattern {pattern_in_section!r} "
+                    f"differs from model.pattern {pattern!r}; make them agree or leave the "
+                    "section's pattern out")
+    return model
+
+
+def _check_data_and_sample(cfg: RunConfig, data_world: int) -> None:
+    d, s = cfg.values["data"], cfg.values["sample"]
     if d["sharding"] == "clean_vs_corrupt":
         if not d["corrupt_ranks"]:
             raise _fail("data.sharding clean_vs_corrupt needs data.corrupt_ranks, e.g. [1]")
@@ -610,8 +632,6 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         raise _fail("sample.prompt is empty; give at least one character (default a newline)")
     if cfg.values["training"]["out_dir"] == "":
         raise _fail("training.out_dir is empty; give a folder or null for out/<config name>")
-    return RunPlan(cfg=cfg, dims=dims, ds_config=ds,
-                   model=model)
 
 
 def _agree(key: str, value: int | None, section_key: str, section_value: Any) -> int:

@@ -21,8 +21,8 @@ class TrainConfig:
     min_lr: float = option(1e-4, "learning rate at the end of the decay", low=0.0)
     warmup_steps: int = option(100, "linear warm-up steps", low=0)
     weight_decay: float = option(0.1, "AdamW weight decay (matrices and embeddings)", low=0.0)
-    beta1: float = option(0.9, "AdamW beta1", low=0.0)
-    beta2: float = option(0.99, "AdamW beta2", low=0.0)
+    beta1: float = option(0.9, "AdamW beta1", low=0.0, high=1.0, high_open=True)
+    beta2: float = option(0.99, "AdamW beta2", low=0.0, high=1.0, high_open=True)
     grad_clip: float = option(1.0, "gradient-norm clipping (0: off)", low=0.0)
     eval_interval: int = option(250, "steps between validation passes (0: at the end only)",
                                 low=0)

@@ -20,8 +20,8 @@ from typing import Any
 
 from spd_ext.errors import UsageError
 
-__all__ = ["Opt", "check", "check_fields", "closest", "describe", "flag_of", "option",
-           "option_from", "options_of", "parse_text"]
+__all__ = ["Opt", "check", "check_fields", "closest", "describe", "flag_of", "opt_from",
+           "option", "option_from", "options_of", "parse_text"]
 
 #: "object": a mapping (or what its owner accepts in its place) the owner checks itself
 KINDS = ("int", "float", "bool", "str", "ints", "object")
@@ -165,14 +165,22 @@ def option(default: Any, help: str, *, choices: Sequence[str] | None = None,
     return dataclasses.field(default=default, metadata={"option": meta})
 
 
+def opt_from(cls: type, name: str, default: Any = dataclasses.MISSING, *,
+             help: str | None = None) -> Opt:
+    """The :class:`Opt` of ``cls.name`` (its kind, help, bounds and choices), with another
+    default (or help): the same option in a mapping schema, described once."""
+    opt = options_of(cls)[name]
+    return dataclasses.replace(opt, default=opt.default if default is dataclasses.MISSING
+                               else default, help=help or opt.help)
+
+
 def option_from(cls: type, name: str, default: Any = dataclasses.MISSING, *,
                 help: str | None = None) -> Any:
     """A field declared as ``cls.name`` is (its help, bounds and choices), with another
     default (or help): the same option in another configuration, described once."""
     source = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["option"]
-    opt = options_of(cls)[name]
-    return option(opt.default if default is dataclasses.MISSING else default,
-                  help or opt.help, choices=opt.choices, low=opt.low, high=opt.high,
+    opt = opt_from(cls, name, default, help=help)
+    return option(opt.default, opt.help, choices=opt.choices, low=opt.low, high=opt.high,
                   low_open=opt.low_open, high_open=opt.high_open, flag=source["flag"])
 
 
