@@ -19,6 +19,23 @@ FORCED_FALLBACK = os.environ.get("SPD_EXT_FORCE_FALLBACK", "0") not in ("", "0")
 needs_kernels = pytest.mark.skipif(
     FORCED_FALLBACK, reason="tests the C++ kernels; SPD_EXT_FORCE_FALLBACK=1 disables them")
 
+# The forced-fallback pass (the second run of `make pytest`) is for the PyTorch fallbacks
+# that replace the kernels: the op, comm, tp, dp, DeepSpeed, staleness and example tests
+# run again without kernels. The whole-command tests below run the same spd_ext.comm calls
+# end to end through launchers (over half of a pass's time, which would keep CI over its
+# budget), so they run in the kernel pass only, unless SPD_EXT_TEST_COMMANDS_IN_FALLBACK=1.
+COMMAND_TESTS = ("test_train_cli.py", "test_experiments.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not FORCED_FALLBACK or os.environ.get("SPD_EXT_TEST_COMMANDS_IN_FALLBACK") == "1":
+        return
+    skip = pytest.mark.skip(reason="a whole-command test: the kernel pass runs it (set "
+                            "SPD_EXT_TEST_COMMANDS_IN_FALLBACK=1 to run it here)")
+    for item in items:
+        if item.path.name in COMMAND_TESTS:
+            item.add_marker(skip)
+
 # dtype codes of csrc/includes/spd_dtype.h, for the tests that call C entry points (ctypes).
 
 
