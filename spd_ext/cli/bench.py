@@ -23,13 +23,13 @@ class Benchmark:
     description: str
     defaults: Any
     module: str  # offers run(cfg) -> rows and report(cfg, rows, markdown) -> str
+    needs: str | None = None  # an optional package it cannot run without (its pip extra)
 
     def run(self, args: argparse.Namespace) -> int:
         cfg = config_from(args, self.defaults)
-        if self.module == "spd_ext.bench.ds_engine" and importlib.util.find_spec(
-                "deepspeed") is None:
-            raise UsageError("spd-ext bench deepspeed needs DeepSpeed: pip install "
-                             "'spd_ext[deepspeed]'")
+        if self.needs is not None and importlib.util.find_spec(self.needs) is None:
+            raise UsageError(f"spd-ext bench {args.bench} needs {self.needs}: pip install "
+                             f"'spd_ext[{self.needs}]'")
         bench = importlib.import_module(self.module)
         rows = bench.run(cfg)
         print(bench.report(cfg, rows, markdown=args.markdown))
@@ -71,7 +71,7 @@ BENCHMARKS = {
         "CPU ranks and its gradient reduction: DeepSpeed's own reduction vs spd_ext's fused "
         "all-reduce (\"comm\": {\"backend\": \"spd_ext\"}, stage 0 only), plain and "
         "signal-weighted, at a ZeRO stage.",
-        config.DeepSpeedBenchConfig(), "spd_ext.bench.ds_engine"),
+        config.DeepSpeedBenchConfig(), "spd_ext.bench.ds_engine", needs="deepspeed"),
     "ddp-hook": Benchmark(
         "DDP step: signal-weighted hook vs DDP's default",
         "Time a DistributedDataParallel training step of a GPT of about 10M parameters on N "

@@ -24,10 +24,11 @@ from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.train.config import COMPLETE, LATEST, RunPlan
 from spd_ext.utils.files import atomic_path, explained_write_errors, load_checkpoint, write_json
 
-__all__ = ["EngineCheckpointer", "FileCheckpointer", "rank_state_path"]
+__all__ = ["EngineCheckpointer", "FileCheckpointer", "is_main_process", "rank_state_path"]
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """Whether this process writes what one process writes (rank 0, or no group)."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -51,7 +52,7 @@ class FileCheckpointer:
 
     def save(self, step: int) -> str:
         state = self.state(step)  # collective for distributed tensor-parallel models
-        if _is_main():
+        if is_main_process():
             with atomic_path(self.path) as tmp:
                 torch.save(state, tmp)
         return str(self.path)

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from spd_ext.errors import UsageError
 from spd_ext.hooks import TrainerHooks, check_hooks
 from spd_ext.tp.sharding import ShardedModel
-from spd_ext.train.checkpoints import FileCheckpointer
+from spd_ext.train.checkpoints import FileCheckpointer, is_main_process
 from spd_ext.train.loop import LoopSettings, StepResult, TrainingDiverged, TrainingLoop
 from spd_ext.train.trainer_config import TrainConfig
 from spd_ext.utils.run_log import RunLog
@@ -78,10 +77,6 @@ def make_optimizer(model: nn.Module, cfg: OptimizerSettings) -> torch.optim.Adam
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 class Trainer:
