@@ -1,4 +1,6 @@
-// Shared-memory all-reduce among the ranks of one host.
+// Shared-memory collectives among the ranks of one host: all-reduce (the kernel
+// spd_ext.comm.all_reduce runs), and all-gather, reduce-scatter, broadcast and barrier
+// (what the torch.distributed backend "spd_ext" adds, spd_ext/comm/process_group.py).
 //
 // One POSIX shared-memory segment per process group holds, for every rank, a header
 // (flags and a description of its current call) and two data buffers of chunk_bytes
@@ -18,9 +20,17 @@
 //                     buffer (reduce-scatter); publish reduced=s; wait; copy every
 //                     rank's reduced slice into the output (all-gather).
 //
+//  all-gather:        copy input chunk to own buffer; arrived=s; wait; copy every
+//                     rank's buffer into its place in the output. One barrier.
+//  reduce-scatter:    copy the chunk of every peer's slice into own buffer (slice p at
+//                     p * chunk); arrived=s; wait; reduce slice `rank` of every buffer
+//                     (own from private memory) into the output. One barrier.
+//  broadcast:         the root copies its chunk into its buffer; arrived=s; wait; the
+//                     others copy the root's buffer out. One barrier.
+//
 // Why double buffering is enough: a rank writes buffer s % 2 again only in call s+2,
 // after it has seen every peer's arrived >= s+1, which a peer publishes only after it
-// finished reading everything of call s.
+// finished reading everything of call s (whatever collective either call was).
 //
 // Every rank sums contributions in rank order with the same kernel, and two-shot
 // results are computed once and copied, so all ranks end with bitwise-equal tensors.
@@ -62,7 +72,7 @@
 
 namespace {
 
-constexpr uint64_t kMagic = 0x326d68735f647073ull;  // "spd_shm2"
+constexpr uint64_t kMagic = 0x336d68735f647073ull;  // "spd_shm3"
 constexpr int kMaxRanks = 64;
 constexpr int64_t kPage = 4096;
 
@@ -81,6 +91,22 @@ const char* op_name(int32_t op)
     return "?";
 }
 
+// Which collective a call is (every rank of a call must make the same one).
+enum Collective : int32_t { kAllReduce = 0, kAllGather = 1, kReduceScatter = 2, kBroadcast = 3,
+                            kBarrier = 4 };
+
+const char* collective_name(int32_t kind)
+{
+    switch (kind) {
+        case kAllReduce: return "all_reduce";
+        case kAllGather: return "all_gather";
+        case kReduceScatter: return "reduce_scatter";
+        case kBroadcast: return "broadcast";
+        case kBarrier: return "barrier";
+    }
+    return "?";
+}
+
 struct alignas(64) Flag {
     std::atomic<uint64_t> seq;
 };
@@ -92,8 +118,10 @@ struct CallDesc {
     int32_t dtype;
     int32_t op;
     float weight;
-    int32_t pad;
+    int32_t kind;  // Collective
     uint64_t weights_hash;  // 0: no weight list passed (sum, mean, or own weight only)
+    int32_t root;  // broadcast's source rank
+    int32_t pad;
 };
 
 // Codes >= kTorchDTypeBase describe tensors the kernel does not reduce (agree_ only).
@@ -114,6 +142,15 @@ std::string describe_dtype(int32_t code)
         case c10::ScalarType::ComplexDouble: return "complex128";
         default: return c10::toString(static_cast<c10::ScalarType>(code - kTorchDTypeBase));
     }
+}
+
+// Kernel dtypes by their spd::DType code, any other torch dtype above kTorchDTypeBase.
+int32_t dtype_code(const at::Tensor& t)
+{
+    const auto st = t.scalar_type();
+    return (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf)
+               ? int32_t(spd::to_dtype(t))
+               : kTorchDTypeBase + int32_t(st);
 }
 
 // The largest weight a dtype can hold (a weight beyond it overflows the reduced value).
@@ -278,26 +315,146 @@ public:
     }
 
     // A call that carries only a description: every rank of the group checks that all
-    // passed the same size, dtype, op and weight list, raising the same error on each if
-    // not, and waits for every peer (timeout_s each, naming a missing one). Used before a
-    // tensor goes through torch.distributed, so a mismatch there is an error, not a hang
-    // or an abort; it pairs with a kernel call of a peer, so a rank that reduces float32
-    // here and one that reduces float64 through torch.distributed both see the mismatch.
+    // passed the same collective, size, dtype, op and weight list, raising the same error
+    // on each if not, and waits for every peer (timeout_s each, naming a missing one).
+    // Used before a tensor goes through torch.distributed, so a mismatch there is an
+    // error, not a hang or an abort; it pairs with a kernel call of a peer, so a rank that
+    // reduces float32 here and one that reduces float64 through torch.distributed both
+    // see the mismatch. With kind kBarrier and an empty tensor it is the barrier.
     void agree_(const at::Tensor& t, int64_t op, double weight, uint64_t weights_hash,
-                double timeout_s)
+                double timeout_s, int64_t kind)
     {
         const auto lock = enter();
-        const auto st = t.scalar_type();
+        TORCH_CHECK(kind >= kAllReduce && kind <= kBarrier, "unknown collective ", kind);
         CallDesc mine{};
         mine.seq = ++seq_;
+        mine.kind = int32_t(kind);
         mine.numel = t.numel();
-        mine.dtype = (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf)
-                         ? int32_t(spd::to_dtype(t))
-                         : kTorchDTypeBase + int32_t(st);
+        mine.dtype = dtype_code(t);
         mine.op = int32_t(op);
         mine.weight = float(weight);
         mine.weights_hash = weights_hash;
-        run_chunk<float>(nullptr, 0, mine, true, true, timeout_s);
+        arrive(mine, true, timeout_s);
+    }
+
+    // out (world_size x in.numel(), rank-major) <- every rank's `in`; any dtype (bytes
+    // are copied). `in` may be this rank's slice of `out` (in place).
+    void all_gather_(at::Tensor& out, const at::Tensor& in, double timeout_s)
+    {
+        const auto lock = enter();
+        check_cpu_contiguous(out, "all_gather output");
+        check_cpu_contiguous(in, "all_gather input");
+        TORCH_CHECK(out.scalar_type() == in.scalar_type() && out.numel() == in.numel() * world_,
+                    "all_gather: the output must hold world_size (", world_, ") x ", in.numel(),
+                    " elements of the input's dtype, got ", out.numel(), " x ",
+                    out.scalar_type());
+        const int64_t bytes = in.numel() * in.element_size();
+        const char* src = static_cast<const char*>(in.const_data_ptr());
+        char* dst = static_cast<char*>(out.data_ptr());
+        const int threads = spd::max_threads();
+        CallDesc mine{};
+        mine.kind = kAllGather;
+        mine.numel = in.numel();
+        mine.dtype = dtype_code(in);
+        int64_t off = 0;
+        do {
+            const int64_t n = std::min(chunk_bytes_, bytes - off);
+            mine.seq = ++seq_;
+            const int parity = int(mine.seq & 1);
+            spd::parallel_copy(buffer(rank_, parity), src + off, n, threads);
+            arrive(mine, off == 0, timeout_s);
+            for (int i = 0; i < world_; ++i) {
+                const int p = (rank_ + i) % world_;
+                char* to = dst + int64_t(p) * bytes + off;
+                const char* from = p == rank_ ? src + off : buffer(p, parity);
+                if (to != from) spd::parallel_copy(to, from, n, threads);
+            }
+            off += n;
+        } while (off < bytes);
+        out.unsafeGetTensorImpl()->bump_version();
+    }
+
+    // out <- slice `rank` (out.numel() elements) of the reduction of every rank's `in`
+    // (world_size x out.numel(), rank-major): sum, mean or weighted (each rank's `weight`
+    // scales its own contribution). float32 / bfloat16 / float16, fp32 accumulation.
+    void reduce_scatter_(at::Tensor& out, const at::Tensor& in, int64_t op, double weight,
+                         double timeout_s)
+    {
+        const auto lock = enter();
+        check_cpu_contiguous(out, "reduce_scatter output");
+        check_cpu_contiguous(in, "reduce_scatter input");
+        TORCH_CHECK(op >= kSum && op <= kWeighted, "unknown op code ", op);
+        TORCH_CHECK(out.scalar_type() == in.scalar_type() && in.numel() == out.numel() * world_,
+                    "reduce_scatter: the input must hold world_size (", world_, ") x ",
+                    out.numel(), " elements of the output's dtype, got ", in.numel(), " x ",
+                    in.scalar_type());
+        const spd::DType dt = spd::to_dtype(in);
+        const int64_t es = spd::dtype_size(dt);
+        const int64_t n = out.numel();
+        const int64_t chunk_el = std::max<int64_t>(1, chunk_bytes_ / (es * world_));
+        const int threads = spd::max_threads();
+        CallDesc mine{};
+        mine.kind = kReduceScatter;
+        mine.numel = n;
+        mine.dtype = int32_t(dt);
+        mine.op = int32_t(op);
+        mine.weight = float(weight);
+        const char* src = static_cast<const char*>(in.const_data_ptr());
+        char* dst = static_cast<char*>(out.data_ptr());
+        int64_t off = 0;
+        do {
+            const int64_t count = std::min(chunk_el, n - off);
+            mine.seq = ++seq_;
+            const int parity = int(mine.seq & 1);
+            char* mine_buf = buffer(rank_, parity);
+            for (int p = 0; p < world_; ++p)  // peers' slices only: our own is read in place
+                if (p != rank_)
+                    spd::parallel_copy(mine_buf + int64_t(p) * count * es,
+                                       src + (int64_t(p) * n + off) * es, count * es, threads);
+            arrive(mine, off == 0, timeout_s);
+            spd::dispatch_dtype(dt, [&](auto* tag) {
+                using T = std::remove_pointer_t<decltype(tag)>;
+                float w[kMaxRanks];
+                const T* from[kMaxRanks];
+                weights_of(mine, parity, w);
+                for (int p = 0; p < world_; ++p)
+                    from[p] = reinterpret_cast<const T*>(
+                        p == rank_ ? src + (int64_t(rank_) * n + off) * es
+                                   : buffer(p, parity) + int64_t(rank_) * count * es);
+                spd::weighted_reduce(reinterpret_cast<T*>(dst + off * es), from, w, world_,
+                                     count, threads);
+            });
+            off += count;
+        } while (off < n);
+        out.unsafeGetTensorImpl()->bump_version();
+    }
+
+    // t <- rank `root`'s t on every rank; any dtype.
+    void broadcast_(at::Tensor& t, int64_t root, double timeout_s)
+    {
+        const auto lock = enter();
+        check_cpu_contiguous(t, "broadcast tensor");
+        TORCH_CHECK(root >= 0 && root < world_, "broadcast: root ", root, " outside a group of ",
+                    world_, " ranks");
+        const int64_t bytes = t.numel() * t.element_size();
+        char* data = static_cast<char*>(t.data_ptr());
+        const int threads = spd::max_threads();
+        CallDesc mine{};
+        mine.kind = kBroadcast;
+        mine.numel = t.numel();
+        mine.dtype = dtype_code(t);
+        mine.root = int32_t(root);
+        int64_t off = 0;
+        do {
+            const int64_t n = std::min(chunk_bytes_, bytes - off);
+            mine.seq = ++seq_;
+            const int parity = int(mine.seq & 1);
+            if (rank_ == root) spd::parallel_copy(buffer(rank_, parity), data + off, n, threads);
+            arrive(mine, off == 0, timeout_s);
+            if (rank_ != root) spd::parallel_copy(data + off, buffer(int(root), parity), n, threads);
+            off += n;
+        } while (off < bytes);
+        if (rank_ != root) t.unsafeGetTensorImpl()->bump_version();
     }
 
     // The per-call entry point from Python: the argument checks that would cost Python as
@@ -479,7 +636,8 @@ private:
                     << f.load(std::memory_order_acquire)
                     << "); the rank is stuck, slower than the timeout, or skipped this "
                        "collective. Raise the limit with all_reduce(timeout=...) or "
-                       "SPD_EXT_COMM_TIMEOUT";
+                       "SPD_EXT_COMM_TIMEOUT (the backend \"spd_ext\": the process group's "
+                       "timeout)";
                 fail(msg.str());
             }
             if (check_alive && now - last_check > std::chrono::milliseconds(20)) {
@@ -506,25 +664,71 @@ private:
             wait_for((rank_ + i) % world_, flag, seq, stage, timeout_s);
     }
 
+    static void check_cpu_contiguous(const at::Tensor& t, const char* what)
+    {
+        TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "shm collectives need a contiguous CPU ",
+                    what);
+    }
+
+    // Publishes this rank's description of the call (its data already in its buffer),
+    // waits for every peer to do the same, and on a call's first chunk checks that all
+    // describe the same call.
+    void arrive(const CallDesc& mine, bool first, double timeout_s)
+    {
+        const int parity = int(mine.seq & 1);
+        RankHeader& me = header(rank_);
+        me.desc[parity] = mine;
+        me.arrived.seq.store(mine.seq, std::memory_order_release);
+        wait_all(&RankHeader::arrived, mine.seq, "publish its input", timeout_s);
+        if (first) check_same_call(parity, mine);
+    }
+
+    // Each rank's factor in a reduction: 1 (sum), 1/N (mean) or the weight it published.
+    void weights_of(const CallDesc& mine, int parity, float* w)
+    {
+        for (int p = 0; p < world_; ++p)
+            w[p] = mine.op == kSum    ? 1.0f
+                   : mine.op == kMean ? 1.0f / float(world_)
+                                      : header(p).desc[parity].weight;
+    }
+
+    static void describe_call(std::ostringstream& msg, const CallDesc& d, bool kind)
+    {
+        if (kind) msg << collective_name(d.kind) << " ";
+        msg << d.numel << " x " << describe_dtype(d.dtype);
+        if (d.kind == kAllReduce || d.kind == kReduceScatter) msg << " (" << op_name(d.op) << ")";
+        if (d.kind == kBroadcast) msg << " from rank " << d.root;
+    }
+
     void check_same_call(int parity, const CallDesc& mine)
     {
-        bool same = true;
+        bool same = true, same_kind = true;
         for (int p = 0; p < world_; ++p) {
             const CallDesc& d = header(p).desc[parity];
-            same = same && d.numel == mine.numel && d.dtype == mine.dtype && d.op == mine.op;
+            same_kind = same_kind && d.kind == mine.kind;
+            same = same && d.kind == mine.kind && d.numel == mine.numel &&
+                   d.dtype == mine.dtype && d.op == mine.op && d.root == mine.root;
         }
         // Every rank sees what every rank published for this call, so every rank reaches
         // the same verdict here and the group stays usable.
         if (!same) {
             std::ostringstream msg;
-            msg << "spd_ext all_reduce: ranks passed different tensors to call " << mine.seq
-                << ":";
+            if (same_kind)
+                msg << "spd_ext " << collective_name(mine.kind)
+                    << ": ranks passed different tensors to call " << mine.seq << ":";
+            else
+                msg << "spd_ext: ranks made different collective calls at call " << mine.seq
+                    << ":";
             for (int p = 0; p < world_; ++p) {
-                const CallDesc& d = header(p).desc[parity];
-                msg << " rank " << p << " " << d.numel << " x " << describe_dtype(d.dtype)
-                    << " (" << op_name(d.op) << ")" << (p + 1 < world_ ? "," : ";");
+                msg << " rank " << p << " ";
+                describe_call(msg, header(p).desc[parity], !same_kind);
+                msg << (p + 1 < world_ ? "," : ";");
             }
-            msg << " every rank must pass a tensor of the same size and dtype with the same op";
+            msg << (same_kind ? " every rank must pass a tensor of the same size and dtype"
+                                " with the same op"
+                              : " every rank must make the same collective calls in the same"
+                                " order");
+            if (mine.kind == kBroadcast && same_kind) msg << " and root";
             throw std::invalid_argument(msg.str());
         }
         if (mine.op != kWeighted) return;
@@ -566,7 +770,6 @@ private:
         const int64_t es = int64_t(sizeof(T));
         const int threads = spd::max_threads();
         RankHeader& me = header(rank_);
-        me.desc[parity] = mine;
         char* mine_buf = buffer(rank_, parity);
 
         // Two-shot slices, aligned to 64 bytes so each rank's kernel runs full vectors.
@@ -582,17 +785,11 @@ private:
             spd::parallel_copy(mine_buf, data, s0 * es, threads);
             spd::parallel_copy(mine_buf + s1 * es, data + s1 * es, (count - s1) * es, threads);
         }
-        me.arrived.seq.store(seq, std::memory_order_release);
-        wait_all(&RankHeader::arrived, seq, "publish its input", timeout_s);
-        if (first) check_same_call(parity, mine);
+        arrive(mine, first, timeout_s);
 
         float w[kMaxRanks];
         const T* src[kMaxRanks];
-        for (int p = 0; p < world_; ++p) {
-            w[p] = mine.op == kSum    ? 1.0f
-                   : mine.op == kMean ? 1.0f / float(world_)
-                                      : header(p).desc[parity].weight;
-        }
+        weights_of(mine, parity, w);
         if (one_shot) {
             for (int p = 0; p < world_; ++p)
                 src[p] = reinterpret_cast<const T*>(p == rank_ ? data : buffer(p, parity));
@@ -668,9 +865,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
              py::arg("weight"),
              py::arg("weights_hash"),
              py::arg("timeout_s"),
+             py::arg("kind") = int64_t(kAllReduce),
+             py::call_guard<py::gil_scoped_release>())
+        .def("all_gather_",
+             &ShmAllReduce::all_gather_,
+             "output (world_size x input, rank-major) <- every rank's input; any dtype",
+             py::arg("output"),
+             py::arg("input"),
+             py::arg("timeout_s"),
+             py::call_guard<py::gil_scoped_release>())
+        .def("reduce_scatter_",
+             &ShmAllReduce::reduce_scatter_,
+             "output <- this rank's slice of the reduction of every rank's input "
+             "(world_size x output, rank-major)",
+             py::arg("output"),
+             py::arg("input"),
+             py::arg("op"),
+             py::arg("weight"),
+             py::arg("timeout_s"),
+             py::call_guard<py::gil_scoped_release>())
+        .def("broadcast_",
+             &ShmAllReduce::broadcast_,
+             "tensor <- rank root's tensor; any dtype",
+             py::arg("tensor"),
+             py::arg("root"),
+             py::arg("timeout_s"),
              py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("chunk_bytes", &ShmAllReduce::chunk_bytes)
         .def_property_readonly("calls", &ShmAllReduce::calls);
+    m.attr("COLLECTIVES") = py::dict(py::arg("all_reduce") = int(kAllReduce),
+                                     py::arg("all_gather") = int(kAllGather),
+                                     py::arg("reduce_scatter") = int(kReduceScatter),
+                                     py::arg("broadcast") = int(kBroadcast),
+                                     py::arg("barrier") = int(kBarrier));
     m.def("weights_hash", &weights_hash, "the hash a weight list is published under",
           py::arg("weights"));
     spd::def_build_info(m);

@@ -127,13 +127,28 @@ class SetupExchange:
     """
 
     def __init__(self, group: Any, what: str, timeout: float | None = None) -> None:
+        self._start(default_store(), f"{group_name(group_key(group))}", dist.get_rank(group),
+                    dist.get_world_size(group),
+                    dist.get_process_group_ranks(group_key(group)), what, timeout)
+
+    @classmethod
+    def over_store(cls, store: dist.Store, rank: int, world_size: int,
+                   global_ranks: list[int], what: str,
+                   timeout: float | None = None) -> SetupExchange:
+        """The exchange of a group still being created (torch.distributed's backend
+        creator): its own store, rank and size, as torch hands them over."""
+        exchange = cls.__new__(cls)
+        exchange._start(store, "", rank, world_size, global_ranks, what, timeout)
+        return exchange
+
+    def _start(self, store: dist.Store, group: str, rank: int, world_size: int,
+               global_ranks: list[int], what: str, timeout: float | None) -> None:
         self.what = what
         self.timeout = default_timeout() if timeout is None else timeout
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self.global_ranks = dist.get_process_group_ranks(group_key(group))
-        store = default_store()
-        prefix = f"spd_ext/{what}/{group_name(group_key(group))}"
+        self.rank = rank
+        self.world_size = world_size
+        self.global_ranks = global_ranks
+        prefix = f"spd_ext/{what}/{group}"
         # A store can outlive its process group (destroy_process_group, then a new group on
         # the same store): numbering this rank's set-ups of the group keeps a new set-up
         # from reading an old one's keys. Every rank sets a group up equally often.

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 
 from spd_ext.comm.backend import ReduceCall
 from spd_ext.comm.groups import (
@@ -38,8 +37,10 @@ from spd_ext.comm.groups import (
     SetupExchange,
     default_timeout,
     env_bytes,
+    group_key,
     single_host_reason,
 )
+from spd_ext.comm.process_group import SpdExtProcessGroup
 from spd_ext.comm.segments import remove_stale_segments
 from spd_ext.comm.torch_backend import torch_all_reduce
 from spd_ext.comm.work import AllReduceWork, ProgressThread
@@ -75,6 +76,7 @@ class ShmGroup:
     oneshot_max_bytes: int
     timeout: float  # default per-call timeout, read from the environment at set-up
     weights_hash: Any  # the C++ function: a weight list -> the hash ranks compare
+    collective_codes: dict[str, int]  # "all_gather" -> the code the C++ context takes
     #: Runs the group's asynchronous calls (``all_reduce(..., async_op=True)``) in order.
     progress: ProgressThread = field(
         default_factory=lambda: ProgressThread("spd_ext-shm-progress"))
@@ -129,6 +131,30 @@ class ShmGroup:
             self.ctx.agree_(tensor, OP_CODES[op], weight, weights_hash,
                             self.timeout if timeout is None else timeout)
 
+    def all_gather_(self, output: torch.Tensor, input: torch.Tensor, timeout: float) -> None:
+        """``output`` (world_size x ``input``, rank-major) <- every rank's ``input``."""
+        with _as_comm_error():
+            self.ctx.all_gather_(output, input, timeout)
+
+    def reduce_scatter_(self, output: torch.Tensor, input: torch.Tensor, op: str,
+                        weight: float, timeout: float) -> None:
+        """``output`` <- this rank's slice of the reduction of every rank's ``input``."""
+        with _as_comm_error():
+            self.ctx.reduce_scatter_(output, input, OP_CODES[op], weight, timeout)
+
+    def broadcast_(self, tensor: torch.Tensor, root: int, timeout: float) -> None:
+        with _as_comm_error():
+            self.ctx.broadcast_(tensor, root, timeout)
+
+    def check_call_(self, tensor: torch.Tensor, collective: str, op_code: int, weight: float,
+                    timeout: float) -> None:
+        """Every rank checks that all make the same ``collective`` call on ``tensor`` (size,
+        dtype, op), which torch.distributed then carries; ``"barrier"`` on an empty tensor
+        is the barrier."""
+        with _as_comm_error():
+            self.ctx.agree_(tensor, op_code, weight, 0, timeout,
+                            self.collective_codes[collective])
+
     def close(self) -> None:
         self.progress.close()
         self.ctx.close()
@@ -169,15 +195,21 @@ def describe(group: Any = None) -> str:
 
 
 def _setup(group: Any, timeout: float | None) -> ShmGroup | str:
-    rank = dist.get_rank(group)
-    world = dist.get_world_size(group)
+    key = group_key(group)
+    if isinstance(key, SpdExtProcessGroup):  # the backend set its segment up already
+        return key.shm_group
+    return open_shm_group(SetupExchange(group, "shared-memory all-reduce", timeout))
+
+
+def open_shm_group(exchange: SetupExchange) -> ShmGroup | str:
+    """Set up the group's segment through ``exchange`` (collective): its context, or why
+    the group has none (then torch.distributed carries its collectives)."""
     module = builder.load()
-    exchange = SetupExchange(group, "shared-memory all-reduce", timeout)
     reason = single_host_reason(exchange, module is not None, "shm_allreduce",
                                 builder.status().reason)
     if reason:
         return reason
-    error = _create_and_attach(exchange, module, rank, world)
+    error = _create_and_attach(exchange, module, exchange.rank, exchange.world_size)
     if isinstance(error, ShmGroup):
         return error
     # The op loaded and every rank is local, yet the segment failed: worth a warning.
@@ -252,7 +284,8 @@ def _attach(exchange: SetupExchange, module: Any, rank: int, world: int, ctx: An
             ctx.close()
         return "; ".join(failed)
     return ShmGroup(ctx=ctx, rank=rank, world_size=world, oneshot_max_bytes=oneshot,
-                    timeout=default_timeout(), weights_hash=module.weights_hash)
+                    timeout=default_timeout(), weights_hash=module.weights_hash,
+                    collective_codes=dict(module.COLLECTIVES))
 
 
 _registry: GroupRegistry[ShmGroup] = GroupRegistry(_setup)

@@ -25,6 +25,15 @@ def premul_sum(factor: float | torch.Tensor, group: Any) -> Any | None:
     return make(factor)
 
 
+def premul_sum_op(factor: float) -> dist.ReduceOp:
+    """torch's PREMUL_SUM reduce op with ``factor`` (any backend that takes it)."""
+    make = getattr(dist, "_make_nccl_premul_sum", None)
+    if make is None:
+        raise RuntimeError("spd_ext: this torch has no torch.distributed._make_nccl_premul_sum;"
+                           " spd_ext.comm.torch_private.premul_sum_op needs updating for it")
+    return make(factor)
+
+
 def default_store() -> dist.Store:
     """The default process group's rendezvous store (set-up exchanges go through it, with
     a timeout, rather than through collectives that wait for the group's own 30 minutes)."""
