@@ -111,14 +111,10 @@ def test_bad_values_name_key_value_and_fix(section, match) -> None:
      "fp16 with staleness.islands 2"),
     ({"tensor_parallel": {"size": 2}, "signal_weighting": {}}, {"stage": 3},
      "tensor_parallel.size 2 with zero_optimization.stage 3"),
-    ({"comm": {"backend": "spd_ext"}}, {"stage": 2}, "comm.backend 'spd_ext' with "
-     "zero_optimization.stage 2"),
     ({"staleness": {"mode": "delayed:1"}}, {"fp16": {"enabled": True}},
      "fp16 with staleness.mode delayed:1"),
     ({"tensor_parallel": {"size": 2}}, {"fp16": {"enabled": True}},
      "fp16 with tensor_parallel.size 2"),
-    ({"comm": {"backend": "spd_ext"}}, {"stage": 1},
-     "backend 'spd_ext' with zero_optimization.stage 1"),
     ({"comm": {"backend": "spd"}}, {}, "'spd' is now called 'spd_ext'"),
     ({"staleness": {"mode": "local_sgd:4"}}, {"stage": 1},
      "local_sgd:4 with zero_optimization.stage 1: ZeRO-1 partitions the optimizer state"),
@@ -250,7 +246,7 @@ def test_a_refused_section_is_one_line_per_job(tmp_path) -> None:
         "model = torch.nn.Linear(2, 2)\n"
         "sd.initialize(model=model, model_parameters=model.parameters(), config={\n"
         "    'train_batch_size': 2, 'zero_optimization': {'stage': 1},\n"
-        "    'spd_ext': {'comm': {'backend': 'spd_ext'}}})\n")
+        "    'spd_ext': {'staleness': {'mode': 'local_sgd:4'}}})\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu"}
     port = free_port()
@@ -266,7 +262,7 @@ def test_a_refused_section_is_one_line_per_job(tmp_path) -> None:
     assert not left, f"the job left {[p.name for p in left]} in /dev/shm"
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "spd_ext: error:" in line]
-    assert len(errors) == 1 and "comm.backend 'spd_ext' with zero_optimization.stage 1" in \
+    assert len(errors) == 1 and "local_sgd:4 with zero_optimization.stage 1" in \
         errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 

@@ -28,6 +28,7 @@ kernel releasing the GIL; their ``Work`` raises the call's error from ``wait()``
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -35,10 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from spd_ext.backend_names import SPD_EXT
 from spd_ext.comm.torch_private import premul_sum_op
 
 #: The name torch.distributed knows the backend by.
-BACKEND_NAME = "spd_ext"
+BACKEND_NAME = SPD_EXT
 
 _OTHER_OP_BASE = 16  # op codes the segment compares for reductions gloo carries
 _CPU = torch.device("cpu")
@@ -130,6 +132,8 @@ class SpdExtProcessGroup(dist.ProcessGroup):
         #: the group's shared-memory context, or why it has none (then gloo carries all)
         self.shm_group = found
         self._shm = None if isinstance(found, str) else found
+        #: calls carried by the segment so far, by collective (what reached spd_ext)
+        self.shm_calls: Counter[str] = Counter()
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name for it
         return BACKEND_NAME
@@ -147,10 +151,11 @@ class SpdExtProcessGroup(dist.ProcessGroup):
         seconds = opts.timeout.total_seconds()
         return seconds if seconds > 0 else self._timeout_s
 
-    def _run(self, job: Callable[[], None], result: list[torch.Tensor],
+    def _run(self, collective: str, job: Callable[[], None], result: list[torch.Tensor],
              async_op: bool) -> CollectiveWork:
         """Run ``job`` on the segment: here for a synchronous call with nothing queued,
         otherwise after the queued calls, on the group's progress thread."""
+        self.shm_calls[collective] += 1
         progress = self._shm.progress
         if not async_op and not progress.busy():
             job()
@@ -190,7 +195,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             if flat is not tensor:
                 tensor.copy_(flat)
 
-        return self._run(job, tensors, opts.asyncOp)
+        return self._run("all_reduce", job, tensors, opts.asyncOp)
 
     def _gloo_allreduce(self, tensors: list[torch.Tensor], opts: Any,
                         reduction: tuple[str, float] | None) -> dist.Work:
@@ -221,7 +226,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
                 if flat is not tensor:
                     tensor.copy_(flat)
 
-        return self._run(job, tensors, opts.asyncOp)
+        return self._run("all_reduce_coalesced", job, tensors, opts.asyncOp)
 
     def reduce(self, tensors: list[torch.Tensor],
                opts: dist.ReduceOptions | None = None) -> dist.Work:
@@ -254,7 +259,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             if mine and flat is not tensor:
                 tensor.copy_(flat)
 
-        return self._run(job, tensors, opts.asyncOp)
+        return self._run("reduce", job, tensors, opts.asyncOp)
 
     def broadcast(self, tensors: list[torch.Tensor],
                   opts: dist.BroadcastOptions | None = None) -> dist.Work:
@@ -270,7 +275,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             if flat is not tensor:
                 tensor.copy_(flat)
 
-        return self._run(job, tensors, opts.asyncOp)
+        return self._run("broadcast", job, tensors, opts.asyncOp)
 
     def _gloo_broadcast(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         if len(tensors) != 1 or tensors[0].is_contiguous():
@@ -292,8 +297,8 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             return self._gloo._allgather_base(output, input, opts)
         self._check_sizes("all_gather_into_tensor", "output", output, input)
         timeout, shm = self._seconds(opts), self._shm
-        return self._run(lambda: shm.all_gather_(output, input, timeout), [output],
-                         opts.asyncOp)
+        return self._run("all_gather_into_tensor",
+                         lambda: shm.all_gather_(output, input, timeout), [output], opts.asyncOp)
 
     _allgather_base = all_gather_single  # the name torch used before 2.6
 
@@ -317,7 +322,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             for out, part in zip(outputs, flat.chunk(self.size())):
                 out.copy_(part.view(out.shape))
 
-        return self._run(job, outputs, opts.asyncOp)
+        return self._run("all_gather", job, outputs, opts.asyncOp)
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
                               opts: dist.ReduceScatterOptions | None = None) -> dist.Work:
@@ -334,7 +339,8 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             return self._gloo_reduce_scatter(output, input, opts)
         op, weight = reduction
         shm = self._shm
-        return self._run(lambda: shm.reduce_scatter_(output, input, op, weight, timeout),
+        return self._run("reduce_scatter_tensor",
+                         lambda: shm.reduce_scatter_(output, input, op, weight, timeout),
                          [output], opts.asyncOp)
 
     _reduce_scatter_base = reduce_scatter_single  # the name torch used before 2.6
@@ -352,7 +358,8 @@ class SpdExtProcessGroup(dist.ProcessGroup):
         if self._shm is None:
             return self._gloo.barrier(opts)
         timeout, shm = self._seconds(opts), self._shm
-        return self._run(lambda: shm.check_call_(torch.empty(0), "barrier", 0, 0.0, timeout),
+        return self._run("barrier",
+                         lambda: shm.check_call_(torch.empty(0), "barrier", 0, 0.0, timeout),
                          [], opts.asyncOp)
 
     def _check_sizes(self, what: str, whole_name: str, whole: torch.Tensor,
@@ -394,6 +401,11 @@ def register_backend() -> None:
     if BACKEND_NAME in dist.Backend.backend_list:
         return
     dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True, devices=["cpu"])
+
+
+def is_spd_ext_group(group: Any = None) -> bool:
+    """Whether ``group`` (default: the world) is a group of the backend "spd_ext"."""
+    return isinstance(dist.group.WORLD if group is None else group, SpdExtProcessGroup)
 
 
 def weighted_op(weight: float) -> dist.ReduceOp:

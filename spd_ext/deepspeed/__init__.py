@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from spd_ext.backend_names import SPD_EXT, SPD_EXT_CPU_BACKEND
 from spd_ext.deepspeed.config import (
     SECTION,
     SECTION_NAMES,
@@ -32,6 +33,7 @@ from spd_ext.deepspeed.config import (
     check_metrics_path,
     split_config,
     validate_against_deepspeed,
+    zero_stage,
 )
 from spd_ext.deepspeed.engine import EngineIntegration
 from spd_ext.parallel_dims import ModelParallelUnit, ParallelDims, Topology
@@ -187,6 +189,40 @@ def _mark_tensor_parallel(model: Any, topology: Topology, cfg: SpdExtConfig) -> 
             p.partition_stride = 1
 
 
+def _init_distributed(cfg: SpdExtConfig, ds_config: dict) -> None:
+    """``deepspeed.init_distributed`` unless the caller did it, on the torch.distributed
+    backend "spd_ext" when ``comm.backend`` is spd_ext on a CPU accelerator (DeepSpeed would
+    pick gloo); at ZeRO >= 1 that backend is what the setting means, so a group initialized
+    on another one is refused."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from spd_ext.comm.process_group import is_spd_ext_group
+    from spd_ext.deepspeed.ops import load_deepspeed_comm_op
+
+    wanted = cfg.comm.backend == SPD_EXT
+    stage = zero_stage(ds_config)
+    device = get_accelerator().device_name()
+    if wanted and stage >= 1 and device != "cpu":
+        raise SpdExtConfigError(
+            f"comm.backend 'spd_ext' with zero_optimization.stage {stage} on {device}: at "
+            "ZeRO >= 1 it selects the torch.distributed backend 'spd_ext', which carries CPU "
+            "tensors; on GPUs use comm.backend 'deepspeed' (NCCL) or stage 0 (spd_ext's CUDA "
+            "IPC all-reduce)")
+    if not dist.is_initialized():
+        load_deepspeed_comm_op()  # under spd_ext's build lock: never a silent hang
+        deepspeed.init_distributed(dist_backend=SPD_EXT_CPU_BACKEND
+                                   if wanted and device == "cpu" else None)
+    elif wanted and stage >= 1 and not is_spd_ext_group():
+        raise SpdExtConfigError(
+            f"comm.backend 'spd_ext' with zero_optimization.stage {stage} runs DeepSpeed's "
+            "collectives on the torch.distributed backend 'spd_ext', but this job's process "
+            f"group was initialized on {dist.get_backend()!r}; initialize it with "
+            f"deepspeed.init_distributed(dist_backend='{SPD_EXT_CPU_BACKEND}') after "
+            "`import spd_ext`, or leave it to spd_ext.deepspeed.initialize")
+
+
 @_one_line_errors
 def initialize(args: Any = None, model: Any = None, *, config: Any = None,
                config_params: Any = None, mpu: Any = None, **kwargs: Any) -> tuple:
@@ -207,11 +243,7 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
                                 "config=... or --deepspeed_config")
     if model is None:
         raise SpdExtConfigError("spd_ext.deepspeed.initialize needs model=...")
-    if not dist.is_initialized():
-        from spd_ext.deepspeed.ops import load_deepspeed_comm_op
-
-        load_deepspeed_comm_op()  # under spd_ext's build lock: never a silent hang
-        deepspeed.init_distributed()
+    _init_distributed(cfg, rest)
     # Collective, before anything else can fail: every rank has mapped DeepSpeed's CPU
     # all-reduce segments since init_distributed, and a refused set-up would leave them.
     release_deepspeed_shm_name()

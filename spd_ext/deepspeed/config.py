@@ -155,7 +155,8 @@ class CommConfig:
             raise SpdExtConfigError(f"{where}.backend: unknown backend {self.backend!r}"
                                     f"{renamed_backend_hint(self.backend)}; use 'deepspeed' "
                                     "(DeepSpeed's own reduction) or 'spd_ext' (spd_ext's "
-                                    "fused all-reduce, ZeRO stage 0)")
+                                    "fused all-reduce at ZeRO stage 0; the torch.distributed "
+                                    "backend 'spd_ext' at every stage)")
         check_fields(self, where, SpdExtConfigError)
 
 
@@ -270,7 +271,8 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
         (f"staleness.islands {cfg.staleness.islands}", islands),
         (f"staleness.mode {mode}", mode.kind != "ssgd" and not islands),
         (f"tensor_parallel.size {cfg.tensor_parallel.size}", cfg.tensor_parallel.size > 1),
-        ("comm.backend 'spd_ext'", cfg.comm.backend == SPD_EXT)) if on]
+        # at ZeRO >= 1 the backend only carries DeepSpeed's own collectives
+        ("comm.backend 'spd_ext'", cfg.comm.backend == SPD_EXT and stage == 0)) if on]
     if stage == 3 and cfg.tensor_parallel.size > 1:
         raise SpdExtConfigError(
             f"tensor_parallel.size {cfg.tensor_parallel.size} with zero_optimization.stage 3: "
@@ -318,13 +320,6 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             f"data_types.grad_accum_dtype {grad_accum!r} with bf16: DeepSpeed then routes "
             "gradients through its BF16_Optimizer, whose buffers spd_ext does not drive; leave "
             "grad_accum_dtype out")
-    if cfg.comm.backend == SPD_EXT and stage != 0:
-        raise SpdExtConfigError(
-            f"comm.backend 'spd_ext' with zero_optimization.stage {stage}: ZeRO-1 "
-            "reduce-scatters into optimizer-state partitions with its own buckets; spd_ext's "
-            "fused all-reduce "
-            "replaces DeepSpeed's reduction at stage 0 only. Use backend 'deepspeed' (weights "
-            "are still applied, as a per-rank scale) or stage 0")
     if mode.kind in ("delayed", "local_sgd") or (mode.kind == "diloco"
                                                   and cfg.staleness.islands == 1):
         if stage != 0:

@@ -185,7 +185,11 @@ class EngineIntegration:
             self.log = RunLog(Path(cfg.metrics.jsonl), run_name="spd_ext", quiet=True,
                               config={"spd_ext": _plain(cfg)})
         self._grad_buffers: dict[torch.dtype, torch.Tensor] = {}
-        if cfg.comm.backend == SPD_EXT and stage == 0 and self.strategy is None:
+        # comm.backend "spd_ext": at stage 0 spd_ext's fused all-reduce replaces DeepSpeed's
+        # reduction; at ZeRO >= 1 DeepSpeed's own reduce-scatter and all-gathers run on the
+        # torch.distributed backend "spd_ext" (selected by spd_ext.deepspeed.initialize).
+        self._fused_reduction = cfg.comm.backend == SPD_EXT and stage == 0
+        if self._fused_reduction and self.strategy is None:
             self._grad_buffers = self._make_grad_buffers()
         fp16 = getattr(engine, "fp16_enabled", None)
         self._fp16 = bool(fp16()) if callable(fp16) else False  # loss scaling skips overflows
@@ -318,7 +322,7 @@ class EngineIntegration:
             self._skip_optimizer = bool(out.get("skip_optimizer", False))
         elif self.aggregator is not None:
             self._weighted_reduce(grads, args, kwargs)
-        elif self.cfg.comm.backend == SPD_EXT:
+        elif self._fused_reduction:
             self._spd_reduce(grads, "mean" if engine.gradient_average else "sum", None)
         else:
             self._originals["allreduce_gradients"](*args, **kwargs)
@@ -475,7 +479,7 @@ class EngineIntegration:
         for i, g in enumerate(grads):
             agg.observe_local_piece(i, g.reshape(-1), factor)
         agg.signal.end_gradient()
-        if self.cfg.comm.backend == SPD_EXT:
+        if self._fused_reduction:
             self._spd_reduce(grads, "mean" if self.engine.gradient_average else "sum", None)
         else:
             self._originals["allreduce_gradients"](*args, **kwargs)
