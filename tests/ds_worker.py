@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -788,11 +789,44 @@ def scenario_refused(rank: int, world: int, out: dict) -> None:
     out["errors"] = errors
 
 
+# -- the torch.distributed backend "spd_ext" under ZeRO ----------------------------------
+#: how main() set torch.distributed up: "gloo", "spd_ext" (init_distributed on the backend)
+#: or "section" (left to spd_ext.deepspeed.initialize, the section's comm.backend choosing)
+DIST_BACKEND = ["gloo"]
+ZERO_CASES = {"zero1": (1, False), "zero2": (2, False), "zero3": (3, False),
+              "zero2 bf16": (2, True), "zero3 bf16": (3, True)}
+
+
+def scenario_zero_backend(rank: int, world: int, out: dict) -> None:
+    """DeepSpeed's own ZeRO engines (plain deepspeed.initialize, or spd_ext's with only
+    comm.backend set) on the job's backend: every rank's losses, and which collectives
+    reached spd_ext's segment."""
+    section = DIST_BACKEND[0] == "section"
+    for name, (stage, bf16) in ZERO_CASES.items():
+        torch.manual_seed(0)
+        model = ReducedSyncGPT(gpt_config())
+        config = ds_config(stage, bf16=bf16,
+                           section={"comm": {"backend": "spd_ext"}} if section else None)
+        init = sd.initialize if section else deepspeed.initialize
+        engine, *_ = init(model=model, model_parameters=model.parameters(), config=config)
+        out[name] = train_engine(engine, 4, dist.get_rank())
+        engine.destroy()
+    group = dist.group.WORLD
+    out["group"] = type(group).__name__
+    out["backend"] = dist.get_backend()
+    calls: dict[str, int] = {}  # over every group (DeepSpeed reduces on its own dp group)
+    for pg in dist.distributed_c10d._world.pg_map:
+        for collective, count in getattr(pg, "shm_calls", {}).items():
+            calls[collective] = calls.get(collective, 0) + count
+    out["shm_calls"] = calls
+
+
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
              "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
              "trainer": scenario_trainer, "nan_grad": scenario_nan_grad,
              "refused": scenario_refused, "skipped": scenario_skipped,
-             "host_sync": scenario_host_sync, "tp_islands": scenario_tp_islands}
+             "host_sync": scenario_host_sync, "tp_islands": scenario_tp_islands,
+             "zero_backend": scenario_zero_backend}
 
 
 def main() -> None:
@@ -800,10 +834,16 @@ def main() -> None:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    parser.add_argument("--dist-backend", choices=("gloo", "spd_ext", "section"),
+                        default="gloo")
     args = parser.parse_args()
     load_deepspeed_comm_op()  # as spd_ext's entry points do: a stale build lock never hangs
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    DIST_BACKEND[0] = args.dist_backend
+    if args.dist_backend != "section":
+        deepspeed.init_distributed(dist_backend={"gloo": "gloo", "spd_ext": "cpu:spd_ext"}[
+            args.dist_backend], verbose=False)
+        sd.release_deepspeed_shm_name()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out: dict = {}
     SCENARIOS[args.scenario](rank, world, out)
     path = Path(args.out) / f"{args.scenario}.rank{rank}.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from spd_ext.backend_names import SPD_EXT, TP_BACKENDS
+from spd_ext.backend_names import DIST_BACKENDS, SPD_EXT, TP_BACKENDS
 from spd_ext.errors import UsageError
 from spd_ext.parallel_dims import LayoutNames, ParallelDims
 from spd_ext.tp.config import GPTConfig
@@ -101,6 +101,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "tp_backend": Opt(SPD_EXT, "str", "the tensor-parallel all-reduce: spd_ext "
                           "(spd_ext.comm: shared memory on CPU, CUDA IPC on GPU) or torch "
                           "(torch.distributed)", choices=TP_BACKENDS),
+        "dist_backend": Opt("auto", "str", "the torch.distributed backend DeepSpeed's "
+                            "collectives run on: auto (spd_ext on CPU, DeepSpeed's choice "
+                            "on GPUs), spd_ext (shared memory, CPU ranks) or deepspeed (gloo "
+                            "on CPU, NCCL on GPUs)", choices=DIST_BACKENDS),
         "rank_timeout": Opt(300.0, "float", "seconds a rank waits for the others (every "
                             "collective, checkpoint barrier and spd_ext all-reduce) before the "
                             "run stops, naming the rank that stopped answering", low=0.0,
@@ -429,6 +433,11 @@ class RunPlan:
         """The steps the cosine decay spans (training.lr_decay_steps, else training.steps)."""
         t = self.cfg.values["training"]
         return int(t["lr_decay_steps"] or t["steps"])
+
+    @property
+    def dist_backend(self) -> str:
+        """``parallel.dist_backend`` as chosen ("auto", "spd_ext" or "deepspeed")."""
+        return str(self.cfg.values["parallel"]["dist_backend"])
 
     @property
     def rank_timeout(self) -> float:

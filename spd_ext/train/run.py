@@ -34,6 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from spd_ext.backend_names import SPD_EXT, SPD_EXT_CPU_BACKEND
 from spd_ext.errors import UsageError
 from spd_ext.train.config import (
     RunPlan,
@@ -64,6 +65,20 @@ def lr_at(step: int, training: Any) -> float:
 
 
 # -- pieces of the run --------------------------------------------------------------------
+def _dist_backend(choice: str, accelerator: Any) -> str:
+    """``init_process_group``'s backend for ``parallel.dist_backend``: spd_ext's on a CPU
+    accelerator unless the run asks for DeepSpeed's own (gloo there, NCCL on GPUs)."""
+    device = accelerator.device_name()
+    if choice == "auto":
+        choice = SPD_EXT if device == "cpu" else "deepspeed"
+    if choice != SPD_EXT:
+        return accelerator.communication_backend_name()
+    if device != "cpu":
+        raise UsageError(f"parallel.dist_backend spd_ext carries CPU tensors; this run's "
+                         f"DeepSpeed accelerator is {device}: use auto or deepspeed")
+    return SPD_EXT_CPU_BACKEND
+
+
 def _quiet_deepspeed() -> None:
     try:
         from deepspeed.utils import logger
@@ -146,7 +161,7 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     owned = not dist.is_initialized()
     if owned:
         load_deepspeed_comm_op()  # under spd_ext's build lock: never a silent hang
-        init_launched_group(accelerator.communication_backend_name(), timeout)
+        init_launched_group(_dist_backend(plan.dist_backend, accelerator), timeout)
         deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout))
         # Every rank has mapped every DeepSpeed CPU all-reduce segment (69 MB each) by now:
         # their names go before anything else can fail and leave them in /dev/shm.
