@@ -802,6 +802,8 @@ def scenario_zero_backend(rank: int, world: int, out: dict) -> None:
     comm.backend set) on the job's backend: every rank's losses, and which collectives
     reached spd_ext's segment."""
     section = DIST_BACKEND[0] == "section"
+    if not section:  # plain deepspeed.initialize leaves DeepSpeed's segment names behind
+        sd.release_deepspeed_shm_name()
     for name, (stage, bf16) in ZERO_CASES.items():
         torch.manual_seed(0)
         model = ReducedSyncGPT(gpt_config())
@@ -842,7 +844,6 @@ def main() -> None:
     if args.dist_backend != "section":
         deepspeed.init_distributed(dist_backend={"gloo": "gloo", "spd_ext": "cpu:spd_ext"}[
             args.dist_backend], verbose=False)
-        sd.release_deepspeed_shm_name()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out: dict = {}
     SCENARIOS[args.scenario](rank, world, out)

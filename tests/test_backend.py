@@ -285,6 +285,31 @@ def test_collectives_match_gloo(world: int) -> None:
         assert "subgroup" not in ranks[1]
 
 
+def _async_ranks(rank: int, world: int) -> list[str]:
+    c = Compare(dist.group.WORLD, dist.new_group(backend="gloo"), rank, world)
+    _layout_and_async_cases(c, seed=5)
+    return c.failures
+
+
+@pytest.mark.parametrize("mode", ["all", "none"])
+def test_every_async_mode_matches_gloo(mode: str) -> None:
+    """SPD_EXT_BACKEND_ASYNC=all (gathers on the progress thread too) and none (every
+    call completes before returning) keep issue order and results."""
+    for failures in spawn(_async_ranks, 2, backend=BACKEND, timeout=120,
+                          env={"SPD_EXT_BACKEND_ASYNC": mode}):
+        assert not failures, "\n".join(failures)
+
+
+def test_an_unknown_async_mode_is_named(monkeypatch) -> None:
+    from spd_ext.comm.process_group import threaded_collectives
+    from spd_ext.errors import UsageError
+
+    monkeypatch.setenv("SPD_EXT_BACKEND_ASYNC", "sometimes")
+    with pytest.raises(UsageError, match="SPD_EXT_BACKEND_ASYNC='sometimes': use one of "
+                       "reductions, all, none"):
+        threaded_collectives()
+
+
 def _mismatch_ranks(rank: int, world: int) -> dict:
     from spd_ext.comm import CommError
 

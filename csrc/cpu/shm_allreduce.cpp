@@ -49,7 +49,9 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -189,6 +191,13 @@ uint64_t weights_hash(const std::vector<double>& v)
 struct alignas(64) RankHeader {
     Flag arrived;  // last call whose input this rank has published
     Flag reduced;  // last call whose reduce-scatter slice this rank has written
+    // A peer that waited past the spin phase sleeps on `wakeups` (a futex word, shared
+    // across processes) after counting itself in `sleepers`; publishing a flag bumps
+    // `wakeups` and wakes the sleepers, if any. Waiting peers then cost no CPU, which on a
+    // host whose cores all compute (a rank's own progress thread beside its main thread,
+    // more ranks than cores) is what the ranks being waited for need.
+    alignas(64) std::atomic<uint32_t> wakeups;
+    std::atomic<uint32_t> sleepers;
     CallDesc desc[2];
     int64_t pid;
     uint64_t pid_ns;  // liveness is checked only between ranks in one pid namespace
@@ -220,6 +229,19 @@ bool process_alive(int64_t pid)
     if (close == std::string::npos || close + 2 >= s.size()) return true;
     const char state = s[close + 2];
     return state != 'Z' && state != 'X';
+}
+
+// futex(2) on a word in shared memory (not FUTEX_PRIVATE: peers are other processes).
+void futex_wait(std::atomic<uint32_t>* word, uint32_t expected, int64_t timeout_ns)
+{
+    struct timespec t = {time_t(timeout_ns / 1000000000), long(timeout_ns % 1000000000)};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &t, nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<uint32_t>* word)
+{
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT32_MAX, nullptr,
+            nullptr, 0);
 }
 
 inline void cpu_relax()
@@ -609,24 +631,44 @@ private:
         throw std::runtime_error("spd_ext shm all_reduce: " + msg);
     }
 
-    // Spin (cheap when the peer is running on another core), then yield (lets a peer
-    // that shares our core run), then sleep in short naps (long waits must not burn a
-    // core another rank's compute threads need).
+    // Sets this rank's `flag` to seq (its peers wait for that), waking peers asleep on it.
+    void publish(Flag RankHeader::*flag, uint64_t seq)
+    {
+        RankHeader& me = header(rank_);
+        // seq_cst: a sleeper counts itself, then re-reads the flag; one of the two sides
+        // sees the other's write (a sleeper that misses the flag is seen and woken)
+        (me.*flag).seq.store(seq, std::memory_order_seq_cst);
+        me.wakeups.fetch_add(1, std::memory_order_seq_cst);
+        if (me.sleepers.load(std::memory_order_seq_cst) != 0) futex_wake_all(&me.wakeups);
+    }
+
+    // Spin (cheap when the peer is running on another core: the common case, a peer a
+    // few microseconds behind), then sleep on the peer's futex in slices of kSliceNs,
+    // checking between slices that the peer is alive and the deadline has not passed.
     void wait_for(int p, Flag RankHeader::*flag, uint64_t seq, const char* stage,
                   double timeout_s)
     {
-        std::atomic<uint64_t>& f = (header(p).*flag).seq;
-        for (int i = 0; i < 2048; ++i) {
+        constexpr int64_t kSliceNs = 20000000;  // liveness checks every 20 ms
+        RankHeader& peer = header(p);
+        std::atomic<uint64_t>& f = (peer.*flag).seq;
+        for (int i = 0; i < 1024; ++i) {
             if (f.load(std::memory_order_acquire) >= seq) return;
             cpu_relax();
         }
-        const RankHeader& peer = header(p);
         const bool check_alive = peer.pid_ns != 0 && peer.pid_ns == header(rank_).pid_ns;
         const auto start = Clock::now();
         const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
                                           std::chrono::duration<double>(timeout_s));
-        auto last_check = start;
-        while (f.load(std::memory_order_acquire) < seq) {
+        while (true) {
+            const uint32_t seen = peer.wakeups.load(std::memory_order_seq_cst);
+            peer.sleepers.fetch_add(1, std::memory_order_seq_cst);
+            if (f.load(std::memory_order_seq_cst) >= seq) {
+                peer.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+                return;
+            }
+            futex_wait(&peer.wakeups, seen, kSliceNs);
+            peer.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+            if (f.load(std::memory_order_acquire) >= seq) return;
             const auto now = Clock::now();
             if (now >= deadline) {
                 std::ostringstream msg;
@@ -640,20 +682,11 @@ private:
                        "timeout)";
                 fail(msg.str());
             }
-            if (check_alive && now - last_check > std::chrono::milliseconds(20)) {
-                last_check = now;
-                if (!process_alive(peer.pid)) {
-                    std::ostringstream msg;
-                    msg << "rank " << p << " (pid " << peer.pid << ") exited while rank "
-                        << rank_ << " waited for it to " << stage << " for call " << seq;
-                    fail(msg.str());
-                }
-            }
-            if (now - start < std::chrono::milliseconds(2)) {
-                sched_yield();
-            } else {
-                struct timespec nap = {0, 20000};
-                nanosleep(&nap, nullptr);
+            if (check_alive && !process_alive(peer.pid)) {
+                std::ostringstream msg;
+                msg << "rank " << p << " (pid " << peer.pid << ") exited while rank " << rank_
+                    << " waited for it to " << stage << " for call " << seq;
+                fail(msg.str());
             }
         }
     }
@@ -678,7 +711,7 @@ private:
         const int parity = int(mine.seq & 1);
         RankHeader& me = header(rank_);
         me.desc[parity] = mine;
-        me.arrived.seq.store(mine.seq, std::memory_order_release);
+        publish(&RankHeader::arrived, mine.seq);
         wait_all(&RankHeader::arrived, mine.seq, "publish its input", timeout_s);
         if (first) check_same_call(parity, mine);
     }
@@ -769,7 +802,6 @@ private:
         const int parity = int(seq & 1);
         const int64_t es = int64_t(sizeof(T));
         const int threads = spd::max_threads();
-        RankHeader& me = header(rank_);
         char* mine_buf = buffer(rank_, parity);
 
         // Two-shot slices, aligned to 64 bytes so each rank's kernel runs full vectors.
@@ -800,7 +832,7 @@ private:
             src[p] = reinterpret_cast<const T*>(p == rank_ ? data : buffer(p, parity)) + s0;
         spd::weighted_reduce(reinterpret_cast<T*>(mine_buf) + s0, src, w, world_, s1 - s0,
                              threads);
-        me.reduced.seq.store(seq, std::memory_order_release);
+        publish(&RankHeader::reduced, seq);
         wait_all(&RankHeader::reduced, seq, "finish its reduce-scatter slice", timeout_s);
         for (int i = 0; i < world_; ++i) {
             const int p = (rank_ + i) % world_;

@@ -316,3 +316,46 @@ class DDPHookBenchConfig(TrainingStepBenchConfig):
         super().check()
         if self.bucket_mb <= 0:
             raise UsageError(f"--bucket-mb must be positive, got {self.bucket_mb}")
+
+
+# -- the torch.distributed backend "spd_ext" against gloo ----------------------------------
+BACKEND_COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+BACKEND_STEPS = ("zero2", "zero3", "ddp", "fsdp2")
+
+
+@dataclass
+class BackendBenchConfig(TrainingStepBenchConfig):
+    collectives: str = option(",".join(BACKEND_COLLECTIVES),
+                              f"comma list of {', '.join(BACKEND_COLLECTIVES)} (none: skip)")
+    sizes: str = option("4K..64M", "bytes of each collective's whole tensor (all_reduce's, "
+                        "reduce_scatter's input, all_gather's output): LO..HI[:FACTOR] "
+                        "(default factor 4) or a comma list")
+    dtypes: str = option("fp32", _DTYPES, flag="--dtype")
+    repeats: int = option(7, _REPEATS, low=1)
+    target_ms: float = option(20.0, _TARGET_MS, low=0.0, low_open=True)
+    variants: str = option(",".join(BACKEND_STEPS), "training steps to time, comma list of "
+                           f"{', '.join(BACKEND_STEPS)} (none: skip)")
+    steps: int = option(8, "timed steps per variant (median)", low=1)
+    threads_per_rank: int | None = option(None, "torch/OpenMP threads per rank (default: "
+                                          "cores // nproc)", low=1)
+
+    KNOWN_VARIANTS: ClassVar[Collection[str]] = BACKEND_STEPS
+
+    def variant_list(self) -> list[str]:
+        return [] if self.variants.strip() == "none" else super().variant_list()
+
+    def collective_list(self) -> list[str]:
+        if self.collectives.strip() == "none":
+            return []
+        names = [c.strip() for c in self.collectives.split(",") if c.strip()]
+        bad = [c for c in names if c not in BACKEND_COLLECTIVES]
+        if bad or not names:
+            raise UsageError(f"unknown collective(s) {bad}; use a comma list of "
+                             f"{', '.join(BACKEND_COLLECTIVES)} or none")
+        return names
+
+    def check(self) -> None:
+        self.collective_list()
+        super().check()
+        if not self.collective_list() and not self.variant_list():
+            raise UsageError("--collectives none and --variants none leave nothing to time")

@@ -79,6 +79,13 @@ BENCHMARKS = {
         "(asynchronous: overlaps backward), and the same hook waiting for each bucket; the "
         "same buckets and bytes in each.",
         config.DDPHookBenchConfig(), "spd_ext.bench.ddp_hook"),
+    "backend": Benchmark(
+        "the torch.distributed backend spd_ext vs gloo",
+        "Time each collective of the torch.distributed backend \"spd_ext\" (all_reduce, "
+        "reduce_scatter_tensor, all_gather_into_tensor, broadcast) against gloo on N local "
+        "CPU ranks, then training steps of a GPT of about 10M parameters on each backend: "
+        "DeepSpeed ZeRO-2 and ZeRO-3 engines, DDP and FSDP2.",
+        config.BackendBenchConfig(), "spd_ext.bench.backend"),
 }
 
 

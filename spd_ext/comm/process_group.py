@@ -21,13 +21,17 @@ dies or stops is named within the timeout (the process group's). A call delegate
 is first checked through the segment, so a rank whose call goes to gloo while a peer's
 goes to shared memory raises instead of hanging.
 
-Asynchronous calls (``async_op=True``, DDP's buckets, ZeRO-3's prefetches) run in issue
-order on the group's progress thread (:class:`~spd_ext.comm.work.ProgressThread`), the
-kernel releasing the GIL; their ``Work`` raises the call's error from ``wait()``.
+Asynchronous reductions (``async_op=True``: DDP's buckets, ZeRO-2's gradient buckets) run
+in issue order on the group's progress thread (:class:`~spd_ext.comm.work.ProgressThread`),
+the kernel releasing the GIL, and overlap what the caller does next; asynchronous gathers
+and broadcasts, which callers await at once (ZeRO-3's parameter fetches), complete before
+returning (``SPD_EXT_BACKEND_ASYNC``: :data:`ASYNC_MODES`). Every ``Work`` raises its
+call's error from ``wait()``; calls on a group complete in the order they were issued.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -41,6 +45,21 @@ from spd_ext.comm.torch_private import premul_sum_op
 
 #: The name torch.distributed knows the backend by.
 BACKEND_NAME = SPD_EXT
+
+#: What ``SPD_EXT_BACKEND_ASYNC`` chooses from: which collectives an ``async_op=True``
+#: call runs on the group's progress thread (the others complete before returning).
+ASYNC_MODES: dict[str, frozenset[str]] = {
+    # Reductions overlap what follows them (DDP's buckets, ZeRO-2's gradient buckets run
+    # while backward goes on); gathers and broadcasts are awaited at once (ZeRO-3's and
+    # FSDP2's parameter fetches), where the hand-over to the thread, and the GIL the
+    # thread needs before it can start the call, cost more than the call on a busy host.
+    "reductions": frozenset({"all_reduce", "all_reduce_coalesced", "reduce",
+                             "reduce_scatter_tensor"}),
+    "all": frozenset({"all_reduce", "all_reduce_coalesced", "reduce",
+                      "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather",
+                      "broadcast", "barrier"}),
+    "none": frozenset(),
+}
 
 _OTHER_OP_BASE = 16  # op codes the segment compares for reductions gloo carries
 _CPU = torch.device("cpu")
@@ -70,6 +89,18 @@ class CollectiveWork(dist.Work):
 
     def result(self) -> list[torch.Tensor]:
         return self._future.value()
+
+
+def threaded_collectives() -> frozenset[str]:
+    """The collectives whose asynchronous calls run on the progress thread, as
+    ``SPD_EXT_BACKEND_ASYNC`` says (``reductions``, the default; ``all``; ``none``)."""
+    from spd_ext.errors import UsageError
+
+    mode = os.environ.get("SPD_EXT_BACKEND_ASYNC", "reductions")
+    if mode not in ASYNC_MODES:
+        raise UsageError(f"SPD_EXT_BACKEND_ASYNC={mode!r}: use one of "
+                         f"{', '.join(ASYNC_MODES)}")
+    return ASYNC_MODES[mode]
 
 
 def _reduction(op: dist.ReduceOp, world_size: int) -> tuple[str, float] | None:
@@ -113,6 +144,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta,
                  global_ranks: list[int] | None = None) -> None:
         super().__init__(rank, size)
+        self._threaded = threaded_collectives()
         self._timeout_s = timeout.total_seconds()
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size,
                                            timeout)
@@ -153,15 +185,17 @@ class SpdExtProcessGroup(dist.ProcessGroup):
 
     def _run(self, collective: str, job: Callable[[], None], result: list[torch.Tensor],
              async_op: bool) -> CollectiveWork:
-        """Run ``job`` on the segment: here for a synchronous call with nothing queued,
-        otherwise after the queued calls, on the group's progress thread."""
+        """Run ``job`` on the segment: an asynchronous call of a collective the group runs
+        threaded (:func:`threaded_collectives`) on the group's progress thread, after the
+        calls queued there; any other call here, after those calls."""
         self.shm_calls[collective] += 1
         progress = self._shm.progress
-        if not async_op and not progress.busy():
+        threaded = async_op and collective in self._threaded
+        if not threaded and not progress.busy():
             job()
             return CollectiveWork.done(result)
         work = CollectiveWork(progress.submit(job, result))
-        if not async_op:
+        if not threaded:
             work.wait()
         return work
 
