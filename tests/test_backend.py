@@ -291,12 +291,13 @@ def _async_ranks(rank: int, world: int) -> list[str]:
     return c.failures
 
 
-@pytest.mark.parametrize("mode", ["all", "none"])
+@pytest.mark.parametrize("mode", ["all", "reductions"])
 def test_every_async_mode_matches_gloo(mode: str) -> None:
-    """SPD_EXT_BACKEND_ASYNC=all (gathers on the progress thread too) and none (every
-    call completes before returning) keep issue order and results."""
+    """SPD_EXT_BACKEND_THREAD=all (every async call on the progress thread) and reductions
+    (gathers complete before returning, reductions on the thread) keep issue order and
+    results (the default, none, runs in test_collectives_match_gloo)."""
     for failures in spawn(_async_ranks, 2, backend=BACKEND, timeout=120,
-                          env={"SPD_EXT_BACKEND_ASYNC": mode}):
+                          env={"SPD_EXT_BACKEND_THREAD": mode}):
         assert not failures, "\n".join(failures)
 
 
@@ -304,9 +305,9 @@ def test_an_unknown_async_mode_is_named(monkeypatch) -> None:
     from spd_ext.comm.process_group import threaded_collectives
     from spd_ext.errors import UsageError
 
-    monkeypatch.setenv("SPD_EXT_BACKEND_ASYNC", "sometimes")
-    with pytest.raises(UsageError, match="SPD_EXT_BACKEND_ASYNC='sometimes': use one of "
-                       "reductions, all, none"):
+    monkeypatch.setenv("SPD_EXT_BACKEND_THREAD", "sometimes")
+    with pytest.raises(UsageError, match="SPD_EXT_BACKEND_THREAD='sometimes': use one of "
+                       "none, reductions, all"):
         threaded_collectives()
 
 

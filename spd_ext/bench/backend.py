@@ -1,14 +1,13 @@
 """`spd-ext bench backend`: the torch.distributed backend "spd_ext" against gloo on N local
 CPU ranks, collective by collective and in whole training steps.
 
-Two jobs. The first initializes torch.distributed on ``cpu:spd_ext`` and times every
-collective on the world group and on a gloo group over the same ranks, interleaved
-(so a slow phase of the machine hits both alike), then the training steps. The second,
-initialized on gloo, times the same steps: DeepSpeed builds its groups on the default
-backend, so its engines can only be compared job against job. The steps train the
-benchmark GPT (about 10M parameters by default): DeepSpeed ZeRO-2 and ZeRO-3 engines
-(fp32, AdamW), DDP, and FSDP2 (``fully_shard`` per block, parameters kept unsharded
-between forward and backward: spd_ext's GPT does not support FSDP2's resharding).
+One job, initialized on ``cpu:spd_ext``: every collective is timed on the world group and
+on a gloo group over the same ranks, interleaved (a slow phase of the machine hits both
+alike); then every training step runs on each backend's groups, step by step in turn.
+The steps train the benchmark GPT (about 10M parameters by default): DeepSpeed ZeRO-2
+and ZeRO-3 engines (fp32, AdamW; an ``mpu`` hands DeepSpeed the backend's groups), DDP,
+and FSDP2 (``fully_shard`` per block, parameters kept unsharded between forward and
+backward: spd_ext's GPT does not support FSDP2's resharding).
 """
 
 from __future__ import annotations
@@ -48,6 +47,8 @@ def _collective(name: str, numel: int, world: int, dtype: torch.dtype
 
 
 def _time_collectives(cfg: BackendBenchConfig, rank: int, world: int) -> list[dict]:
+    if not cfg.collective_list():
+        return []
     gloo = dist.new_group(backend="gloo")
     mine = dist.group.WORLD
 
@@ -80,21 +81,37 @@ def _time_collectives(cfg: BackendBenchConfig, rank: int, world: int) -> list[di
     return rows
 
 
-def _step_runner(variant: str, cfg: BackendBenchConfig, world: int) -> tuple[Callable, dict]:
-    """A function running one training step of ``variant``, and the model's sizes."""
+def _groups(world: int, backend: str | None) -> tuple[object, object]:
+    """This rank's (model-parallel, data-parallel) groups on ``backend`` (None: the
+    default, spd_ext's): single-rank model-parallel groups, the data-parallel group over
+    every rank. Collective: every rank creates every group."""
+    rank = dist.get_rank()
+    singles = [dist.new_group([r], backend=backend) for r in range(world)]
+    return singles[rank], dist.new_group(list(range(world)), backend=backend)
+
+
+def _step_runner(variant: str, cfg: BackendBenchConfig, world: int,
+                 groups: tuple[object, object]) -> tuple[Callable, dict]:
+    """A function running one training step of ``variant`` on ``groups``, and the model's
+    sizes."""
     model = dense_model(cfg)
+    mp_group, dp_group = groups
     sizes = {"params": sum(p.numel() for p in model.parameters()),
              "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     if variant in ("zero2", "zero3"):
         import deepspeed
+
+        from spd_ext.parallel_dims import ModelParallelUnit
 
         config = {"train_batch_size": cfg.batch_size * world,
                   "train_micro_batch_size_per_gpu": cfg.batch_size,
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
                   "zero_optimization": {"stage": int(variant[-1])},
                   "steps_per_print": 1_000_000}
+        # the mpu hands DeepSpeed the backend's groups: its ZeRO collectives run on them
+        mpu = ModelParallelUnit(mp_group, (dist.get_rank(),), dp_group, tuple(range(world)))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=config)
+                                          config=config, mpu=mpu)
 
         def engine_step(x: torch.Tensor, y: torch.Tensor) -> None:
             _, loss = engine(x, y)
@@ -105,13 +122,15 @@ def _step_runner(variant: str, cfg: BackendBenchConfig, world: int) -> tuple[Cal
     if variant == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model)
+        model = DistributedDataParallel(model, process_group=dp_group)
     else:
+        from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = DeviceMesh.from_group(dp_group, "cpu")
         for block in model.h:
-            fully_shard(block, reshard_after_forward=False)
-        fully_shard(model, reshard_after_forward=False)
+            fully_shard(block, mesh=mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -124,51 +143,52 @@ def _step_runner(variant: str, cfg: BackendBenchConfig, world: int) -> tuple[Cal
 
 
 def _time_steps(cfg: BackendBenchConfig, rank: int, world: int) -> list[dict]:
+    if not cfg.variant_list():
+        return []
     if any(v.startswith("zero") for v in cfg.variant_list()):
         from spd_ext.bench.deepspeed_comm import init_deepspeed_comm
 
-        init_deepspeed_comm()  # on the job's group, whichever backend it is
+        init_deepspeed_comm()  # on the job's default group (spd_ext's)
     x, y = fixed_batch(cfg, rank)
-    runners = {v: _step_runner(v, cfg, world) for v in cfg.variant_list()}
-    times: dict[str, list[float]] = {v: [] for v in runners}
-    for _ in range(cfg.warmup + cfg.steps):  # round-robin, as the other step benchmarks
-        for variant, (step, _) in runners.items():
+    groups = {"gloo": _groups(world, "gloo"), "spd_ext": _groups(world, None)}
+    runners = {(v, b): _step_runner(v, cfg, world, groups[b])
+               for v in cfg.variant_list() for b in groups}
+    times: dict[tuple, list[float]] = {key: [] for key in runners}
+    for _ in range(cfg.warmup + cfg.steps):  # round-robin: both backends in every round
+        for key, (step, _) in runners.items():
             dist.barrier()
             start = time.perf_counter()
             step(x, y)
-            times[variant].append(time.perf_counter() - start)
+            times[key].append(time.perf_counter() - start)
     rows = []
-    for variant, (_, sizes) in runners.items():
-        kept = times[variant][cfg.warmup:]
-        stats = torch.tensor([statistics.median(kept), min(kept)], dtype=torch.float64)
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-        rows.append({"variant": variant, "step_s": stats[0].item(), "best_s": stats[1].item(),
-                     **sizes})
+    for variant in cfg.variant_list():
+        row = {"variant": variant, **runners[(variant, "gloo")][1]}
+        for backend in groups:
+            kept = times[(variant, backend)][cfg.warmup:]
+            stats = torch.tensor([statistics.median(kept), min(kept)], dtype=torch.float64)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+            row[f"{backend}_s"], row[f"{backend}_best_s"] = stats.tolist()
+        rows.append(row)
     return rows
 
 
-def _rank(rank: int, world: int, cfg: BackendBenchConfig, collectives: bool) -> dict:
+def _rank(rank: int, world: int, cfg: BackendBenchConfig) -> dict:
     group = dist.group.WORLD
-    info = {"backend": dist.get_backend(),
-            "carried_by": group.describe() if hasattr(group, "describe") else "gloo"}
-    rows = _time_collectives(cfg, rank, world) if collectives else []
-    return {"collectives": rows, "steps": _time_steps(cfg, rank, world), "info": info}
+    return {"collectives": _time_collectives(cfg, rank, world),
+            "steps": _time_steps(cfg, rank, world),
+            "info": {"backend": dist.get_backend(), "carried_by": group.describe()}}
 
 
 def run(cfg: BackendBenchConfig) -> dict:
-    """Both jobs; returns the collectives' rows and the steps' rows of each backend."""
+    """One job on ``cpu:spd_ext``; returns the collectives' rows and the steps' rows."""
     cfg.check()
     if any(v.startswith("zero") for v in cfg.variant_list()) and \
             importlib.util.find_spec("deepspeed") is None:
         raise UsageError("the zero2 and zero3 steps need deepspeed: pip install "
                          "'spd_ext[deepspeed]', or leave them out with --variants ddp,fsdp2")
-    common = dict(timeout=3600, bind_cores=True, threads_per_rank=cfg.threads_per_rank,
-                  env={"DS_ACCELERATOR": "cpu"})
-    mine = spawn(_rank, cfg.nproc, cfg, True, backend=SPD_EXT_CPU_BACKEND, **common)[0]
-    gloo = spawn(_rank, cfg.nproc, cfg, False, backend="gloo", **common)[0] \
-        if cfg.variant_list() else {"steps": []}
-    return {"collectives": mine["collectives"], "info": mine["info"],
-            "steps": {"spd_ext": mine["steps"], "gloo": gloo["steps"]}}
+    return spawn(_rank, cfg.nproc, cfg, backend=SPD_EXT_CPU_BACKEND, timeout=3600,
+                 bind_cores=True, threads_per_rank=cfg.threads_per_rank,
+                 env={"DS_ACCELERATOR": "cpu"})[0]
 
 
 def tables(result: dict, markdown: bool = False) -> str:
@@ -179,11 +199,8 @@ def tables(result: dict, markdown: bool = False) -> str:
                  r["gloo_s"] / r["spd_ext_s"]] for r in result["collectives"]]
         out.append(format_table(["collective", "size", "dtype", "gloo us", "spd_ext us",
                                  "spd_ext GB/s", "spd_ext x gloo"], body, markdown))
-    gloo = {r["variant"]: r for r in result["steps"]["gloo"]}
-    body = [[r["variant"], gloo[r["variant"]]["step_s"] * 1e3, r["step_s"] * 1e3,
-             gloo[r["variant"]]["best_s"] * 1e3, r["best_s"] * 1e3,
-             gloo[r["variant"]]["step_s"] / r["step_s"]]
-            for r in result["steps"]["spd_ext"] if r["variant"] in gloo]
+    body = [[r["variant"], r["gloo_s"] * 1e3, r["spd_ext_s"] * 1e3, r["gloo_best_s"] * 1e3,
+             r["spd_ext_best_s"] * 1e3, r["gloo_s"] / r["spd_ext_s"]] for r in result["steps"]]
     if body:
         out.append(format_table(["step", "gloo ms", "spd_ext ms", "gloo best ms",
                                  "spd_ext best ms", "spd_ext x gloo"], body, markdown))
@@ -198,11 +215,12 @@ def describe_run(cfg: BackendBenchConfig, result: dict) -> str:
         lines.append("collectives: time per call, median of repeats, slowest rank; size: the "
                      "whole tensor (all_reduce's, reduce_scatter's input, all_gather's "
                      "output); GB/s = size / time")
-    steps = result["steps"]["spd_ext"]
+    steps = result["steps"]
     if steps:
         lines.append(f"steps (forward, backward, optimizer) of a GPT {cfg.n_layer}L/"
                      f"{cfg.n_embd}d/{cfg.n_head}h ({steps[0]['params'] / 1e6:.1f}M "
-                     f"parameters), fp32, {cfg.describe_timing()}; each backend in its own job")
+                     f"parameters), fp32, {cfg.describe_timing()}; every step variant on "
+                     "each backend's groups in the same job (DeepSpeed's through an mpu)")
     return "\n".join(lines)
 
 

@@ -21,12 +21,13 @@ dies or stops is named within the timeout (the process group's). A call delegate
 is first checked through the segment, so a rank whose call goes to gloo while a peer's
 goes to shared memory raises instead of hanging.
 
-Asynchronous reductions (``async_op=True``: DDP's buckets, ZeRO-2's gradient buckets) run
-in issue order on the group's progress thread (:class:`~spd_ext.comm.work.ProgressThread`),
-the kernel releasing the GIL, and overlap what the caller does next; asynchronous gathers
-and broadcasts, which callers await at once (ZeRO-3's parameter fetches), complete before
-returning (``SPD_EXT_BACKEND_ASYNC``: :data:`ASYNC_MODES`). Every ``Work`` raises its
-call's error from ``wait()``; calls on a group complete in the order they were issued.
+Asynchronous calls (``async_op=True``) return a ``Work`` whose ``wait()`` raises the
+call's error and whose future DDP's reducer chains on. By default they complete before
+returning: with one core per rank a progress thread only competes with the rank's
+compute (measured in docs/benchmarks.md). ``SPD_EXT_BACKEND_THREAD=reductions`` (or
+``all``) runs them in issue order on the group's progress thread
+(:class:`~spd_ext.comm.work.ProgressThread`), the kernel releasing the GIL, overlapping
+what the caller does next. Calls on a group complete in the order they were issued.
 """
 
 from __future__ import annotations
@@ -46,19 +47,21 @@ from spd_ext.comm.torch_private import premul_sum_op
 #: The name torch.distributed knows the backend by.
 BACKEND_NAME = SPD_EXT
 
-#: What ``SPD_EXT_BACKEND_ASYNC`` chooses from: which collectives an ``async_op=True``
+#: What ``SPD_EXT_BACKEND_THREAD`` chooses from: which collectives an ``async_op=True``
 #: call runs on the group's progress thread (the others complete before returning).
 ASYNC_MODES: dict[str, frozenset[str]] = {
-    # Reductions overlap what follows them (DDP's buckets, ZeRO-2's gradient buckets run
-    # while backward goes on); gathers and broadcasts are awaited at once (ZeRO-3's and
-    # FSDP2's parameter fetches), where the hand-over to the thread, and the GIL the
-    # thread needs before it can start the call, cost more than the call on a busy host.
+    # The default. With one core per rank (ranks pinned, the usual set-up) the thread
+    # competes with the rank's own compute, and it needs the GIL before it can start a
+    # call while the peers already wait in it: measured, no step got faster on the thread
+    # and ZeRO-3's (parameter fetches awaited at once) got slower (docs/benchmarks.md).
+    "none": frozenset(),
+    # Reductions overlap what follows them (DDP's buckets, ZeRO-2's gradient buckets),
+    # which pays where a rank has a core to spare for the thread.
     "reductions": frozenset({"all_reduce", "all_reduce_coalesced", "reduce",
                              "reduce_scatter_tensor"}),
     "all": frozenset({"all_reduce", "all_reduce_coalesced", "reduce",
                       "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather",
                       "broadcast", "barrier"}),
-    "none": frozenset(),
 }
 
 _OTHER_OP_BASE = 16  # op codes the segment compares for reductions gloo carries
@@ -93,12 +96,12 @@ class CollectiveWork(dist.Work):
 
 def threaded_collectives() -> frozenset[str]:
     """The collectives whose asynchronous calls run on the progress thread, as
-    ``SPD_EXT_BACKEND_ASYNC`` says (``reductions``, the default; ``all``; ``none``)."""
+    ``SPD_EXT_BACKEND_THREAD`` says (``none``, the default; ``reductions``; ``all``)."""
     from spd_ext.errors import UsageError
 
-    mode = os.environ.get("SPD_EXT_BACKEND_ASYNC", "reductions")
+    mode = os.environ.get("SPD_EXT_BACKEND_THREAD", "none")
     if mode not in ASYNC_MODES:
-        raise UsageError(f"SPD_EXT_BACKEND_ASYNC={mode!r}: use one of "
+        raise UsageError(f"SPD_EXT_BACKEND_THREAD={mode!r}: use one of "
                          f"{', '.join(ASYNC_MODES)}")
     return ASYNC_MODES[mode]
 
