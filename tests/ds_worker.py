@@ -782,6 +782,8 @@ def scenario_refused(rank: int, world: int, out: dict) -> None:
     refused("cosine_zero1", lambda: initialize(ds_config(1, section={"signal_weighting": {
         "signal": "cosine_to_prev_global"}})))
     refused("batch", lambda: initialize(ds_config(dp=3)))  # DeepSpeed's own assertion
+    refused("backend_on_gloo", lambda: initialize(ds_config(2, section={"comm": {
+        "backend": "spd_ext"}})))  # this job's group is gloo's
     model = ReducedSyncGPT(gpt_config())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=ds_config())

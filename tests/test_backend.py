@@ -349,6 +349,36 @@ def test_mismatched_calls_raise_on_every_rank_and_the_group_stays_usable() -> No
         assert seen["after"] == [2.0] * 5
 
 
+def _silent_rank(rank: int, world: int) -> dict:
+    import glob
+    from datetime import timedelta
+
+    # a group of its own with a 2 s timeout: the world group stays usable for spawn's end
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=2))
+    left = glob.glob("/dev/shm/spd_ext_*")  # the set-up unlinked the segment's name
+    if rank == 1:
+        time.sleep(4)  # never makes the call rank 0 waits in
+        return {"left": left}
+    start = time.monotonic()
+    try:
+        dist.all_gather_into_tensor(torch.empty(2 * 10), torch.ones(10), group=group)
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - reported
+        message = f"{type(exc).__name__}: {exc}"
+    return {"left": left, "message": message, "seconds": time.monotonic() - start}
+
+
+@needs_kernels
+def test_a_silent_rank_is_named_within_the_group_timeout() -> None:
+    """The process group's timeout (2 s here) bounds each wait for a peer; the error
+    names the rank and its pid; no segment name is left in /dev/shm."""
+    rank0, rank1 = spawn(_silent_rank, 2, backend=BACKEND, timeout=60)
+    assert "CommError" in rank0["message"] and "timed out after 2 s waiting for rank 1 " \
+        "(pid" in rank0["message"], rank0["message"]
+    assert rank0["seconds"] < 3.5
+    assert rank0["left"] == [] and rank1["left"] == []
+
+
 def _dying_rank(rank: int, world: int, where: str, report: str) -> None:
     dist.barrier()
     if rank == 1:

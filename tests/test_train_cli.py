@@ -622,7 +622,9 @@ def test_tensor_parallel_2_under_the_deepspeed_launcher(tmp_path) -> None:
     out = tmp_path / "out"
     path = write(tmp_path / "run.json", tiny(out, model={"pattern": "spd*2"},
                                              parallel={"tp": 2}))
-    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2"], tmp_path))
+    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2", "--set",
+                                      "parallel.dist_backend=deepspeed"], tmp_path))
+    assert "2 rank(s) on gloo" in stdout  # DeepSpeed's own choice on CPU
     steps = [r for r in metrics(out) if "loss" in r]
     assert len(steps) == 6
     # spd*2: one all-reduce per block forward and backward, measured on every step
@@ -734,6 +736,7 @@ def test_signal_weighting_at_zero_2_and_3(tmp_path, stage: int) -> None:
                                       "deepspeed.spd_ext.signal_weighting.warmup_steps=1"],
                                      tmp_path))
     assert f"ZeRO-{stage} bf16" in stdout
+    assert "2 rank(s) on cpu:spd_ext" in stdout  # the default on CPU: parallel.dist_backend
     steps = [r for r in metrics(out) if "loss" in r]
     assert len(steps) == 6 and all(abs(sum(r["weights"]) - 1) < 1e-9 for r in steps)
     assert steps[-1]["weights"] != [0.5, 0.5]

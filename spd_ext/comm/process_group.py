@@ -1,10 +1,9 @@
 """The torch.distributed backend ``"spd_ext"``: spd_ext's shared-memory collectives under
 any code that calls ``torch.distributed`` (DeepSpeed ZeRO, DDP, FSDP2, torchtitan).
 
-``torch.distributed.init_process_group("cpu:spd_ext")`` (or ``"spd_ext"``, or
-``"cpu:spd_ext,cuda:nccl"``) makes every group a :class:`SpdExtProcessGroup` once the
-backend is registered (``import spd_ext`` after torch, ``import spd_ext.comm``, or
-:func:`register_backend`). Each group holds:
+``torch.distributed.init_process_group("cpu:spd_ext")`` (or ``"spd_ext"``) makes every
+group a :class:`SpdExtProcessGroup` once the backend is registered (``import
+spd_ext.comm``, or :func:`register_backend`). Each group holds:
 
 - an inner gloo group, registered as the group's CPU backend: what spd_ext does not carry
   (send/recv, all_to_all, gather/scatter, MIN/MAX/PRODUCT reductions, dtypes the reduction
@@ -125,6 +124,17 @@ def _op_code(op: dist.ReduceOp, reduction: tuple[str, float] | None) -> int:
     return OP_CODES[reduction[0]] if reduction else _OTHER_OP_BASE + int(op.op)
 
 
+def _scaled_for_gloo(tensors: list[torch.Tensor], opts: Any,
+                     reduction: tuple[str, float] | None, factory: Callable[[], Any]) -> Any:
+    """The options to hand gloo, which refuses PREMUL_SUM: for it, ``tensors`` scaled by the
+    factor in place and the op made SUM; any other op as it was."""
+    if reduction is None or reduction[0] != "weighted":
+        return opts
+    for tensor in tensors:
+        tensor.mul_(reduction[1])
+    return _as_sum(opts, factory)
+
+
 def _as_sum(opts: Any, factory: Callable[[], Any]) -> Any:
     """``opts`` with its reduce op replaced by SUM (gloo refuses PREMUL_SUM: the caller has
     scaled the tensor by the factor)."""
@@ -236,10 +246,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
 
     def _gloo_allreduce(self, tensors: list[torch.Tensor], opts: Any,
                         reduction: tuple[str, float] | None) -> dist.Work:
-        if reduction is not None and reduction[0] == "weighted":
-            for tensor in tensors:
-                tensor.mul_(reduction[1])
-            opts = _as_sum(opts, dist.AllreduceOptions)
+        opts = _scaled_for_gloo(tensors, opts, reduction, dist.AllreduceOptions)
         return self._gloo.allreduce(tensors, opts)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor],
@@ -248,10 +255,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
         reduction = _reduction(opts.reduceOp, self.size())
         if self._shm is None or reduction is None or not all(
                 t.device.type == "cpu" and self._shm.suits(t) for t in tensors):
-            if reduction is not None and reduction[0] == "weighted":
-                for t in tensors:
-                    t.mul_(reduction[1])
-                opts = _as_sum(opts, dist.AllreduceCoalescedOptions)
+            opts = _scaled_for_gloo(tensors, opts, reduction, dist.AllreduceCoalescedOptions)
             return self._gloo.allreduce_coalesced(tensors, opts)
         op, weight = reduction
         timeout, shm = self._seconds(opts), self._shm
@@ -279,10 +283,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
                                           self._seconds(opts))
             if self.rank() != opts.rootRank:  # gloo writes partial sums into it
                 tensors = [t.clone() for t in tensors]
-            if reduction is not None and reduction[0] == "weighted":
-                for t in tensors:
-                    t.mul_(reduction[1])
-                opts = _as_sum(opts, dist.ReduceOptions)
+            opts = _scaled_for_gloo(tensors, opts, reduction, dist.ReduceOptions)
             return self._gloo.reduce(tensors, opts)
         tensor, op, weight = tensors[0], *reduction
         root, timeout, shm = opts.rootRank, self._seconds(opts), self._shm

@@ -220,7 +220,7 @@ def _init_distributed(cfg: SpdExtConfig, ds_config: dict) -> None:
             "collectives on the torch.distributed backend 'spd_ext', but this job's process "
             f"group was initialized on {dist.get_backend()!r}; initialize it with "
             f"deepspeed.init_distributed(dist_backend='{SPD_EXT_CPU_BACKEND}') after "
-            "`import spd_ext`, or leave it to spd_ext.deepspeed.initialize")
+            "`import spd_ext.comm`, or leave it to spd_ext.deepspeed.initialize")
 
 
 @_one_line_errors

@@ -286,7 +286,11 @@ def _announce(r: _Rank, facts: dict, start: int) -> None:
     plan, t = r.plan, r.plan.cfg.training
     if facts.get("resume_note"):
         print(f"{PROG}: note: {facts['resume_note']}", flush=True)
-    print(f"{PROG}: {plan.cfg.name}: {r.world} rank(s), {_layout(plan)}, {_precision(plan)}, "
+    import torch.distributed as dist
+
+    backend = dist.get_backend() if dist.is_initialized() else "no process group"
+    print(f"{PROG}: {plan.cfg.name}: {r.world} rank(s) on {backend}, {_layout(plan)}, "
+          f"{_precision(plan)}, "
           f"pattern {r.model.config.pattern}, {r.model.num_params() / 1e6:.2f}M parameters, "
           f"{r.tokens_per_step:,} tokens/step, steps {start}->{t.steps}, out "
           f"{plan.out_dir}", flush=True)
