@@ -10,7 +10,8 @@
 //
 // Each call (one chunk of the tensor) has a sequence number s, the same on every rank
 // because collectives are called in the same order. Flags only ever grow, so a waiter
-// tests `flag >= s` and no flag is ever reset (no reset races, no peer atomics).
+// tests `flag >= s` and no flag is ever reset (no reset races). The only writes to a
+// peer's header are a sleeping waiter's count in its `sleepers` (see RankHeader).
 //
 //  one-shot (small):  copy input to own buffer; publish arrived=s; wait for every
 //                     rank's arrived >= s; reduce all buffers (own input read from
