@@ -96,8 +96,7 @@ def _step_runner(variant: str, cfg: BackendBenchConfig, world: int,
     sizes."""
     model = dense_model(cfg)
     mp_group, dp_group = groups
-    sizes = {"params": sum(p.numel() for p in model.parameters()),
-             "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    sizes = {"params": sum(p.numel() for p in model.parameters())}
     if variant in ("zero2", "zero3"):
         import deepspeed
 

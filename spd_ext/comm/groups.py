@@ -127,7 +127,7 @@ class SetupExchange:
     """
 
     def __init__(self, group: Any, what: str, timeout: float | None = None) -> None:
-        self._start(default_store(), f"{group_name(group_key(group))}", dist.get_rank(group),
+        self._start(default_store(), group_name(group_key(group)), dist.get_rank(group),
                     dist.get_world_size(group),
                     dist.get_process_group_ranks(group_key(group)), what, timeout)
 

@@ -46,6 +46,9 @@ from spd_ext.comm.torch_private import premul_sum_op
 #: The name torch.distributed knows the backend by.
 BACKEND_NAME = SPD_EXT
 
+_REDUCTIONS = frozenset({"all_reduce", "all_reduce_coalesced", "reduce",
+                         "reduce_scatter_tensor"})
+
 #: What ``SPD_EXT_BACKEND_THREAD`` chooses from: which collectives an ``async_op=True``
 #: call runs on the group's progress thread (the others complete before returning).
 ASYNC_MODES: dict[str, frozenset[str]] = {
@@ -56,11 +59,8 @@ ASYNC_MODES: dict[str, frozenset[str]] = {
     "none": frozenset(),
     # Reductions overlap what follows them (DDP's buckets, ZeRO-2's gradient buckets),
     # which pays where a rank has a core to spare for the thread.
-    "reductions": frozenset({"all_reduce", "all_reduce_coalesced", "reduce",
-                             "reduce_scatter_tensor"}),
-    "all": frozenset({"all_reduce", "all_reduce_coalesced", "reduce",
-                      "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather",
-                      "broadcast", "barrier"}),
+    "reductions": _REDUCTIONS,
+    "all": _REDUCTIONS | {"all_gather_into_tensor", "all_gather", "broadcast", "barrier"},
 }
 
 _OTHER_OP_BASE = 16  # op codes the segment compares for reductions gloo carries
@@ -147,6 +147,15 @@ def _as_sum(opts: Any, factory: Callable[[], Any]) -> Any:
     return plain
 
 
+def _in_place(tensor: torch.Tensor, kernel: Callable[[torch.Tensor], None]) -> None:
+    """Run an in-place ``kernel`` (which takes contiguous tensors) on ``tensor``, through a
+    contiguous copy written back when ``tensor`` is strided."""
+    flat = tensor if tensor.is_contiguous() else tensor.contiguous()
+    kernel(flat)
+    if flat is not tensor:
+        tensor.copy_(flat)
+
+
 def _cpu_contiguous(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
@@ -212,13 +221,14 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             work.wait()
         return work
 
-    def _check_then_delegate(self, tensor: torch.Tensor, collective: str, op_code: int,
-                             weight: float, timeout: float) -> None:
+    def _check_then_delegate(self, tensor: torch.Tensor, collective: str, op: dist.ReduceOp,
+                             reduction: tuple[str, float] | None, timeout: float) -> None:
         """Before a call goes to gloo: every rank checks through the segment (after the
         calls queued on it) that all make this call, so none waits in gloo for a peer whose
         call went to shared memory."""
         self._shm.progress.drain()
-        self._shm.check_call_(tensor, collective, op_code, weight, timeout)
+        self._shm.check_call_(tensor, collective, _op_code(op, reduction),
+                              reduction[1] if reduction else 0.0, timeout)
 
     # -- collectives -----------------------------------------------------------------------
 
@@ -230,19 +240,14 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             return self._gloo_allreduce(tensors, opts, reduction)
         tensor, timeout = tensors[0], self._seconds(opts)
         if reduction is None or not self._shm.suits(tensor):
-            self._check_then_delegate(tensor, "all_reduce", _op_code(opts.reduceOp, reduction),
-                                      reduction[1] if reduction else 0.0, timeout)
+            self._check_then_delegate(tensor, "all_reduce", opts.reduceOp, reduction, timeout)
             return self._gloo_allreduce(tensors, opts, reduction)
         op, weight = reduction
         shm = self._shm
 
-        def job() -> None:
-            flat = tensor if tensor.is_contiguous() else tensor.contiguous()
-            shm.all_reduce_(flat, op, weight, 0, timeout)
-            if flat is not tensor:
-                tensor.copy_(flat)
-
-        return self._run("all_reduce", job, tensors, opts.asyncOp)
+        return self._run("all_reduce", lambda: _in_place(
+            tensor, lambda flat: shm.all_reduce_(flat, op, weight, 0, timeout)),
+            tensors, opts.asyncOp)
 
     def _gloo_allreduce(self, tensors: list[torch.Tensor], opts: Any,
                         reduction: tuple[str, float] | None) -> dist.Work:
@@ -262,10 +267,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
 
         def job() -> None:
             for tensor in tensors:
-                flat = tensor if tensor.is_contiguous() else tensor.contiguous()
-                shm.all_reduce_(flat, op, weight, 0, timeout)
-                if flat is not tensor:
-                    tensor.copy_(flat)
+                _in_place(tensor, lambda flat: shm.all_reduce_(flat, op, weight, 0, timeout))
 
         return self._run("all_reduce_coalesced", job, tensors, opts.asyncOp)
 
@@ -277,9 +279,7 @@ class SpdExtProcessGroup(dist.ProcessGroup):
                 reduction is None or not (tensors[0].device.type == "cpu"
                                           and self._shm.suits(tensors[0])):
             if self._shm is not None and len(tensors) == 1:
-                self._check_then_delegate(tensors[0], "all_reduce",
-                                          _op_code(opts.reduceOp, reduction),
-                                          reduction[1] if reduction else 0.0,
+                self._check_then_delegate(tensors[0], "all_reduce", opts.reduceOp, reduction,
                                           self._seconds(opts))
             if self.rank() != opts.rootRank:  # gloo writes partial sums into it
                 tensors = [t.clone() for t in tensors]
@@ -307,13 +307,8 @@ class SpdExtProcessGroup(dist.ProcessGroup):
             return self._gloo_broadcast(tensors, opts)
         tensor, root, timeout, shm = tensors[0], opts.rootRank, self._seconds(opts), self._shm
 
-        def job() -> None:
-            flat = tensor if tensor.is_contiguous() else tensor.contiguous()
-            shm.broadcast_(flat, root, timeout)
-            if flat is not tensor:
-                tensor.copy_(flat)
-
-        return self._run("broadcast", job, tensors, opts.asyncOp)
+        return self._run("broadcast", lambda: _in_place(
+            tensor, lambda flat: shm.broadcast_(flat, root, timeout)), tensors, opts.asyncOp)
 
     def _gloo_broadcast(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         if len(tensors) != 1 or tensors[0].is_contiguous():
@@ -365,16 +360,15 @@ class SpdExtProcessGroup(dist.ProcessGroup):
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
                               opts: dist.ReduceScatterOptions | None = None) -> dist.Work:
         opts = opts if opts is not None else dist.ReduceScatterOptions()
-        if self._shm is None or not _cpu_contiguous(output, input):
-            return self._gloo_reduce_scatter(output, input, opts)
-        self._check_sizes("reduce_scatter_tensor", "input", input, output)
         reduction = _reduction(opts.reduceOp, self.size())
+        if self._shm is None or not _cpu_contiguous(output, input):
+            return self._gloo_reduce_scatter(output, input, opts, reduction)
+        self._check_sizes("reduce_scatter_tensor", "input", input, output)
         timeout = self._seconds(opts)
         if reduction is None or not self._shm.suits(input):
-            self._check_then_delegate(output, "reduce_scatter",
-                                      _op_code(opts.reduceOp, reduction),
-                                      reduction[1] if reduction else 0.0, timeout)
-            return self._gloo_reduce_scatter(output, input, opts)
+            self._check_then_delegate(output, "reduce_scatter", opts.reduceOp, reduction,
+                                      timeout)
+            return self._gloo_reduce_scatter(output, input, opts, reduction)
         op, weight = reduction
         shm = self._shm
         return self._run("reduce_scatter_tensor",
@@ -383,9 +377,8 @@ class SpdExtProcessGroup(dist.ProcessGroup):
 
     _reduce_scatter_base = reduce_scatter_single  # the name torch used before 2.6
 
-    def _gloo_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor,
-                             opts: Any) -> dist.Work:
-        reduction = _reduction(opts.reduceOp, self.size())
+    def _gloo_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, opts: Any,
+                             reduction: tuple[str, float] | None) -> dist.Work:
         if reduction is not None and reduction[0] == "weighted":
             input = input * reduction[1]  # the caller's input stays as it was
             opts = _as_sum(opts, dist.ReduceScatterOptions)
@@ -414,16 +407,17 @@ class SpdExtProcessGroup(dist.ProcessGroup):
     def shutdown(self) -> None:
         """Release the segment and the progress thread, then gloo (destroy_process_group
         calls this)."""
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        self._release()
         super().shutdown()
 
     def abort(self) -> None:
+        self._release()
+        super().abort()
+
+    def _release(self) -> None:
         if self._shm is not None:
             self._shm.close()
             self._shm = None
-        super().abort()
 
 
 def _create(options: Any, backend_options: Any) -> SpdExtProcessGroup:

@@ -127,9 +127,7 @@ class ShmGroup:
                timeout: float | None) -> None:
         """Check that every rank passes the same size, dtype, op and weight list for a
         tensor going through torch.distributed (every rank raises alike if not)."""
-        with _as_comm_error():
-            self.ctx.agree_(tensor, OP_CODES[op], weight, weights_hash,
-                            self.timeout if timeout is None else timeout)
+        self.check_call_(tensor, "all_reduce", OP_CODES[op], weight, timeout, weights_hash)
 
     def all_gather_(self, output: torch.Tensor, input: torch.Tensor, timeout: float) -> None:
         """``output`` (world_size x ``input``, rank-major) <- every rank's ``input``."""
@@ -147,12 +145,13 @@ class ShmGroup:
             self.ctx.broadcast_(tensor, root, timeout)
 
     def check_call_(self, tensor: torch.Tensor, collective: str, op_code: int, weight: float,
-                    timeout: float) -> None:
+                    timeout: float | None, weights_hash: int = 0) -> None:
         """Every rank checks that all make the same ``collective`` call on ``tensor`` (size,
-        dtype, op), which torch.distributed then carries; ``"barrier"`` on an empty tensor
-        is the barrier."""
+        dtype, op, weight list), which torch.distributed then carries; ``"barrier"`` on an
+        empty tensor is the barrier."""
         with _as_comm_error():
-            self.ctx.agree_(tensor, op_code, weight, 0, timeout,
+            self.ctx.agree_(tensor, op_code, weight, weights_hash,
+                            self.timeout if timeout is None else timeout,
                             self.collective_codes[collective])
 
     def close(self) -> None:

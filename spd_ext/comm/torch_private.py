@@ -19,13 +19,13 @@ def premul_sum(factor: float | torch.Tensor, group: Any) -> Any | None:
     """NCCL's fused "multiply by ``factor``, then sum" reduce op, or None where it is not
     available (other back-ends, or a torch without it): the caller then scales the tensor
     itself and sums."""
-    make = getattr(dist, "_make_nccl_premul_sum", None)
-    if make is None or dist.get_backend(group) != "nccl":
+    if getattr(dist, "_make_nccl_premul_sum", None) is None or \
+            dist.get_backend(group) != "nccl":
         return None
-    return make(factor)
+    return premul_sum_op(factor)
 
 
-def premul_sum_op(factor: float) -> dist.ReduceOp:
+def premul_sum_op(factor: float | torch.Tensor) -> dist.ReduceOp:
     """torch's PREMUL_SUM reduce op with ``factor`` (any backend that takes it)."""
     make = getattr(dist, "_make_nccl_premul_sum", None)
     if make is None:
