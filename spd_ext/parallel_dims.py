@@ -1,18 +1,20 @@
 """The parallel layout of a job, every size rule in one place (torchtitan's ``ParallelDims``).
 
-``world = islands x dp x tp``. Ranks are numbered tensor-parallel position fastest, then
-data-parallel position, then island:
+``world = pp x islands x dp x tp``. Ranks are numbered tensor-parallel position fastest,
+then data-parallel position, then island, then pipeline stage:
 
-* ranks ``[k*tp, (k+1)*tp)`` form tensor-parallel group k (one model replica);
-* inside an island, the ranks at the same tensor-parallel position form a data-parallel
-  group (DeepSpeed's: its ZeRO partitions and gradient reduction);
+* ranks ``[k*tp, (k+1)*tp)`` form tensor-parallel group k (one model replica, or one
+  stage of one);
+* inside an island (and a stage), the ranks at the same tensor-parallel position form a
+  data-parallel group (DeepSpeed's: its ZeRO partitions and gradient reduction);
 * islands (DiLoCo) are ``world / islands`` contiguous ranks each; the ranks at the same
-  position of their islands (same shard, same ZeRO partition) average across islands.
+  position of their islands (same shard, same ZeRO partition) average across islands;
+* pipeline stages are ``world / pp`` contiguous ranks each, DeepSpeed's
+  ``PipeModelDataParallelTopology`` (whose grid is then DeepSpeed's ``mpu``).
 
 :class:`ParallelDims` checks the sizes (each rule once, one message naming the caller's
 own keys) and builds the groups and DeepSpeed's ``mpu`` (:class:`ModelParallelUnit`) as a
-:class:`Topology`. A pipeline dimension would be one more factor here, slowest of all, with
-its rule beside these.
+:class:`Topology`.
 """
 
 from __future__ import annotations
@@ -31,27 +33,35 @@ class LayoutNames:
 
     tp: str = "tensor-parallel size"
     islands: str = "islands"
+    pp: str = "pipeline stages"
     launch: str = ""  # how to launch more ranks, e.g. " (--nproc)"
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """``world`` ranks as ``islands`` x data parallel x tensor parallel ``tp``; refuses
-    sizes that do not fit (a :class:`UsageError` naming the keys of ``names``)."""
+    """``world`` ranks as pipeline stages ``pp`` x ``islands`` x data parallel x tensor
+    parallel ``tp``; refuses sizes that do not fit (a :class:`UsageError` naming the keys
+    of ``names``)."""
 
     world: int
     tp: int = 1
     islands: int = 1
     names: LayoutNames = field(default=LayoutNames(), compare=False, repr=False)
+    pp: int = 1
 
     def __post_init__(self) -> None:
         n = self.names
         for what, size in (("the world size", self.world), (n.tp, self.tp),
-                           (n.islands, self.islands)):
+                           (n.islands, self.islands), (n.pp, self.pp)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise UsageError(f"{what} must be a positive integer, got {size!r}")
-        for what, size in ((n.tp, self.tp), (n.islands, self.islands),
-                           (f"{n.tp} x {n.islands}", self.tp * self.islands)):
+        if self.pp > 1 and self.islands > 1:
+            raise UsageError(f"{n.islands} {self.islands} with {n.pp} {self.pp}: DiLoCo "
+                             "islands of pipeline replicas are not supported yet; use one of "
+                             "the two")
+        for what, size in ((n.tp, self.tp), (n.islands, self.islands), (n.pp, self.pp),
+                           (f"{n.tp} x {n.islands}", self.tp * self.islands),
+                           (f"{n.pp} x {n.tp}", self.pp * self.tp)):
             if self.world % size:
                 divisors = [d for d in range(1, self.world + 1) if self.world % d == 0]
                 raise UsageError(f"{what} {size} does not divide the world size {self.world}; "
@@ -61,12 +71,12 @@ class ParallelDims:
     @property
     def dp(self) -> int:
         """Data-parallel ranks of one island (DeepSpeed's data-parallel group)."""
-        return self.world // (self.tp * self.islands)
+        return self.world // (self.tp * self.islands * self.pp)
 
     @property
     def data_ranks(self) -> int:
-        """Ranks that read data of their own: every model replica, in every island."""
-        return self.world // self.tp
+        """Model replicas that read data of their own, in every island."""
+        return self.world // (self.tp * self.pp)
 
     def build(self) -> Topology:
         """This rank's groups (collective the first time: every rank creates every group,
@@ -80,7 +90,7 @@ class ParallelDims:
         if dist.get_world_size() != self.world:
             raise UsageError(f"this layout is for {self.world} ranks but torch.distributed "
                              f"has {dist.get_world_size()}")
-        key = (id(dist.group.WORLD), self.tp, self.islands)
+        key = (id(dist.group.WORLD), self.tp, self.islands, self.pp)
         if key not in _BUILT:
             _BUILT[key] = self._build()
         return _BUILT[key]
@@ -88,23 +98,27 @@ class ParallelDims:
     def _build(self) -> Topology:
         import torch.distributed as dist
 
-        if self.tp == 1 and self.islands == 1:
+        if self.tp == 1 and self.islands == 1 and self.pp == 1:
             return Topology(1, 1, None, dp_ranks=tuple(range(self.world)))
-        rank, size = dist.get_rank(), self.world // self.islands  # ranks per island
+        # ranks per island, or per stage (pipelines have one island)
+        blocks = self.islands * self.pp
+        rank, size = dist.get_rank(), self.world // blocks
         tp_group, tp_ranks = _mine(rank, [range(k, k + self.tp)
                                           for k in range(0, self.world, self.tp)])
         dp_group, dp_ranks = _mine(rank, [range(i * size + j, (i + 1) * size, self.tp)
-                                          for i in range(self.islands) for j in range(self.tp)])
+                                          for i in range(blocks) for j in range(self.tp)])
         cross: tuple[Any, tuple[int, ...]] = (None, ())
         if self.islands > 1:
             cross = _mine(rank, [range(j, self.world, size) for j in range(size)])
         tensor_parallel = self.tp > 1
         return Topology(self.tp, self.islands,
-                        ModelParallelUnit(tp_group, tp_ranks, dp_group, dp_ranks),
+                        # a pipeline's mpu is DeepSpeed's grid (PipelineModule.mpu())
+                        ModelParallelUnit(tp_group, tp_ranks, dp_group, dp_ranks)
+                        if self.pp == 1 else None,
                         tp_group=tp_group if tensor_parallel else None,
                         tp_ranks=tp_ranks if tensor_parallel else (),
                         dp_group=dp_group, dp_ranks=dp_ranks,
-                        cross_island_group=cross[0], cross_island_ranks=cross[1])
+                        cross_island_group=cross[0], cross_island_ranks=cross[1], pp=self.pp)
 
 
 _BUILT: dict[tuple, Topology] = {}
@@ -187,6 +201,7 @@ class Topology:
     dp_ranks: tuple[int, ...] = ()
     cross_island_group: Any = None  # same ZeRO partition on every island (islands > 1)
     cross_island_ranks: tuple[int, ...] = ()
+    pp: int = 1  # pipeline stages
 
     @property
     def island(self) -> int:

@@ -825,12 +825,159 @@ def scenario_zero_backend(rank: int, world: int, out: dict) -> None:
     out["shm_calls"] = calls
 
 
+OUT_DIR: list[Path] = []  # the job's --out
+
+
+# -- pipelines ----------------------------------------------------------------------
+#: pipeline jobs: 4 blocks in 2 stages of 2 blocks ("blocks" partition). Both patterns put
+#: something across the boundary: an open region (parallel) or a pending all-reduce (ladder)
+PIPE_PATTERNS = {2: "tp,ladder,spd,palm", 4: "parallel,parallel,ladder,tp"}
+PIPE_GAS, PIPE_STEPS = 2, 4
+
+
+def pipe_batches(dp_rank: int, step: int) -> list[tuple]:
+    return [batch(dp_rank, step, micro) for micro in range(PIPE_GAS)]
+
+
+def pipe_engine(config: GPTConfig, dense: dict, dp: int, section: dict | None = None,
+                recompute: bool = False, stage: int = 0):
+    pipe = sd.pipeline_module(config, num_stages=2, partition_method="blocks",
+                              activation_checkpointing=recompute)
+    pipe.load_dense_state_dict(dense)
+    ds = ds_config(stage, gas=PIPE_GAS, dp=dp, section=section)
+    ds.pop("optimizer")
+    engine, *_ = sd.initialize(model=pipe, optimizer=sgd(pipe.parameters()), config=ds)
+    return pipe, engine
+
+
+def pipe_reference(config: GPTConfig, dense: dict, dp: int, steps: int,
+                   weighted: bool = False) -> dict:
+    """The unpipelined model (emulated tensor parallelism) on every replica's micro-batches:
+    g = sum_r w_r g_r, each g_r the mean over the replica's micro-batches, then clipping
+    and SGD. w_r = 1/dp, or with ``weighted`` SIGNAL's weights: loss_ema of each replica's
+    step loss, the step's weights decided from each signal as it would be after the step's
+    first micro-batch (as weighting_reference)."""
+    model = ReducedSyncGPT(config)
+    model.load_dense_state_dict(dense)
+    opt = sgd(model.parameters())
+    signals = [make_signal("loss_ema") for _ in range(dp)]
+    wmap = SoftmaxWeights(temperature=SIGNAL["temperature"], floor=SIGNAL["floor"],
+                          warmup_steps=SIGNAL["warmup_steps"])
+    losses, history = [], []
+    for step in range(steps):
+        grads, step_losses, firsts = [], [], []
+        for r in range(dp):
+            model.zero_grad(set_to_none=True)
+            micro = []
+            for x, y in pipe_batches(r, step):
+                _, loss = model(x, y)
+                (loss / PIPE_GAS).backward()
+                micro.append(loss.item())
+            step_losses.append(sum(micro) / PIPE_GAS)
+            firsts.append(micro[0])
+            grads.append([p.grad.clone() for p in model.parameters()])
+        w = [1.0 / dp] * dp
+        if weighted:
+            estimates = []
+            for signal, first in zip(signals, firsts):
+                provisional = make_signal("loss_ema")
+                provisional.load_state_dict(signal.state_dict())
+                provisional.observe_loss(first)
+                estimates.append(provisional.raw())
+            w = wmap(torch.stack(estimates), step, signals[0].higher_is_better).tolist()
+            for signal, loss in zip(signals, step_losses):
+                signal.observe_loss(loss)
+        for i, p in enumerate(model.parameters()):
+            p.grad = sum(wr * g[i] for wr, g in zip(w, grads))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        losses.append(step_losses)
+        history.append(w)
+    return {"losses": losses, "weights": history,
+            "params": flat_dense(model.dense_state_dict())}
+
+
+def flat_dense(dense: dict) -> list[float]:
+    return torch.cat([v.float().reshape(-1) for _, v in sorted(dense.items())]).tolist()
+
+
+def train_pipe(engine, dp_rank: int, steps: int, first: int = 0) -> list[float]:
+    losses = []
+    for step in range(first, first + steps):
+        losses.append(float(engine.train_batch(iter(pipe_batches(dp_rank, step)))))
+    return losses
+
+
+def scenario_pipeline(rank: int, world: int, out: dict) -> None:
+    """world 2: pp 2 (resume, offline conversion); world 4: pp 2 x tp 2 with every block
+    recomputed, and pp 2 x dp 2 with signal weighting."""
+    import spd_ext.deepspeed.pipeline as pipeline
+
+    if world == 2:
+        config = gpt_config(n_layer=4, pattern=PIPE_PATTERNS[2])
+        dense = ReducedSyncGPT(config).dense_state_dict()
+        pipe, engine = pipe_engine(config, dense, dp=1)
+        losses = train_pipe(engine, 0, 2)
+        save = OUT_DIR[0] / "pipe_ckpt"
+        engine.save_checkpoint(str(save))
+        losses += train_pipe(engine, 0, PIPE_STEPS - 2, first=2)
+        out["pp2"] = {"losses": losses, "params": flat_dense(pipe.dense_state_dict())}
+        # resume in a fresh engine: the same last steps
+        pipe2, engine2 = pipe_engine(config, ReducedSyncGPT(config, seed=7).dense_state_dict(),
+                                     dp=1)
+        engine2.load_checkpoint(str(save))
+        resumed = train_pipe(engine2, 0, PIPE_STEPS - 2, first=2)
+        out["resumed"] = {"losses": resumed, "params": flat_dense(pipe2.dense_state_dict())}
+        dist.barrier()
+        if rank == 0:
+            saved = pipeline.dense_state_dict_from_checkpoint(save, config)
+            pipe_dense = flat_dense(saved)
+            model = ReducedSyncGPT(config)
+            model.load_dense_state_dict(saved)  # loads into the dense model
+            out["offline"] = pipe_dense
+            out["reference"] = pipe_reference(config, dense, 1, PIPE_STEPS)
+            out["reference_at_2"] = pipe_reference(config, dense, 1, 2)["params"]
+            out["pp2"]["dense_loaded"] = flat_dense(model.dense_state_dict())
+        return
+    config = gpt_config(n_layer=4, n_head=2, pattern=PIPE_PATTERNS[4], tp_size=2)
+    dense = ReducedSyncGPT(config).dense_state_dict()
+    for recompute in (False, True):
+        pipe, engine = pipe_engine(config, dense, dp=1, recompute=recompute)
+        losses = train_pipe(engine, 0, PIPE_STEPS)
+        syncs = engine.spd_ext.last
+        out["tp2_recompute" if recompute else "tp2"] = {
+            "losses": losses, "params": flat_dense(pipe.dense_state_dict()),
+            "syncs": [syncs.get("syncs_forward"), syncs.get("syncs_backward"),
+                      syncs.get("grad_syncs")]}
+    if rank == 0:
+        out["tp2_reference"] = pipe_reference(config, dense, 1, PIPE_STEPS)
+        model = ReducedSyncGPT(config)
+        for x, y in pipe_batches(0, 0):  # one step's syncs: every micro-batch's
+            _, loss = model(x, y)
+            loss.backward()
+        counts = model.sync_counter.step()
+        out["tp2_reference"]["syncs"] = [counts["forward"], counts["backward"]]
+    config = gpt_config(n_layer=4, pattern=PIPE_PATTERNS[2])
+    dense = ReducedSyncGPT(config).dense_state_dict()
+    pipe, engine = pipe_engine(config, dense, dp=2, section={"signal_weighting": SIGNAL,
+                                                            "metrics": {"interval": 1}})
+    dp_rank = (rank % 2)
+    losses, weights = [], []
+    for step in range(PIPE_STEPS):
+        losses.append(float(engine.train_batch(iter(pipe_batches(dp_rank, step)))))
+        weights.append(engine.spd_ext.last.get("weights"))
+    out["weighted"] = {"losses": losses, "weights": weights,
+                       "params": flat_dense(pipe.dense_state_dict())}
+    if rank == 0:
+        out["weighted_reference"] = pipe_reference(config, dense, 2, PIPE_STEPS, weighted=True)
+
+
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,
              "resume": scenario_resume, "islands": scenario_islands, "tp": scenario_tp,
              "trainer": scenario_trainer, "nan_grad": scenario_nan_grad,
              "refused": scenario_refused, "skipped": scenario_skipped,
              "host_sync": scenario_host_sync, "tp_islands": scenario_tp_islands,
-             "zero_backend": scenario_zero_backend}
+             "zero_backend": scenario_zero_backend, "pipeline": scenario_pipeline}
 
 
 def main() -> None:
@@ -843,6 +990,7 @@ def main() -> None:
     args = parser.parse_args()
     load_deepspeed_comm_op()  # as spd_ext's entry points do: a stale build lock never hangs
     DIST_BACKEND[0] = args.dist_backend
+    OUT_DIR.append(Path(args.out))
     if args.dist_backend != "section":
         deepspeed.init_distributed(dist_backend={"gloo": "gloo", "spd_ext": "cpu:spd_ext"}[
             args.dist_backend], verbose=False)

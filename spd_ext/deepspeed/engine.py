@@ -26,6 +26,14 @@ instance only, a few of its methods with wrappers that call the originals:
 * ``save_checkpoint`` / ``load_checkpoint``: spd_ext's per-rank state beside DeepSpeed's,
   in ``<save_dir>/<tag>/spd_ext/rank<R>.pt``.
 
+On DeepSpeed's ``PipelineEngine`` (``train_batch``) the loss exists on the last stage only:
+there the instruction that runs a micro-batch's backward scales the loss by the replica's
+factor (the weights are decided among the last stage's data-parallel ranks), and the
+scaled gradient flows back through every stage of the replica, so each stage's reduction
+yields sum_i w_i g_i for its own parameters; ``train_batch`` ends the step as ``step()``
+does. The gradient norm for clipping counts each parameter of the replica once (tied
+copies on their first stage).
+
 Nothing is read on the host except on metrics steps (``metrics.interval``, see
 ``check_step``): losses, signals, weights and the non-finite flags stay device tensors,
 and a fault on another step is raised at the next check (``DeferredFaults``).
@@ -134,6 +142,9 @@ class EngineIntegration:
                 f"engine: it lacks {', '.join(missing)}, which spd_ext relies on (see the "
                 "README's DeepSpeed section); use a DeepSpeed version between 0.14 and 0.19")
         self.engine, self.cfg, self.topology = engine, cfg, topology
+        # DeepSpeed's PipelineEngine: the loss and the signals live on the last stage
+        self.pipeline = hasattr(engine, "train_batch") and hasattr(engine, "is_last_stage")
+        self.last_stage = bool(engine.is_last_stage()) if self.pipeline else True
         guard_checkpoint_loads(engine)  # load_checkpoint never runs a crafted file's code
         self.stage = stage
         self.module: nn.Module = engine.module
@@ -158,7 +169,7 @@ class EngineIntegration:
         mode = cfg.staleness.parsed
         self.mode = mode
         self.aggregator: SignalWeightedAggregator | None = None
-        if cfg.signal_weighting is not None:
+        if cfg.signal_weighting is not None and self.last_stage:
             sw = cfg.signal_weighting  # checked against the stage: validate_against_deepspeed
             self.aggregator = SignalWeightedAggregator(
                 sw.signal, sw.map, temperature=sw.temperature, floor=sw.floor, ema=sw.ema,
@@ -203,8 +214,39 @@ class EngineIntegration:
         engine.save_checkpoint = self.save_checkpoint
         engine.load_checkpoint = self.load_checkpoint
         engine.clip_fp32_gradients = self.clip_fp32_gradients
+        if self.pipeline:
+            self._attach_to_pipeline(engine)
+        if hasattr(self.module, "partial_gradients_summed"):
+            self.module.partial_gradients_summed = True  # allreduce_gradients sums them
         engine.spd_ext = self
 
+    def _attach_to_pipeline(self, engine: Any) -> None:
+        """The PipelineEngine never calls ``engine.backward`` / ``engine.step``: its
+        schedule runs instructions from a class table. This engine gets its own table
+        whose backward instruction weights the last stage's loss, and ``train_batch``
+        ends the step."""
+        from deepspeed.runtime.pipe import schedule
+
+        table = dict(type(engine)._INSTRUCTION_MAP)
+        original = table[schedule.BackwardPass]
+
+        def backward_pass(pipe_engine: Any, buffer_id: int) -> None:
+            if not pipe_engine.is_last_stage():
+                return original(pipe_engine, buffer_id)
+            loss = pipe_engine.loss
+            factor = self._note_micro_loss(loss.detach())
+            if factor is None:
+                return original(pipe_engine, buffer_id)
+            pipe_engine.loss = loss * factor
+            try:
+                return original(pipe_engine, buffer_id)
+            finally:
+                pipe_engine.loss = loss
+
+        table[schedule.BackwardPass] = backward_pass
+        engine._INSTRUCTION_MAP = table
+        self._originals["train_batch"] = engine.train_batch
+        engine.train_batch = self.train_batch
     @property
     def last(self) -> dict[str, Any]:
         """The last step's values (step, loss, weight, weights, signals, grad_norm,
@@ -227,18 +269,25 @@ class EngineIntegration:
 
     # -- the wrapped engine methods ----------------------------------------------------
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        value = loss.detach()
+        factor = self._note_micro_loss(loss.detach())
+        if self._grad_buffers:
+            self._attach_grad_views()
+        if factor is None:
+            return self._originals["backward"](loss, *args, **kwargs)
+        out = self._originals["backward"](loss * factor, *args, **kwargs)
+        return out / factor  # what DeepSpeed returns: the loss over the steps
+
+    def _note_micro_loss(self, value: torch.Tensor) -> torch.Tensor | None:
+        """A micro-batch's loss before its backward; returns the factor to scale it by
+        (None without signal weighting). The step's first decides the step's weights."""
         if not self._micro_losses:  # the step's first micro-batch
             self._last = {}
         self._micro_losses.append(value)
-        if self._grad_buffers:
-            self._attach_grad_views()
         if self.aggregator is None:
-            return self._originals["backward"](loss, *args, **kwargs)
+            return None
         if self._loss_factor is None:
             self._loss_factor = self._weigh_step(value)
-        out = self._originals["backward"](loss * self._loss_factor, *args, **kwargs)
-        return out / self._loss_factor  # what DeepSpeed returns: the loss over the steps
+        return self._loss_factor
 
     def _weigh_step(self, first_loss: torch.Tensor) -> torch.Tensor:
         """The step's weights, before its first backward (collective on the data-parallel
@@ -346,24 +395,39 @@ class EngineIntegration:
         boundary = self.engine.is_gradient_accumulation_boundary()
         out = self._originals["step"](*args, **kwargs)
         if boundary:
-            step = self.engine.global_steps - 1  # the step just taken
-            self._account_for_step(step)
-            if self.strategy is not None:
-                self.strategy.after_step(self.module, step)
-            if self._counter is not None:
-                syncs = self._counter.step()
-                self._last.update(syncs_forward=syncs["forward"],
-                                  syncs_backward=syncs["backward"],
-                                  grad_syncs=syncs["grad_syncs"])
-            norm = self.engine.get_global_grad_norm() if self.stage >= 1 else None
-            if norm is not None:
-                self._last["grad_norm"] = norm
-            self._last["skipped_optimizer"] = self._skip_optimizer
-            self._skip_optimizer = False
-            if self.check_step(step):
-                self._unchecked.raise_if_any(step, self.cfg.metrics.interval)
-                self._write_metrics(step)
+            self._end_step()
         return out
+
+    def train_batch(self, *args: Any, **kwargs: Any) -> Any:
+        """PipelineEngine.train_batch: a whole step (its micro-batches, reduction, update).
+        Off the last stage ``last["loss"]`` is the replicas' mean DeepSpeed returns."""
+        if not self.last_stage:
+            self._last = {}
+        out = self._originals["train_batch"](*args, **kwargs)
+        if not self.last_stage:
+            self._last["loss"] = out.detach()
+        self._end_step()
+        return out
+
+    def _end_step(self) -> None:
+        """After DeepSpeed's update: signals, staleness, sync counts, metrics."""
+        step = self.engine.global_steps - 1  # the step just taken
+        self._account_for_step(step)
+        if self.strategy is not None:
+            self.strategy.after_step(self.module, step)
+        if self._counter is not None:
+            syncs = self._counter.step()
+            self._last.update(syncs_forward=syncs["forward"],
+                              syncs_backward=syncs["backward"],
+                              grad_syncs=syncs["grad_syncs"])
+        norm = self.engine.get_global_grad_norm() if self.stage >= 1 else None
+        if norm is not None:
+            self._last["grad_norm"] = norm
+        self._last["skipped_optimizer"] = self._skip_optimizer
+        self._skip_optimizer = False
+        if self.check_step(step):
+            self._unchecked.raise_if_any(step, self.cfg.metrics.interval)
+            self._write_metrics(step)
 
     def _account_for_step(self, step: int) -> None:
         """After DeepSpeed's step: the step's loss enters the signal if the update was
@@ -395,12 +459,37 @@ class EngineIntegration:
         if self.replicas_diverge:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
                                                   engine.gradient_clipping())
+        elif self.pipeline:
+            norm = self._clip_pipeline_gradients(engine.gradient_clipping())
         else:
             from deepspeed.runtime.utils import clip_grad_norm_
 
             norm = clip_grad_norm_(parameters=self.module.parameters(),
                                    max_norm=engine.gradient_clipping(), mpu=engine.mpu)
         self._last["grad_norm"] = norm
+
+    def _clip_pipeline_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip a pipeline replica's reduced gradients to ``max_norm`` (stage 0, fp32).
+        DeepSpeed's stage-0 clipping counts replicated parameters on the first rank of
+        the grid's model-parallel group (every stage and shard of the replica) only, so
+        later stages' LayerNorms would be left out; here each parameter counts once:
+        sharded ones on every tensor-parallel rank, replicated ones on the first, a tied
+        copy on its first stage."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        tp_rank = dist.get_rank(self.topology.tp_group) if self.topology.tp_size > 1 else 0
+        counted = [p.grad for p in self.module.parameters() if p.grad is not None
+                   and not getattr(p, "ds_pipe_replicated", False)
+                   and (tp_rank == 0 or tensor_parallel_layout(p).sharded)]
+        device = grads[0].device if grads else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for g in counted:
+            total += g.double().pow(2).sum()
+        dist.all_reduce(total, group=self.engine.mpu.get_model_parallel_group())
+        norm = total.sqrt()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return norm.float()
 
     # -- reductions ---------------------------------------------------------------
     def _reduction_grads(self) -> list[torch.Tensor]:

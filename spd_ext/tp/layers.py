@@ -138,3 +138,15 @@ class ShardedMLP(nn.Module):
 def gpt2_init_std(n_layer: int, residual_projection: bool) -> float:
     """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
     return 0.02 / math.sqrt(2 * n_layer) if residual_projection else 0.02
+
+
+def gpt2_dense_init(name: str, shape: torch.Size, n_layer: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """The GPT-2 initial value of the dense parameter ``name`` (ReducedSyncGPT's names):
+    LayerNorm weights one, biases zero, the rest N(0, std) drawn from ``generator``."""
+    if name.endswith(("ln_1.weight", "ln_2.weight")) or name == "ln_f.weight":
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    std = gpt2_init_std(n_layer, name.endswith("c_proj.weight"))
+    return torch.randn(shape, generator=generator) * std

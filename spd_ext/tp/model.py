@@ -22,12 +22,13 @@ from spd_ext.tp.communicator import DistributedComm, EmulatedComm, TensorParalle
 from spd_ext.tp.config import GPTConfig
 from spd_ext.tp.generation import DecodeStep, generate_steps
 from spd_ext.tp.kv_cache import KVCache, LayerKVCache
-from spd_ext.tp.layers import gpt2_init_std
+from spd_ext.tp.layers import gpt2_dense_init
 from spd_ext.tp.patterns import parse_pattern
 from spd_ext.tp.sharding import (
+    dense_shapes,
+    load_dense_shards_,
     merge_state_dict,
     set_tensor_parallel_layout,
-    shard_state_dict,
     tensor_parallel_layout,
 )
 from spd_ext.tp.stream import ResidualStream
@@ -68,42 +69,16 @@ class ReducedSyncGPT(nn.Module):
         """GPT-2 initialization drawn in the dense layout, so it is the same model for
         every tensor-parallel size and mode."""
         g = torch.Generator().manual_seed(seed)
-        dense = {}
-        for name, p in self.dense_shapes().items():
-            if name.endswith(("ln_1.weight", "ln_2.weight")) or name == "ln_f.weight":
-                dense[name] = torch.ones(p)
-            elif name.endswith(".bias"):
-                dense[name] = torch.zeros(p)
-            else:
-                std = gpt2_init_std(self.config.n_layer, name.endswith("c_proj.weight"))
-                dense[name] = torch.randn(p, generator=g) * std
-        self.load_dense_state_dict(dense)
+        self.load_dense_state_dict({name: gpt2_dense_init(name, shape, self.config.n_layer, g)
+                                    for name, shape in self.dense_shapes().items()})
 
     def dense_shapes(self) -> dict[str, torch.Size]:
         """Every parameter's shape in the dense (GPT-2) layout, in a fixed order."""
-        shapes = {}
-        for name, p in self.named_parameters():
-            layout = tensor_parallel_layout(p)
-            shapes[name] = torch.Size(layout.dense_shape) if layout.sharded else p.shape
-        return shapes
+        return dense_shapes(self)
 
-    @torch.no_grad()
     def load_dense_state_dict(self, dense: dict[str, torch.Tensor]) -> None:
         """Load GPT-2-layout weights, keeping this process's shards."""
-        missing = set(self.state_dict()) - set(dense)
-        unexpected = set(dense) - set(self.state_dict())
-        if missing or unexpected:
-            raise UsageError(f"state dict does not fit this model: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
-        for name, shape in self.dense_shapes().items():
-            if dense[name].shape != shape:
-                raise UsageError(f"{name}: checkpoint shape {tuple(dense[name].shape)} does not "
-                                 f"match the model's {tuple(shape)}; check n_layer, n_embd, "
-                                 "n_head, vocab_size and block_size")
-        own = shard_state_dict(dense, self, self.config.tp_size, self.comm.rank,
-                               self.comm.shards)
-        for name, p in self.state_dict().items():
-            p.copy_(own[name])
+        load_dense_shards_(self, dense, self.config.tp_size, self.comm.rank, self.comm.shards)
 
     @torch.no_grad()
     def dense_state_dict(self) -> dict[str, torch.Tensor]:

@@ -166,3 +166,31 @@ def merge_state_dict(sharded: Mapping[str, torch.Tensor], model: nn.Module,
     return {name: merge_tensor(value, tensor_parallel_layout(params[name])
                                if name in params else REPLICATED, tp_size)
             for name, value in sharded.items()}
+
+
+def dense_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    """Every parameter's shape in the dense layout, by its recorded layout, in order."""
+    shapes = {}
+    for name, p in module.named_parameters():
+        layout = tensor_parallel_layout(p)
+        shapes[name] = torch.Size(layout.dense_shape) if layout.sharded else p.shape
+    return shapes
+
+
+@torch.no_grad()
+def load_dense_shards_(module: nn.Module, dense: Mapping[str, torch.Tensor], tp_size: int,
+                       first: int, count: int) -> None:
+    """Copy shards ``[first, first + count)`` of the dense tensors into ``module``'s
+    parameters and buffers of the same names, checking names and dense shapes."""
+    own = module.state_dict()
+    missing, unexpected = set(own) - set(dense), set(dense) - set(own)
+    if missing or unexpected:
+        raise UsageError(f"state dict does not fit this model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, shape in dense_shapes(module).items():
+        if dense[name].shape != shape:
+            raise UsageError(f"{name}: checkpoint shape {tuple(dense[name].shape)} does not "
+                             f"match the model's {tuple(shape)}; check n_layer, n_embd, "
+                             "n_head, vocab_size and block_size")
+    for name, value in shard_state_dict(dense, module, tp_size, first, count).items():
+        own[name].copy_(value)

@@ -10,12 +10,17 @@ which is what a ``parallel`` block keeps building on. Row-parallel biases are co
 and added once, after the sum, never to a rank-local view. ``close_async()`` launches the
 all-reduce and leaves its result *pending*; it joins ``base`` at ``settle()`` (the Ladder
 residual: the next module runs on the stream without it).
+
+``to_tensors()`` / ``from_tensors()`` carry the stream, open region and pending all-reduce
+included, across a boundary that passes tensors only (a pipeline stage's, an activation
+checkpoint's), so that the model computes and syncs the same on either side of it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from spd_ext.errors import UsageError
 from spd_ext.tp.communicator import Handle, TensorParallelComm
 from spd_ext.tp.regions import (
     copy_to_tensor_parallel_region,
@@ -81,6 +86,54 @@ class ResidualStream:
             self.base = self.base + handle.wait()
             if bias is not None:
                 self.base = self.base + bias
+
+    #: the optional parts of a stream, after ``base``
+    PARTS = ("local_base", "delta", "bias", "pending", "pending_bias")
+    _MAX_DIM = 4  # a part's shape in the layout: [S, B, T, C] at most
+
+    def to_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, layout)``: every part of the stream flattened into one tensor, and an
+        int64 tensor of which parts are present and their shapes. A pending all-reduce is
+        waited for (its sum stays out of ``base`` until the next settle(), as before);
+        the region's rank-local base is passed as is, so its one backward all-reduce stays
+        where the region opened. One tensor because a receiver's backward then reaches
+        each autograd node once (one backward call per tensor would run the region's
+        all-reduce once per part)."""
+        pending = pending_bias = None
+        if self._pending is not None:
+            handle, pending_bias = self._pending
+            pending = handle.wait()
+        parts = [self.base, self._local_base, self._delta, self._bias, pending, pending_bias]
+        present = [t for t in parts if t is not None]
+        layout = [int(t is not None) for t in parts[1:]]
+        for t in parts:
+            shape = list(t.shape) if t is not None else []
+            layout += shape + [-1] * (self._MAX_DIM - len(shape))
+        values = torch.cat([t.reshape(-1) for t in present])
+        return values, torch.tensor(layout, dtype=torch.int64, device=values.device)
+
+    @classmethod
+    def from_tensors(cls, tensors: tuple[torch.Tensor, ...],
+                     comm: TensorParallelComm) -> ResidualStream:
+        """The stream ``to_tensors()`` packed, on the other side of the boundary."""
+        n = len(cls.PARTS)
+        if len(tensors) != 2 or tensors[1].numel() != n + (n + 1) * cls._MAX_DIM:
+            raise UsageError(f"these {len(tensors)} tensors are not a residual stream's "
+                             "to_tensors()")
+        values, layout = tensors
+        flags, dims = layout[:n].tolist(), layout[n:].tolist()
+        shapes = [[d for d in dims[i * cls._MAX_DIM:(i + 1) * cls._MAX_DIM] if d >= 0]
+                  for i in range(n + 1)]
+        present = [True, *(bool(f) for f in flags)]
+        sizes = [torch.Size(shape).numel() for shape, here in zip(shapes, present) if here]
+        pieces = iter(values.split(sizes))
+        parts = [next(pieces).view(shape) if here else None
+                 for shape, here in zip(shapes, present)]
+        stream = cls(parts[0], comm)
+        stream._local_base, stream._delta, stream._bias = parts[1], parts[2], parts[3]
+        if parts[4] is not None:
+            stream._pending = (Handle(parts[4]), parts[5])
+        return stream
 
     def finish(self) -> torch.Tensor:
         """The replicated stream, closing an open region with one final sync if needed."""

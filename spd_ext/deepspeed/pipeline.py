@@ -1,0 +1,302 @@
+"""The reduced-sync GPT as a DeepSpeed pipeline: pipeline x tensor x data parallelism.
+
+    pipe = spd_ext.deepspeed.pipeline_module(GPTConfig(..., tp_size=T), num_stages=P)
+    engine, *_ = spd_ext.deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(),
+                                              config=ds_config)
+    loss = engine.train_batch(iter(batches))   # batches of (idx, targets)
+
+``pipeline_module`` returns a ``deepspeed.pipe.PipelineModule`` of spd_ext.tp.stages's
+layers: the embedding, the blocks of any pattern, the final LayerNorm and the head, the
+token embedding tied across the first and last stage (``TiedLayerSpec``). The world is
+``P x dp x T`` (DeepSpeed's ``PipeModelDataParallelTopology``: the stage slowest, the
+tensor-parallel rank fastest), and inside each stage the blocks are tensor-parallel over
+the ranks ``[k*T, (k+1)*T)``, spd_ext's tensor-parallel groups. Stage boundaries carry the
+residual stream as tensors (``ResidualStream.to_tensors``), each tensor-parallel rank to
+the same rank of the next stage, so DeepSpeed's partitioning of activations across the
+tensor-parallel group (which assumes them replicated) is turned off.
+
+Checkpoints are DeepSpeed's pipeline checkpoints (a file per layer and tensor-parallel
+rank); ``dense_state_dict`` (collective) and ``dense_state_dict_from_checkpoint`` (a
+directory, no ranks) turn one into ReducedSyncGPT's dense state dict, and
+``load_dense_state_dict`` starts a pipeline from one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spd_ext.errors import MissingFileError, UsageError
+from spd_ext.parallel_dims import LayoutNames, ParallelDims
+from spd_ext.tp.communicator import DistributedComm, EmulatedComm, TensorParallelComm
+from spd_ext.tp.config import GPTConfig
+from spd_ext.tp.sharding import merge_state_dict, tensor_parallel_layout
+from spd_ext.tp.stages import (
+    BlockLayer,
+    FinalNorm,
+    PositionEmbedding,
+    StageLayer,
+    TokenEmbedding,
+    language_model_loss,
+    lm_head,
+)
+from spd_ext.tp.stream import ResidualStream
+from spd_ext.utils.files import load_checkpoint
+
+__all__ = ["PARTITION_METHODS", "ReducedSyncPipeline", "dense_state_dict_from_checkpoint",
+           "pipeline_module"]
+
+#: how layers are split into stages: DeepSpeed's balance of parameter counts, equal layer
+#: counts, or equal block counts (the embeddings go with the first block, the head with
+#: the last)
+PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform",
+                     "blocks": f"type:^{BlockLayer.__name__}$"}
+#: the ds_config "pipeline" entries a reduced-sync pipeline needs: stage boundaries carry
+#: rank-local tensors (an open region), which DeepSpeed's partitioning would mix up
+PIPELINE_CONFIG = {"pipe_partitioned": False, "grad_partitioned": False}
+TIED_KEY = "wte"
+
+
+def layer_classes(config: GPTConfig) -> list[tuple[type[StageLayer], dict]]:
+    """The model's layers in order: each one's class and the arguments after (config,
+    comm); the last entry is the head, which reuses the first's module."""
+    n = config.n_layer
+    return [(TokenEmbedding, {"index": 0}), (PositionEmbedding, {"index": 1}),
+            *((BlockLayer, {"index": 2 + i, "block_index": i}) for i in range(n)),
+            (FinalNorm, {"index": 2 + n}), (TokenEmbedding, {"index": 0})]
+
+
+def _layer_specs(config: GPTConfig, comm: TensorParallelComm, seed: int | None,
+                 recompute: bool) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    classes = layer_classes(config)
+    specs: list = []
+    for position, (cls, kwargs) in enumerate(classes):
+        kwargs = {**kwargs, "seed": seed}
+        if cls is BlockLayer:
+            kwargs["recompute"] = recompute
+        if cls is TokenEmbedding:
+            head = position == len(classes) - 1
+            specs.append(TiedLayerSpec(TIED_KEY, cls, config, comm, **kwargs,
+                                       forward_fn=lm_head if head else None,
+                                       tied_weight_attr=["weight"]))
+        else:
+            specs.append(LayerSpec(cls, config, comm, **kwargs))
+    return specs
+
+
+def pipeline_dims(world: int, num_stages: int, tp_size: int) -> ParallelDims:
+    """The job's sizes (``world = num_stages x dp x tp_size``), refused with the names
+    pipeline_module's callers use."""
+    return ParallelDims(world, tp_size, pp=num_stages,
+                        names=LayoutNames(tp="config.tp_size", pp="num_stages"))
+
+
+def _deepspeed_pipeline_module() -> type:
+    from deepspeed.pipe import PipelineModule
+
+    return PipelineModule
+
+
+class ReducedSyncPipeline(nn.Module):
+    """Marker base, so that ``isinstance`` checks need not import DeepSpeed; the class
+    ``pipeline_module`` returns derives from it and DeepSpeed's ``PipelineModule``."""
+
+    config: GPTConfig
+    comm: TensorParallelComm
+
+
+def _make_class() -> type:
+    PipelineModule = _deepspeed_pipeline_module()
+
+    class _ReducedSyncPipeline(PipelineModule, ReducedSyncPipeline):
+        """A PipelineModule of spd_ext.tp.stages's layers (see the module docstring)."""
+
+        def __init__(self, config: GPTConfig, comm: TensorParallelComm, topology: Any,
+                     seed: int | None, partition_method: str, recompute: bool) -> None:
+            PipelineModule.__init__(
+                self, layers=_layer_specs(config, comm, seed, recompute), topology=topology,
+                loss_fn=language_model_loss, partition_method=PARTITION_METHODS[
+                    partition_method], activation_checkpoint_interval=0)
+            self.config, self.comm = config, comm
+            # set by spd_ext's engine integration, which sums the tensor-parallel partial
+            # gradients (the blocks' LayerNorms) that DeepSpeed alone would leave partial
+            self.partial_gradients_summed = False
+
+        @property
+        def sync_counter(self) -> Any:
+            return self.comm.counter
+
+        def forward(self, inputs: Any) -> Any:
+            if self.activation_checkpoint_interval:
+                raise UsageError(
+                    "pipeline.activation_checkpoint_interval in the ds_config: DeepSpeed's "
+                    "checkpointing passes plain tensors between layers, while these layers "
+                    "pass the residual stream; build the module with pipeline_module(..., "
+                    "activation_checkpointing=True) (every block recomputed) and leave the "
+                    "interval out")
+            if (self.comm.tp_size > 1 and self.training and torch.is_grad_enabled()
+                    and not self.partial_gradients_summed):
+                raise UsageError(
+                    "a tensor-parallel pipeline trained by an engine spd_ext is not attached "
+                    "to: the blocks' LayerNorm gradients would stay partial; create the engine "
+                    "with spd_ext.deepspeed.initialize")
+            x = inputs
+            if isinstance(x, tuple):  # the residual stream, from the previous stage
+                x = ResidualStream.from_tensors(x, self.comm)
+            for layer in self.forward_funcs:
+                x = layer(x)
+            return x.to_tensors() if isinstance(x, ResidualStream) else x
+
+        # -- dense weights ---------------------------------------------------------
+        def stage_layers(self) -> list[StageLayer]:
+            """This stage's layers that hold parameters (the tied embedding once)."""
+            own = [f for f in self.forward_funcs if isinstance(f, StageLayer)]
+            for module in self.tied_modules.values():
+                if module not in own:
+                    own.append(module)
+            return own
+
+        def load_dense_state_dict(self, dense: dict[str, torch.Tensor]) -> None:
+            """Load ReducedSyncGPT's dense state dict: each rank its layers' shards."""
+            expected = set(_dense_names(self.config))
+            if set(dense) != expected:
+                missing, unexpected = expected - set(dense), set(dense) - expected
+                raise UsageError(f"state dict does not fit this model: missing "
+                                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            for layer in self.stage_layers():
+                layer.load_dense(dense)
+
+        @torch.no_grad()
+        def dense_state_dict(self) -> dict[str, torch.Tensor]:
+            """ReducedSyncGPT's dense state dict of the whole model, on every rank
+            (collective over the job: each replica gathers its stages' shards)."""
+            local: dict[str, torch.Tensor] = {}
+            for layer in self.stage_layers():
+                if isinstance(layer, TokenEmbedding) and self.stage_id != 0:
+                    continue  # the first stage's copy (the tie keeps them equal)
+                params = dict(layer.named_parameters())
+                shards = {}
+                for name, value in layer.state_dict().items():
+                    if (self.comm.tp_size > 1 and name in params
+                            and tensor_parallel_layout(params[name]).sharded):
+                        parts = [torch.empty_like(value) for _ in range(self.comm.tp_size)]
+                        dist.all_gather(parts, value.contiguous(), group=self.comm.group)
+                        value = torch.cat(parts, 0)
+                    shards[name] = value
+                for name, value in merge_state_dict(shards, layer,
+                                                    self.comm.tp_size).items():
+                    local[layer.dense_name(name)] = value.detach().cpu().clone()
+            parts: list[Any] = [None] * self._grid.get_pipe_parallel_world_size()
+            dist.all_gather_object(parts, local, group=self._grid.get_pipe_parallel_group())
+            dense: dict[str, torch.Tensor] = {}
+            for part in parts:
+                dense.update(part)
+            return {name: dense[name] for name in _dense_names(self.config)}
+
+    return _ReducedSyncPipeline
+
+
+_CLASS: list[type] = []
+
+
+def pipeline_module(config: GPTConfig, num_stages: int, *, seed: int | None = 0,
+                    partition_method: str = "parameters", activation_checkpointing: bool = False,
+                    tp_backend: str = "spd_ext") -> Any:
+    """The reduced-sync GPT ``config`` as a DeepSpeed ``PipelineModule`` of ``num_stages``
+    stages, tensor-parallel ``config.tp_size`` inside each (collective: every rank calls
+    it alike, after torch.distributed is initialized). ``partition_method``: one of
+    PARTITION_METHODS. ``activation_checkpointing``: recompute every block in backward.
+    ``seed``: per-layer initialization (spd_ext.tp.stages); None leaves the weights for
+    ``load_dense_state_dict``."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    if not dist.is_initialized():
+        raise RuntimeError("pipeline_module needs torch.distributed initialized first "
+                           "(deepspeed.init_distributed())")
+    if partition_method not in PARTITION_METHODS:
+        raise UsageError(f"partition_method must be one of {sorted(PARTITION_METHODS)}, got "
+                         f"{partition_method!r}")
+    dims = pipeline_dims(dist.get_world_size(), num_stages, config.tp_size)
+    if config.n_layer + 4 < num_stages:
+        raise UsageError(f"{num_stages} stages for {config.n_layer + 4} layers (embeddings, "
+                         f"{config.n_layer} blocks, final LayerNorm, head): use at most "
+                         f"{config.n_layer + 4} stages")
+    topology = dims.build()
+    comm: TensorParallelComm = (DistributedComm(topology.tp_group, backend=tp_backend)
+                                if config.tp_size > 1 else EmulatedComm(1))
+    if not _CLASS:
+        _CLASS.append(_make_class())
+    ds_topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=config.tp_size,
+                                                num_dp=dims.dp)
+    return _CLASS[0](config, comm, ds_topology, seed, partition_method,
+                     activation_checkpointing)
+
+
+def _dense_names(config: GPTConfig) -> list[str]:
+    """ReducedSyncGPT's dense names, in its order."""
+    from spd_ext.tp.model import ReducedSyncGPT
+
+    with torch.device("meta"):
+        return list(ReducedSyncGPT(GPTConfig(**{**config.to_dict(), "tp_size": 1}),
+                                   seed=None).state_dict())
+
+
+_LAYER_FILE = re.compile(r"layer_(\d+)-(?:.*-)?model_states\.pt$")
+
+
+def dense_state_dict_from_checkpoint(path: str | Path, config: GPTConfig,
+                                     tag: str | None = None) -> dict[str, torch.Tensor]:
+    """ReducedSyncGPT's dense state dict from a DeepSpeed pipeline checkpoint of this
+    module (no ranks needed): ``path`` is the directory given to ``save_checkpoint``
+    (the tag from ``tag`` or its ``latest`` file) or the tag's own directory. The
+    tensor-parallel files of each layer are merged by the layers' layouts."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"{path} is not a directory: pass the directory given to "
+                               "save_checkpoint, or its tag directory")
+    if tag is None and not any(path.glob("layer_*model_states.pt")):
+        latest = path / "latest"
+        if not latest.is_file():
+            raise MissingFileError(f"{path} holds no layer files and no 'latest' file: not a "
+                                   "DeepSpeed pipeline checkpoint; pass its directory")
+        tag = latest.read_text().strip()
+    directory = path / tag if tag is not None else path
+    files: dict[int, list[Path]] = {}
+    for file in sorted(directory.glob("layer_*model_states.pt")):
+        match = _LAYER_FILE.search(file.name)
+        if match:
+            files.setdefault(int(match.group(1)), []).append(file)
+    t = config.tp_size
+    dense: dict[str, torch.Tensor] = {}
+    with torch.device("meta"):
+        layers = [cls(config, EmulatedComm(t), seed=None, **kwargs)
+                  for cls, kwargs in layer_classes(config)[:-1]]  # the head has no file
+    for index, layer in enumerate(layers):
+        found = files.get(index, [])
+        if len(found) != t:
+            raise MissingFileError(
+                f"{directory}: layer {index} has {len(found)} file(s), expected {t} (one per "
+                f"tensor-parallel rank of config.tp_size {t}); check the config matches the "
+                "run that saved it")
+        parts = [load_checkpoint(f, f"pipeline layer {index}") for f in found]
+        params = dict(layer.named_parameters())
+        shards = {}
+        for name in layer.state_dict():
+            if name in params and tensor_parallel_layout(params[name]).sharded:
+                shards[name] = torch.cat([p[name] for p in parts], 0)
+            else:
+                shards[name] = parts[0][name]
+        for name, value in merge_state_dict(shards, layer, t).items():
+            dense[layer.dense_name(name)] = value.clone()
+    names = _dense_names(config)
+    missing = [n for n in names if n not in dense]
+    if missing:
+        raise UsageError(f"{directory}: the checkpoint lacks {missing[:5]}; check the config")
+    return {name: dense[name] for name in names}

@@ -1,0 +1,164 @@
+"""The reduced-sync GPT as a sequence of layers, for layer-wise (pipeline) parallelism.
+
+    0      TokenEmbedding     idx -> wte(idx)                    (its weight is the head's)
+    1      PositionEmbedding  x -> stream of drop(x + wpe(pos))
+    2+i    BlockLayer         stream -> stream                   (block i of the pattern)
+    2+L    FinalNorm          stream -> ln_f(stream.finish())
+    3+L    the LM head        h -> h wte^T                       (lm_head, on layer 0's module)
+
+They compute exactly what ReducedSyncGPT computes: within a stage the layers hand each
+other the ResidualStream itself, so sync regions (``parallel`` blocks) and the Ladder's
+pending all-reduce run across blocks as in the whole model; between stages the stream
+travels as ``ResidualStream.to_tensors()``. Each layer's parameters have the whole model's
+dense names under ``dense_name`` (``h.{i}.`` for block i), so any split of the layers loads
+and saves ReducedSyncGPT's dense state dict. Initialization is drawn per layer from
+``(seed, layer index)``: the same weights for every split and tensor-parallel size (not
+ReducedSyncGPT(seed)'s, which draws the whole model from one stream; load its dense state
+dict for those).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from spd_ext.tp.blocks import BLOCKS
+from spd_ext.tp.communicator import TensorParallelComm
+from spd_ext.tp.config import GPTConfig
+from spd_ext.tp.kv_cache import LayerKVCache
+from spd_ext.tp.layers import gpt2_dense_init
+from spd_ext.tp.patterns import parse_pattern
+from spd_ext.tp.sharding import dense_shapes, load_dense_shards_, set_tensor_parallel_layout
+from spd_ext.tp.stream import ResidualStream
+
+
+class StageLayer(nn.Module):
+    """What every layer shares: its index, its parameters' dense names, its init."""
+
+    #: the dense names' prefix for the layer's own names (``h.{i}.`` for a block)
+    dense_prefix: ClassVar[str] = ""
+
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int) -> None:
+        super().__init__()
+        self.config, self.comm, self.index = config, comm, index
+
+    def dense_name(self, local: str) -> str:
+        return self.dense_prefix + local
+
+    def local_names(self) -> dict[str, str]:
+        """Dense name -> this layer's name, for every entry of its state dict."""
+        return {self.dense_name(name): name for name in self.state_dict()}
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + self.index)
+        self.load_dense({self.dense_name(name): gpt2_dense_init(
+            self.dense_name(name), shape, self.config.n_layer, g)
+            for name, shape in dense_shapes(self).items()})
+
+    def load_dense(self, dense: dict[str, torch.Tensor]) -> None:
+        """Load this layer's entries of a dense state dict (its shards)."""
+        names = self.local_names()
+        load_dense_shards_(self, {names[k]: dense[k] for k in names}, self.comm.tp_size,
+                           self.comm.rank, self.comm.shards)
+
+
+class TokenEmbedding(StageLayer):
+    """``wte``; the LM head reuses its weight (:func:`lm_head`)."""
+
+    dense_prefix = "wte."
+
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int = 0,
+                 seed: int | None = 0) -> None:
+        super().__init__(config, comm, index)
+        self.weight = set_tensor_parallel_layout(
+            nn.Parameter(torch.empty(config.vocab_size, config.n_embd)))
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+def lm_head(embedding: TokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] from the final hidden state, with the tied embedding."""
+    return F.linear(hidden, embedding.weight)
+
+
+class PositionEmbedding(StageLayer):
+    """``wpe`` and the embedding dropout; opens the residual stream."""
+
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int = 1,
+                 seed: int | None = 0) -> None:
+        super().__init__(config, comm, index)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        set_tensor_parallel_layout(self.wpe.weight)
+        self.drop = nn.Dropout(config.dropout)
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> ResidualStream:
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
+        return ResidualStream(self.drop(x + self.wpe(pos)), self.comm)
+
+
+class BlockLayer(StageLayer):
+    """Block ``block_index`` of the pattern. ``recompute``: activation checkpointing (the
+    block's activations are recomputed in backward, its forward syncs with them)."""
+
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int,
+                 block_index: int, seed: int | None = 0, recompute: bool = False) -> None:
+        super().__init__(config, comm, index)
+        self.block_index = block_index
+        self.kind = parse_pattern(config.pattern, config.n_layer)[block_index]
+        self.block = BLOCKS[self.kind](config.n_embd, config.n_head, comm, config.dropout,
+                                       config.bias)
+        self.recompute = recompute
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def dense_name(self, local: str) -> str:
+        return f"h.{self.block_index}." + local.removeprefix("block.")
+
+    def forward(self, stream: ResidualStream,
+                kv_cache: LayerKVCache | None = None) -> ResidualStream:
+        with self.comm.counter.scope(f"{self.block_index}:{self.kind}"):
+            if self.recompute and self.training and torch.is_grad_enabled():
+                comm = self.comm
+
+                def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    inner = ResidualStream.from_tensors(tensors, comm)
+                    self.block(inner)
+                    return inner.to_tensors()
+
+                out = checkpoint(run, *stream.to_tensors(), use_reentrant=False)
+                return ResidualStream.from_tensors(out, comm)
+            self.block(stream, kv_cache)
+            return stream
+
+
+class FinalNorm(StageLayer):
+    """Closes the stream (one last sync if a region is open) and applies ``ln_f``."""
+
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int,
+                 seed: int | None = 0) -> None:
+        super().__init__(config, comm, index)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        for p in self.ln_f.parameters():
+            set_tensor_parallel_layout(p)
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def forward(self, stream: ResidualStream) -> torch.Tensor:
+        with self.comm.counter.scope("final"):
+            x = stream.finish()
+        return self.ln_f(x)
+
+
+def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """ReducedSyncGPT's loss: cross-entropy over every position."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
