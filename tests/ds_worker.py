@@ -840,11 +840,14 @@ def pipe_batches(dp_rank: int, step: int) -> list[tuple]:
 
 
 def pipe_engine(config: GPTConfig, dense: dict, dp: int, section: dict | None = None,
-                recompute: bool = False, stage: int = 0):
+                recompute: bool = False, stage: int = 0, bf16: bool = False):
     pipe = sd.pipeline_module(config, num_stages=2, partition_method="blocks",
                               activation_checkpointing=recompute)
     pipe.load_dense_state_dict(dense)
-    ds = ds_config(stage, gas=PIPE_GAS, dp=dp, section=section)
+    if bf16:
+        pipe = pipe.to(torch.bfloat16)
+    ds = ds_config(stage, gas=PIPE_GAS, dp=dp, section=section, bf16=bf16)
+    ds["zero_allow_untested_optimizer"] = True  # SGD under ZeRO-1
     ds.pop("optimizer")
     engine, *_ = sd.initialize(model=pipe, optimizer=sgd(pipe.parameters()), config=ds)
     return pipe, engine
@@ -914,7 +917,7 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
     import spd_ext.deepspeed.pipeline as pipeline
 
     if world == 2:
-        config = gpt_config(n_layer=4, pattern=PIPE_PATTERNS[2])
+        config = gpt_config(n_layer=4, pattern=PIPE_PATTERNS[2], bias=True)
         dense = ReducedSyncGPT(config).dense_state_dict()
         pipe, engine = pipe_engine(config, dense, dp=1)
         losses = train_pipe(engine, 0, 2)
@@ -939,7 +942,7 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
             out["reference_at_2"] = pipe_reference(config, dense, 1, 2)["params"]
             out["pp2"]["dense_loaded"] = flat_dense(model.dense_state_dict())
         return
-    config = gpt_config(n_layer=4, n_head=2, pattern=PIPE_PATTERNS[4], tp_size=2)
+    config = gpt_config(n_layer=4, n_head=2, pattern=PIPE_PATTERNS[4], tp_size=2, bias=True)
     dense = ReducedSyncGPT(config).dense_state_dict()
     for recompute in (False, True):
         pipe, engine = pipe_engine(config, dense, dp=1, recompute=recompute)
@@ -949,6 +952,16 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
             "losses": losses, "params": flat_dense(pipe.dense_state_dict()),
             "syncs": [syncs.get("syncs_forward"), syncs.get("syncs_backward"),
                       syncs.get("grad_syncs")]}
+    for stage, bf16 in ((1, False), (0, True), (1, True)):
+        pipe, engine = pipe_engine(config, dense, dp=1, stage=stage, bf16=bf16)
+        losses = train_pipe(engine, 0, PIPE_STEPS)
+        out[f"tp2_z{stage}" + ("_bf16" if bf16 else "")] = {
+            "losses": losses, "params": flat_dense(pipe.dense_state_dict()),
+            "optimizer": type(engine.optimizer).__name__,
+            "grad_syncs": engine.spd_ext.last.get("grad_syncs"),
+            # this rank's own copies of the LayerNorms (replicated: equal on both shards)
+            "layer_norms": torch.cat([p.detach().float().reshape(-1)
+                                      for p in engine.spd_ext._partial]).tolist()}
     if rank == 0:
         out["tp2_reference"] = pipe_reference(config, dense, 1, PIPE_STEPS)
         model = ReducedSyncGPT(config)

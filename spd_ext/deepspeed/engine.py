@@ -145,6 +145,8 @@ class EngineIntegration:
         # DeepSpeed's PipelineEngine: the loss and the signals live on the last stage
         self.pipeline = hasattr(engine, "train_batch") and hasattr(engine, "is_last_stage")
         self.last_stage = bool(engine.is_last_stage()) if self.pipeline else True
+        # the PipelineEngine's bf16 at stage 0: fp32 gradient buffers, its own reduction
+        self._bf16_optimizer = bool(getattr(engine, "using_bf16_optimizer", False))
         guard_checkpoint_loads(engine)  # load_checkpoint never runs a crafted file's code
         self.stage = stage
         self.module: nn.Module = engine.module
@@ -245,6 +247,9 @@ class EngineIntegration:
 
         table[schedule.BackwardPass] = backward_pass
         engine._INSTRUCTION_MAP = table
+        if self._bf16_optimizer:
+            self._originals["_bf16_reduce_grads"] = engine._bf16_reduce_grads
+            engine._bf16_reduce_grads = self._bf16_reduce_grads
         self._originals["train_batch"] = engine.train_batch
         engine.train_batch = self.train_batch
     @property
@@ -349,25 +354,16 @@ class EngineIntegration:
         engine = self.engine
         if not engine.is_gradient_accumulation_boundary():
             return self._originals["allreduce_gradients"](*args, **kwargs)
-        if self.barrier_before_reduce:
-            dist.barrier(group=self.dp_group)
-        start = time.perf_counter()
-        losses, self._micro_losses = self._micro_losses, []
-        loss = (torch.stack([x.double() for x in losses]).mean() if losses
-                else torch.tensor(float("nan"), dtype=torch.float64))
-        step = engine.global_steps
-        self._last.update(step=step + 1, loss=loss)  # counted from 1, as the metrics are
+        start = self._start_reduction()
         if self.stage in REDUCES_IN_BACKWARD:  # reduced already, weighted by the loss factor
             self._originals["allreduce_gradients"](*args, **kwargs)
             self.reduce_seconds.append(time.perf_counter() - start)
             return None
-        grads = self._reduction_grads()
-        if self._partial:
-            self._sum_partial_grads()
-        if not self._fp16:
-            self._refuse_non_finite(grads, step)
+        grads = self._prepare_reduction()
+        loss = self._last["loss"]
         if self.strategy is not None and self.topology.islands == 1:
-            out = self.strategy.after_backward(self.module, step, float(loss)) or {}
+            out = self.strategy.after_backward(self.module, engine.global_steps,
+                                               float(loss)) or {}
             self._skip_optimizer = bool(out.get("skip_optimizer", False))
         elif self.aggregator is not None:
             self._weighted_reduce(grads, args, kwargs)
@@ -376,6 +372,38 @@ class EngineIntegration:
         else:
             self._originals["allreduce_gradients"](*args, **kwargs)
         self.reduce_seconds.append(time.perf_counter() - start)
+
+    def _bf16_reduce_grads(self) -> None:
+        """The PipelineEngine with DeepSpeed's BF16_Optimizer (bf16 at stage 0) reduces its
+        fp32 gradient buffers here instead of in allreduce_gradients: the same steps come
+        first (the loss factor is in the gradients already; gradient signals are refused
+        on pipelines)."""
+        start = self._start_reduction()
+        self._prepare_reduction()
+        self._originals["_bf16_reduce_grads"]()
+        self.reduce_seconds.append(time.perf_counter() - start)
+
+    def _start_reduction(self) -> float:
+        """At the accumulation boundary: the step's loss into ``last``; the clock's start."""
+        if self.barrier_before_reduce:
+            dist.barrier(group=self.dp_group)
+        start = time.perf_counter()
+        losses, self._micro_losses = self._micro_losses, []
+        loss = (torch.stack([x.double() for x in losses]).mean() if losses
+                else torch.tensor(float("nan"), dtype=torch.float64))
+        # counted from 1, as the metrics are
+        self._last.update(step=self.engine.global_steps + 1, loss=loss)
+        return start
+
+    def _prepare_reduction(self) -> list[torch.Tensor]:
+        """Before the reduction (ZeRO 0/1): partial gradients summed over the tensor-
+        parallel group, non-finite gradients refused; returns the gradients to reduce."""
+        grads = self._reduction_grads()
+        if self._partial:
+            self._sum_partial_grads()
+        if not self._fp16:
+            self._refuse_non_finite(grads, self.engine.global_steps)
+        return grads
 
     def _take_model_step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._skip_optimizer:
@@ -494,6 +522,9 @@ class EngineIntegration:
     # -- reductions ---------------------------------------------------------------
     def _reduction_grads(self) -> list[torch.Tensor]:
         """The accumulated gradients DeepSpeed is about to reduce, in a fixed order."""
+        if self._bf16_optimizer:
+            return [g for g in self.engine.optimizer.get_grads_for_reduction()[0]
+                    if g is not None]
         if self.stage == 1:
             opt = self.engine.optimizer
             grads = (opt.get_gradient_for_reduction(p) for group in opt.bit16_groups
@@ -529,6 +560,8 @@ class EngineIntegration:
                 "those ranks' data, or resume from the last checkpoint")
 
     def _grad_of(self, p: nn.Parameter) -> torch.Tensor | None:
+        if self._bf16_optimizer:
+            return getattr(p, "_hp_grad", None)  # its fp32 accumulation buffer
         if self.stage == 1:
             return self.engine.optimizer.get_gradient_for_reduction(p)
         return p.grad

@@ -45,7 +45,7 @@ from spd_ext.tp.stages import (
     language_model_loss,
     lm_head,
 )
-from spd_ext.tp.stream import ResidualStream
+from spd_ext.tp.stream import ResidualStream, own_gradient
 from spd_ext.utils.files import load_checkpoint
 
 __all__ = ["PARTITION_METHODS", "ReducedSyncPipeline", "dense_state_dict_from_checkpoint",
@@ -152,7 +152,9 @@ def _make_class() -> type:
                 x = ResidualStream.from_tensors(x, self.comm)
             for layer in self.forward_funcs:
                 x = layer(x)
-            return x.to_tensors() if isinstance(x, ResidualStream) else x
+            if isinstance(x, ResidualStream):
+                return x.to_tensors()
+            return own_gradient(x) if torch.is_tensor(x) and x.requires_grad else x
 
         # -- dense weights ---------------------------------------------------------
         def stage_layers(self) -> list[StageLayer]:

@@ -109,7 +109,7 @@ class ResidualStream:
         for t in parts:
             shape = list(t.shape) if t is not None else []
             layout += shape + [-1] * (self._MAX_DIM - len(shape))
-        values = torch.cat([t.reshape(-1) for t in present])
+        values = own_gradient(torch.cat([t.reshape(-1) for t in present]))
         return values, torch.tensor(layout, dtype=torch.int64, device=values.device)
 
     @classmethod
@@ -139,3 +139,22 @@ class ResidualStream:
         """The replicated stream, closing an open region with one final sync if needed."""
         self.close()
         return self.base
+
+
+class _OwnGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clone()
+
+
+def own_gradient(x: torch.Tensor) -> torch.Tensor:
+    """``x``, whose gradient is copied on its way back. A pipeline receives a stage
+    output's gradient into a buffer it reuses for the next micro-batch; without the copy,
+    a parameter reached through views only (a bias packed in the stream) would keep a view
+    of that buffer as its ``.grad`` (autograd's accumulation adopts a lone incoming
+    gradient), and the next receive would overwrite it."""
+    return _OwnGradient.apply(x)
