@@ -78,6 +78,11 @@ class ParallelDims:
         """Model replicas that read data of their own, in every island."""
         return self.world // (self.tp * self.pp)
 
+    def data_rank(self, rank: int) -> int:
+        """Which model replica's data ``rank`` reads (its tensor-parallel group's, the same
+        on every pipeline stage)."""
+        return (rank % (self.world // self.pp)) // self.tp
+
     def build(self) -> Topology:
         """This rank's groups (collective the first time: every rank creates every group,
         in the same order; cached for the life of the default group, so every engine of a

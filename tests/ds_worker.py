@@ -919,6 +919,8 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
     if world == 2:
         config = gpt_config(n_layer=4, pattern=PIPE_PATTERNS[2], bias=True)
         dense = ReducedSyncGPT(config).dense_state_dict()
+        fresh = sd.pipeline_module(config, num_stages=2)  # seed 0: the whole model's init
+        out["init"] = [flat_dense(fresh.dense_state_dict()), flat_dense(dense)]
         pipe, engine = pipe_engine(config, dense, dp=1)
         losses = train_pipe(engine, 0, 2)
         save = OUT_DIR[0] / "pipe_ckpt"

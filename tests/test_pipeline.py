@@ -9,7 +9,6 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import FORCED_FALLBACK
 
 from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.parallel_dims import ParallelDims
@@ -22,6 +21,8 @@ from spd_ext.tp.stages import (
     language_model_loss,
     lm_head,
 )
+
+from conftest import FORCED_FALLBACK
 
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed not installed")
@@ -130,13 +131,15 @@ def _close(a, b, what: str) -> None:
 @needs_deepspeed
 @pytest.mark.skipif(FORCED_FALLBACK, reason="launcher jobs run once, against the kernels")
 def test_two_stages_train_resume_and_convert_like_the_whole_model(tmp_path) -> None:
-    """pp 2 (patterns with a pending Ladder all-reduce across the boundary): losses and
-    final weights equal the unpipelined model's; a run resumed from the step-2 checkpoint
+    """pp 2 (patterns with a pending Ladder all-reduce across the boundary): the initial
+    weights of a seed are ReducedSyncGPT's of that seed; losses and final weights equal the
+    unpipelined model's; a run resumed from the step-2 checkpoint
     repeats the last steps; the checkpoint converts offline to the dense weights of step
     2, which a ReducedSyncGPT loads."""
     from test_deepspeed import run_scenario
 
     ranks = run_scenario("pipeline", 2, tmp_path, timeout=240)
+    assert ranks[0]["init"][0] == ranks[0]["init"][1]  # seed: ReducedSyncGPT(seed)'s weights
     ref = ranks[0]["reference"]
     for r in ranks:
         _close(r["pp2"]["losses"], [x[0] for x in ref["losses"]], "losses")

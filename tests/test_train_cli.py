@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,6 +207,18 @@ ERRORS = [
     ({}, ["--set", "deepspeed=missing_ds.json"], "deepspeed 'missing_ds.json' is not a file"),
     ({"training": {"out_dir": "/proc/spd_ext/out"}}, [], "training.out_dir /proc/spd_ext/out "
      "cannot be written"),
+    ({}, ["--set", "parallel.pp=2", "--nproc", "3"],
+     "parallel.pp 2 does not divide the world size 3"),
+    ({}, ["--set", "parallel.pp=2", "--set", "parallel.islands=2", "--nproc", "4"],
+     "DiLoCo islands of pipeline replicas are not supported yet"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, ["--set", "parallel.pp=2", "--nproc",
+                                                          "2"],
+     "DeepSpeed's pipeline engine runs ZeRO 0 and 1 only"),
+    ({"deepspeed": {"zero_optimization": {"stage": 0}, "spd_ext": {"staleness": {
+        "mode": "delayed:1"}}}}, ["--set", "parallel.pp=2", "--nproc", "2"],
+     "staleness.mode delayed:1 with pipeline stages: not supported yet"),
+    ({}, ["--set", "parallel.pp=8", "--nproc", "8"],
+     "parallel.pp 8 is more stages than the model's 6 layers"),
 ]
 
 
@@ -645,6 +658,60 @@ def test_tensor_parallel_2_under_the_deepspeed_launcher(tmp_path) -> None:
     x = torch.randint(source.config.vocab_size, (2, 8))
     assert torch.isfinite(model(x)[0]).all()
     assert model.wte.weight.shape[0] == source.config.vocab_size
+
+
+@needs_deepspeed
+def test_pipeline_stages_train_like_one_rank_and_resume(tmp_path) -> None:
+    """parallel.pp 2 (2 ranks, 2 micro-batches a step) logs the losses, validation losses
+    and model.pt of the same run on one rank (the same initial weights: ReducedSyncGPT's of
+    the seed); resumed from its step-3 checkpoint it logs them again."""
+    base = tiny(tmp_path / "one", model={"pattern": "ladder,parallel"},
+                training={"grad_accum": 2, "checkpoint_interval": 3})
+    one = tmp_path / "one"
+    succeeded(spd_ext_train([str(write(tmp_path / "run.json", base))], tmp_path))
+    pipe = tmp_path / "pipe"
+    path = write(tmp_path / "run.json", tiny(pipe, **{k: base[k] for k in ("model", "training")},
+                                             parallel={"pp": 2, "pp_partition": "blocks"}))
+    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2", "--set",
+                                      f"training.out_dir={pipe}"], tmp_path))
+    assert "pp 2 x tp 1 x dp 1" in stdout
+    for a, b in ((one, pipe),):
+        np.testing.assert_allclose([x for _, x in train_losses(b)],
+                                   [x for _, x in train_losses(a)], rtol=1e-5)
+        np.testing.assert_allclose([r["val_loss"] for r in metrics(b) if "val_loss" in r],
+                                   [r["val_loss"] for r in metrics(a) if "val_loss" in r],
+                                   rtol=1e-5)
+    dense = [torch.load(d / "model.pt", weights_only=True)["model"] for d in (one, pipe)]
+    for name, value in dense[0].items():
+        torch.testing.assert_close(dense[1][name], value, atol=1e-5, rtol=1e-4)
+    cut = tmp_path / "cut"
+    shutil.copytree(pipe, cut)
+    (cut / "checkpoints" / "global_step6" / "train" / "complete.json").unlink()
+    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2", "--resume", "--set",
+                                      f"training.out_dir={cut}"], tmp_path))
+    assert "steps 3->6" in stdout
+    assert train_losses(cut) == train_losses(pipe)
+
+
+@needs_deepspeed
+def test_pipeline_x_tensor_parallel_on_4_ranks(tmp_path) -> None:
+    """parallel.pp 2 x parallel.tp 2: the losses of tp 2 alone (2 ranks), the same syncs per
+    step summed over the stages (each stage logs its own: the first rank's are stage 0's)."""
+    tp = tmp_path / "tp"
+    cfg = tiny(tp, model={"pattern": "spd,tp"}, training={"grad_accum": 2},
+               parallel={"tp": 2}, sample={"tokens": 4})
+    succeeded(spd_ext_train([str(write(tmp_path / "run.json", cfg)), "--nproc", "2"],
+                            tmp_path))
+    both = tmp_path / "both"
+    stdout = succeeded(spd_ext_train([str(write(tmp_path / "run.json", cfg)), "--nproc", "4",
+                                      "--set", "parallel.pp=2", "--set",
+                                      "parallel.pp_partition=blocks", "--set",
+                                      f"training.out_dir={both}"], tmp_path, timeout=300))
+    assert "pp 2 x tp 2 x dp 1" in stdout
+    np.testing.assert_allclose([x for _, x in train_losses(both)],
+                               [x for _, x in train_losses(tp)], rtol=1e-5)
+    # stage 0 holds the spd block: one all-reduce forward and one backward per micro-batch
+    assert all((r["syncs_fwd"], r["syncs_bwd"]) == (2, 2) for r in metrics(both) if "loss" in r)
 
 
 @needs_deepspeed

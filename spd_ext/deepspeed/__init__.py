@@ -31,8 +31,10 @@ from spd_ext.deepspeed.config import (
     SpdExtConfig,
     SpdExtConfigError,
     check_metrics_path,
+    pipeline_ds_config,
     split_config,
     validate_against_deepspeed,
+    validate_pipeline,
     zero_stage,
 )
 from spd_ext.deepspeed.engine import EngineIntegration
@@ -230,56 +232,16 @@ def _is_pipeline(model: Any) -> bool:
                for cls in type(model).__mro__)
 
 
-def _pipeline_ds_config(model: Any, ds_config: dict) -> dict:
-    """A ReducedSyncPipeline's stage boundaries carry rank-local tensors, which DeepSpeed's
-    partitioning of activations over the tensor-parallel group would mix up: it is turned
-    off (and refused where the config turns it on)."""
-    from spd_ext.deepspeed.pipeline import PIPELINE_CONFIG, ReducedSyncPipeline
-
-    if not isinstance(model, ReducedSyncPipeline):
-        return ds_config
-    pipeline = dict(ds_config.get("pipeline") or {})
-    for key, value in PIPELINE_CONFIG.items():
-        if pipeline.get(key, value) != value:
-            raise SpdExtConfigError(
-                f"pipeline.{key} {pipeline[key]!r}: a reduced-sync pipeline passes each "
-                "tensor-parallel rank's own residual stream to the next stage, which "
-                f"DeepSpeed's partitioning would mix up; set it to {value} or leave it out")
-        pipeline[key] = value
-    return {**ds_config, "pipeline": pipeline}
-
-
-def _pipeline_topology(model: Any, cfg: SpdExtConfig) -> Topology:
+def _pipeline_topology(model: Any, cfg: SpdExtConfig, ds_config: dict) -> Topology:
     """The section's groups on a pipeline: tensor parallelism is the model's own (a
-    ReducedSyncPipeline's config.tp_size; 1 for any other PipelineModule), DeepSpeed's grid
-    is the mpu, and what spd_ext cannot do on a pipeline yet is refused."""
+    ReducedSyncPipeline's config.tp_size; 1 for any other PipelineModule) and DeepSpeed's
+    grid is the mpu; what spd_ext cannot do on a pipeline yet is refused."""
     import torch.distributed as dist
 
     from spd_ext.deepspeed.pipeline import ReducedSyncPipeline, pipeline_dims
 
     tp = model.config.tp_size if isinstance(model, ReducedSyncPipeline) else 1
-    if cfg.tensor_parallel.size not in (1, tp):
-        raise SpdExtConfigError(
-            f"tensor_parallel.size {cfg.tensor_parallel.size} on a pipeline whose stages are "
-            f"tensor-parallel over {tp} rank(s) (the module's config.tp_size); leave "
-            "tensor_parallel out of the section or make the sizes agree")
-    mode = cfg.staleness.parsed
-    if cfg.staleness.islands > 1 or mode.kind != "ssgd":
-        what = (f"staleness.islands {cfg.staleness.islands}" if cfg.staleness.islands > 1
-                else f"staleness.mode {mode}")
-        raise SpdExtConfigError(
-            f"{what} on a pipeline: not supported yet (the staleness modes and islands average "
-            "whole replicas, which a pipeline spreads over its stages); use synchronous "
-            "training (staleness.mode ssgd) with pipelines")
-    sw = cfg.signal_weighting
-    if sw is not None:
-        from spd_ext.dp.signals import SIGNALS
-
-        if SIGNALS[sw.signal].observes_gradients:
-            raise SpdExtConfigError(
-                f"signal_weighting.signal {sw.signal} on a pipeline: the signal reads the "
-                "replica's whole gradient, which a pipeline spreads over its stages while the "
-                "weights are decided on the last; use loss_ema")
+    validate_pipeline(cfg, ds_config, tp)
     topology = pipeline_dims(dist.get_world_size(), model.num_stages, tp).build()
     if tp > 1:
         _mark_tensor_parallel(model, topology, cfg)
@@ -307,7 +269,10 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
     if model is None:
         raise SpdExtConfigError("spd_ext.deepspeed.initialize needs model=...")
     if _is_pipeline(model):
-        rest = _pipeline_ds_config(model, rest)
+        from spd_ext.deepspeed.pipeline import ReducedSyncPipeline
+
+        if isinstance(model, ReducedSyncPipeline):
+            rest = pipeline_ds_config(rest)
     _init_distributed(cfg, rest)
     # Collective, before anything else can fail: every rank has mapped DeepSpeed's CPU
     # all-reduce segments since init_distributed, and a refused set-up would leave them.
@@ -315,7 +280,7 @@ def initialize(args: Any = None, model: Any = None, *, config: Any = None,
     validate_against_deepspeed(cfg, rest, dist.get_world_size())
     check_metrics_path(cfg)
     if _is_pipeline(model):
-        topology = _pipeline_topology(model, cfg)
+        topology = _pipeline_topology(model, cfg, rest)
     else:
         topology = build_topology(cfg.tensor_parallel.size, cfg.staleness.islands)
     if topology.mpu is not None:

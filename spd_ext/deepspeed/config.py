@@ -379,6 +379,57 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             raise SpdExtConfigError(str(exc)) from None
 
 
+#: the ds_config "pipeline" entries a reduced-sync pipeline needs: its stage boundaries carry
+#: each tensor-parallel rank's own residual stream, which DeepSpeed's partitioning of
+#: activations over the tensor-parallel group (it assumes them replicated) would mix up
+PIPELINE_DS_CONFIG = {"pipe_partitioned": False, "grad_partitioned": False}
+
+
+def pipeline_ds_config(ds_config: dict) -> dict:
+    """``ds_config`` with PIPELINE_DS_CONFIG's entries (refused where it sets others)."""
+    pipeline = ds_config.get("pipeline") or {}
+    if not isinstance(pipeline, dict):
+        raise SpdExtConfigError(f"pipeline must be a mapping, got {pipeline!r}")
+    pipeline = dict(pipeline)
+    for key, value in PIPELINE_DS_CONFIG.items():
+        if pipeline.get(key, value) != value:
+            raise SpdExtConfigError(
+                f"pipeline.{key} {pipeline[key]!r}: a reduced-sync pipeline passes each "
+                "tensor-parallel rank's own residual stream to the next stage, which "
+                f"DeepSpeed's partitioning would mix up; set it to {value} or leave it out")
+        pipeline[key] = value
+    return {**ds_config, "pipeline": pipeline}
+
+
+def validate_pipeline(cfg: SpdExtConfig, ds_config: dict, model_tp: int) -> None:
+    """What the section cannot do on a pipeline whose stages are tensor-parallel over
+    ``model_tp`` ranks (no collective)."""
+    stage = zero_stage(ds_config)
+    if stage >= 2:
+        raise SpdExtConfigError(
+            f"zero_optimization.stage {stage} with pipeline stages: DeepSpeed's pipeline engine "
+            "runs ZeRO 0 and 1 only; use stage 1")
+    if cfg.tensor_parallel.size not in (1, model_tp):
+        raise SpdExtConfigError(
+            f"tensor_parallel.size {cfg.tensor_parallel.size} on a pipeline whose stages are "
+            f"tensor-parallel over {model_tp} rank(s) (the model's tp_size); leave "
+            "tensor_parallel out of the section or make the sizes agree")
+    mode = cfg.staleness.parsed
+    if cfg.staleness.islands > 1 or mode.kind != "ssgd":
+        what = (f"staleness.islands {cfg.staleness.islands}" if cfg.staleness.islands > 1
+                else f"staleness.mode {mode}")
+        raise SpdExtConfigError(
+            f"{what} with pipeline stages: not supported yet (the staleness modes and islands "
+            "average whole replicas, which a pipeline spreads over its stages); train "
+            "pipelines synchronously (staleness.mode ssgd)")
+    sw = cfg.signal_weighting
+    if sw is not None and SIGNALS[sw.signal].observes_gradients:
+        raise SpdExtConfigError(
+            f"signal_weighting.signal {sw.signal} with pipeline stages: the signal reads the "
+            "replica's whole gradient, which a pipeline spreads over its stages while the "
+            "weights are decided on the last; use loss_ema")
+
+
 def check_metrics_path(cfg: SpdExtConfig) -> None:
     """The metrics file can be written: tried on every rank alike, before any engine
     exists (only the first rank writes it; permission bits alone say nothing to root)."""

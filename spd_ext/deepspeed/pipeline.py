@@ -42,6 +42,7 @@ from spd_ext.tp.stages import (
     PositionEmbedding,
     StageLayer,
     TokenEmbedding,
+    initial_dense_weights,
     language_model_loss,
     lm_head,
 )
@@ -56,9 +57,6 @@ __all__ = ["PARTITION_METHODS", "ReducedSyncPipeline", "dense_state_dict_from_ch
 #: the last)
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform",
                      "blocks": f"type:^{BlockLayer.__name__}$"}
-#: the ds_config "pipeline" entries a reduced-sync pipeline needs: stage boundaries carry
-#: rank-local tensors (an open region), which DeepSpeed's partitioning would mix up
-PIPELINE_CONFIG = {"pipe_partitioned": False, "grad_partitioned": False}
 TIED_KEY = "wte"
 
 
@@ -71,14 +69,13 @@ def layer_classes(config: GPTConfig) -> list[tuple[type[StageLayer], dict]]:
             (FinalNorm, {"index": 2 + n}), (TokenEmbedding, {"index": 0})]
 
 
-def _layer_specs(config: GPTConfig, comm: TensorParallelComm, seed: int | None,
-                 recompute: bool) -> list:
+def _layer_specs(config: GPTConfig, comm: TensorParallelComm, recompute: bool) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     classes = layer_classes(config)
     specs: list = []
     for position, (cls, kwargs) in enumerate(classes):
-        kwargs = {**kwargs, "seed": seed}
+        kwargs = dict(kwargs)
         if cls is BlockLayer:
             kwargs["recompute"] = recompute
         if cls is TokenEmbedding:
@@ -121,17 +118,35 @@ def _make_class() -> type:
         def __init__(self, config: GPTConfig, comm: TensorParallelComm, topology: Any,
                      seed: int | None, partition_method: str, recompute: bool) -> None:
             PipelineModule.__init__(
-                self, layers=_layer_specs(config, comm, seed, recompute), topology=topology,
+                self, layers=_layer_specs(config, comm, recompute), topology=topology,
                 loss_fn=language_model_loss, partition_method=PARTITION_METHODS[
                     partition_method], activation_checkpoint_interval=0)
             self.config, self.comm = config, comm
             # set by spd_ext's engine integration, which sums the tensor-parallel partial
             # gradients (the blocks' LayerNorms) that DeepSpeed alone would leave partial
             self.partial_gradients_summed = False
+            if seed is not None:
+                self.reset_parameters(seed)
+
+        @torch.no_grad()
+        def reset_parameters(self, seed: int) -> None:
+            """ReducedSyncGPT(config, seed)'s initial weights, this rank's layers and shards
+            of them: every layout starts from the same model."""
+            dense = _dense_model(self.config)
+            own = {name for layer in self.stage_layers() for name in layer.local_names()}
+            values = initial_dense_weights(self.config, seed, own,
+                                           list(dense.dense_shapes().items()))
+            for layer in self.stage_layers():
+                layer.load_dense(values)
 
         @property
         def sync_counter(self) -> Any:
             return self.comm.counter
+
+        def num_params(self, non_embedding: bool = False) -> int:
+            """Parameters of the whole model (every stage and shard), as ReducedSyncGPT
+            counts them."""
+            return _dense_model(self.config).num_params(non_embedding)
 
         def forward(self, inputs: Any) -> Any:
             if self.activation_checkpoint_interval:
@@ -215,7 +230,7 @@ def pipeline_module(config: GPTConfig, num_stages: int, *, seed: int | None = 0,
     stages, tensor-parallel ``config.tp_size`` inside each (collective: every rank calls
     it alike, after torch.distributed is initialized). ``partition_method``: one of
     PARTITION_METHODS. ``activation_checkpointing``: recompute every block in backward.
-    ``seed``: per-layer initialization (spd_ext.tp.stages); None leaves the weights for
+    ``seed``: ReducedSyncGPT(config, seed)'s initial weights; None leaves them for
     ``load_dense_state_dict``."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -241,13 +256,17 @@ def pipeline_module(config: GPTConfig, num_stages: int, *, seed: int | None = 0,
                      activation_checkpointing)
 
 
-def _dense_names(config: GPTConfig) -> list[str]:
-    """ReducedSyncGPT's dense names, in its order."""
+def _dense_model(config: GPTConfig) -> Any:
+    """ReducedSyncGPT of ``config`` on the meta device (names and shapes, no memory)."""
     from spd_ext.tp.model import ReducedSyncGPT
 
     with torch.device("meta"):
-        return list(ReducedSyncGPT(GPTConfig(**{**config.to_dict(), "tp_size": 1}),
-                                   seed=None).state_dict())
+        return ReducedSyncGPT(GPTConfig(**{**config.to_dict(), "tp_size": 1}), seed=None)
+
+
+def _dense_names(config: GPTConfig) -> list[str]:
+    """ReducedSyncGPT's dense names, in its order."""
+    return list(_dense_model(config).state_dict())
 
 
 _LAYER_FILE = re.compile(r"layer_(\d+)-(?:.*-)?model_states\.pt$")
@@ -278,7 +297,7 @@ def dense_state_dict_from_checkpoint(path: str | Path, config: GPTConfig,
     t = config.tp_size
     dense: dict[str, torch.Tensor] = {}
     with torch.device("meta"):
-        layers = [cls(config, EmulatedComm(t), seed=None, **kwargs)
+        layers = [cls(config, EmulatedComm(t), **kwargs)
                   for cls, kwargs in layer_classes(config)[:-1]]  # the head has no file
     for index, layer in enumerate(layers):
         found = files.get(index, [])

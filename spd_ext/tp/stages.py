@@ -11,10 +11,8 @@ other the ResidualStream itself, so sync regions (``parallel`` blocks) and the L
 pending all-reduce run across blocks as in the whole model; between stages the stream
 travels as ``ResidualStream.to_tensors()``. Each layer's parameters have the whole model's
 dense names under ``dense_name`` (``h.{i}.`` for block i), so any split of the layers loads
-and saves ReducedSyncGPT's dense state dict. Initialization is drawn per layer from
-``(seed, layer index)``: the same weights for every split and tensor-parallel size (not
-ReducedSyncGPT(seed)'s, which draws the whole model from one stream; load its dense state
-dict for those).
+and saves ReducedSyncGPT's dense state dict (``load_dense``); :func:`initial_dense_weights`
+draws ReducedSyncGPT(config, seed)'s initial weights for a subset of them.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from spd_ext.tp.config import GPTConfig
 from spd_ext.tp.kv_cache import LayerKVCache
 from spd_ext.tp.layers import gpt2_dense_init
 from spd_ext.tp.patterns import parse_pattern
-from spd_ext.tp.sharding import dense_shapes, load_dense_shards_, set_tensor_parallel_layout
+from spd_ext.tp.sharding import load_dense_shards_, set_tensor_parallel_layout
 from spd_ext.tp.stream import ResidualStream
 
 
@@ -53,13 +51,6 @@ class StageLayer(nn.Module):
         """Dense name -> this layer's name, for every entry of its state dict."""
         return {self.dense_name(name): name for name in self.state_dict()}
 
-    @torch.no_grad()
-    def reset_parameters(self, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + self.index)
-        self.load_dense({self.dense_name(name): gpt2_dense_init(
-            self.dense_name(name), shape, self.config.n_layer, g)
-            for name, shape in dense_shapes(self).items()})
-
     def load_dense(self, dense: dict[str, torch.Tensor]) -> None:
         """Load this layer's entries of a dense state dict (its shards)."""
         names = self.local_names()
@@ -72,13 +63,10 @@ class TokenEmbedding(StageLayer):
 
     dense_prefix = "wte."
 
-    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int = 0,
-                 seed: int | None = 0) -> None:
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int = 0) -> None:
         super().__init__(config, comm, index)
         self.weight = set_tensor_parallel_layout(
             nn.Parameter(torch.empty(config.vocab_size, config.n_embd)))
-        if seed is not None:
-            self.reset_parameters(seed)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight)
@@ -92,14 +80,11 @@ def lm_head(embedding: TokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
 class PositionEmbedding(StageLayer):
     """``wpe`` and the embedding dropout; opens the residual stream."""
 
-    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int = 1,
-                 seed: int | None = 0) -> None:
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int = 1) -> None:
         super().__init__(config, comm, index)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         set_tensor_parallel_layout(self.wpe.weight)
         self.drop = nn.Dropout(config.dropout)
-        if seed is not None:
-            self.reset_parameters(seed)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> ResidualStream:
         pos = torch.arange(start, start + x.shape[1], device=x.device)
@@ -111,15 +96,13 @@ class BlockLayer(StageLayer):
     block's activations are recomputed in backward, its forward syncs with them)."""
 
     def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int,
-                 block_index: int, seed: int | None = 0, recompute: bool = False) -> None:
+                 block_index: int, recompute: bool = False) -> None:
         super().__init__(config, comm, index)
         self.block_index = block_index
         self.kind = parse_pattern(config.pattern, config.n_layer)[block_index]
         self.block = BLOCKS[self.kind](config.n_embd, config.n_head, comm, config.dropout,
                                        config.bias)
         self.recompute = recompute
-        if seed is not None:
-            self.reset_parameters(seed)
 
     def dense_name(self, local: str) -> str:
         return f"h.{self.block_index}." + local.removeprefix("block.")
@@ -144,19 +127,30 @@ class BlockLayer(StageLayer):
 class FinalNorm(StageLayer):
     """Closes the stream (one last sync if a region is open) and applies ``ln_f``."""
 
-    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int,
-                 seed: int | None = 0) -> None:
+    def __init__(self, config: GPTConfig, comm: TensorParallelComm, index: int) -> None:
         super().__init__(config, comm, index)
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         for p in self.ln_f.parameters():
             set_tensor_parallel_layout(p)
-        if seed is not None:
-            self.reset_parameters(seed)
 
     def forward(self, stream: ResidualStream) -> torch.Tensor:
         with self.comm.counter.scope("final"):
             x = stream.finish()
         return self.ln_f(x)
+
+
+def initial_dense_weights(config: GPTConfig, seed: int, names: set[str],
+                          order: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
+    """ReducedSyncGPT(config, seed)'s initial value of each dense parameter in ``names``:
+    the whole model's draws in its ``order`` (``dense_shapes``), one tensor alive at a
+    time, so that a stage holds the weights the whole model would start from."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in order:
+        value = gpt2_dense_init(name, shape, config.n_layer, g)
+        if name in names:
+            out[name] = value
+    return out
 
 
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
     model:     GPTConfig fields (pattern, n_layer, ...) or hf_path: a local Hugging Face GPT-2
     data:      corpus, tokenizer, non-IID sharding and corruption (spd_ext.data)
     training:  nanoGPT's knobs: steps, micro_batch, grad_accum, lr, min_lr, warmup_steps, ...
-    parallel:  tp (tensor-parallel size), islands (DiLoCo islands); data parallel = the rest
+    parallel:  tp (tensor-parallel size), pp (pipeline stages), islands (DiLoCo islands);
+               data parallel = the rest
     deepspeed: a ds_config JSON path (relative to this file) or an inline dict, with its
                "spd_ext" section (spd_ext.deepspeed.config)
     sample:    the text generated at the end; wandb: optional Weights & Biases logging
@@ -38,7 +39,8 @@ LATEST = "latest"
 COMPLETE = "complete.json"  # in <tag>/train/: written once every rank's files are on disk
 _SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
 #: the parallel sizes as a train config names them
-LAYOUT_NAMES = LayoutNames(tp="parallel.tp", islands="parallel.islands", launch=" (--nproc)")
+LAYOUT_NAMES = LayoutNames(tp="parallel.tp", islands="parallel.islands", pp="parallel.pp",
+                           launch=" (--nproc)")
 
 
 class ConfigError(UsageError):
@@ -98,6 +100,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
                   "tensor_parallel.size, else 1)", nullable=True, low=1),
         "islands": Opt(None, "int", "DiLoCo islands (default: the spd_ext section's "
                        "staleness.islands, else 1)", nullable=True, low=1),
+        "pp": Opt(1, "int", "pipeline stages: each holds a contiguous run of layers "
+                  "(DeepSpeed's pipeline engine; training.grad_accum micro-batches per "
+                  "step); world = pp x data parallel x tp", low=1),
+        "pp_partition": Opt("parameters", "str", "how layers are split into stages: by "
+                            "parameter count, equal layer counts, or equal block counts",
+                            choices=("parameters", "uniform", "blocks")),
+        "recompute": Opt(False, "bool", "activation checkpointing with pipeline stages: "
+                         "every block's activations recomputed in backward"),
         "tp_backend": Opt(SPD_EXT, "str", "the tensor-parallel all-reduce: spd_ext "
                           "(spd_ext.comm: shared memory on CPU, CUDA IPC on GPU) or torch "
                           "(torch.distributed)", choices=TP_BACKENDS),
@@ -393,7 +403,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 @dataclass
 class RunPlan:
     cfg: RunConfig
-    dims: ParallelDims  # the layout: world = islands x data parallel x parallel.tp
+    dims: ParallelDims  # the layout: world = pp x islands x data parallel x parallel.tp
     ds_config: dict  # what spd_ext.deepspeed.initialize gets (with the "spd_ext" section)
     model: dict  # GPTConfig fields (vocab_size None: the tokenizer's)
 
@@ -410,8 +420,13 @@ class RunPlan:
         return self.dims.islands
 
     @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
     def data_world(self) -> int:
-        """Data-parallel replicas that see distinct batches (every tp group is one)."""
+        """Data-parallel replicas that see distinct batches (every tp group, or pipeline of
+        them, is one)."""
         return self.dims.data_ranks
 
     @property
@@ -455,7 +470,7 @@ class RunPlan:
         from spd_ext.data.tokenizers import tokenizer_identity
 
         layout: dict[str, Any] = {"--nproc": self.world_size, "parallel.tp": self.tp,
-                                  "parallel.islands": self.islands,
+                                  "parallel.islands": self.islands, "parallel.pp": self.pp,
                                   "deepspeed.zero_optimization.stage": self.zero_stage,
                                   "bf16": self.bf16}
         for key in (*_SHAPE_KEYS, "pattern"):
@@ -498,6 +513,12 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
                     "min_lr <= lr (nanoGPT: lr / 10)")
     ds, dims, spd_cfg = _plan_deepspeed(cfg, world_size)
     model = _plan_model(cfg, dims.tp, spd_cfg.tensor_parallel.pattern)
+    if dims.pp > 1:
+        n_layer = model.get("n_layer")
+        if n_layer is not None and dims.pp > n_layer + 4:
+            raise _fail(f"parallel.pp {dims.pp} is more stages than the model's {n_layer + 4} "
+                        f"layers (embeddings, {n_layer} blocks, final LayerNorm, head); use at "
+                        f"most {n_layer + 4}")
     _check_data_and_sample(cfg, dims.data_ranks)
     return RunPlan(cfg=cfg, dims=dims, ds_config=ds, model=model)
 
@@ -541,8 +562,12 @@ def _plan_deepspeed(cfg: RunConfig, world_size: int) -> tuple[dict, ParallelDims
     ds.setdefault("steps_per_print", 10**9)  # progress is spd-ext train's, not DeepSpeed's
     try:
         from spd_ext.deepspeed import parse_config
+        from spd_ext.deepspeed.config import pipeline_ds_config, validate_pipeline
 
         _, spd_cfg = parse_config(ds, world_size=world_size)
+        if dims.pp > 1:
+            validate_pipeline(spd_cfg, ds, dims.tp)
+            ds = pipeline_ds_config(ds)
     except SpdExtConfigError as exc:
         raise _fail(f"deepspeed: {exc}") from None
     _check_local_steps(t, spd_cfg.staleness.mode)
@@ -568,7 +593,7 @@ def _plan_layout(cfg: RunConfig, section: dict, world_size: int) -> ParallelDims
     if islands > 1:
         section["staleness"] = {**stale_section, "islands": islands}
     try:
-        return ParallelDims(world_size, tp, islands, LAYOUT_NAMES)
+        return ParallelDims(world_size, tp, islands, LAYOUT_NAMES, pp=p["pp"])
     except UsageError as exc:
         raise _fail(str(exc)) from None
 

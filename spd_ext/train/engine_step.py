@@ -22,22 +22,32 @@ class EngineStep:
     """One optimizer step of ``engine``: ``grad_accum`` micro-batches of this data-parallel
     replica's shard (``sampler``), the loss summed on the device. Where ``checks(done)``
     (a log or checkpoint step), the integration's NaN check runs: a NaN since its last
-    check stops the run there, before a checkpoint could keep it."""
+    check stops the run there, before a checkpoint could keep it. ``pipeline``: a
+    PipelineEngine, which takes the step's micro-batches in one ``train_batch`` (its loss:
+    the mean over the replicas, on every stage)."""
 
     def __init__(self, engine: Any, sampler: Any, grad_accum: int, tokens_per_step: int,
-                 checks: Callable[[int], bool]) -> None:
+                 checks: Callable[[int], bool], pipeline: bool = False) -> None:
         self.engine, self.sampler, self.grad_accum = engine, sampler, grad_accum
         self.tokens_per_step, self.checks = tokens_per_step, checks
+        self.pipeline = pipeline
+
+    def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        device, gas = self.engine.device, self.grad_accum
+        return [tuple(t.to(device) for t in self.sampler("train", step * gas + micro))
+                for micro in range(gas)]
 
     def __call__(self, step: int) -> StepResult:
         engine, gas = self.engine, self.grad_accum
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-        for micro in range(gas):
-            x, y = self.sampler("train", step * gas + micro)
-            _, loss = engine(x.to(engine.device), y.to(engine.device))
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().double()
+        if self.pipeline:
+            loss_sum += engine.train_batch(iter(self._micro_batches(step))).double() * gas
+        else:
+            for x, y in self._micro_batches(step):
+                _, loss = engine(x, y)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().double()
         if self.checks(step + 1):
             engine.spd_ext.check()  # raises WeightError on every rank together
         last = engine.spd_ext.last
@@ -49,16 +59,37 @@ class EngineStep:
 
 class EngineEvaluation:
     """Mean clean validation loss over ``eval_batches`` fixed batches, split over the
-    data-parallel replicas (every rank of a tensor-parallel group runs the same ones)."""
+    data-parallel replicas (every rank of a tensor-parallel group runs the same ones).
+    ``pipeline``: a PipelineEngine, whose last stage computes the losses."""
 
     def __init__(self, engine: Any, sampler: Any, eval_batches: int, data_rank: int,
-                 data_world: int, tp: int, zero_stage: int, counter: Any = None) -> None:
+                 data_world: int, tp: int, zero_stage: int, counter: Any = None,
+                 pipeline: bool = False) -> None:
         self.engine, self.sampler, self.eval_batches = engine, sampler, eval_batches
         self.data_rank, self.data_world, self.tp = data_rank, data_world, tp
         self.zero_stage, self.counter = zero_stage, counter
+        self.pipeline = pipeline
+
+    def _pipeline_total(self) -> float:
+        """This rank's share of the summed losses: the replica's batches through its
+        stages (every replica the same number, the ones past eval_batches uncounted, as
+        DeepSpeed's evaluation waits for every replica); the last stage's tensor-parallel
+        ranks hold the losses."""
+        engine, n, world = self.engine, self.eval_batches, self.data_world
+        mine = list(range(self.data_rank, -(-n // world) * world, world))
+        batches = [tuple(t.to(engine.device) for t in self.sampler("val", -1 - (i % n)))
+                   for i in mine]
+        losses = engine.eval_batch(iter(batches), reduce_output=None, bcast_loss=False,
+                                   num_micro_batches=len(batches))
+        engine.train()
+        if not engine.is_last_stage():
+            return 0.0
+        return sum(float(loss.float()) for i, loss in zip(mine, losses) if i < n)
 
     def __call__(self) -> float:
         engine, n = self.engine, self.eval_batches
+        if self.pipeline:
+            return self._reduce(self._pipeline_total())
         engine.eval()
         total = 0.0
         # ZeRO-3 gathers the parameters inside every forward (a collective): each rank runs
@@ -72,11 +103,14 @@ class EngineEvaluation:
                 if i < n:
                     total += float(loss.float())
         engine.train()
+        return self._reduce(total)
+
+    def _reduce(self, total: float) -> float:
         if self.counter is not None:
             self.counter.reset()  # the evaluation's syncs are not a training step's
-        summed = torch.tensor([total], dtype=torch.float64, device=engine.device)
+        summed = torch.tensor([total], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(summed)  # on the backend's device (NCCL reduces GPU tensors only)
-        return summed.item() / (self.tp * n)
+        return summed.item() / (self.tp * self.eval_batches)
 
 
 def mean_over_ranks(loss: torch.Tensor) -> float:

@@ -12,10 +12,10 @@ from spd_ext.utils.files import atomic_path, explained_write_errors, save_figure
 __all__ = ["export_model", "generate", "plot_losses", "whole_copy"]
 
 
-def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
+def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> dict:
     """The trained weights in the dense layout with their config and tokenizer, the file
     `spd-ext serve --checkpoint` and `spd-ext tp sensitivity` read (collective: every rank
-    calls it; the main rank writes, atomically)."""
+    calls it; the main rank writes, atomically). Returns the dense state dict."""
     import torch
 
     dense = model.dense_state_dict()
@@ -24,15 +24,17 @@ def export_model(model: Any, tokenizer: Any, path: Path, main: bool) -> None:
                  "model_config": model.config.to_dict(), "tokenizer": tokenizer.state()}
         with explained_write_errors(path, "the model"), atomic_path(path) as tmp:
             torch.save(state, tmp)
+    return dense
 
 
-def whole_copy(model: Any) -> Any:
-    """A model of one rank with ``model``'s weights (whole: gathered by the caller)."""
+def whole_copy(model: Any, dense: dict | None = None) -> Any:
+    """A model of one rank with ``model``'s weights: ``dense``, else its dense state dict
+    (whole: gathered by the caller, or collective)."""
     from spd_ext.tp import GPTConfig, ReducedSyncGPT
 
+    dense = model.dense_state_dict() if dense is None else dense
     copy = ReducedSyncGPT(GPTConfig(**{**model.config.to_dict(), "tp_size": 1}), seed=None)
-    copy.load_dense_state_dict({k: v.detach().clone() for k, v in
-                                model.dense_state_dict().items()})
+    copy.load_dense_state_dict({k: v.detach().clone() for k, v in dense.items()})
     return copy.to(next(model.parameters()).device)
 
 

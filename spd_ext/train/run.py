@@ -18,6 +18,8 @@ written only once every rank's files are on disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import math
 import os
@@ -94,6 +96,8 @@ def build_model(plan: RunPlan, vocab_size: int, topology: Any):
     m = plan.cfg.values["model"]
     seed = plan.cfg.values["training"]["seed"]
     backend = plan.cfg.values["parallel"]["tp_backend"]
+    if plan.pp > 1:
+        return _build_pipeline(plan, vocab_size)
     comm = DistributedComm(topology.tp_group, backend=backend) if plan.tp > 1 else None
     if m["hf_path"] is not None:
         from spd_ext.tp.convert import load_pretrained
@@ -112,6 +116,36 @@ def build_model(plan: RunPlan, vocab_size: int, topology: Any):
     return ReducedSyncGPT(GPTConfig(**fields), comm, seed=seed)
 
 
+def _build_pipeline(plan: RunPlan, vocab_size: int) -> Any:
+    """The model as ``parallel.pp`` pipeline stages (spd_ext.deepspeed.pipeline_module);
+    a Hugging Face start loads its dense weights into each rank's layers."""
+    import spd_ext.deepspeed as sd
+    from spd_ext.tp import GPTConfig
+
+    m, p = plan.cfg.values["model"], plan.cfg.values["parallel"]
+    seed = plan.cfg.values["training"]["seed"]
+    if m["hf_path"] is not None:
+        from spd_ext.tp.convert import load_pretrained
+
+        dense_model = load_pretrained(Path(m["hf_path"]).expanduser(), pattern=m["pattern"],
+                                      tp_size=1)
+        fields = {**dense_model.config.to_dict(), "tp_size": plan.tp,
+                  "dropout": m["dropout"] or 0.0}
+        dense: dict | None = dense_model.dense_state_dict()
+    else:
+        fields = {**plan.model, "vocab_size": plan.model["vocab_size"] or vocab_size}
+        dense = None
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition
+        pipe = sd.pipeline_module(GPTConfig(**fields), plan.pp,
+                                  seed=seed if dense is None else None,
+                                  partition_method=p["pp_partition"],
+                                  activation_checkpointing=p["recompute"],
+                                  tp_backend=p["tp_backend"])
+    if dense is not None:
+        pipe.load_dense_state_dict(dense)
+    return pipe
+
+
 def _fresh_out_dir(plan: RunPlan) -> None:
     """A new run: the previous run's files in out_dir go (checkpoints only with --overwrite;
     without it, check_environment refused a folder holding complete ones)."""
@@ -127,6 +161,8 @@ def _precision(plan: RunPlan) -> str:
 
 
 def _layout(plan: RunPlan) -> str:
+    if plan.pp > 1:
+        return f"pp {plan.pp} x tp {plan.tp} x dp {plan.data_world}"
     if plan.islands > 1:
         per = plan.world_size // plan.islands
         inside = f"tp {plan.tp} x dp {per // plan.tp}" if plan.tp > 1 else f"{per} ranks"
@@ -229,7 +265,7 @@ def _build(plan: RunPlan, resume: bool, mark: Callable[[str], None]) -> _Rank:
         raise RuntimeError(f"planned for {plan.world_size} ranks, launched with {world}")
     cfg = plan.cfg
     t, d = cfg.training, cfg.data
-    data_rank = rank // plan.tp
+    data_rank = plan.dims.data_rank(rank)
     mark("preparing the out_dir")
     if rank == 0 and not resume:
         _fresh_out_dir(plan)
@@ -269,10 +305,11 @@ def _loop(r: _Rank, facts: dict, mark: Callable[[str], None]) -> TrainingLoop:
         return settings.logs(done, loop.result.start) or \
             settings.due(done, t.checkpoint_interval)
 
-    step = EngineStep(r.engine, r.sampler, t.grad_accum, r.tokens_per_step, checks)
+    step = EngineStep(r.engine, r.sampler, t.grad_accum, r.tokens_per_step, checks,
+                      pipeline=plan.pp > 1)
     evaluate = EngineEvaluation(r.engine, r.sampler, t.eval_batches, r.data_rank,
                                 plan.data_world, plan.tp, plan.zero_stage,
-                                getattr(r.model, "sync_counter", None))
+                                getattr(r.model, "sync_counter", None), pipeline=plan.pp > 1)
     checkpointer = EngineCheckpointer(r.engine, plan, r.data.tokenizer, mark,
                                       facts.get("resume_tag"))
     loop = TrainingLoop(settings, step, r.optimizer, lambda s: lr_at(s, t), evaluate,
@@ -345,7 +382,15 @@ def _export_and_sample(r: _Rank, mark: Callable[[str], None]) -> str:
     plan, s, model = r.plan, r.plan.cfg.sample, r.model
     mark("exporting model.pt")
     sampled = r.engine.module
-    if plan.zero_stage == 3:
+    tp_group = r.topology.tp_group if plan.tp > 1 else None
+    if plan.pp > 1:
+        # the stages' layers gathered into one dense model (collective); the first rank
+        # samples with it alone
+        dense = export_model(model, r.data.tokenizer, plan.out_dir / "model.pt", r.main)
+        if not s.tokens or not r.main:
+            return ""
+        sampled, tp_group = whole_copy(model, dense), None
+    elif plan.zero_stage == 3:
         # ZeRO-3 holds each parameter partitioned over the data-parallel ranks: gather them
         # (collective) to export, and sample with a whole copy (a forward of the
         # partitioned module on one rank alone would wait for the others' shards)
@@ -360,7 +405,6 @@ def _export_and_sample(r: _Rank, mark: Callable[[str], None]) -> str:
     if not s.tokens or r.data_rank != 0:
         return ""
     mark("sampling")
-    tp_group = r.topology.tp_group if plan.tp > 1 else None
     sample = generate(sampled, r.data.tokenizer, s.prompt, s.tokens, s.temperature, s.top_k,
                       model.config.block_size, plan.cfg.training.seed, r.engine.device,
                       tp_group, r.topology.tp_ranks[0] if plan.tp > 1 else 0)
