@@ -115,6 +115,10 @@ class ParallelDims:
         cross: tuple[Any, tuple[int, ...]] = (None, ())
         if self.islands > 1:
             cross = _mine(rank, [range(j, self.world, size) for j in range(size)])
+        replica: tuple[Any, tuple[int, ...]] = (None, ())
+        if self.pp > 1:  # a model replica: every stage's ranks of one data-parallel index
+            replica = _mine(rank, [[s * size + d * self.tp + m for s in range(self.pp)
+                                    for m in range(self.tp)] for d in range(self.dp)])
         tensor_parallel = self.tp > 1
         return Topology(self.tp, self.islands,
                         # a pipeline's mpu is DeepSpeed's grid (PipelineModule.mpu())
@@ -123,7 +127,8 @@ class ParallelDims:
                         tp_group=tp_group if tensor_parallel else None,
                         tp_ranks=tp_ranks if tensor_parallel else (),
                         dp_group=dp_group, dp_ranks=dp_ranks,
-                        cross_island_group=cross[0], cross_island_ranks=cross[1], pp=self.pp)
+                        cross_island_group=cross[0], cross_island_ranks=cross[1], pp=self.pp,
+                        replica_group=replica[0], replica_ranks=replica[1])
 
 
 _BUILT: dict[tuple, Topology] = {}
@@ -207,6 +212,8 @@ class Topology:
     cross_island_group: Any = None  # same ZeRO partition on every island (islands > 1)
     cross_island_ranks: tuple[int, ...] = ()
     pp: int = 1  # pipeline stages
+    replica_group: Any = None  # pp > 1: every rank of this rank's model replica
+    replica_ranks: tuple[int, ...] = ()
 
     @property
     def island(self) -> int:

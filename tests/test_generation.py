@@ -264,7 +264,7 @@ def test_distributed_generation_equals_emulated(world: int, backend: str) -> Non
 
 
 def _greedy_over_ranks_cases(rank: int, world: int) -> dict:
-    from spd_ext.tp.generation import _greedy_over_ranks
+    from spd_ext.tp.generation import greedy_over_ranks
 
     comm = DistributedComm(backend="torch")
     g = torch.Generator().manual_seed(0)
@@ -272,11 +272,11 @@ def _greedy_over_ranks_cases(rank: int, world: int) -> dict:
     out = {}
     for vocab in (10, 3):  # 3 rows on 4 ranks: one rank has none
         head = torch.randn(vocab, 4, generator=g)
-        tokens, _ = _greedy_over_ranks(comm, hidden, head, stop=False)
+        tokens, _ = greedy_over_ranks(comm, hidden, head, stop=False)
         out[f"random {vocab}"] = (tokens.tolist(), (hidden @ head.T).argmax(-1).tolist())
     head = torch.randn(10, 4, generator=g)
     head[2] = head[9] = 100.0  # the same largest logit in two ranks' slices
-    tokens, stop = _greedy_over_ranks(comm, torch.ones(2, 4), head, stop=rank == 0)
+    tokens, stop = greedy_over_ranks(comm, torch.ones(2, 4), head, stop=rank == 0)
     out["tie"], out["stop"] = tokens.tolist(), stop
     return out
 

@@ -187,3 +187,73 @@ def test_pipeline_x_tensor_and_pipeline_x_data_parallel(tmp_path) -> None:
     for r in ranks[2:]:  # the last stage decides the weights
         _close(r["weighted"]["weights"], wref["weights"], "weights")
     assert wref["weights"][-1][0] != pytest.approx(0.5, abs=1e-3)  # not uniform
+
+
+# -- generation across stages (spd_ext.tp.staged) ---------------------------------------
+GEN_PATTERNS = {2: "parallel,ladder,tp,spd", 4: "ladder,parallel,parallel,palm"}
+
+
+def _staged_model(rank: int, world: int, tp: int, pattern: str):
+    from spd_ext.tp import DistributedComm
+    from spd_ext.tp.staged import StagedGPT, StageLinks
+
+    config = small(pattern, tp)
+    dense = ReducedSyncGPT(config, EmulatedComm(tp), seed=3).dense_state_dict()
+    topo = ParallelDims(world, tp, pp=world // tp).build()
+    comm = DistributedComm(topo.tp_group) if tp > 1 else EmulatedComm(1)
+    links = StageLinks.of(rank, world // tp, tp, topo.replica_ranks, topo.replica_group)
+    return config, StagedGPT.from_dense(config, dense, comm, links)
+
+
+def _generate_across_stages(rank: int, world: int, tp: int) -> dict:
+    config, staged = _staged_model(rank, world, tp, GEN_PATTERNS[world])
+    prompt = torch.randint(config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(1))
+    out = {"greedy": staged.generate(prompt, 5, temperature=0).tolist(),
+           "sampled": staged.generate(prompt, 4, temperature=0.9, top_k=5, seed=2).tolist(),
+           "syncs": [s.syncs for s in staged.generate_steps(prompt, 3, temperature=0)]}
+    reference = ReducedSyncGPT(config, EmulatedComm(tp), seed=3)
+    out["reference"] = reference.generate(prompt, 5, temperature=0).tolist()
+    out["reference_syncs"] = [s.syncs for s in reference.generate_steps(prompt, 3, 0)]
+    # a stage that fails its part of a step: every rank raises StepFailed at that step
+    first = staged.layers[0]
+    calls = {"n": 0}
+    original = first.forward
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if staged.links.stage == 0 and calls["n"] == 2:
+            raise RuntimeError("injected")
+        return original(*args, **kwargs)
+
+    first.forward = failing
+    from spd_ext.tp.generation import StepFailed
+
+    steps = []
+    try:
+        for step in staged.generate_steps(prompt, 4, temperature=0):
+            steps.append(step.index)
+    except StepFailed as exc:
+        out["failed"] = {"steps": steps, "ranks": exc.ranks, "here": exc.here}
+    first.forward = original
+    out["after"] = staged.generate(prompt, 2, temperature=0).tolist()  # the ranks go on
+    return out
+
+
+@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)])
+def test_generation_across_stages_equals_the_whole_model(world: int, tp: int) -> None:
+    """pp 2 (x tp 2): greedy tokens equal ReducedSyncGPT.generate's (streams with open
+    regions and pending Ladder all-reduces crossing the boundary, a KV cache per stage);
+    sampling agrees on every rank; each step's syncs are the whole model's; a stage that
+    fails a step makes every rank raise StepFailed at that step, and the next request
+    runs."""
+    from spd_ext.launch import spawn
+
+    results = spawn(_generate_across_stages, world, tp, timeout=180)
+    for r in results:
+        assert r["greedy"] == r["reference"]
+        assert r["sampled"] == results[0]["sampled"]
+        assert r["syncs"] == r["reference_syncs"]
+        # the first stage's ranks failed the second step
+        assert r["failed"]["steps"] == [0] and r["failed"]["ranks"] == list(range(tp))
+        assert r["after"] == [row[:3 + 2] for row in r["reference"]]
+    assert [r["failed"]["here"] for r in results] == [rank < tp for rank in range(world)]

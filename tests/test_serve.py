@@ -201,6 +201,31 @@ def test_completion_equals_the_model_and_streams_the_same_tokens(server) -> None
         assert b"/v1/completions" in r.read()
 
 
+def test_pipeline_stages_serve_the_whole_models_tokens(tmp_path) -> None:
+    """--pp 2 on 4 ranks: two stages of two blocks, each tensor-parallel 2; greedy tokens
+    equal the whole model's at tensor parallel 2, with its syncs per token (every
+    stage's)."""
+    s = Server(write_checkpoint(tmp_path / "ckpt.pt"), "--nproc", "4", "--pp", "2")
+    try:
+        status, whole = s.post({"prompt": "JULIET:", "max_tokens": 10, "temperature": 0})
+        health = s.get("/health")[1]
+    finally:
+        code, out = s.stop()
+    assert code == 0, out
+    assert status == 200, whole
+    tok = CharTokenizer.from_text(TEXT)
+    model = ReducedSyncGPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=4,
+                                     n_head=4, n_embd=32, pattern="[parallel,spd]*2",
+                                     tp_size=2), seed=0)
+    prompt = torch.tensor([tok.encode("JULIET:")])
+    expected = model.generate(prompt, 10, temperature=0)[0, 7:].tolist()
+    assert whole["spd_ext"]["token_ids"] == expected
+    assert whole["spd_ext"]["syncs_per_token"] == 2
+    assert "pipeline stages 2" in out and "4 ranks" in out, out
+    assert (health["tp_size"], health["pp"], len(health["ranks"])) == (2, 2, 4)
+    assert not any(alive(p) for p in s.pids)
+
+
 def test_openai_client(server) -> None:
     """The `openai` package (the client vLLM's recipes use) talks to the server, streamed
     and not, and reads its errors."""
@@ -586,6 +611,9 @@ def test_bad_launch_arguments_are_one_line_before_any_rank(tmp_path) -> None:
         (["--checkpoint", str(garbage)], "is not a readable checkpoint"),
         (["--checkpoint", str(ckpt), "--pattern", "spd*3"], "gives 3 blocks"),
         (["--checkpoint", str(ckpt), "--nproc", "3"], "divisible by tp_size"),
+        (["--checkpoint", str(ckpt), "--nproc", "3", "--pp", "2"], "not a multiple of --pp 2"),
+        (["--checkpoint", str(ckpt), "--nproc", "5", "--pp", "5"],
+         "--pp 5 is more stages than the model's 4 blocks"),
         (["--hf", str(tmp_path)], "no Hugging Face model folder"),
         # weights that do not fit the model_config: a traceback once the ranks had started;
         # a block_size of 1e9 tried to allocate 64 GB

@@ -19,6 +19,7 @@ _DESCRIPTION = (
     "one: at once), a rank that\ndies stops every rank (503 meanwhile).")
 _EPILOG = (
     "example:\n  spd-ext serve --hf ./gpt2 --pattern 'spd*12' --nproc 2\n"
+    "  spd-ext serve --hf ./gpt2 --nproc 4 --pp 2     # 2 stages of 6 blocks, tp 2 each\n"
     "  curl -N localhost:5050/v1/completions -d '{\"prompt\": \"Hello\", "
     "\"max_tokens\": 32, \"stream\": true}'")
 
@@ -41,7 +42,11 @@ def serve(args: argparse.Namespace) -> int:
     from spd_ext.serve.app import run_server
 
     options = config_from(args, ServeOptions())
-    source = inspect_source(options.checkpoint, options.hf, options.pattern, options.nproc)
+    if options.nproc % options.pp:
+        raise UsageError(f"--nproc {options.nproc} is not a multiple of --pp {options.pp}: "
+                         "each pipeline stage runs on nproc / pp tensor-parallel ranks")
+    source = inspect_source(options.checkpoint, options.hf, options.pattern,
+                            options.nproc // options.pp, options.pp)
     print(f"spd-ext serve: {source.describe()}", flush=True)
     if source.note:
         print(f"spd-ext serve: note: {source.note}", flush=True)

@@ -38,12 +38,11 @@ from spd_ext.tp.config import GPTConfig
 from spd_ext.tp.sharding import merge_state_dict, tensor_parallel_layout
 from spd_ext.tp.stages import (
     BlockLayer,
-    FinalNorm,
-    PositionEmbedding,
     StageLayer,
     TokenEmbedding,
     initial_dense_weights,
     language_model_loss,
+    layer_classes,
     lm_head,
 )
 from spd_ext.tp.stream import ResidualStream, own_gradient
@@ -58,15 +57,6 @@ __all__ = ["PARTITION_METHODS", "ReducedSyncPipeline", "dense_state_dict_from_ch
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform",
                      "blocks": f"type:^{BlockLayer.__name__}$"}
 TIED_KEY = "wte"
-
-
-def layer_classes(config: GPTConfig) -> list[tuple[type[StageLayer], dict]]:
-    """The model's layers in order: each one's class and the arguments after (config,
-    comm); the last entry is the head, which reuses the first's module."""
-    n = config.n_layer
-    return [(TokenEmbedding, {"index": 0}), (PositionEmbedding, {"index": 1}),
-            *((BlockLayer, {"index": 2 + i, "block_index": i}) for i in range(n)),
-            (FinalNorm, {"index": 2 + n}), (TokenEmbedding, {"index": 0})]
 
 
 def _layer_specs(config: GPTConfig, comm: TensorParallelComm, recompute: bool) -> list:

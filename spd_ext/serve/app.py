@@ -284,7 +284,7 @@ class CompletionServer:
         options = options or ServeOptions()
         self.rank_timeout_s = options.rank_timeout_s
         self.source, self.backend = source, options.backend
-        self.nproc = source.config.tp_size  # one rank per shard
+        self.nproc = source.ranks  # one rank per shard of each stage
         self.tokenizer = source.load_tokenizer()
         self.vocab = min(source.config.vocab_size, self.tokenizer.vocab_size)
         self.context = source.config.block_size
@@ -421,7 +421,8 @@ class CompletionServer:
     async def health(self, request: web.Request) -> web.Response:
         body = {"status": "ok" if self.state == "ready" else self.state,
                 "model": self.source.describe(), "pattern": self.source.config.pattern,
-                "tp_size": self.nproc, "backend": self.backend, "context": self.context,
+                "tp_size": self.source.config.tp_size, "pp": self.source.stages,
+                "backend": self.backend, "context": self.context,
                 "queue": len(self.streams),
                 "ranks": [{"rank": r, "pid": p, "alive": not rank_exited(p)}
                           for r, p in enumerate(self._pids())]}
@@ -444,7 +445,7 @@ class CompletionServer:
             if self.prefills else None,
             "tokens_per_s": round(len(lat) / sum(lat), 2) if lat else None,
             "syncs_per_token": self.syncs_per_token, "pattern": self.source.config.pattern,
-            "tp_size": self.nproc})
+            "tp_size": self.source.config.tp_size, "pp": self.source.stages})
 
     async def models(self, request: web.Request) -> web.Response:
         """OpenAI's model list (clients ask it for the name to send): the one served."""

@@ -25,11 +25,17 @@ class ModelSource:
     config: GPTConfig
     tokenizer: dict = field(default_factory=dict)  # {"name": "char", "chars": ...} or gpt2
     note: str = ""  # a warning for the operator, printed at start-up
+    stages: int = 1  # pipeline stages (each config.tp_size ranks)
+
+    @property
+    def ranks(self) -> int:
+        return self.stages * self.config.tp_size
 
     def describe(self) -> str:
         c = self.config
+        stages = f", pipeline stages {self.stages}" if self.stages > 1 else ""
         return (f"{self.kind} {self.path}: GPT {c.n_layer}L/{c.n_embd}d/{c.n_head}h, context "
-                f"{c.block_size}, pattern {c.pattern}, tensor parallel {c.tp_size}")
+                f"{c.block_size}, pattern {c.pattern}, tensor parallel {c.tp_size}{stages}")
 
     def load_tokenizer(self) -> Any:
         from spd_ext.data.tokenizers import get_tokenizer
@@ -47,11 +53,50 @@ class ModelSource:
         model.load_dense_state_dict(load_checkpoint(self.path)["model"])
         return model.eval()
 
+    def dense_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights in the dense layout."""
+        if self.kind == "hf":
+            from spd_ext.tp.convert import load_pretrained
+
+            return load_pretrained(self.path, pattern=self.config.pattern,
+                                   tp_size=1).dense_state_dict()
+        return load_checkpoint(self.path)["model"]
+
+    def build_staged(self, backend: str) -> Any:
+        """This rank's pipeline stage (``stages`` of them, each tensor-parallel over
+        config.tp_size ranks; collective: every rank builds its own)."""
+        import torch.distributed as dist
+
+        from spd_ext.parallel_dims import ParallelDims
+        from spd_ext.tp import DistributedComm, EmulatedComm
+        from spd_ext.tp.staged import StagedGPT, StageLinks
+
+        tp = self.config.tp_size
+        topology = ParallelDims(dist.get_world_size(), tp, pp=self.stages).build()
+        comm = DistributedComm(topology.tp_group, backend=backend) if tp > 1 else \
+            EmulatedComm(1)
+        links = StageLinks.of(dist.get_rank(), self.stages, tp, topology.replica_ranks,
+                              topology.replica_group)
+        return StagedGPT.from_dense(self.config, self.dense_weights(), comm, links)
+
 
 def inspect_source(checkpoint: str | None, hf: str | None, pattern: str | None,
-                   tp_size: int) -> ModelSource:
-    """Read the config (and for a checkpoint the whole file) and check the pattern and the
-    tensor-parallel size against it; every problem is a ValueError naming the fix."""
+                   tp_size: int, stages: int = 1) -> ModelSource:
+    """Read the config (and for a checkpoint the whole file) and check the pattern, the
+    tensor-parallel size and the pipeline stages against it; every problem is a ValueError
+    naming the fix."""
+    source = _inspect_source(checkpoint, hf, pattern, tp_size)
+    if stages > 1:
+        if stages > source.config.n_layer:
+            raise UsageError(f"--pp {stages} is more stages than the model's "
+                             f"{source.config.n_layer} blocks; use at most "
+                             f"{source.config.n_layer}")
+        source.stages = stages
+    return source
+
+
+def _inspect_source(checkpoint: str | None, hf: str | None, pattern: str | None,
+                    tp_size: int) -> ModelSource:
     if (checkpoint is None) == (hf is None):
         raise UsageError("pass exactly one of --checkpoint (an spd_ext ckpt.pt) or --hf (a "
                          "local Hugging Face GPT-2 folder)")

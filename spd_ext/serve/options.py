@@ -16,7 +16,10 @@ class ServeOptions:
     hf: str | None = option(None, "a local Hugging Face GPT-2 folder (config.json + weights)")
     pattern: str | None = option(None, "sync pattern to serve with (default: the "
                                  "checkpoint's; tp*L for --hf)")
-    nproc: int = option(2, "ranks = tensor-parallel size", low=1)
+    nproc: int = option(2, "ranks = pipeline stages x tensor-parallel size", low=1)
+    pp: int = option(1, "pipeline stages: the model's blocks split over pp groups of "
+                     "nproc / pp tensor-parallel ranks, activations passing stage to stage",
+                     low=1)
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0: every interface; the "
                        "server has no authentication)")
     port: int = option(5050, "TCP port to listen on", low=1, high=65535)

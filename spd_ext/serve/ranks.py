@@ -136,7 +136,8 @@ def serve_rank(rank: int, world: int, source: ModelSource, backend: str, vocab_s
         # Only the first rank talks to the front end; with this copy closed, the front end
         # reads the end of the pipe as soon as the first rank is gone.
         conn.close()
-    model = source.build(DistributedComm(backend=backend))
+    model = source.build_staged(backend) if source.stages > 1 else \
+        source.build(DistributedComm(backend=backend))
     pids: list[Any] = [None] * world
     dist.all_gather_object(pids, os.getpid())
     if rank != 0:

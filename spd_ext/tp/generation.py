@@ -152,14 +152,14 @@ def _exchange(comm: TensorParallelComm, local: Callable[[], torch.Tensor],
     return flat[:-world - 1].view(shape), bool(flat[-1])
 
 
-def _greedy_over_ranks(comm: TensorParallelComm, hidden: torch.Tensor, head: torch.Tensor,
+def greedy_over_ranks(comm: TensorParallelComm, hidden: torch.Tensor, head: torch.Tensor,
                        stop: bool) -> tuple[torch.Tensor, bool]:
     """[B, C] hidden states -> [B] tokens of the largest logit over the whole vocabulary,
     each rank multiplying only its slice of the ``head`` rows; one message (each rank
     fills its slot, the others stay zero) carries every rank's best (logit, token) and the
     first rank's stop flag."""
     world, rank = comm.tp_size, comm.rank
-    shape, dtype = (world, 2, hidden.size(0)), _token_dtype(head.size(0))
+    shape, dtype = (world, 2, hidden.size(0)), token_dtype(head.size(0))
 
     def best_of_my_slice() -> torch.Tensor:
         lo, hi = vocab_slice(head.size(0), rank, world)
@@ -179,19 +179,19 @@ def _greedy_over_ranks(comm: TensorParallelComm, hidden: torch.Tensor, head: tor
     return tokens.long(), stop
 
 
-def _token_dtype(vocab_size: int) -> torch.dtype:
+def token_dtype(vocab_size: int) -> torch.dtype:
     """The float type that carries token ids exactly: float32 below 2**24. Decided from the
     vocabulary, the same on every rank (the ranks' tokens may differ)."""
     return torch.float32 if vocab_size <= 2**24 else torch.float64
 
 
-def _from_first_rank(comm: TensorParallelComm, sample: Callable[[], torch.Tensor],
+def from_first_rank(comm: TensorParallelComm, sample: Callable[[], torch.Tensor],
                      batch: int, vocab_size: int, device: torch.device,
                      stop: bool) -> tuple[torch.Tensor, bool]:
     """The group's first rank's ``sample()`` [B] and stop flag, on every rank, in one
     message through the model's own all-reduce (the others add zeros and do not sample:
     only the first rank's tokens count): the same fast path as the model's syncs."""
-    dtype = _token_dtype(vocab_size)
+    dtype = token_dtype(vocab_size)
 
     def mine() -> torch.Tensor:
         if comm.rank != 0:
@@ -258,9 +258,9 @@ def generate_steps(model: ReducedSyncGPT, idx: torch.Tensor, max_new_tokens: int
             if not distributed:
                 tokens = sample()
             elif greedy:
-                tokens, stop = _greedy_over_ranks(comm, hidden, head, stop)
+                tokens, stop = greedy_over_ranks(comm, hidden, head, stop)
             else:
-                tokens, stop = _from_first_rank(comm, sample, idx.size(0), head.size(0),
+                tokens, stop = from_first_rank(comm, sample, idx.size(0), head.size(0),
                                                 hidden.device, stop)
             _finish(tokens.device)
             yield DecodeStep(i, tokens, inputs.size(1), syncs, time.perf_counter() - start)

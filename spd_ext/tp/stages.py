@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from spd_ext.errors import UsageError
 from spd_ext.tp.blocks import BLOCKS
 from spd_ext.tp.communicator import TensorParallelComm
 from spd_ext.tp.config import GPTConfig
@@ -137,6 +138,31 @@ class FinalNorm(StageLayer):
         with self.comm.counter.scope("final"):
             x = stream.finish()
         return self.ln_f(x)
+
+
+def layer_classes(config: GPTConfig) -> list[tuple[type[StageLayer], dict]]:
+    """The model's layers in order: each one's class and its arguments after (config,
+    comm); the last entry is the head, which reuses the first's module."""
+    n = config.n_layer
+    return [(TokenEmbedding, {"index": 0}), (PositionEmbedding, {"index": 1}),
+            *((BlockLayer, {"index": 2 + i, "block_index": i}) for i in range(n)),
+            (FinalNorm, {"index": 2 + n}), (TokenEmbedding, {"index": 0})]
+
+
+def partition_by_blocks(n_layer: int, stages: int) -> list[int]:
+    """Stage boundaries over layer_classes' positions (stage s holds ``[parts[s],
+    parts[s+1])``): the blocks spread as evenly as they go, earlier stages taking the
+    extra ones; the embeddings go with the first stage, the final LayerNorm and the head
+    with the last."""
+    if not 1 <= stages <= n_layer:
+        raise UsageError(f"{stages} pipeline stages for {n_layer} blocks: each stage needs a "
+                         f"block; use 1 to {n_layer} stages")
+    parts, first = [0], 2
+    for s in range(stages):
+        first += n_layer // stages + (1 if s < n_layer % stages else 0)
+        parts.append(first)
+    parts[-1] = n_layer + 4
+    return parts
 
 
 def initial_dense_weights(config: GPTConfig, seed: int, names: set[str],
