@@ -911,6 +911,16 @@ def train_pipe(engine, dp_rank: int, steps: int, first: int = 0) -> list[float]:
     return losses
 
 
+def pipe_generation(pipe) -> tuple[list, list]:
+    """Greedy tokens of the trained pipeline (across its stages) and of the whole model
+    with its gathered weights (emulated tensor parallelism)."""
+    prompt = torch.randint(VOCAB, (2, 4), generator=torch.Generator().manual_seed(5))
+    staged = pipe.generate(prompt, 6, temperature=0).tolist()
+    whole = ReducedSyncGPT(pipe.config, seed=None)
+    whole.load_dense_state_dict(pipe.dense_state_dict())
+    return staged, whole.generate(prompt, 6, temperature=0).tolist()
+
+
 def scenario_pipeline(rank: int, world: int, out: dict) -> None:
     """world 2: pp 2 (resume, offline conversion); world 4: pp 2 x tp 2 with every block
     recomputed, and pp 2 x dp 2 with signal weighting."""
@@ -927,6 +937,7 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
         engine.save_checkpoint(str(save))
         losses += train_pipe(engine, 0, PIPE_STEPS - 2, first=2)
         out["pp2"] = {"losses": losses, "params": flat_dense(pipe.dense_state_dict())}
+        out["pp2"]["generated"], out["pp2"]["dense_generated"] = pipe_generation(pipe)
         # resume in a fresh engine: the same last steps
         pipe2, engine2 = pipe_engine(config, ReducedSyncGPT(config, seed=7).dense_state_dict(),
                                      dp=1)
@@ -954,6 +965,8 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
             "losses": losses, "params": flat_dense(pipe.dense_state_dict()),
             "syncs": [syncs.get("syncs_forward"), syncs.get("syncs_backward"),
                       syncs.get("grad_syncs")]}
+        if not recompute:
+            out["tp2"]["generated"], out["tp2"]["dense_generated"] = pipe_generation(pipe)
     for stage, bf16 in ((1, False), (0, True), (1, True)):
         pipe, engine = pipe_engine(config, dense, dp=1, stage=stage, bf16=bf16)
         losses = train_pipe(engine, 0, PIPE_STEPS)

@@ -146,6 +146,8 @@ def test_two_stages_train_resume_and_convert_like_the_whole_model(tmp_path) -> N
         _close(r["pp2"]["params"], ref["params"], "final weights")
         _close(r["resumed"]["losses"], r["pp2"]["losses"][2:], "resumed losses")
         _close(r["resumed"]["params"], ref["params"], "resumed weights")
+    for r in ranks:  # generation across the trained stages == the whole model's
+        assert r["pp2"]["generated"] == r["pp2"]["dense_generated"]
     _close(ranks[0]["offline"], ranks[0]["reference_at_2"], "converted checkpoint")
     _close(ranks[0]["pp2"]["dense_loaded"], ranks[0]["reference_at_2"], "dense model")
 
@@ -176,6 +178,8 @@ def test_pipeline_x_tensor_and_pipeline_x_data_parallel(tmp_path) -> None:
     for run in ("tp2_z1", "tp2_z0_bf16", "tp2_z1_bf16"):
         for first in (0, 2):
             assert ranks[first][run]["layer_norms"] == ranks[first + 1][run]["layer_norms"], run
+    for r in ranks:
+        assert r["tp2"]["generated"] == r["tp2"]["dense_generated"]
     # stages 0 (ranks 0, 1) and 1 (ranks 2, 3): each counts its own blocks' syncs
     forward = ranks[0]["tp2"]["syncs"][0] + ranks[2]["tp2"]["syncs"][0]
     backward = ranks[0]["tp2"]["syncs"][1] + ranks[2]["tp2"]["syncs"][1]

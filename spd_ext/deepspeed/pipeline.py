@@ -161,6 +161,38 @@ def _make_class() -> type:
                 return x.to_tensors()
             return own_gradient(x) if torch.is_tensor(x) and x.requires_grad else x
 
+        # -- generation ------------------------------------------------------------
+        def staged(self) -> Any:
+            """This rank's stage as a StagedGPT (the same layers and parameters) for
+            generation across the stages of its replica (spd_ext.tp.staged)."""
+            from spd_ext.tp.staged import StagedGPT, StageLinks
+
+            grid = self._grid
+            replica = tuple(sorted(grid._topo.get_axis_list(
+                axis="data", idx=grid.get_data_parallel_id())))
+            links = StageLinks.of(dist.get_rank(), self.num_stages, self.comm.tp_size,
+                                  replica, grid.get_model_parallel_group())
+            layers = [f for f in self.forward_funcs if isinstance(f, StageLayer)]
+            head = self.tied_modules[TIED_KEY] if links.stage == links.stages - 1 else None
+            return StagedGPT(self.config, self.comm, links, layers, head)
+
+        def generate_steps(self, *args: Any, **kwargs: Any) -> Any:
+            """KV-cached generation across the stages (ReducedSyncGPT.generate_steps'
+            arguments); every rank of the replica iterates together."""
+            return self.staged().generate_steps(*args, **kwargs)
+
+        @torch.no_grad()
+        def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int | None = None, seed: int | None = None) -> torch.Tensor:
+            """``idx`` and ``max_new_tokens`` new tokens, on every rank of the replica
+            (greedy at temperature 0: ReducedSyncGPT.generate's tokens)."""
+            was_training = self.training
+            self.eval()
+            try:
+                return self.staged().generate(idx, max_new_tokens, temperature, top_k, seed)
+            finally:
+                self.train(was_training)
+
         # -- dense weights ---------------------------------------------------------
         def stage_layers(self) -> list[StageLayer]:
             """This stage's layers that hold parameters (the tied embedding once)."""
