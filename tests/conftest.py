@@ -20,11 +20,13 @@ needs_kernels = pytest.mark.skipif(
     FORCED_FALLBACK, reason="tests the C++ kernels; SPD_EXT_FORCE_FALLBACK=1 disables them")
 
 # The forced-fallback pass (the second run of `make pytest`) is for the PyTorch fallbacks
-# that replace the kernels: the op, comm, tp, dp, DeepSpeed, staleness and example tests
-# run again without kernels. The whole-command tests below run the same spd_ext.comm calls
-# end to end through launchers (over half of a pass's time, which would keep CI over its
-# budget), so they run in the kernel pass only, unless SPD_EXT_TEST_COMMANDS_IN_FALLBACK=1.
-COMMAND_TESTS = ("test_train_cli.py", "test_experiments.py", "test_serve.py")
+# that replace the kernels: the op, comm, tp, dp, DeepSpeed and staleness tests run again
+# without kernels. The whole-command tests below (and the examples) run the same
+# spd_ext.comm calls end to end through launchers (over half of a pass's time, which would
+# keep CI over its budget), so they run in the kernel pass only, unless
+# SPD_EXT_TEST_COMMANDS_IN_FALLBACK=1.
+COMMAND_TESTS = ("test_train_cli.py", "test_experiments.py", "test_serve.py",
+                 "test_examples.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

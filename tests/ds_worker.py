@@ -988,7 +988,8 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
     config = gpt_config(n_layer=4, pattern=PIPE_PATTERNS[2])
     dense = ReducedSyncGPT(config).dense_state_dict()
     pipe, engine = pipe_engine(config, dense, dp=2, section={"signal_weighting": SIGNAL,
-                                                            "metrics": {"interval": 1}})
+                                                            "metrics": {"interval": 1},
+                                                            "comm": {"backend": "spd_ext"}})
     dp_rank = (rank % 2)
     losses, weights = [], []
     for step in range(PIPE_STEPS):

@@ -159,8 +159,8 @@ def test_pipeline_x_tensor_and_pipeline_x_data_parallel(tmp_path) -> None:
     reached through the packed stream only), ZeRO 0 and 1, fp32 and bf16: the unpipelined
     model's losses and weights, and each step's syncs summed over the stages are the whole
     model's; with every block recomputed the same weights. pp 2 x dp 2 with signal
-    weighting: the weights decided on the last stage, the update sum_i w_i g_i on every
-    stage."""
+    weighting and spd_ext's fused reduction: the weights decided on the last stage, the
+    update sum_i w_i g_i on every stage."""
     from test_deepspeed import run_scenario
 
     ranks = run_scenario("pipeline", 4, tmp_path, timeout=300)

@@ -169,6 +169,17 @@ class GenerateBenchConfig(TensorParallelBenchConfig):
     prompt_len: int = option(32, "prompt tokens (prefill)", low=1)
     new_tokens: int = option(64, "tokens decoded per repeat", low=1)
     repeats: int = option(5, "timed generations per point", low=1)
+    layouts: str = option("tp", "comma list of tp (tensor parallel nproc, every pattern) and "
+                          "pp (nproc pipeline stages of one rank each: the blocks split by "
+                          "layers, the patterns' syncs gone)")
+
+    def layout_list(self) -> list[str]:
+        names = [x.strip() for x in self.layouts.split(",") if x.strip()]
+        bad = [x for x in names if x not in ("tp", "pp")]
+        if not names or bad:
+            raise UsageError(f"--layouts must be a comma list of tp and pp, got "
+                             f"{self.layouts!r}")
+        return names
 
     def batch_list(self) -> list[int]:
         try:
@@ -185,6 +196,9 @@ class GenerateBenchConfig(TensorParallelBenchConfig):
         self.batch_list()
         if self.nproc < 2:
             raise UsageError(f"--nproc must be at least 2, got {self.nproc}")
+        if "pp" in self.layout_list() and self.nproc > self.n_layer:
+            raise UsageError(f"the pp layout needs a block per stage: --nproc {self.nproc} is "
+                             f"more than --n-layer {self.n_layer}")
         for name, least in (("prompt_len", 1), ("new_tokens", 2), ("repeats", 1)):
             if getattr(self, name) < least:  # new tokens: the first is the prefill's
                 raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got "
@@ -197,11 +211,11 @@ class GenerateBenchConfig(TensorParallelBenchConfig):
             raise UsageError(f"--patterns names {', '.join(twice)} more than once; each "
                              "pattern is one row")
 
-    def model_config(self, pattern: str) -> GPTConfig:
+    def model_config(self, pattern: str, tp: int | None = None) -> GPTConfig:
         return GPTConfig(block_size=self.prompt_len + self.new_tokens,
                          vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
                          n_embd=self.n_embd, dropout=0.0, pattern=pattern,
-                         tp_size=self.nproc)
+                         tp_size=self.nproc if tp is None else tp)
 
 
 # -- training steps: DeepSpeed engine, DDP hook -------------------------------------------
@@ -274,6 +288,45 @@ class TrainingStepBenchConfig:
         return (f"batch {self.batch_size} x {self.seq_len} per rank; median of {self.steps} "
                 f"steps after {self.warmup} (variants interleaved step by step; best: the "
                 "fastest step), slowest rank")
+
+
+#: the layouts `spd-ext bench layouts` times: every rank a replica, every rank a shard of
+#: the blocks, every rank a stage
+LAYOUTS = ("dp", "tp", "pp")
+
+
+@dataclass
+class LayoutBenchConfig(TrainingStepBenchConfig):
+    nproc: int = option(2, "ranks: each layout's data-parallel, tensor-parallel or pipeline "
+                        "size", low=1)
+    variants: str = option(",".join(LAYOUTS), "comma list of layouts: dp (every rank a "
+                           "replica), tp (tensor parallel nproc), pp (nproc pipeline stages)")
+    micro_batches: int = option(4, "micro-batches per step of the tp and pp layouts (each "
+                                "batch x nproc / micro-batches sequences)", low=1)
+    pattern: str = option("", "the sync pattern of the tp and pp layouts (default tp*L)")
+
+    KNOWN_VARIANTS: ClassVar[Collection[str]] = LAYOUTS
+
+    def check(self) -> None:
+        super().check()
+        total = self.batch_size * self.nproc
+        if self.micro_batches < 1 or total % self.micro_batches:
+            raise UsageError(f"--micro-batches {self.micro_batches} does not divide the step's "
+                             f"{total} sequences (--batch-size x --nproc); use a divisor")
+        if "pp" in self.variant_list() and self.nproc > self.n_layer:
+            raise UsageError(f"the pp layout needs a block per stage: --nproc {self.nproc} is "
+                             f"more than --n-layer {self.n_layer}")
+        self.layout_config(self.nproc)
+
+    def layout_config(self, tp: int) -> GPTConfig:
+        """The model of a layout (tensor-parallel ``tp``, the pattern of --pattern)."""
+        fields = {**self.gpt_config().to_dict(), "tp_size": tp}
+        if self.pattern:
+            fields["pattern"] = self.pattern
+        try:
+            return GPTConfig(**fields)
+        except UsageError as exc:
+            raise UsageError(f"the model does not fit tensor parallel {tp}: {exc}") from None
 
 
 @dataclass

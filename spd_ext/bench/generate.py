@@ -4,7 +4,9 @@ For each all-reduce backend, batch size and pattern: the prefill of a prompt, th
 per-token decode latency (p50, p99 over every decoded token of every repeat, measured on
 the group's first rank from the forward's start to the greedy token on the host, which
 the all-reduce that agrees on it makes wait for every rank) and decode tokens/s (all
-sequences).
+sequences). Layout ``pp``: the same model split into N pipeline stages of one rank each
+(spd_ext.tp.staged), a token's activations passing stage to stage, for comparison with
+tensor parallelism at the same rank count.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +25,7 @@ from spd_ext.tp import DistributedComm, ReducedSyncGPT
 from spd_ext.utils.table import format_table
 
 
-def _timed_steps(model: ReducedSyncGPT, prompt: torch.Tensor, cfg: GenerateBenchConfig,
+def _timed_steps(model: Any, prompt: torch.Tensor, cfg: GenerateBenchConfig,
                  timings: dict) -> None:
     dist.barrier()
     for step in model.generate_steps(prompt, cfg.new_tokens, temperature=0):
@@ -43,14 +46,36 @@ def _summary(timings: dict, batch: int) -> dict:
             "syncs_per_token": max(timings["syncs"])}
 
 
+def _pipelined(cfg: GenerateBenchConfig, world: int) -> Any:
+    """The model as ``world`` pipeline stages of one rank each (its dense weights: seed 0)."""
+    from spd_ext.parallel_dims import ParallelDims
+    from spd_ext.tp import EmulatedComm
+    from spd_ext.tp.staged import StagedGPT, StageLinks
+
+    config = cfg.model_config(f"tp*{cfg.n_layer}", tp=1)
+    topology = ParallelDims(world, 1, pp=world).build()
+    links = StageLinks.of(dist.get_rank(), world, 1, topology.replica_ranks,
+                          topology.replica_group)
+    dense = ReducedSyncGPT(config, seed=0).dense_state_dict()
+    return StagedGPT.from_dense(config, dense, EmulatedComm(1), links)
+
+
 def _rank(rank: int, world: int, cfg: GenerateBenchConfig) -> list[dict]:
     rows = []
+    layouts = cfg.layout_list()
+    staged = _pipelined(cfg, world) if "pp" in layouts else None
     for backend in cfg.backend_list():
         for batch in cfg.batch_list():
             prompt = torch.randint(cfg.vocab_size, (batch, cfg.prompt_len),
                                    generator=torch.Generator().manual_seed(batch))
-            models = {p: ReducedSyncGPT(cfg.model_config(p), DistributedComm(backend=backend),
-                                        seed=0) for p in cfg.pattern_list()}
+            models: dict[str, Any] = {}
+            if "tp" in layouts:
+                models = {p: ReducedSyncGPT(cfg.model_config(p),
+                                            DistributedComm(backend=backend), seed=0)
+                          for p in cfg.pattern_list()}
+            if staged is not None:  # stages of one rank: no all-reduce, no backend to vary
+                if backend == cfg.backend_list()[0]:
+                    models[PIPELINE] = staged
             timings = {p: {"prefill": [], "decode": [], "syncs": set()} for p in models}
             for model in models.values():  # warm-up
                 list(model.generate_steps(prompt, cfg.new_tokens, temperature=0))
@@ -59,9 +84,18 @@ def _rank(rank: int, world: int, cfg: GenerateBenchConfig) -> list[dict]:
             for _ in range(cfg.repeats):
                 for pattern, model in models.items():
                     _timed_steps(model, prompt, cfg, timings[pattern])
-            rows += [{"backend": backend, "batch": batch, "pattern": p,
+            rows += [{"backend": "-" if p == PIPELINE else backend, "batch": batch,
+                      "layout": f"pp {world}" if p == PIPELINE else f"tp {world}",
+                      "pattern": f"tp*{cfg.n_layer}" if p == PIPELINE else p,
                       **_summary(timings[p], batch)} for p in models]
+            for row in rows:
+                if row["layout"].startswith("pp"):  # stages of one rank: no all-reduce
+                    row["syncs_per_token"] = 0
     return rows
+
+
+#: the pipelined model's key among the patterns'
+PIPELINE = "pipeline"
 
 
 def run(cfg: GenerateBenchConfig) -> list[dict]:
@@ -72,19 +106,26 @@ def run(cfg: GenerateBenchConfig) -> list[dict]:
 def table(rows: list[dict], markdown: bool = False) -> str:
     body = []
     for r in rows:
-        dense = max((b for b in rows if (b["backend"], b["batch"]) == (r["backend"], r["batch"])),
-                    key=lambda b: b["syncs_per_token"])
-        body.append([r["backend"], r["batch"], r["pattern"], r["syncs_per_token"],
-                     r["prefill_s"] * 1e3, r["p50_s"] * 1e3, r["p99_s"] * 1e3,
-                     r["tokens_per_s"], r["p50_s"] / dense["p50_s"]])
-    return format_table(["backend", "batch", "pattern", "syncs/token", "prefill ms",
-                         "decode p50 ms", "decode p99 ms", "tokens/s", "x most-sync p50"],
+        # the most-synchronizing tensor-parallel row of the batch (any backend's, if the
+        # row is the pipeline's)
+        peers = [b for b in rows if b["batch"] == r["batch"] and b["backend"] != "-"
+                 and b["backend"] in (r["backend"], rows[0]["backend"])]
+        same = [b for b in peers if b["backend"] == r["backend"]] or peers
+        dense = max(same, key=lambda b: b["syncs_per_token"]) if same else r
+        body.append([r["backend"], r["batch"], r.get("layout", ""), r["pattern"],
+                     r["syncs_per_token"], r["prefill_s"] * 1e3, r["p50_s"] * 1e3,
+                     r["p99_s"] * 1e3, r["tokens_per_s"], r["p50_s"] / dense["p50_s"]])
+    return format_table(["backend", "batch", "layout", "pattern", "syncs/token", "prefill ms",
+                         "decode p50 ms", "decode p99 ms", "tokens/s", "x most-sync tp p50"],
                         body, markdown)
 
 
 def describe_run(cfg: GenerateBenchConfig) -> str:
+    layouts = " and ".join({"tp": f"tensor parallel {cfg.nproc}",
+                            "pp": f"{cfg.nproc} pipeline stages (syncs: 0, one hand-off "
+                                  "per stage boundary)"}[x] for x in cfg.layout_list())
     return (f"KV-cached greedy generation on {cfg.nproc} CPU ranks of {platform.node()} "
-            f"({os.cpu_count()} cores), tensor parallel {cfg.nproc}; GPT {cfg.n_layer}L/"
+            f"({os.cpu_count()} cores), {layouts}; GPT {cfg.n_layer}L/"
             f"{cfg.n_embd}d/{cfg.n_head}h, vocabulary {cfg.vocab_size}; prompt "
             f"{cfg.prompt_len} tokens, {cfg.new_tokens} new, {cfg.repeats} repeats; backend "
             "torch = torch.distributed (gloo), spd_ext = spd_ext.comm; latency on the first rank")

@@ -72,6 +72,13 @@ BENCHMARKS = {
         "all-reduce (\"comm\": {\"backend\": \"spd_ext\"}, stage 0 only), plain and "
         "signal-weighted, at a ZeRO stage.",
         config.DeepSpeedBenchConfig(), "spd_ext.bench.ds_engine", needs="deepspeed"),
+    "layouts": Benchmark(
+        "training step time per layout: data, tensor, pipeline parallel",
+        "Time a DeepSpeed (fp32) training step of one GPT laid out three ways on N local CPU "
+        "ranks, the same sequences per step in each: data parallel N, tensor parallel N "
+        "(spd_ext's blocks) and N pipeline stages (DeepSpeed's pipeline engine with spd_ext's "
+        "stage layers).",
+        config.LayoutBenchConfig(), "spd_ext.bench.layouts", needs="deepspeed"),
     "ddp-hook": Benchmark(
         "DDP step: signal-weighted hook vs DDP's default",
         "Time a DistributedDataParallel training step of a GPT of about 10M parameters on N "

@@ -133,6 +133,12 @@ def _make_class() -> type:
         def sync_counter(self) -> Any:
             return self.comm.counter
 
+        def _synchronize_tied_weights(self) -> None:
+            # DeepSpeed broadcasts the tied embedding into the parameter in place; outside
+            # no_grad autograd records the broadcast on the leaf (and warns in backward)
+            with torch.no_grad():
+                PipelineModule._synchronize_tied_weights(self)
+
         def num_params(self, non_embedding: bool = False) -> int:
             """Parameters of the whole model (every stage and shard), as ReducedSyncGPT
             counts them."""
