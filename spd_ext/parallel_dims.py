@@ -1,7 +1,7 @@
 """The parallel layout of a job, every size rule in one place (torchtitan's ``ParallelDims``).
 
-``world = pp x islands x dp x tp``. Ranks are numbered tensor-parallel position fastest,
-then data-parallel position, then island, then pipeline stage:
+``world = islands x pp x dp x tp``. Ranks are numbered tensor-parallel position fastest,
+then data-parallel position, then pipeline stage, then island:
 
 * ranks ``[k*tp, (k+1)*tp)`` form tensor-parallel group k (one model replica, or one
   stage of one);
@@ -9,8 +9,9 @@ then data-parallel position, then island, then pipeline stage:
   data-parallel group (DeepSpeed's: its ZeRO partitions and gradient reduction);
 * islands (DiLoCo) are ``world / islands`` contiguous ranks each; the ranks at the same
   position of their islands (same shard, same ZeRO partition) average across islands;
-* pipeline stages are ``world / pp`` contiguous ranks each, DeepSpeed's
-  ``PipeModelDataParallelTopology`` (whose grid is then DeepSpeed's ``mpu``).
+* inside an island, pipeline stages are contiguous blocks of ``dp x tp`` ranks, DeepSpeed's
+  ``PipeModelDataParallelTopology`` (whose grid is then DeepSpeed's ``mpu``); a model
+  replica is one data-parallel index's ranks of every stage.
 
 :class:`ParallelDims` checks the sizes (each rule once, one message naming the caller's
 own keys) and builds the groups and DeepSpeed's ``mpu`` (:class:`ModelParallelUnit`) as a
@@ -19,6 +20,7 @@ own keys) and builds the groups and DeepSpeed's ``mpu`` (:class:`ModelParallelUn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,7 @@ class LayoutNames:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """``world`` ranks as pipeline stages ``pp`` x ``islands`` x data parallel x tensor
+    """``world`` ranks as ``islands`` x pipeline stages ``pp`` x data parallel x tensor
     parallel ``tp``; refuses sizes that do not fit (a :class:`UsageError` naming the keys
     of ``names``)."""
 
@@ -55,13 +57,11 @@ class ParallelDims:
                            (n.islands, self.islands), (n.pp, self.pp)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise UsageError(f"{what} must be a positive integer, got {size!r}")
-        if self.pp > 1 and self.islands > 1:
-            raise UsageError(f"{n.islands} {self.islands} with {n.pp} {self.pp}: DiLoCo "
-                             "islands of pipeline replicas are not supported yet; use one of "
-                             "the two")
         for what, size in ((n.tp, self.tp), (n.islands, self.islands), (n.pp, self.pp),
                            (f"{n.tp} x {n.islands}", self.tp * self.islands),
-                           (f"{n.pp} x {n.tp}", self.pp * self.tp)):
+                           (f"{n.pp} x {n.tp}", self.pp * self.tp),
+                           (f"{n.pp} x {n.tp} x {n.islands}",
+                            self.pp * self.tp * self.islands)):
             if self.world % size:
                 divisors = [d for d in range(1, self.world + 1) if self.world % d == 0]
                 raise UsageError(f"{what} {size} does not divide the world size {self.world}; "
@@ -80,8 +80,9 @@ class ParallelDims:
 
     def data_rank(self, rank: int) -> int:
         """Which model replica's data ``rank`` reads (its tensor-parallel group's, the same
-        on every pipeline stage)."""
-        return (rank % (self.world // self.pp)) // self.tp
+        on every pipeline stage; the islands' replicas one after the other)."""
+        island, inside = divmod(rank, self.world // self.islands)
+        return island * self.dp + (inside % (self.dp * self.tp)) // self.tp
 
     def build(self) -> Topology:
         """This rank's groups (collective the first time: every rank creates every group,
@@ -105,20 +106,23 @@ class ParallelDims:
 
         if self.tp == 1 and self.islands == 1 and self.pp == 1:
             return Topology(1, 1, None, dp_ranks=tuple(range(self.world)))
-        # ranks per island, or per stage (pipelines have one island)
+        # blocks of dp x tp ranks: one per island, or per stage of each island's pipeline
         blocks = self.islands * self.pp
         rank, size = dist.get_rank(), self.world // blocks
+        island_size = self.world // self.islands
         tp_group, tp_ranks = _mine(rank, [range(k, k + self.tp)
                                           for k in range(0, self.world, self.tp)])
         dp_group, dp_ranks = _mine(rank, [range(i * size + j, (i + 1) * size, self.tp)
                                           for i in range(blocks) for j in range(self.tp)])
         cross: tuple[Any, tuple[int, ...]] = (None, ())
-        if self.islands > 1:
-            cross = _mine(rank, [range(j, self.world, size) for j in range(size)])
+        if self.islands > 1:  # the same position in every island
+            cross = _mine(rank, [range(j, self.world, island_size)
+                                 for j in range(island_size)])
         replica: tuple[Any, tuple[int, ...]] = (None, ())
         if self.pp > 1:  # a model replica: every stage's ranks of one data-parallel index
-            replica = _mine(rank, [[s * size + d * self.tp + m for s in range(self.pp)
-                                    for m in range(self.tp)] for d in range(self.dp)])
+            replica = _mine(rank, [[i * island_size + s * size + d * self.tp + m
+                                    for s in range(self.pp) for m in range(self.tp)]
+                                   for i in range(self.islands) for d in range(self.dp)])
         tensor_parallel = self.tp > 1
         return Topology(self.tp, self.islands,
                         # a pipeline's mpu is DeepSpeed's grid (PipelineModule.mpu())
@@ -134,7 +138,7 @@ class ParallelDims:
 _BUILT: dict[tuple, Topology] = {}
 
 
-def _mine(rank: int, partition: list[range]) -> tuple[Any, tuple[int, ...]]:
+def _mine(rank: int, partition: Sequence[Sequence[int]]) -> tuple[Any, tuple[int, ...]]:
     """Create a group for every set of ``partition`` (every rank, the same order); this
     rank's ``(group, ranks)``."""
     import torch.distributed as dist

@@ -999,6 +999,35 @@ def scenario_pipeline(rank: int, world: int, out: dict) -> None:
                        "params": flat_dense(pipe.dense_state_dict())}
     if rank == 0:
         out["weighted_reference"] = pipe_reference(config, dense, 2, PIPE_STEPS, weighted=True)
+    pipe_islands(rank, config, dense, out)
+
+
+def pipe_islands(rank: int, config: GPTConfig, dense: dict, out: dict) -> None:
+    """2 DiLoCo islands of pp 2 pipelines (ZeRO-1, AdamW); the reference: diloco:H with one
+    worker per island (the whole model on the island's micro-batches)."""
+    H, islands = 2, 2
+    island = rank // 2
+    pipe = sd.pipeline_module(config, num_stages=2, partition_method="blocks",
+                              islands=islands)
+    pipe.load_dense_state_dict(dense)
+    section = {"staleness": {"mode": f"diloco:{H}", "islands": islands}}
+    engine, *_ = sd.initialize(model=pipe, model_parameters=pipe.parameters(),
+                               config=ds_config(1, gas=PIPE_GAS, dp=1, section=section))
+    losses = [float(engine.train_batch(iter(pipe_batches(island, step))))
+              for step in range(PIPE_STEPS)]
+    out["islands"] = {"losses": losses, "params": flat_dense(pipe.dense_state_dict()),
+                      "island": island, "cross": list(engine.spd_ext.topology.cross_island_ranks)}
+
+    def island_batch(step: int) -> tuple:
+        parts = pipe_batches(island, step)
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    ref = ReducedSyncGPT(config)
+    ref.load_dense_state_dict(dense)
+    ref_losses = diloco_workers(ref, [0, 2], PIPE_STEPS, H, island_batch)
+    if ref_losses is not None:
+        out["islands_reference"] = {"losses": ref_losses,
+                                    "params": flat_dense(ref.dense_state_dict())}
 
 
 SCENARIOS = {"weighting": scenario_weighting, "staleness": scenario_staleness,

@@ -160,7 +160,8 @@ def test_pipeline_x_tensor_and_pipeline_x_data_parallel(tmp_path) -> None:
     model's losses and weights, and each step's syncs summed over the stages are the whole
     model's; with every block recomputed the same weights. pp 2 x dp 2 with signal
     weighting and spd_ext's fused reduction: the weights decided on the last stage, the
-    update sum_i w_i g_i on every stage."""
+    update sum_i w_i g_i on every stage. Two DiLoCo islands of pp 2 pipelines at ZeRO-1:
+    two diloco:2 workers of the whole model."""
     from test_deepspeed import run_scenario
 
     ranks = run_scenario("pipeline", 4, tmp_path, timeout=300)
@@ -191,6 +192,14 @@ def test_pipeline_x_tensor_and_pipeline_x_data_parallel(tmp_path) -> None:
     for r in ranks[2:]:  # the last stage decides the weights
         _close(r["weighted"]["weights"], wref["weights"], "weights")
     assert wref["weights"][-1][0] != pytest.approx(0.5, abs=1e-3)  # not uniform
+    # 2 DiLoCo islands of pp 2 pipelines: ranks 0-1 and 2-3, the same stage's ranks average
+    for r, rank in enumerate(ranks):
+        island = rank["islands"]
+        ref = ranks[2 * island["island"]]["islands_reference"]
+        assert island["island"] == r // 2 and island["cross"] == [r % 2, r % 2 + 2]
+        _close(island["losses"], ref["losses"], f"island {island['island']} losses")
+        _close(island["params"], ref["params"], f"rank {r} island weights")
+    assert ranks[0]["islands"]["losses"] != ranks[2]["islands"]["losses"]  # apart between
 
 
 # -- generation across stages (spd_ext.tp.staged) ---------------------------------------

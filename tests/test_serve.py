@@ -42,6 +42,17 @@ def write_checkpoint(path: Path, block_size: int = 512) -> Path:
     return path
 
 
+def greedy_tokens(prompt: str, tokens: int) -> list[int]:
+    """write_checkpoint's model (emulated tensor parallel 2, as the servers run it): the
+    greedy tokens after ``prompt``."""
+    tok = CharTokenizer.from_text(TEXT)
+    model = ReducedSyncGPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=4,
+                                     n_head=4, n_embd=32, pattern="[parallel,spd]*2",
+                                     tp_size=2), seed=0)
+    ids = tok.encode(prompt)
+    return model.generate(torch.tensor([ids]), tokens, temperature=0)[0, len(ids):].tolist()
+
+
 class Server:
     def __init__(self, checkpoint: Path, *extra: str, start_new_session: bool = False) -> None:
         self.port = free_port()
@@ -161,11 +172,7 @@ def test_completion_equals_the_model_and_streams_the_same_tokens(server) -> None
     status, whole = server.post({"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0})
     assert status == 200, whole
     tok = CharTokenizer.from_text(TEXT)
-    model = ReducedSyncGPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=4,
-                                     n_head=4, n_embd=32, pattern="[parallel,spd]*2",
-                                     tp_size=2), seed=0)
-    prompt = torch.tensor([tok.encode("ROMEO:")])
-    expected = model.generate(prompt, 12, temperature=0)[0, 6:].tolist()
+    expected = greedy_tokens("ROMEO:", 12)
     # OpenAI's completion object; spd_ext's own fields under "spd_ext"
     assert whole["id"].startswith("cmpl-") and whole["object"] == "text_completion"
     assert isinstance(whole["created"], int) and whole["model"] == server.model
@@ -213,13 +220,7 @@ def test_pipeline_stages_serve_the_whole_models_tokens(tmp_path) -> None:
         code, out = s.stop()
     assert code == 0, out
     assert status == 200, whole
-    tok = CharTokenizer.from_text(TEXT)
-    model = ReducedSyncGPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=4,
-                                     n_head=4, n_embd=32, pattern="[parallel,spd]*2",
-                                     tp_size=2), seed=0)
-    prompt = torch.tensor([tok.encode("JULIET:")])
-    expected = model.generate(prompt, 10, temperature=0)[0, 7:].tolist()
-    assert whole["spd_ext"]["token_ids"] == expected
+    assert whole["spd_ext"]["token_ids"] == greedy_tokens("JULIET:", 10)
     assert whole["spd_ext"]["syncs_per_token"] == 2
     assert "pipeline stages 2" in out and "4 ranks" in out, out
     assert (health["tp_size"], health["pp"], len(health["ranks"])) == (2, 2, 4)

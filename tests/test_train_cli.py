@@ -85,6 +85,18 @@ def train_losses(out_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in metrics(out_dir) if "loss" in r]
 
 
+def resumed_from_step_3(run: Path, config: Path, tmp_path: Path) -> Path:
+    """A copy of a finished 6-step 2-rank run whose step-6 save was cut short (no
+    completion marker, ``latest`` naming it), resumed: it continues from step 3."""
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    (cut / "checkpoints" / "global_step6" / "train" / "complete.json").unlink()
+    stdout = succeeded(spd_ext_train([str(config), "--nproc", "2", "--resume", "--set",
+                                      f"training.out_dir={cut}"], tmp_path))
+    assert "steps 3->6" in stdout
+    return cut
+
+
 # -- configs ----------------------------------------------------------------------------
 def test_help_lists_the_flags_and_every_config_key(capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -101,9 +113,10 @@ def test_help_lists_the_flags_and_every_config_key(capsys) -> None:
 def test_every_shipped_train_config_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
     tp = cfg.values["parallel"]["tp"] or 1
-    for world in (tp, 2 * tp):
+    pp = cfg.values["parallel"]["pp"]
+    for world in (tp * pp, 2 * tp * pp):
         plan = plan_run(cfg, world)
-        assert plan.tp == tp and "spd_ext" in plan.ds_config
+        assert plan.tp == tp and plan.pp == pp and "spd_ext" in plan.ds_config
         assert plan.ds_config["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch
     assert isinstance(cfg.values["deepspeed"], dict)  # the path resolved next to the file
 
@@ -209,14 +222,14 @@ ERRORS = [
      "cannot be written"),
     ({}, ["--set", "parallel.pp=2", "--nproc", "3"],
      "parallel.pp 2 does not divide the world size 3"),
-    ({}, ["--set", "parallel.pp=2", "--set", "parallel.islands=2", "--nproc", "4"],
-     "DiLoCo islands of pipeline replicas are not supported yet"),
+    ({}, ["--set", "parallel.pp=2", "--set", "parallel.islands=2", "--nproc", "6"],
+     "parallel.pp x parallel.tp x parallel.islands 4 does not divide the world size 6"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}}}, ["--set", "parallel.pp=2", "--nproc",
                                                           "2"],
      "DeepSpeed's pipeline engine runs ZeRO 0 and 1 only"),
     ({"deepspeed": {"zero_optimization": {"stage": 0}, "spd_ext": {"staleness": {
         "mode": "delayed:1"}}}}, ["--set", "parallel.pp=2", "--nproc", "2"],
-     "staleness.mode delayed:1 with pipeline stages: not supported yet"),
+     "staleness.mode delayed:1 with pipeline stages: not supported"),
     ({}, ["--set", "parallel.pp=8", "--nproc", "8"],
      "parallel.pp 8 is more stages than the model's 6 layers"),
 ]
@@ -684,12 +697,7 @@ def test_pipeline_stages_train_like_one_rank_and_resume(tmp_path) -> None:
     dense = [torch.load(d / "model.pt", weights_only=True)["model"] for d in (one, pipe)]
     for name, value in dense[0].items():
         torch.testing.assert_close(dense[1][name], value, atol=1e-5, rtol=1e-4)
-    cut = tmp_path / "cut"
-    shutil.copytree(pipe, cut)
-    (cut / "checkpoints" / "global_step6" / "train" / "complete.json").unlink()
-    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2", "--resume", "--set",
-                                      f"training.out_dir={cut}"], tmp_path))
-    assert "steps 3->6" in stdout
+    cut = resumed_from_step_3(pipe, path, tmp_path)
     assert train_losses(cut) == train_losses(pipe)
 
 
@@ -752,12 +760,7 @@ def test_signal_weighting_and_an_exact_resume(tmp_path) -> None:
     assert steps[-1]["weights"][1] < 0.5 < steps[-1]["weights"][0]  # the corrupt rank counts less
     assert json.loads((full / "summary.json").read_text())["weights"] == steps[-1]["weights"]
 
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    (cut / "checkpoints" / "global_step6" / "train" / "complete.json").unlink()
-    stdout = succeeded(spd_ext_train([str(path), "--nproc", "2", "--resume", "--set",
-                                      f"training.out_dir={cut}"], tmp_path))
-    assert "steps 3->6" in stdout
+    cut = resumed_from_step_3(full, path, tmp_path)
     assert train_losses(cut) == train_losses(full)
     assert [r["val_loss"] for r in metrics(cut) if "val_loss" in r] == \
         [r["val_loss"] for r in metrics(full) if "val_loss" in r]

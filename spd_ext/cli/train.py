@@ -53,8 +53,8 @@ def train(args: argparse.Namespace) -> int:
                                     dry_run=args.dry_run)
     if args.dry_run:
         print(describe(plan.cfg).rstrip())
-        print(f"# {world} rank(s): tp {plan.tp}, islands {plan.islands}, data parallel "
-              f"{plan.data_world}; corpus vocabulary {facts['vocab_size']}; out_dir "
+        print(f"# {world} rank(s): tp {plan.tp}, pp {plan.pp}, islands {plan.islands}, data "
+              f"parallel {plan.data_world}; corpus vocabulary {facts['vocab_size']}; out_dir "
               f"{plan.out_dir}" + (f"; resume from {facts['resume_tag']}"
                                    if "resume_tag" in facts else ""))
         print("# ds_config: " + json.dumps(plan.ds_config))

@@ -241,8 +241,9 @@ def _pipeline_topology(model: Any, cfg: SpdExtConfig, ds_config: dict) -> Topolo
     from spd_ext.deepspeed.pipeline import ReducedSyncPipeline, pipeline_dims
 
     tp = model.config.tp_size if isinstance(model, ReducedSyncPipeline) else 1
-    validate_pipeline(cfg, ds_config, tp)
-    topology = pipeline_dims(dist.get_world_size(), model.num_stages, tp).build()
+    islands = getattr(model, "islands", 1)
+    validate_pipeline(cfg, ds_config, tp, islands)
+    topology = pipeline_dims(dist.get_world_size(), model.num_stages, tp, islands).build()
     if tp > 1:
         _mark_tensor_parallel(model, topology, cfg)
     return topology

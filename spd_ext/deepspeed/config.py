@@ -401,9 +401,10 @@ def pipeline_ds_config(ds_config: dict) -> dict:
     return {**ds_config, "pipeline": pipeline}
 
 
-def validate_pipeline(cfg: SpdExtConfig, ds_config: dict, model_tp: int) -> None:
+def validate_pipeline(cfg: SpdExtConfig, ds_config: dict, model_tp: int,
+                      model_islands: int = 1) -> None:
     """What the section cannot do on a pipeline whose stages are tensor-parallel over
-    ``model_tp`` ranks (no collective)."""
+    ``model_tp`` ranks, in ``model_islands`` islands (no collective)."""
     stage = zero_stage(ds_config)
     if stage >= 2:
         raise SpdExtConfigError(
@@ -414,14 +415,18 @@ def validate_pipeline(cfg: SpdExtConfig, ds_config: dict, model_tp: int) -> None
             f"tensor_parallel.size {cfg.tensor_parallel.size} on a pipeline whose stages are "
             f"tensor-parallel over {model_tp} rank(s) (the model's tp_size); leave "
             "tensor_parallel out of the section or make the sizes agree")
-    mode = cfg.staleness.parsed
-    if cfg.staleness.islands > 1 or mode.kind != "ssgd":
-        what = (f"staleness.islands {cfg.staleness.islands}" if cfg.staleness.islands > 1
-                else f"staleness.mode {mode}")
+    if cfg.staleness.islands != model_islands:
         raise SpdExtConfigError(
-            f"{what} with pipeline stages: not supported yet (the staleness modes and islands "
-            "average whole replicas, which a pipeline spreads over its stages); train "
-            "pipelines synchronously (staleness.mode ssgd)")
+            f"staleness.islands {cfg.staleness.islands} with a pipeline built for "
+            f"{model_islands} island(s): the islands split the pipeline's ranks; pass "
+            f"islands={cfg.staleness.islands} to pipeline_module (or make the section agree)")
+    mode = cfg.staleness.parsed
+    if mode.kind != "ssgd" and cfg.staleness.islands == 1:
+        raise SpdExtConfigError(
+            f"staleness.mode {mode} with pipeline stages: not supported (the staleness modes "
+            "average or delay a whole replica's gradient, which a pipeline spreads over its "
+            "stages); use DiLoCo islands of whole pipelines (staleness.islands > 1 with "
+            "diloco:H, ZeRO-1) or synchronous training")
     sw = cfg.signal_weighting
     if sw is not None and SIGNALS[sw.signal].observes_gradients:
         raise SpdExtConfigError(

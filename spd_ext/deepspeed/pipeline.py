@@ -78,11 +78,12 @@ def _layer_specs(config: GPTConfig, comm: TensorParallelComm, recompute: bool) -
     return specs
 
 
-def pipeline_dims(world: int, num_stages: int, tp_size: int) -> ParallelDims:
-    """The job's sizes (``world = num_stages x dp x tp_size``), refused with the names
-    pipeline_module's callers use."""
-    return ParallelDims(world, tp_size, pp=num_stages,
-                        names=LayoutNames(tp="config.tp_size", pp="num_stages"))
+def pipeline_dims(world: int, num_stages: int, tp_size: int, islands: int = 1) -> ParallelDims:
+    """The job's sizes (``world = islands x num_stages x dp x tp_size``), refused with the
+    names pipeline_module's callers use."""
+    return ParallelDims(world, tp_size, islands, pp=num_stages,
+                        names=LayoutNames(tp="config.tp_size", pp="num_stages",
+                                          islands="islands"))
 
 
 def _deepspeed_pipeline_module() -> type:
@@ -106,12 +107,16 @@ def _make_class() -> type:
         """A PipelineModule of spd_ext.tp.stages's layers (see the module docstring)."""
 
         def __init__(self, config: GPTConfig, comm: TensorParallelComm, topology: Any,
-                     seed: int | None, partition_method: str, recompute: bool) -> None:
+                     seed: int | None, partition_method: str, recompute: bool,
+                     islands: int = 1) -> None:
+            self.islands = islands  # read by _index_tied_modules, inside __init__ below
             PipelineModule.__init__(
                 self, layers=_layer_specs(config, comm, recompute), topology=topology,
                 loss_fn=language_model_loss, partition_method=PARTITION_METHODS[
                     partition_method], activation_checkpoint_interval=0)
             self.config, self.comm = config, comm
+            if islands > 1:
+                self._island_model_parallel_group()
             # set by spd_ext's engine integration, which sums the tensor-parallel partial
             # gradients (the blocks' LayerNorms) that DeepSpeed alone would leave partial
             self.partial_gradients_summed = False
@@ -132,6 +137,55 @@ def _make_class() -> type:
         @property
         def sync_counter(self) -> Any:
             return self.comm.counter
+
+        def _replica_filter(self) -> dict[str, int]:
+            """The topology coordinates that pick this rank's replica (its island and data-
+            parallel index: every stage and shard of it)."""
+            coord = self._topo.get_coord(dist.get_rank())._asdict()
+            return {axis: value for axis, value in coord.items() if axis in ("island", "data")}
+
+        def _island_model_parallel_group(self) -> None:
+            """DeepSpeed's grid takes every rank of one data-parallel index as a replica
+            (its "model-parallel" group: gradient norms, the tied-weight sums' peers); with
+            islands those ranks span islands, whose replicas train apart. The grid gets the
+            island's own (every rank creates every island's, in order)."""
+            grid, mine = self._grid, self._replica_filter()
+            for island in range(self.islands):
+                for data in range(grid.data_parallel_size):
+                    ranks = self._topo.filter_match(island=island, data=data)
+                    group = dist.new_group(ranks=ranks)
+                    if {"island": island, "data": data} == mine:
+                        grid.ds_model_proc_group = group
+                        grid.ds_model_world_size = len(ranks)
+                        grid.ds_model_rank = ranks.index(dist.get_rank())
+
+        def _index_tied_modules(self) -> dict:
+            """DeepSpeed's, for every island: the groups of the tied embedding's copies
+            (first and last stage of each replica). DeepSpeed's own builds each rank's
+            island's groups only, which differ across islands (a group is created by every
+            rank alike)."""
+            if getattr(self, "islands", 1) == 1 or self._topo.get_dim("pipe") == 1:
+                return PipelineModule._index_tied_modules(self)
+            tied_stages = sorted({self.stage_owner(i) for i, spec in
+                                  enumerate(self._layer_specs) if getattr(spec, "key", None)
+                                  == TIED_KEY})
+            comms = {}
+            grid = self._grid
+            for island in range(self.islands):
+                for data in range(grid.data_parallel_size):
+                    for model in range(grid.get_slice_parallel_world_size()):
+                        ranks = [self._topo.get_rank(island=island, pipe=s, data=data,
+                                                     model=model) for s in tied_stages]
+                        group = dist.new_group(ranks=ranks)
+                        if dist.get_rank() in ranks:
+                            comms[TIED_KEY] = {
+                                "ranks": ranks, "group": group,
+                                "weight_attr": self.tied_weight_attrs[TIED_KEY],
+                                "module": self.tied_modules[TIED_KEY]}
+                            if dist.get_rank() != ranks[0]:  # counted once in norms
+                                for p in self.tied_modules[TIED_KEY].parameters():
+                                    p.ds_pipe_replicated = True
+            return comms
 
         def _synchronize_tied_weights(self) -> None:
             # DeepSpeed broadcasts the tied embedding into the parameter in place; outside
@@ -173,11 +227,9 @@ def _make_class() -> type:
             generation across the stages of its replica (spd_ext.tp.staged)."""
             from spd_ext.tp.staged import StagedGPT, StageLinks
 
-            grid = self._grid
-            replica = tuple(sorted(grid._topo.get_axis_list(
-                axis="data", idx=grid.get_data_parallel_id())))
+            replica = tuple(sorted(self._topo.filter_match(**self._replica_filter())))
             links = StageLinks.of(dist.get_rank(), self.num_stages, self.comm.tp_size,
-                                  replica, grid.get_model_parallel_group())
+                                  replica, self._grid.get_model_parallel_group())
             layers = [f for f in self.forward_funcs if isinstance(f, StageLayer)]
             head = self.tied_modules[TIED_KEY] if links.stage == links.stages - 1 else None
             return StagedGPT(self.config, self.comm, links, layers, head)
@@ -253,13 +305,15 @@ _CLASS: list[type] = []
 
 def pipeline_module(config: GPTConfig, num_stages: int, *, seed: int | None = 0,
                     partition_method: str = "parameters", activation_checkpointing: bool = False,
-                    tp_backend: str = "spd_ext") -> Any:
+                    tp_backend: str = "spd_ext", islands: int = 1) -> Any:
     """The reduced-sync GPT ``config`` as a DeepSpeed ``PipelineModule`` of ``num_stages``
     stages, tensor-parallel ``config.tp_size`` inside each (collective: every rank calls
     it alike, after torch.distributed is initialized). ``partition_method``: one of
     PARTITION_METHODS. ``activation_checkpointing``: recompute every block in backward.
     ``seed``: ReducedSyncGPT(config, seed)'s initial weights; None leaves them for
-    ``load_dense_state_dict``."""
+    ``load_dense_state_dict``. ``islands``: DiLoCo islands of whole pipelines (the world is
+    ``islands x num_stages x dp x tp``; the "spd_ext" section's ``staleness.islands`` must
+    say the same)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     if not dist.is_initialized():
@@ -268,7 +322,7 @@ def pipeline_module(config: GPTConfig, num_stages: int, *, seed: int | None = 0,
     if partition_method not in PARTITION_METHODS:
         raise UsageError(f"partition_method must be one of {sorted(PARTITION_METHODS)}, got "
                          f"{partition_method!r}")
-    dims = pipeline_dims(dist.get_world_size(), num_stages, config.tp_size)
+    dims = pipeline_dims(dist.get_world_size(), num_stages, config.tp_size, islands)
     if config.n_layer + 4 < num_stages:
         raise UsageError(f"{num_stages} stages for {config.n_layer + 4} layers (embeddings, "
                          f"{config.n_layer} blocks, final LayerNorm, head): use at most "
@@ -278,10 +332,16 @@ def pipeline_module(config: GPTConfig, num_stages: int, *, seed: int | None = 0,
                                 if config.tp_size > 1 else EmulatedComm(1))
     if not _CLASS:
         _CLASS.append(_make_class())
-    ds_topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=config.tp_size,
-                                                num_dp=dims.dp)
+    if islands == 1:
+        ds_topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=config.tp_size,
+                                                    num_dp=dims.dp)
+    else:  # the island slowest: DeepSpeed's groups then stay inside each island
+        from deepspeed.runtime.pipe.topology import ProcessTopology
+
+        ds_topology = ProcessTopology(axes=["island", "pipe", "data", "model"],
+                                      dims=[islands, num_stages, dims.dp, config.tp_size])
     return _CLASS[0](config, comm, ds_topology, seed, partition_method,
-                     activation_checkpointing)
+                     activation_checkpointing, islands)
 
 
 def _dense_model(config: GPTConfig) -> Any:

@@ -403,7 +403,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 @dataclass
 class RunPlan:
     cfg: RunConfig
-    dims: ParallelDims  # the layout: world = pp x islands x data parallel x parallel.tp
+    dims: ParallelDims  # the layout: world = islands x pp x data parallel x parallel.tp
     ds_config: dict  # what spd_ext.deepspeed.initialize gets (with the "spd_ext" section)
     model: dict  # GPTConfig fields (vocab_size None: the tokenizer's)
 
@@ -566,7 +566,7 @@ def _plan_deepspeed(cfg: RunConfig, world_size: int) -> tuple[dict, ParallelDims
 
         _, spd_cfg = parse_config(ds, world_size=world_size)
         if dims.pp > 1:
-            validate_pipeline(spd_cfg, ds, dims.tp)
+            validate_pipeline(spd_cfg, ds, dims.tp, dims.islands)
             ds = pipeline_ds_config(ds)
     except SpdExtConfigError as exc:
         raise _fail(f"deepspeed: {exc}") from None

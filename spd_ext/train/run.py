@@ -140,7 +140,7 @@ def _build_pipeline(plan: RunPlan, vocab_size: int) -> Any:
                                   seed=seed if dense is None else None,
                                   partition_method=p["pp_partition"],
                                   activation_checkpointing=p["recompute"],
-                                  tp_backend=p["tp_backend"])
+                                  tp_backend=p["tp_backend"], islands=plan.islands)
     if dense is not None:
         pipe.load_dense_state_dict(dense)
     return pipe
@@ -162,7 +162,8 @@ def _precision(plan: RunPlan) -> str:
 
 def _layout(plan: RunPlan) -> str:
     if plan.pp > 1:
-        return f"pp {plan.pp} x tp {plan.tp} x dp {plan.data_world}"
+        inside = f"pp {plan.pp} x tp {plan.tp} x dp {plan.dims.dp}"
+        return f"{plan.islands} islands x {inside}" if plan.islands > 1 else inside
     if plan.islands > 1:
         per = plan.world_size // plan.islands
         inside = f"tp {plan.tp} x dp {per // plan.tp}" if plan.tp > 1 else f"{per} ranks"
