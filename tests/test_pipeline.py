@@ -101,8 +101,12 @@ def test_parallel_dims_with_pipeline_stages() -> None:
     assert dims.dp == 2 and dims.data_ranks == 2
     with pytest.raises(UsageError, match="does not divide"):
         ParallelDims(6, tp=2, pp=2)
-    with pytest.raises(UsageError, match="not supported yet"):
-        ParallelDims(8, islands=2, pp=2)
+    islands = ParallelDims(16, tp=2, islands=2, pp=2)  # ranks: island, stage, dp, tp
+    assert islands.dp == 2 and islands.data_ranks == 4
+    # the first island's replicas read data 0 and 1, the second island's 2 and 3
+    assert [islands.data_rank(r) for r in range(16)] == [0, 0, 1, 1] * 2 + [2, 2, 3, 3] * 2
+    with pytest.raises(UsageError, match="does not divide the world size 12"):
+        ParallelDims(12, tp=2, islands=2, pp=2)
 
 
 @needs_deepspeed

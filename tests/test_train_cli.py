@@ -178,7 +178,7 @@ def test_dry_run_prints_the_resolved_config(tmp_path, capsys) -> None:
     assert cli.main(["train", str(path), "--dry-run", "--nproc", "2", "--set",
                      "training.steps=9", "--set", "parallel.tp=2"]) == 0
     out = capsys.readouterr().out
-    assert "steps: 9" in out and "tp 2, islands 1, data parallel 1" in out
+    assert "steps: 9" in out and "tp 2, pp 1, islands 1, data parallel 1" in out
     ds = json.loads(out.split("# ds_config: ", 1)[1])
     assert ds["spd_ext"]["tensor_parallel"] == {"size": 2} and ds["train_batch_size"] == 4
 
