@@ -35,7 +35,11 @@ from spd_ext.errors import MissingFileError, UsageError
 from spd_ext.parallel_dims import LayoutNames, ParallelDims
 from spd_ext.tp.communicator import DistributedComm, EmulatedComm, TensorParallelComm
 from spd_ext.tp.config import GPTConfig
-from spd_ext.tp.sharding import merge_state_dict, tensor_parallel_layout
+from spd_ext.tp.sharding import (
+    gather_dense_state_dict,
+    merge_state_dict,
+    tensor_parallel_layout,
+)
 from spd_ext.tp.stages import (
     BlockLayer,
     StageLayer,
@@ -86,12 +90,6 @@ def pipeline_dims(world: int, num_stages: int, tp_size: int, islands: int = 1) -
                                           islands="islands"))
 
 
-def _deepspeed_pipeline_module() -> type:
-    from deepspeed.pipe import PipelineModule
-
-    return PipelineModule
-
-
 class ReducedSyncPipeline(nn.Module):
     """Marker base, so that ``isinstance`` checks need not import DeepSpeed; the class
     ``pipeline_module`` returns derives from it and DeepSpeed's ``PipelineModule``."""
@@ -101,7 +99,8 @@ class ReducedSyncPipeline(nn.Module):
 
 
 def _make_class() -> type:
-    PipelineModule = _deepspeed_pipeline_module()
+    from deepspeed.pipe import PipelineModule
+
 
     class _ReducedSyncPipeline(PipelineModule, ReducedSyncPipeline):
         """A PipelineModule of spd_ext.tp.stages's layers (see the module docstring)."""
@@ -278,18 +277,8 @@ def _make_class() -> type:
             for layer in self.stage_layers():
                 if isinstance(layer, TokenEmbedding) and self.stage_id != 0:
                     continue  # the first stage's copy (the tie keeps them equal)
-                params = dict(layer.named_parameters())
-                shards = {}
-                for name, value in layer.state_dict().items():
-                    if (self.comm.tp_size > 1 and name in params
-                            and tensor_parallel_layout(params[name]).sharded):
-                        parts = [torch.empty_like(value) for _ in range(self.comm.tp_size)]
-                        dist.all_gather(parts, value.contiguous(), group=self.comm.group)
-                        value = torch.cat(parts, 0)
-                    shards[name] = value
-                for name, value in merge_state_dict(shards, layer,
-                                                    self.comm.tp_size).items():
-                    local[layer.dense_name(name)] = value.detach().cpu().clone()
+                for name, value in gather_dense_state_dict(layer, self.comm).items():
+                    local[layer.dense_name(name)] = value.cpu()
             parts: list[Any] = [None] * self._grid.get_pipe_parallel_world_size()
             dist.all_gather_object(parts, local, group=self._grid.get_pipe_parallel_group())
             dense: dict[str, torch.Tensor] = {}

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from spd_ext.errors import UsageError
 from spd_ext.tp.blocks import BLOCKS
-from spd_ext.tp.communicator import DistributedComm, EmulatedComm, TensorParallelComm
+from spd_ext.tp.communicator import EmulatedComm, TensorParallelComm
 from spd_ext.tp.config import GPTConfig
 from spd_ext.tp.generation import DecodeStep, generate_steps
 from spd_ext.tp.kv_cache import KVCache, LayerKVCache
@@ -26,8 +25,8 @@ from spd_ext.tp.layers import gpt2_dense_init
 from spd_ext.tp.patterns import parse_pattern
 from spd_ext.tp.sharding import (
     dense_shapes,
+    gather_dense_state_dict,
     load_dense_shards_,
-    merge_state_dict,
     set_tensor_parallel_layout,
     tensor_parallel_layout,
 )
@@ -80,20 +79,9 @@ class ReducedSyncGPT(nn.Module):
         """Load GPT-2-layout weights, keeping this process's shards."""
         load_dense_shards_(self, dense, self.config.tp_size, self.comm.rank, self.comm.shards)
 
-    @torch.no_grad()
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in the dense layout (collective in the distributed mode)."""
-        local = {k: v.detach() for k, v in self.state_dict().items()}
-        if not self.comm.emulated:
-            assert isinstance(self.comm, DistributedComm)
-            params = dict(self.named_parameters())
-            for name, v in local.items():
-                if tensor_parallel_layout(params[name]).sharded:
-                    parts = [torch.empty_like(v) for _ in range(self.comm.tp_size)]
-                    dist.all_gather(parts, v.contiguous(), group=self.comm.group)
-                    local[name] = torch.cat(parts, 0)
-        merged = merge_state_dict(local, self, self.config.tp_size)
-        return {k: v.clone() for k, v in merged.items()}
+        return gather_dense_state_dict(self, self.comm)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters of the whole model (all shards), GPT-2's way of counting."""

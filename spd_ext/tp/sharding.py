@@ -194,3 +194,20 @@ def load_dense_shards_(module: nn.Module, dense: Mapping[str, torch.Tensor], tp_
                              "n_head, vocab_size and block_size")
     for name, value in shard_state_dict(dense, module, tp_size, first, count).items():
         own[name].copy_(value)
+
+
+@torch.no_grad()
+def gather_dense_state_dict(module: nn.Module, comm: Any) -> dict[str, torch.Tensor]:
+    """``module``'s state dict in the dense layout, copied (collective over ``comm``'s
+    group when it is distributed: every shard's slices all-gathered, then merged)."""
+    import torch.distributed as dist
+
+    local = {k: v.detach() for k, v in module.state_dict().items()}
+    if not comm.emulated:
+        params = dict(module.named_parameters())
+        for name, v in local.items():
+            if name in params and tensor_parallel_layout(params[name]).sharded:
+                parts = [torch.empty_like(v) for _ in range(comm.tp_size)]
+                dist.all_gather(parts, v.contiguous(), group=comm.group)
+                local[name] = torch.cat(parts, 0)
+    return {k: v.clone() for k, v in merge_state_dict(local, module, comm.tp_size).items()}

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from spd_ext.errors import UsageError
@@ -262,12 +263,12 @@ class StagedGPT(nn.Module):
         comm = self.comm
         try:
             if comm.emulated:
-                return sample_next(lm_head_rows(hidden, head), temperature, top_k,
+                return sample_next(F.linear(hidden, head), temperature, top_k,
                                    generator), failure
             if samples_greedily(temperature):
                 return greedy_over_ranks(comm, hidden, head, False)[0], failure
             tokens, _ = from_first_rank(
-                comm, lambda: sample_next(lm_head_rows(hidden, head), temperature, top_k,
+                comm, lambda: sample_next(F.linear(hidden, head), temperature, top_k,
                                           generator), hidden.size(0), head.size(0),
                 hidden.device, False)
             return tokens, failure
@@ -282,7 +283,3 @@ class StagedGPT(nn.Module):
                self.generate_steps(idx, max_new_tokens, temperature, top_k, seed)]
         return torch.cat([idx, *new], dim=1)
 
-
-def lm_head_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Logits of ``hidden`` [B, C] over the head ``rows`` [V, C]."""
-    return torch.nn.functional.linear(hidden, rows)
