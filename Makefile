@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,deepspeed,hf,experiments,serve
+EXTRAS ?= dev,deepspeed,hf,experiments,serve,ft
 # The shared data folder beside the checkout (TinyShakespeare, gpt2.tiktoken), if present;
 # otherwise the product downloads what it needs.
 export SPD_EXT_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)

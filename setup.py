@@ -65,6 +65,8 @@ setup(
         "wandb": ["wandb>=0.16,<1"],
         "experiments": ["matplotlib>=3.7,<4"],  # the experiments' PNG plots
         "serve": ["aiohttp>=3.9,<4"],  # spd-ext serve
+        # fault-tolerant DiLoCo islands: torchft's lighthouse, managers and healing
+        "ft": ["torchft>=0.2,<0.3"],
         # openai: tests/test_serve.py talks to spd-ext serve with it (skipped without it)
         "dev": ["pytest>=8,<10", "ruff>=0.5,<1", "openai>=1.2,<4"],
     },

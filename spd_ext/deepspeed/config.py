@@ -6,7 +6,8 @@
       "staleness": {"mode": "diloco:50", "islands": 2},
       "tensor_parallel": {"size": 2, "pattern": "spd*12"},
       "comm": {"backend": "spd_ext"},
-      "metrics": {"jsonl": "out/spd_ext.jsonl", "interval": 1}
+      "metrics": {"jsonl": "out/spd_ext.jsonl", "interval": 1},
+      "fault_tolerance": {"lighthouse": "host:29510", "island": "0", "min_islands": 1}
     }
 
 Everything is checked here, before DeepSpeed sees the config and before any collective
@@ -171,9 +172,64 @@ class MetricsConfig:
         check_fields(self, where, SpdExtConfigError)
 
 
+@dataclass
+class FaultToleranceConfig:
+    """This job is one DiLoCo island among others, each its own job; the outer step runs
+    across the islands alive through torchft (spd_ext.deepspeed.fault_tolerance)."""
+
+    lighthouse: str | None = None  # host:port of torchft's lighthouse (else TORCHFT_LIGHTHOUSE)
+    island: str = ""  # this island's name among the others (else SPD_EXT_ISLAND, else "0")
+    min_islands: int = option(1, "fewest islands an outer step may be taken with", low=1)
+    islands: int | None = option(None, "islands expected at the start: a fresh run waits "
+                                 "(up to quorum_timeout_s) until that many have joined", low=1)
+    quorum_timeout_s: float = option(600.0, "longest wait for the other islands at an outer "
+                                     "step (more than one inner phase)", low=0.0, low_open=True)
+    timeout_s: float = option(60.0, "longest wait for one cross-island collective or state "
+                              "transfer", low=0.0, low_open=True)
+    retries: int = option(3, "outer steps voted down in a row before the island gives up",
+                          low=0)
+
+    def check(self, where: str) -> None:
+        check_fields(self, where, SpdExtConfigError)
+        if self.lighthouse is not None:
+            lighthouse_address(self.lighthouse, f"{where}.lighthouse")
+        if not isinstance(self.island, str):
+            raise SpdExtConfigError(f"{where}.island must be a string such as \"0\", got "
+                                    f"{self.island!r}")
+
+    def resolved_lighthouse(self, where: str) -> str:
+        """The lighthouse's URL, from the section or TORCHFT_LIGHTHOUSE."""
+        import os
+
+        given = self.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
+        if not given:
+            raise SpdExtConfigError(f"{where}.lighthouse is not set (nor TORCHFT_LIGHTHOUSE): "
+                                    "give the host:port of the torchft lighthouse the islands "
+                                    "share (start one with `torchft_lighthouse --min_replicas "
+                                    "1`)")
+        return lighthouse_address(given, f"{where}.lighthouse")
+
+    def resolved_island(self) -> str:
+        import os
+
+        return self.island or os.environ.get("SPD_EXT_ISLAND", "") or "0"
+
+
+def lighthouse_address(text: Any, where: str) -> str:
+    """``host:port`` or ``http://host:port`` as the URL torchft's clients take."""
+    if not isinstance(text, str):
+        raise SpdExtConfigError(f"{where} must be a string host:port, got {text!r}")
+    bare = text.strip().removeprefix("http://")
+    host, _, port = bare.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in bare:
+        raise SpdExtConfigError(f"{where} {text!r} is not host:port (e.g. localhost:29510)")
+    return f"http://{bare}"
+
+
 _SUBSECTIONS: dict[str, type] = {
     "signal_weighting": SignalWeightingConfig, "staleness": StalenessConfig,
     "tensor_parallel": TensorParallelConfig, "comm": CommConfig, "metrics": MetricsConfig,
+    "fault_tolerance": FaultToleranceConfig,
 }
 
 
@@ -186,6 +242,7 @@ class SpdExtConfig:
     tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fault_tolerance: FaultToleranceConfig | None = None
 
     @classmethod
     def from_dict(cls, section: dict | None) -> SpdExtConfig:
@@ -195,7 +252,7 @@ class SpdExtConfig:
         for key, value in section.items():
             where = f"{SECTION}.{key}"
             if value is None or value is False:
-                if key != "signal_weighting":
+                if key not in ("signal_weighting", "fault_tolerance"):
                     raise SpdExtConfigError(f"{where} cannot be {value!r}; leave it out for "
                                             "the defaults")
                 continue
@@ -212,7 +269,14 @@ class SpdExtConfig:
     def active(self) -> bool:
         """Whether anything differs from plain DeepSpeed."""
         return (self.signal_weighting is not None or self.staleness.parsed.kind != "ssgd"
-                or self.tensor_parallel.size > 1 or self.comm.backend != "deepspeed")
+                or self.tensor_parallel.size > 1 or self.comm.backend != "deepspeed"
+                or self.fault_tolerance is not None)
+
+    @property
+    def island_diloco(self) -> bool:
+        """DiLoCo across islands: several in this job, or this job one of several
+        (fault_tolerance)."""
+        return self.staleness.islands > 1 or self.fault_tolerance is not None
 
 
 # How DeepSpeed's pydantic models read a boolean given as a string or number ("false" is
@@ -265,10 +329,33 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
     if not cfg.active:
         return
     sw = cfg.signal_weighting
+    ft = cfg.fault_tolerance
+    if ft is not None:
+        if mode.kind != "diloco":
+            raise SpdExtConfigError(
+                f"fault_tolerance with staleness.mode {mode}: fault-tolerant training drops and "
+                "heals whole DiLoCo islands at their outer steps; set staleness.mode to "
+                "diloco:H")
+        if cfg.staleness.islands > 1:
+            raise SpdExtConfigError(
+                f"fault_tolerance with staleness.islands {cfg.staleness.islands}: with fault "
+                "tolerance each job is one island (started on its own, dying and healing on "
+                "its own); set staleness.islands to 1 and start one job per island")
+        if "pipeline" in ds_config and isinstance(ds_config["pipeline"], dict) and \
+                ds_config["pipeline"].get("stages", 1) not in (1, None):
+            raise SpdExtConfigError(
+                "fault_tolerance with a pipeline: not supported yet (the healing state of "
+                "pipeline stages is not wired); train the islands without pipeline stages")
+        if stage == 3:
+            raise SpdExtConfigError(
+                "fault_tolerance with zero_optimization.stage 3: not supported yet (a healing "
+                "island's ZeRO-3 partitions are not transferred); use stage 1 or 2")
     # what besides signal weighting is on: each has its own limits below
-    islands = cfg.staleness.islands > 1
+    islands = cfg.island_diloco
+    islands_label = ("fault_tolerance" if ft is not None else
+                     f"staleness.islands {cfg.staleness.islands}")
     others = [what for what, on in (
-        (f"staleness.islands {cfg.staleness.islands}", islands),
+        (islands_label, islands),
         (f"staleness.mode {mode}", mode.kind != "ssgd" and not islands),
         (f"tensor_parallel.size {cfg.tensor_parallel.size}", cfg.tensor_parallel.size > 1),
         # at ZeRO >= 1 the backend only carries DeepSpeed's own collectives
@@ -285,7 +372,8 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
         # islands act on the fp32 partitions after the step; tensor parallelism sums its
         # partial gradients inside backward (engine.py; ZeRO-3 refused above)
         beyond = [what for what in others
-                  if not what.startswith(("staleness.islands", "tensor_parallel"))]
+                  if not what.startswith(("staleness.islands", "fault_tolerance",
+                                          "tensor_parallel"))]
         if beyond:
             raise SpdExtConfigError(
                 f"{beyond[0]} with zero_optimization.stage {stage}: ZeRO-{stage} reduces "
@@ -320,8 +408,7 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             f"data_types.grad_accum_dtype {grad_accum!r} with bf16: DeepSpeed then routes "
             "gradients through its BF16_Optimizer, whose buffers spd_ext does not drive; leave "
             "grad_accum_dtype out")
-    if mode.kind in ("delayed", "local_sgd") or (mode.kind == "diloco"
-                                                  and cfg.staleness.islands == 1):
+    if mode.kind in ("delayed", "local_sgd") or (mode.kind == "diloco" and not islands):
         if stage != 0:
             raise SpdExtConfigError(
                 f"staleness.mode {mode} with zero_optimization.stage {stage}: ZeRO-1 "
@@ -352,7 +439,7 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
             "parallelism")
     if islands and stage == 0:
         raise SpdExtConfigError(
-            f"staleness.islands {cfg.staleness.islands} needs zero_optimization.stage 1, 2 or "
+            f"{islands_label} needs zero_optimization.stage 1, 2 or "
             "3 (each island runs ZeRO on its own ranks; the outer step acts on the fp32 "
             "master partitions), got stage 0")
     offload = [key for key in ("offload_optimizer", "offload_param")
@@ -360,7 +447,7 @@ def validate_against_deepspeed(cfg: SpdExtConfig, ds_config: dict,
                and str(zero[key].get("device", "none")).lower() not in ("none", "")]
     if islands and offload:
         raise SpdExtConfigError(
-            f"staleness.islands {cfg.staleness.islands} with zero_optimization.{offload[0]}: "
+            f"{islands_label} with zero_optimization.{offload[0]}: "
             "the outer step averages the fp32 master partitions across islands on the "
             "training device, and offloaded ones live in host memory or NVMe; remove "
             f"{offload[0]}")

@@ -61,7 +61,7 @@ from spd_ext.deepspeed.config import SpdExtConfig
 from spd_ext.dp.aggregator import SignalWeightedAggregator, WeightError
 from spd_ext.errors import MissingFileError
 from spd_ext.parallel_dims import Topology
-from spd_ext.staleness.collective import DiLoCo, StalenessStrategy, make_strategy
+from spd_ext.staleness.collective import DiLoCo, make_strategy
 from spd_ext.tp.sharding import tensor_parallel_layout
 from spd_ext.utils.files import atomic_path, load_checkpoint
 from spd_ext.utils.run_log import RunLog
@@ -104,21 +104,25 @@ class IslandDiLoCo(DiLoCo):
     def after_step(self, model: nn.Module, step: int) -> None:
         super().after_step(model, step)
         if (step + 1) % self.H == 0:
-            opt = self.zero_optimizer
-            if self.stage == 3:
-                # as DeepSpeed's own step does: release every gathered parameter (those it
-                # keeps whole, below stage3_param_persistence_threshold, too), refresh the
-                # partitions from the fp32 masters, gather the persistent ones again
-                opt._partition_all_parameters()
-                for group in range(len(opt.fp32_partitioned_groups_flat)):
-                    opt._reassign_or_swap_out_partitioned_parameters(group)
-                persistent = getattr(opt, "persistent_parameters", [])
-                if persistent:
-                    persistent[0].all_gather(persistent)
-                if hasattr(opt, "invalidate_secondary_tensor"):
-                    opt.invalidate_secondary_tensor()
-            else:
-                opt.update_lp_params()  # all-gather inside the island
+            self.refresh_low_precision()
+
+    def refresh_low_precision(self) -> None:
+        """The island's working weights from the fp32 masters the outer step wrote."""
+        opt = self.zero_optimizer
+        if self.stage == 3:
+            # as DeepSpeed's own step does: release every gathered parameter (those it
+            # keeps whole, below stage3_param_persistence_threshold, too), refresh the
+            # partitions from the fp32 masters, gather the persistent ones again
+            opt._partition_all_parameters()
+            for group in range(len(opt.fp32_partitioned_groups_flat)):
+                opt._reassign_or_swap_out_partitioned_parameters(group)
+            persistent = getattr(opt, "persistent_parameters", [])
+            if persistent:
+                persistent[0].all_gather(persistent)
+            if hasattr(opt, "invalidate_secondary_tensor"):
+                opt.invalidate_secondary_tensor()
+        else:
+            opt.update_lp_params()  # all-gather inside the island
 
 
 class EngineIntegration:
@@ -131,7 +135,9 @@ class EngineIntegration:
         if stage == 1 and cfg.active:
             missing += [f"optimizer.{a}" for a in REQUIRED_ZERO1_ATTRIBUTES
                         if not hasattr(engine.optimizer, a)]
-        if getattr(topology, "islands", 1) > 1 and stage in REQUIRED_ISLAND_ATTRIBUTES:
+        self.island_diloco = (getattr(topology, "islands", 1) > 1
+                              or cfg.fault_tolerance is not None)
+        if self.island_diloco and stage in REQUIRED_ISLAND_ATTRIBUTES:
             missing += [f"optimizer.{a}" for a in REQUIRED_ISLAND_ATTRIBUTES[stage]
                         if not hasattr(engine.optimizer, a)]
         if missing:
@@ -176,11 +182,16 @@ class EngineIntegration:
             self.aggregator = SignalWeightedAggregator(
                 sw.signal, sw.map, temperature=sw.temperature, floor=sw.floor, ema=sw.ema,
                 warmup_steps=sw.warmup_steps, signal_args=sw.signal_args, group=self.dp_group)
-        self.strategy: StalenessStrategy | None = None
-        if topology.islands > 1:
+        self.strategy: Any = None  # a StalenessStrategy or FaultTolerantIslandDiLoCo
+        if self.island_diloco:
             self.strategy = IslandDiLoCo(mode, engine.optimizer, stage, cfg.staleness.outer_lr,
                                          cfg.staleness.outer_momentum,
                                          topology.cross_island_group)
+            if cfg.fault_tolerance is not None:
+                from spd_ext.deepspeed.fault_tolerance import FaultTolerantIslandDiLoCo
+
+                self.strategy = FaultTolerantIslandDiLoCo(self.strategy, engine, self,
+                                                          cfg.fault_tolerance)
         elif mode.kind != "ssgd":
             outer = ({"outer_lr": cfg.staleness.outer_lr,
                       "outer_momentum": cfg.staleness.outer_momentum}
@@ -259,6 +270,31 @@ class EngineIntegration:
         the host: a synchronization with the device, which the engine itself makes only
         on metrics steps (``metrics.interval``)."""
         return {key: _host(value) for key, value in self._last.items()}
+
+    @property
+    def fault_tolerant(self) -> bool:
+        return self.cfg.fault_tolerance is not None
+
+    def join_islands(self) -> int:
+        """With ``fault_tolerance``: join the islands alive before training (collective
+        with them; a restarted island heals from a live one, taking its step, optimizer
+        partition and outer state). Returns the step to train from: the engine's
+        ``global_steps``, which a healed island has taken from the others. Call it after
+        any ``load_checkpoint`` and before the first step."""
+        if not self.fault_tolerant:
+            raise RuntimeError("join_islands() is for a \"spd_ext\" section with "
+                               "fault_tolerance; this engine has none")
+        return self.strategy.join()
+
+    @property
+    def islands_present(self) -> int | None:
+        """With ``fault_tolerance``: the islands in the last outer step's quorum."""
+        return self.strategy.islands_present if self.fault_tolerant else None
+
+    def close(self) -> None:
+        """Release what outlives the engine otherwise (torchft's manager and servers)."""
+        if self.fault_tolerant:
+            self.strategy.close()
 
     def check_step(self, step: int) -> bool:
         """Whether step ``step`` (counted from 0) reads its values on the host: its metrics
@@ -361,7 +397,7 @@ class EngineIntegration:
             return None
         grads = self._prepare_reduction()
         loss = self._last["loss"]
-        if self.strategy is not None and self.topology.islands == 1:
+        if self.strategy is not None and not self.island_diloco:
             out = self.strategy.after_backward(self.module, engine.global_steps,
                                                float(loss)) or {}
             self._skip_optimizer = bool(out.get("skip_optimizer", False))
@@ -660,6 +696,9 @@ class EngineIntegration:
             if m.staleness:
                 values["staleness"] = float(m.staleness[-1])
             values["sync_messages"] = float(m.messages)
+        if self.fault_tolerant:
+            values["islands"] = float(self.strategy.islands_present)
+            values["outer_steps_voted_down"] = float(self.strategy.voted_down)
         for key in ("syncs_forward", "syncs_backward", "grad_norm"):
             if key in last:
                 values[key] = float(last[key])
@@ -677,7 +716,7 @@ class EngineIntegration:
     def replicas_diverge(self) -> bool:
         """Local SGD / DiLoCo at stage 0: every rank's weights and optimizer state are its
         own between syncs, while DeepSpeed checkpoints data-parallel rank 0's only."""
-        return self.mode.kind in ("local_sgd", "diloco") and self.topology.islands == 1
+        return self.mode.kind in ("local_sgd", "diloco") and not self.island_diloco
 
     def state_dict(self) -> dict:
         state = {"version": STATE_VERSION, "global_steps": self.engine.global_steps,

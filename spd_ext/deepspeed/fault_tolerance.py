@@ -1,0 +1,242 @@
+"""Fault-tolerant DiLoCo islands: each island its own DeepSpeed job, the outer step across
+the islands alive, through torchft.
+
+Each rank of an island runs a torchft ``Manager`` (the island is torchft's replica group,
+the rank its group rank) with a reconfigurable gloo group that joins it to the same rank
+of every other island, which holds the same ZeRO partition. At each outer step (every H
+inner steps) the island's ranks:
+
+1. ask the lighthouse for a quorum (``start_quorum``): the islands alive; an island that
+   died is left out once its heartbeat stops, one that (re)starts is let in, and if it is
+   behind it first *heals*: each of its ranks fetches the state of the same rank of a live
+   island (anchor, outer momentum, its inner optimizer partition, step counters);
+2. sum ``c * (anchor - theta)`` and ``c`` over the quorum (one all-reduce), where ``c`` is
+   1 for an island that trained since the last outer step and 0 for one that just healed,
+   so the pseudo-gradient is the mean over the islands that trained: the weights
+   renormalize over the islands present;
+3. vote (``should_commit``): only if every rank of every island got the sum is the outer
+   step applied; a failure during the step (an island killed mid-all-reduce) votes it
+   down everywhere, and the step is retried with the islands then alive, from the same
+   local weights (the all-reduce runs on a copy), up to ``retries`` times.
+
+A healed island's parameters equal the others' after its first outer step: it applies
+the same outer step to the same anchor and momentum. The lighthouse itself is the single
+point of failure (as torchft says): if it goes, the islands stop at their next quorum.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spd_ext.deepspeed.config import FaultToleranceConfig, SpdExtConfigError
+from spd_ext.errors import UsageError
+
+WHERE = "spd_ext.fault_tolerance"
+
+
+class OuterStepFailed(RuntimeError):
+    """The islands voted an outer step down more often in a row than allowed."""
+
+
+def import_torchft() -> Any:
+    # torchft's Rust servers log every quorum and heartbeat at INFO unless told otherwise
+    os.environ.setdefault("RUST_LOG", "warn")
+    try:
+        import torchft
+    except ImportError as exc:
+        raise UsageError(f"{WHERE} needs torchft ({exc}); install it with "
+                         "`pip install 'spd_ext[ft]'` (or `pip install torchft`)") from None
+    return torchft
+
+
+def check_lighthouse(url: str, timeout_s: float = 10.0) -> None:
+    """Refuse, naming it, a lighthouse that does not answer (before any quorum waits on it)."""
+    import socket
+
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise SpdExtConfigError(
+            f"{WHERE}.lighthouse {url}: no torchft lighthouse answers there "
+            f"({exc.strerror or exc}); start one (`torchft_lighthouse --min_replicas 1 "
+            f"--bind [::]:{port}`) or fix the address") from None
+
+
+class FaultTolerantIslandDiLoCo:
+    """The outer step of one rank of a fault-tolerant island (see the module docstring).
+    Built by ``EngineIntegration`` on an engine whose "spd_ext" section has
+    ``fault_tolerance``; ``join()`` runs once before training (it heals a restarted
+    island), ``after_step`` every step."""
+
+    def __init__(self, island_diloco: Any, engine: Any, integration: Any,
+                 cfg: FaultToleranceConfig) -> None:
+        torchft = import_torchft()
+        from torchft.process_group import ProcessGroupGloo
+
+        self.inner = island_diloco  # IslandDiLoCo: the anchor, outer optimizer, partitions
+        self.engine, self.integration, self.cfg = engine, integration, cfg
+        self.island = cfg.resolved_island()
+        lighthouse = cfg.resolved_lighthouse(WHERE)
+        if dist.get_rank() == 0:
+            check_lighthouse(lighthouse)
+        logging.getLogger("torchft").setLevel(logging.ERROR)  # spd_ext reports failures
+        timeout = timedelta(seconds=cfg.timeout_s)
+        self.manager = torchft.Manager(
+            pg=ProcessGroupGloo(timeout=timeout), load_state_dict=None, state_dict=None,
+            min_replica_size=cfg.min_islands,
+            use_async_quorum=False,  # heal before the outer step, never during inner steps
+            init_sync=False,  # every island starts from the same seeded weights
+            timeout=timeout, quorum_timeout=timedelta(seconds=cfg.quorum_timeout_s),
+            connect_timeout=timeout, rank=dist.get_rank(), world_size=dist.get_world_size(),
+            store_addr=os.environ["MASTER_ADDR"], store_port=int(os.environ["MASTER_PORT"]),
+            lighthouse_addr=lighthouse, replica_id=f"island{self.island}")
+        self.manager.register_state_dict_fn("spd_ext", self._load_healing_state,
+                                            self._healing_state)
+        self._healed = False
+        self.islands_present = 0
+        self.voted_down = 0  # outer steps voted down (and retried) so far
+        self.healed_at: int | None = None  # the step this island healed to, if it did
+
+    @property
+    def metrics(self) -> Any:
+        return self.inner.metrics
+
+    # -- healing ------------------------------------------------------------------------
+    def _healing_state(self) -> dict:
+        """What a healing island fetches from this rank: taken at the quorum, before the
+        outer step, so it holds the anchor and momentum that step starts from."""
+        engine = self.engine
+        return {"anchor": [a.detach().clone() for a in self.inner.anchor],
+                "outer": self.inner.outer.state_dict(),
+                "inner": engine.optimizer.optimizer.state_dict(),
+                "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                "micro_steps": engine.micro_steps,
+                "applied_steps": self.integration.applied_steps}
+
+    def _load_healing_state(self, state: dict) -> None:
+        engine, inner = self.engine, self.inner
+        with torch.no_grad():
+            for a, w, saved in zip(inner.anchor, inner.weights(engine.module), state["anchor"]):
+                a.copy_(saved)
+                w.copy_(saved)
+        inner.outer.load_state_dict(state["outer"])
+        engine.optimizer.optimizer.load_state_dict(state["inner"])
+        engine.global_steps = int(state["global_steps"])
+        engine.global_samples = int(state["global_samples"])
+        engine.micro_steps = int(state["micro_steps"])
+        self.integration.applied_steps = int(state["applied_steps"])
+        self._healed = True
+        self.healed_at = engine.global_steps
+
+    # -- the outer step -----------------------------------------------------------------
+    def join(self) -> int:
+        """Before training: join the islands alive (healing from one if they are ahead,
+        and taking part in the outer step they are at without a pseudo-gradient of its
+        own). On a fresh start with ``islands`` expected, empty outer steps repeat until
+        that many have joined (an island that comes later heals from the others' untrained
+        state, which is its own), so the islands all train from the first step. Returns
+        the step to train from."""
+        deadline = time.monotonic() + self.cfg.quorum_timeout_s
+        self._outer_step(step=None)
+        expected = self.cfg.islands or 0
+        while (self.engine.global_steps == 0 and self.islands_present < expected
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+            self._outer_step(step=None)
+        return self.engine.global_steps
+
+    def after_step(self, model: Any, step: int) -> None:
+        H = self.inner.H
+        if (step + 1) % H != 0:
+            self.inner.metrics.record_staleness((step + 1) % H)
+            return
+        self._outer_step(step)
+        self.inner.metrics.record_staleness(H)
+
+    def _outer_step(self, step: int | None) -> None:
+        manager, inner = self.manager, self.inner
+        weights = inner.weights(self.engine.module)
+        for attempt in range(self.cfg.retries + 1):
+            self._healed = False
+            try:
+                manager.start_quorum()  # heals this island first if it is behind
+            except Exception as exc:  # noqa: BLE001 - torchft raises the RPC's own types
+                raise OuterStepFailed(
+                    f"island {self.island}: no quorum of islands at step "
+                    f"{self.engine.global_steps} within {WHERE}.quorum_timeout_s "
+                    f"{self.cfg.quorum_timeout_s:g} s ({' '.join(str(exc).split())[:200]}); "
+                    "the lighthouse or the other islands stopped answering, or an inner "
+                    "phase takes longer than the timeout: raise quorum_timeout_s") from None
+            trained = step is not None and not self._healed
+            c = 1.0 if trained else 0.0
+            with torch.no_grad():
+                flat = torch.cat([(a - w).reshape(-1).float() * c
+                                  for a, w in zip(inner.anchor, weights)] +
+                                 [torch.tensor([c], dtype=torch.float32, device=weights[0].device)])
+            manager.allreduce(flat, reduce_op=dist.ReduceOp.SUM).wait()
+            if manager.should_commit():
+                self.islands_present = manager.num_participants()
+                self._apply(flat, weights)
+                return
+            self.voted_down += 1
+            if dist.get_rank() == 0:
+                print(f"spd_ext: island {self.island}: the outer step at step "
+                      f"{self.engine.global_steps} was voted down ({_failure(manager)}); "
+                      f"retrying with the islands alive ({attempt + 1}/{self.cfg.retries})",
+                      file=sys.stderr, flush=True)
+        raise OuterStepFailed(
+            f"island {self.island}: the outer step at step {self.engine.global_steps} was "
+            f"voted down {self.cfg.retries + 1} times in a row; the islands cannot agree (see "
+            f"the messages above); raise {WHERE}.retries or check the islands' network")
+
+    def _apply(self, flat: torch.Tensor, weights: list[torch.Tensor]) -> None:
+        inner = self.inner
+        total = float(flat[-1])
+        with torch.no_grad():
+            if total > 0:  # no island trained (the first join): nothing to step
+                offset = 0
+                for a in inner.anchor:
+                    n = a.numel()
+                    a.grad = (flat[offset:offset + n] / total).view_as(a).to(a.dtype)
+                    offset += n
+                inner.outer.step()
+            for a, w in zip(inner.anchor, weights):
+                w.copy_(a)
+        inner.refresh_low_precision()
+
+    def state_dict(self) -> dict:
+        return {**self.inner.state_dict(), "torchft": self.manager.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+        if "torchft" in state:
+            self.manager.load_state_dict(state["torchft"])
+
+    def evaluation_weights(self, model: Any) -> list[torch.Tensor]:
+        return self.inner.evaluation_weights(model)
+
+    def finish(self, model: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.manager.shutdown(wait=False)
+
+
+def _failure(manager: Any) -> str:
+    """What failed in an outer step, in one line."""
+    err = manager.errored()
+    if err is None:
+        return "a rank of another island failed in it"
+    exc = getattr(err, "original_exception", err)
+    text = " ".join(str(exc).split())
+    return f"this island's all-reduce failed: {type(exc).__name__}: {text[:200]}"
