@@ -25,12 +25,11 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from ds_worker import batch, ds_config, gpt_config  # noqa: I001 - the tests' folder
 
 import spd_ext.deepspeed as sd
 from spd_ext.deepspeed.ops import load_deepspeed_comm_op
 from spd_ext.tp import ReducedSyncGPT
-
-from ds_worker import batch, ds_config, gpt_config  # noqa: I001 - the tests' folder
 
 
 def main() -> None:
