@@ -149,3 +149,136 @@ def test_an_unreachable_lighthouse_is_named(monkeypatch) -> None:
     monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
     with pytest.raises(SpdExtConfigError, match="lighthouse is not set"):
         cfg.fault_tolerance.resolved_lighthouse("spd_ext.fault_tolerance")
+
+
+# -- spd-ext train: the islands of one host ----------------------------------------------
+def ft_config(out_dir: Path, **fault_tolerance) -> dict:
+    from test_train_cli import tiny
+
+    return tiny(out_dir, parallel={"islands": 2},
+                training={"steps": 1200, "log_interval": 100, "eval_interval": 600,
+                          "checkpoint_interval": 600},
+                deepspeed={"zero_optimization": {"stage": 1},
+                           "spd_ext": {"staleness": {"mode": "diloco:4"}}},
+                fault_tolerance={"enabled": True, **fault_tolerance})
+
+
+@whole_jobs
+def test_spd_ext_train_restarts_a_killed_island_which_heals(tmp_path) -> None:
+    """`spd-ext train` with fault_tolerance: 2 island jobs around the lighthouse it serves;
+    island 1 is killed (SIGKILL) at step 100, island 0 trains on, island 1 restarts, heals
+    from island 0 (its log says where it joined) and both end with the same model."""
+    from test_train_cli import spd_ext_train, succeeded, write
+
+    out = tmp_path / "out"
+    config = write(tmp_path / "ft.json", ft_config(out, kill_at_step=100, kill_island=1))
+    stdout = succeeded(spd_ext_train([str(config), "--nproc", "2"], tmp_path, timeout=300))
+    assert "island 1 died" in stdout and "island 1 restarted (1/3" in stdout, stdout
+    summary = json.loads((out / "islands.json").read_text())
+    assert summary["finished"] == [0, 1] and summary["restarts"] == {"0": 0, "1": 1}, summary
+    assert summary["val_loss"]["0"] == summary["val_loss"]["1"], summary
+    events = [json.loads(line) for line in (out / "island1" / "log.jsonl").read_text(
+        ).splitlines()]
+    joined = [e for e in events if e.get("event") == "joined"]
+    assert len(joined) == 1 and joined[0]["healed"] and joined[0]["step"] > 100, joined
+    survivor = [e for e in (json.loads(line) for line in (out / "island0" / "log.jsonl")
+                            .read_text().splitlines()) if "loss" in e]
+    assert [e["step"] for e in survivor] == [1, *range(100, 1201, 100)] and \
+        1 in {e["islands"] for e in survivor}, survivor  # alone while island 1 restarted
+    import torch
+
+    models = [torch.load(out / f"island{k}" / "model.pt", weights_only=True) for k in (0, 1)]
+    state = [m["model"] if "model" in m else m for m in models]
+    for key, value in state[0].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[1][key]), key
+
+
+def test_train_config_refusals(tmp_path) -> None:
+    from test_train_cli import write
+
+    from spd_ext.train.config import ConfigError, load_config, plan_run
+
+    def refused(match: str, world: int = 2, **ft) -> None:
+        cfg = ft_config(tmp_path / "o")
+        cfg["fault_tolerance"].update(ft)
+        with pytest.raises(ConfigError, match=match):
+            plan_run(load_config(str(write(tmp_path / "c.json", cfg)), []), world)
+
+    refused("fault_tolerance.kill_at_step is set but fault_tolerance.enabled is false",
+            enabled=False, kill_at_step=3)
+    refused("min_islands 3 is more than the 2 parallel.islands", min_islands=3)
+    refused("kill_island 2 is not one of the 2 parallel.islands", kill_island=2)
+    refused("fault_tolerance.lighthouse 'nohost' is not host:port", lighthouse="nohost")
+    refused("fault_tolerance.island 2 is not one of the 2 parallel.islands", island=2)
+    refused("parallel.islands 2 does not divide the world size 3", world=3)
+
+
+def test_an_island_job_refuses_an_unreachable_lighthouse_before_its_ranks(tmp_path) -> None:
+    """An island started by hand (fault_tolerance.island set) with no lighthouse at the
+    address: one line naming it, exit 2, no rank started."""
+    from test_train_cli import spd_ext_train, write
+
+    port = free_port()
+    config = write(tmp_path / "ft.json", ft_config(tmp_path / "o", island=1,
+                                                   lighthouse=f"localhost:{port}"))
+    proc = spd_ext_train([str(config), "--nproc", "1"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"fault_tolerance.lighthouse http://localhost:{port}: no torchft lighthouse " \
+        "answers there" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# -- spd-ext experiment faults (its pieces; the whole experiment runs from the CLI) --------
+def test_faults_experiment_checks_its_flags_and_tabulates(tmp_path) -> None:
+    from spd_ext.errors import UsageError
+    from spd_ext.experiments.faults import FaultsConfig, table
+
+    with pytest.raises(UsageError, match="unknown arm 'all'"):
+        FaultsConfig(arms=("all",)).check()
+    with pytest.raises(UsageError, match="--steps 105 must be a multiple of --H 10"):
+        FaultsConfig(steps=105).check()
+    with pytest.raises(UsageError, match="at least 2"):
+        FaultsConfig(islands=1).check()
+    rows = [{"arm": "none", "failures": 0, "wall_s": 100.0, "steps_per_s": 3.0,
+             "tokens_per_s": 1000.0, "final_val_loss": 2.0, "longest_pause_s": 1.0,
+             "median_step_s": 0.1},
+            {"arm": "islands", "failures": 2, "wall_s": 110.0, "steps_per_s": 2.7,
+             "tokens_per_s": 850.0, "final_val_loss": 2.03, "longest_pause_s": 9.5,
+             "median_step_s": 0.1}]
+    text = table(rows)
+    assert "85%" in text and "+0.030" in text and "9.5" in text, text
+
+
+def test_kill_tree_reaches_processes_in_other_sessions() -> None:
+    """The restart-everything arm kills `spd-ext train` and its launcher, which runs in a
+    session of its own (was: only the first process group died and the orphaned job
+    trained on beside the resumed one)."""
+    import time as _time
+
+    from spd_ext.experiments.faults import kill_tree
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+        "'import time; time.sleep(60)'], start_new_session=True); print('up', flush=True); "
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert parent.stdout.readline().strip() == "up"
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                and _parent_of(p) == parent.pid]
+    assert len(children) == 1
+    kill_tree(parent.pid)
+    parent.wait(timeout=10)
+    deadline = _time.time() + 10
+    while Path(f"/proc/{children[0]}").exists() and _time.time() < deadline:
+        state = (Path(f"/proc/{children[0]}") / "stat").read_text().rpartition(")")[2].split()
+        if state and state[0] == "Z":
+            break
+        _time.sleep(0.05)
+    state = Path(f"/proc/{children[0]}/stat")
+    assert not state.exists() or state.read_text().rpartition(")")[2].split()[0] == "Z"
+
+
+def _parent_of(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+    except OSError:
+        return -1

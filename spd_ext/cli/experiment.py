@@ -5,6 +5,7 @@ experiments (and torch) load only when one runs."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from spd_ext.cli.flags import Help, add_options, config_from, value_type
 from spd_ext.experiments.config import (
@@ -26,10 +27,11 @@ _RUN_FLAGS = ("corpus", "seed", "out_dir", "force")
 def add_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p = sub.add_parser(name, formatter_class=Help, help=help)
     ex = p.add_subparsers(dest="experiment", required=True,
-                          metavar="{sync-sweep,sadpt,staleness}")
+                          metavar="{sync-sweep,sadpt,staleness,faults}")
     _add_sync_sweep(ex)
     _add_sadpt(ex)
     _add_staleness(ex)
+    _add_faults(ex)
 
 
 def _add_sync_sweep(ex: argparse._SubParsersAction) -> None:
@@ -89,6 +91,36 @@ def _add_staleness(ex: argparse._SubParsersAction) -> None:
     add_options(st, stale, only=_RUN_FLAGS)
     st.add_argument("--markdown", action="store_true", help="print a Markdown table")
     st.set_defaults(func=staleness)
+
+
+def _add_faults(ex: argparse._SubParsersAction) -> None:
+    from spd_ext.experiments.faults import ARMS, FaultsConfig
+
+    d = FaultsConfig()
+    f = ex.add_parser(
+        "faults", formatter_class=Help, help="fault-tolerant islands vs restart-everything",
+        description="A small char GPT on TinyShakespeare as K fault-tolerant DiLoCo islands "
+        "(torchft), each a whole `spd-ext train` run: no failure; one island killed every T "
+        "seconds (restarted, healed from a live one); the islands in one job killed whole "
+        "every T seconds and resumed from the last checkpoint (the torchelastic behaviour). "
+        "Wall time, throughput, final validation loss, survivors' longest pause; a plot of "
+        "validation loss against wall-clock. Finished arms are kept in OUT/results.json.")
+    f.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    f.add_argument("--islands", type=int, default=d.islands, help="DiLoCo islands")
+    f.add_argument("--ranks-per-island", type=int, default=d.ranks_per_island,
+                   help="ranks of each island (ZeRO-1 inside)")
+    f.add_argument("--steps", type=int, default=d.steps, help="training steps")
+    f.add_argument("--H", type=int, default=d.H, help="inner steps between outer steps")
+    f.add_argument("--kill-every", type=float, default=d.kill_every_s,
+                   help="seconds between failures")
+    f.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval,
+                   help="steps between checkpoints (what the restart-everything arm resumes)")
+    f.add_argument("--eval-interval", type=int, default=d.eval_interval,
+                   help="steps between validation losses")
+    f.add_argument("--out", type=Path, default=d.out_dir, help="output folder")
+    f.add_argument("--force", action="store_true", help="rerun finished arms")
+    f.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    f.set_defaults(func=faults)
 
 
 def _add_run_flags(p: argparse.ArgumentParser, defaults: SADPTConfig | SyncSweepConfig) -> None:
@@ -158,4 +190,20 @@ def staleness(args: argparse.Namespace) -> int:
     rows = staleness.run(cfg)
     print(staleness.table(rows, markdown=args.markdown))
     print(f"results: {cfg.out_dir}/results.json, plot: {cfg.out_dir}/staleness.png")
+    return 0
+
+
+def faults(args: argparse.Namespace) -> int:
+    from spd_ext.experiments import faults
+    from spd_ext.experiments.faults import FaultsConfig
+
+    cfg = FaultsConfig(islands=args.islands, ranks_per_island=args.ranks_per_island,
+                       steps=args.steps, H=args.H, kill_every_s=args.kill_every,
+                       checkpoint_interval=args.checkpoint_interval,
+                       eval_interval=args.eval_interval, out_dir=args.out,
+                       arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+                       force=args.force)
+    rows = faults.run(cfg)
+    print(faults.table(rows, markdown=args.markdown))
+    print(f"results: {cfg.out_dir}/results.json, plot: {cfg.out_dir}/faults.png")
     return 0

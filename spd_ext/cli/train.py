@@ -48,6 +48,8 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc {args.nproc} starts a launcher, but this process already "
                          f"runs under one (WORLD_SIZE={launched}); drop --nproc")
     world = args.nproc or launched or 1
+    if args.rejoin and args.nproc is not None:
+        args.overwrite = True  # a restarted island keeps its out_dir (no refusal, no wipe)
     plan, facts = train_run.prepare(args.config, args.overrides, world, args.resume,
                                     args.overwrite, hold=not args.dry_run,
                                     dry_run=args.dry_run)
@@ -61,8 +63,28 @@ def train(args: argparse.Namespace) -> int:
         if "checkpoints_note" in facts:
             print(f"# note: {facts['checkpoints_note']}")
         return 0
+    if plan.fault_tolerant and plan.island is None:
+        return _train_islands(args, plan)
     if args.nproc is not None:  # the launched rank 0 says the resume note, as it does alone
         return train_run.launch(args.config, args.overrides, args.nproc, args.resume,
-                                args.overwrite)
+                                args.overwrite, rejoin=args.rejoin)
     train_run.single_process_environment()
-    return train_run.run(plan, facts, resume=args.resume)
+    return train_run.run(plan, facts, resume=args.resume, rejoin=args.rejoin)
+
+
+def _train_islands(args: argparse.Namespace, plan) -> int:
+    """fault_tolerance.enabled without fault_tolerance.island: this process runs every
+    island on this host (spd_ext.train.islands)."""
+    from spd_ext.train.islands import IslandSupervisor
+
+    if args.nproc is None:
+        raise UsageError("fault_tolerance.enabled: spd-ext train starts the island jobs itself; "
+                         "pass --nproc N (parallel.islands x ranks per island), or run one "
+                         "island per machine with --set fault_tolerance.island=K")
+    if args.resume or args.rejoin:
+        raise UsageError(f"{'--resume' if args.resume else '--rejoin'} with fault_tolerance "
+                         "on one host: not supported yet (an island that dies is restarted and "
+                         "heals from the live ones); start the run again with --overwrite")
+    supervisor = IslandSupervisor(plan, args.config, args.overrides, args.nproc)
+    supervisor.check_out_dirs(args.overwrite)
+    return supervisor.run()

@@ -275,16 +275,18 @@ class EngineIntegration:
     def fault_tolerant(self) -> bool:
         return self.cfg.fault_tolerance is not None
 
-    def join_islands(self) -> int:
+    def join_islands(self, wait_for_all: bool = True) -> int:
         """With ``fault_tolerance``: join the islands alive before training (collective
         with them; a restarted island heals from a live one, taking its step, optimizer
         partition and outer state). Returns the step to train from: the engine's
         ``global_steps``, which a healed island has taken from the others. Call it after
-        any ``load_checkpoint`` and before the first step."""
+        any ``load_checkpoint`` and before the first step. ``wait_for_all``: on a fresh
+        start, wait for ``fault_tolerance.islands`` islands (pass False for an island
+        restarted after a failure)."""
         if not self.fault_tolerant:
             raise RuntimeError("join_islands() is for a \"spd_ext\" section with "
                                "fault_tolerance; this engine has none")
-        return self.strategy.join()
+        return self.strategy.join(wait_for_all)
 
     @property
     def islands_present(self) -> int | None:

@@ -57,7 +57,8 @@ def import_torchft() -> Any:
     return torchft
 
 
-def check_lighthouse(url: str, timeout_s: float = 10.0) -> None:
+def check_lighthouse(url: str, timeout_s: float = 10.0, where: str = f"{WHERE}.lighthouse"
+                     ) -> None:
     """Refuse, naming it, a lighthouse that does not answer (before any quorum waits on it)."""
     import socket
 
@@ -67,7 +68,7 @@ def check_lighthouse(url: str, timeout_s: float = 10.0) -> None:
             pass
     except OSError as exc:
         raise SpdExtConfigError(
-            f"{WHERE}.lighthouse {url}: no torchft lighthouse answers there "
+            f"{where} {url}: no torchft lighthouse answers there "
             f"({exc.strerror or exc}); start one (`torchft_lighthouse --min_replicas 1 "
             f"--bind [::]:{port}`) or fix the address") from None
 
@@ -139,16 +140,16 @@ class FaultTolerantIslandDiLoCo:
         self.healed_at = engine.global_steps
 
     # -- the outer step -----------------------------------------------------------------
-    def join(self) -> int:
+    def join(self, wait_for_all: bool = True) -> int:
         """Before training: join the islands alive (healing from one if they are ahead,
         and taking part in the outer step they are at without a pseudo-gradient of its
-        own). On a fresh start with ``islands`` expected, empty outer steps repeat until
-        that many have joined (an island that comes later heals from the others' untrained
-        state, which is its own), so the islands all train from the first step. Returns
-        the step to train from."""
+        own). On a fresh start with ``islands`` expected (and ``wait_for_all``), empty
+        outer steps repeat until that many have joined (an island that comes later heals
+        from the others' untrained state, which is its own), so the islands all train
+        from the first step. Returns the step to train from."""
         deadline = time.monotonic() + self.cfg.quorum_timeout_s
         self._outer_step(step=None)
-        expected = self.cfg.islands or 0
+        expected = (self.cfg.islands or 0) if wait_for_all else 0
         while (self.engine.global_steps == 0 and self.islands_present < expected
                and time.monotonic() < deadline):
             time.sleep(0.2)

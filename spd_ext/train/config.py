@@ -120,6 +120,29 @@ SCHEMA: dict[str, dict[str, Any]] = {
                             "run stops, naming the rank that stopped answering", low=0.0,
                             low_open=True),
     },
+    "fault_tolerance": {
+        "enabled": Opt(False, "bool", "train the parallel.islands DiLoCo islands as separate "
+                       "jobs that outlive each other's failures (torchft): a dead island is "
+                       "dropped at the next outer step, restarted, and heals from a live one; "
+                       "needs staleness.mode diloco:H"),
+        "lighthouse": Opt(None, "str", "host:port of the torchft lighthouse the islands share "
+                          "(default: spd-ext train serves one on this host)", nullable=True),
+        "island": Opt(None, "int", "this job's island, 0..parallel.islands-1 (spd-ext train "
+                      "sets it for the island jobs it starts; set it yourself for islands on "
+                      "separate machines)", nullable=True, low=0),
+        "min_islands": Opt(1, "int", "fewest islands an outer step may be taken with", low=1),
+        "restarts": Opt(3, "int", "times spd-ext train restarts each island that died", low=0),
+        "quorum_timeout_s": Opt(600.0, "float", "longest wait for the other islands at an "
+                                "outer step (more than one inner phase)", low=0.0,
+                                low_open=True),
+        "kill_every_s": Opt(None, "float", "fault injection: spd-ext train kills one island "
+                            "(SIGKILL, in turn) every this many seconds", nullable=True,
+                            low=0.0, low_open=True),
+        "kill_at_step": Opt(None, "int", "fault injection: island kill_island kills itself "
+                            "(SIGKILL of its first rank) as it starts this step, once",
+                            nullable=True, low=0),
+        "kill_island": Opt(0, "int", "the island kill_at_step kills", low=0),
+    },
     "deepspeed": Opt({"zero_optimization": {"stage": 0}}, "object",
                      "a ds_config JSON path (relative to the config file) or an inline dict"),
     "sample": {
@@ -406,6 +429,27 @@ class RunPlan:
     dims: ParallelDims  # the layout: world = islands x pp x data parallel x parallel.tp
     ds_config: dict  # what spd_ext.deepspeed.initialize gets (with the "spd_ext" section)
     model: dict  # GPTConfig fields (vocab_size None: the tokenizer's)
+    #: fault_tolerance: this job's island (None: the plan of all of them, which spd-ext
+    #: train splits into island jobs) and how many islands there are
+    island: int | None = None
+    island_count: int = 1
+
+    @property
+    def fault_tolerant(self) -> bool:
+        return bool(self.cfg.values["fault_tolerance"]["enabled"])
+
+    @property
+    def island_world(self) -> int:
+        """Ranks per island job (fault_tolerance)."""
+        return self.world_size // self.island_count if self.island is None else self.world_size
+
+    def sampler_rank(self, data_rank: int) -> int:
+        """A data rank among every island's (each island job counts its own from 0)."""
+        return data_rank if self.island is None else self.island * self.data_world + data_rank
+
+    @property
+    def sampler_world(self) -> int:
+        return self.data_world * (self.island_count if self.island is not None else 1)
 
     @property
     def world_size(self) -> int:
@@ -507,11 +551,15 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     no collective); the ds_config DeepSpeed will get."""
     if world_size < 1:
         raise _fail(f"world size must be at least 1, got {world_size}")
+    ft = cfg.values["fault_tolerance"]
+    if ft["enabled"] and ft["island"] is not None:
+        return plan_island(cfg, world_size)
     t = cfg.values["training"]
     if t["min_lr"] > t["lr"]:
         raise _fail(f"training.min_lr {t['min_lr']:g} is above training.lr {t['lr']:g}; set "
                     "min_lr <= lr (nanoGPT: lr / 10)")
     ds, dims, spd_cfg = _plan_deepspeed(cfg, world_size)
+    island, island_count = _plan_islands(cfg, ds, dims)
     model = _plan_model(cfg, dims.tp, spd_cfg.tensor_parallel.pattern)
     if dims.pp > 1:
         n_layer = model.get("n_layer")
@@ -519,8 +567,77 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
             raise _fail(f"parallel.pp {dims.pp} is more stages than the model's {n_layer + 4} "
                         f"layers (embeddings, {n_layer} blocks, final LayerNorm, head); use at "
                         f"most {n_layer + 4}")
-    _check_data_and_sample(cfg, dims.data_ranks)
-    return RunPlan(cfg=cfg, dims=dims, ds_config=ds, model=model)
+    _check_data_and_sample(cfg, dims.data_ranks * (island_count if island is not None else 1))
+    return RunPlan(cfg=cfg, dims=dims, ds_config=ds, model=model, island=island,
+                   island_count=island_count)
+
+
+def _plan_islands(cfg: RunConfig, ds: dict, dims: ParallelDims) -> tuple[int | None, int]:
+    """fault_tolerance: (this job's island or None, the island count). An island job (its
+    island set) is one island of ``parallel.islands``: its "spd_ext" section gets
+    ``fault_tolerance`` and loses ``staleness.islands``."""
+
+    ft = cfg.values["fault_tolerance"]
+    if not ft["enabled"]:
+        given = [k for k in ("lighthouse", "island", "kill_every_s", "kill_at_step")
+                 if ft[k] is not None]
+        if given:
+            raise _fail(f"fault_tolerance.{given[0]} is set but fault_tolerance.enabled is "
+                        "false; set fault_tolerance.enabled=true or remove it")
+        return None, dims.islands
+    if ft["lighthouse"] is not None:
+        from spd_ext.deepspeed.config import SpdExtConfigError, lighthouse_address
+
+        try:
+            lighthouse_address(ft["lighthouse"], "fault_tolerance.lighthouse")
+        except SpdExtConfigError as exc:
+            raise _fail(str(exc)) from None
+    if ft["kill_island"] >= dims.islands:
+        raise _fail(f"fault_tolerance.kill_island {ft['kill_island']} is not one of the "
+                    f"{dims.islands} parallel.islands (0..{dims.islands - 1})")
+    if ft["min_islands"] > dims.islands:
+        raise _fail(f"fault_tolerance.min_islands {ft['min_islands']} is more than the "
+                    f"{dims.islands} parallel.islands; lower it or train more islands")
+    if dims.pp > 1:
+        raise _fail("fault_tolerance with parallel.pp > 1: not supported yet (the healing "
+                    "state of pipeline stages is not wired); train the islands without "
+                    "pipeline stages")
+    if dims.islands < 2:
+        raise _fail("fault_tolerance.enabled needs parallel.islands of at least 2 (the "
+                    "islands outlive each other), got 1; e.g. --set parallel.islands=3")
+    return None, dims.islands
+
+
+def plan_island(cfg: RunConfig, island_world: int) -> RunPlan:
+    """The plan of one island job (fault_tolerance.island set) of ``island_world`` ranks:
+    the whole run's plan checked first (parallel.islands x island_world ranks)."""
+    ft, p = cfg.values["fault_tolerance"], cfg.values["parallel"]
+    island = ft["island"]
+    whole = copy.deepcopy(cfg)
+    whole.values["fault_tolerance"]["island"] = None
+    count = _agree("parallel.islands", p["islands"], "deepspeed.spd_ext.staleness.islands",
+                   (cfg.values["deepspeed"].get("spd_ext") or {}).get("staleness", {}).get(
+                       "islands") if isinstance(cfg.values["deepspeed"], dict) else None)
+    if island >= count:
+        raise _fail(f"fault_tolerance.island {island} is not one of the {count} "
+                    f"parallel.islands (0..{count - 1})")
+    plan_run(whole, island_world * count)  # every check of the whole run
+    one = copy.deepcopy(cfg)
+    one.values["parallel"]["islands"] = 1
+    section = one.values["deepspeed"].setdefault("spd_ext", {})
+    staleness = dict(section.get("staleness") or {})
+    staleness.pop("islands", None)
+    section["staleness"] = staleness
+    section["fault_tolerance"] = {
+        "lighthouse": ft["lighthouse"], "island": str(island), "islands": count,
+        "min_islands": ft["min_islands"], "quorum_timeout_s": ft["quorum_timeout_s"]}
+    one.values["fault_tolerance"] = {**ft, "enabled": False, "island": None,
+                                     "lighthouse": None, "kill_every_s": None,
+                                     "kill_at_step": None, "kill_island": 0}
+    plan = plan_run(one, island_world)
+    plan.cfg = cfg
+    plan.island, plan.island_count = island, count
+    return plan
 
 
 def _plan_deepspeed(cfg: RunConfig, world_size: int) -> tuple[dict, ParallelDims, Any]:

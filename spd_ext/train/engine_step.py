@@ -54,6 +54,8 @@ class EngineStep:
         metrics = {name: last[key] for key, name in _REPORTED if key in last}
         if last.get("weights") is not None:
             metrics["weights"] = list(last["weights"])
+        if engine.spd_ext.islands_present is not None:  # fault-tolerant islands
+            metrics["islands"] = engine.spd_ext.islands_present
         return StepResult(loss_sum / gas, self.tokens_per_step, metrics)
 
 

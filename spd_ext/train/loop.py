@@ -140,6 +140,9 @@ class TrainingLoop:
         if self.progress is not None:
             weights = result.metrics.get("weights")
             extra = ("w " + ",".join(f"{w:.2f}" for w in weights)) if weights else ""
+            if "islands" in result.metrics:
+                extra = f"islands {result.metrics['islands']}" + (f" | {extra}" if extra
+                                                                  else "")
             self.progress.update(done, loss, seconds, result.tokens, extra)
 
     def evaluation(self, done: int, final: bool = False) -> float:

@@ -172,7 +172,7 @@ def _layout(plan: RunPlan) -> str:
 
 
 # -- the run ------------------------------------------------------------------------------
-def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
+def run(plan: RunPlan, facts: dict, resume: bool = False, rejoin: bool = False) -> int:
     """Train on this rank. torch.distributed is initialized here if it is not yet: its
     rendezvous bound to the job's address (spd_ext.comm.rendezvous), every wait for
     another rank bounded by ``parallel.rank_timeout`` (gloo's collectives and spd_ext's),
@@ -206,7 +206,8 @@ def run(plan: RunPlan, facts: dict, resume: bool = False) -> int:
     rank = dist.get_rank()
     watch = RankWatch.from_environment() if owned else None
     try:
-        return _train(plan, facts, resume, watch.mark if watch else lambda phase: None)
+        return _train(plan, facts, resume, watch.mark if watch else lambda phase: None,
+                      rejoin)
     except WriteError as exc:
         print(f"{PROG}: error: rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -251,7 +252,8 @@ class _Rank:
         return t.micro_batch * t.grad_accum * self.model.config.block_size * self.plan.data_world
 
 
-def _build(plan: RunPlan, resume: bool, mark: Callable[[str], None]) -> _Rank:
+def _build(plan: RunPlan, resume: bool, mark: Callable[[str], None],
+           rejoin: bool = False) -> _Rank:
     """The out_dir (a fresh run's: emptied), data, model, sampler, engine and log."""
     import torch
     import torch.distributed as dist
@@ -268,17 +270,19 @@ def _build(plan: RunPlan, resume: bool, mark: Callable[[str], None]) -> _Rank:
     t, d = cfg.training, cfg.data
     data_rank = plan.dims.data_rank(rank)
     mark("preparing the out_dir")
-    if rank == 0 and not resume:
+    if rank == 0 and not resume and not rejoin:
         _fresh_out_dir(plan)
     dist.barrier()
     mark("building the model and the engine")
     data = TokenDataset(d.corpus, d.tokenizer, val_fraction=d.val_fraction)
     topology = plan.dims.build()
-    torch.manual_seed(t.seed + data_rank)  # dropout: one stream per tensor-parallel group
+    # dropout: one stream per tensor-parallel group (of every island)
+    torch.manual_seed(t.seed + plan.sampler_rank(data_rank))
     model = build_model(plan, data.vocab_size, topology)
     corruption = (Corruption(**cfg.values["data"]["corruption"])
                   if d.sharding == "clean_vs_corrupt" else None)
-    sampler = ShardedSampler(data, data_rank, plan.data_world, t.micro_batch,
+    sampler = ShardedSampler(data, plan.sampler_rank(data_rank), plan.sampler_world,
+                             t.micro_batch,
                              model.config.block_size, t.seed, sharding=d.sharding,
                              corrupt_ranks=tuple(d.corrupt_ranks), corruption=corruption)
     optimizer = make_optimizer(model, t)  # AdamW: the Trainer's parameter groups
@@ -347,15 +351,38 @@ def _stopped(r: _Rank, loop: TrainingLoop, exc: BaseException) -> int:
     return 1
 
 
-def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]) -> int:
+def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None],
+           rejoin: bool = False) -> int:
     import torch.distributed as dist
 
+    from spd_ext.deepspeed.fault_tolerance import OuterStepFailed
     from spd_ext.dp.aggregator import WeightError
     from spd_ext.train.progress import Progress
 
-    r = _build(plan, resume, mark)
+    r = _build(plan, resume, mark, rejoin)
     loop = _loop(r, facts, mark)
     start = loop.resume() if resume else 0
+    if plan.fault_tolerant:
+        mark("joining the islands")
+        # a restarted island heals to the others' step (and never waits for all of them)
+        start = r.engine.spd_ext.join_islands(wait_for_all=not rejoin)
+        healed = r.engine.spd_ext.strategy.healed_at is not None
+        if rejoin and not healed:  # alone: training from scratch would only mislead
+            if r.main:
+                message = (f"island {plan.island} restarted (--rejoin) but no live island "
+                           "was there to heal from (the others finished or died); nothing "
+                           "to rejoin: start the run again")
+                print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+                r.log.event("stopped", step=start, reason=message)
+                r.log.close()
+            r.engine.spd_ext.close()
+            return 1
+        if r.main and start:
+            r.log.event("joined", step=start, island=plan.island, healed=healed)
+        ft = plan.cfg.values["fault_tolerance"]
+        if ft["kill_at_step"] is not None and ft["kill_island"] == plan.island and \
+                not rejoin and r.main:
+            loop.step = _killed_at(loop.step, ft["kill_at_step"])
     t = plan.cfg.training
     loop.progress = Progress(t.steps, start, t.log_interval, r.main)
     if r.main:
@@ -363,7 +390,7 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
     r.engine.train()
     try:
         loop.run(start)
-    except (WeightError, TrainingDiverged) as exc:  # raised on every rank together
+    except (WeightError, TrainingDiverged, OuterStepFailed) as exc:  # on every rank together
         return _stopped(r, loop, exc)
     result = loop.finish()
     sample = _export_and_sample(r, mark)
@@ -372,7 +399,21 @@ def _train(plan: RunPlan, facts: dict, resume: bool, mark: Callable[[str], None]
         _summarize(r, result, train_loss, sample, start if resume else None)
     mark("finishing")
     dist.barrier()
+    r.engine.spd_ext.close()
     return 0
+
+
+def _killed_at(step_fn: Callable, at: int) -> Callable:
+    """fault_tolerance.kill_at_step: this rank (the island's first) dies by SIGKILL as it
+    starts step ``at``, as a machine lost would; its launcher then stops the island."""
+
+    def step(index: int) -> Any:
+        if index == at:
+            print(f"{PROG}: fault injection: killing this island at step {at}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step_fn(index)
+
+    return step
 
 
 def _export_and_sample(r: _Rank, mark: Callable[[str], None]) -> str:
@@ -503,7 +544,8 @@ def launched_world_size() -> int | None:
 
 
 def launch(config: str, overrides: Sequence[str], nproc: int, resume: bool = False,
-           overwrite: bool = False, master_port: int | None = None) -> int:
+           overwrite: bool = False, master_port: int | None = None,
+           rejoin: bool = False) -> int:
     """Start ``nproc`` local ranks of this module under the deepspeed launcher and wait;
     returns the launcher's exit status (130 after Ctrl-C)."""
     import subprocess
@@ -520,7 +562,8 @@ def launch(config: str, overrides: Sequence[str], nproc: int, resume: bool = Fal
            "--no_local_rank", "--module", "spd_ext.train.run", str(config),
            *[f"--set={item}" for item in overrides]]
     cmd += ["--resume"] if resume else []
-    cmd += ["--overwrite"] if overwrite else []
+    cmd += ["--overwrite"] if overwrite and not rejoin else []
+    cmd += ["--rejoin"] if rejoin else []
     # its own process group: a signal to this process is forwarded to the whole job
     # (launcher and ranks) by wait_for_job, never lost with this process
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -616,6 +659,13 @@ def prepare(config: str, overrides: Sequence[str], world_size: int, resume: bool
                          "pass one of them")
     cfg = load_config(config, list(overrides))
     plan = plan_run(cfg, world_size)
+    if plan.fault_tolerant and plan.island is not None:
+        from spd_ext.deepspeed.config import FaultToleranceConfig
+        from spd_ext.deepspeed.fault_tolerance import check_lighthouse
+
+        check_lighthouse(FaultToleranceConfig(
+            lighthouse=cfg.values["fault_tolerance"]["lighthouse"]).resolved_lighthouse(
+                "fault_tolerance"), where="fault_tolerance.lighthouse")
     if hold is None:
         hold = os.environ.get(OUT_DIR_HELD_ENV) != str(plan.out_dir.resolve())
     lock = hold_out_dir(plan.out_dir) if hold else None
@@ -639,6 +689,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the last complete checkpoint in OUT_DIR/checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an out_dir that holds a previous run's checkpoints")
+    p.add_argument("--rejoin", action="store_true",
+                   help="fault_tolerance: this island died and restarts: keep its out_dir and "
+                   "heal from the live islands (spd-ext train passes it to the islands it "
+                   "restarts)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -655,13 +709,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the first rank claims the out_dir (unless the process that started the ranks
         # holds it for them)
         plan, facts = prepare(args.config, args.overrides, launched_world_size() or 1,
-                              args.resume, args.overwrite, hold=None if rank0 else False)
+                              args.resume, args.overwrite or args.rejoin,
+                              hold=None if rank0 else False)
     except UsageError as exc:  # a defect keeps its traceback
         if rank0:
             print(f"spd-ext: error: {one_line(exc)}", file=sys.stderr)
         return 2
     single_process_environment()
-    return run(plan, facts, resume=args.resume)
+    return run(plan, facts, resume=args.resume, rejoin=args.rejoin)
 
 
 if __name__ == "__main__":
