@@ -114,7 +114,8 @@ def test_every_shipped_train_config_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
     tp = cfg.values["parallel"]["tp"] or 1
     pp = cfg.values["parallel"]["pp"]
-    for world in (tp * pp, 2 * tp * pp):
+    islands = cfg.values["parallel"]["islands"] or 1
+    for world in (tp * pp * islands, 2 * tp * pp * islands):
         plan = plan_run(cfg, world)
         assert plan.tp == tp and plan.pp == pp and "spd_ext" in plan.ds_config
         assert plan.ds_config["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch
