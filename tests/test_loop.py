@@ -123,8 +123,9 @@ class _Engine:
         self.device = torch.device("cpu")
         self.weight = torch.nn.Parameter(torch.tensor(2.0))
         self.calls: list[str] = []
-        self.spd_ext = SimpleNamespace(checks=0, islands_present=None, last={"syncs_forward": 3, "grad_norm": 0.5,
-                                                       "weights": (0.25, 0.75)})
+        self.spd_ext = SimpleNamespace(checks=0, islands_present=None,
+                                       last={"syncs_forward": 3, "grad_norm": 0.5,
+                                             "weights": (0.25, 0.75)})
         self.spd_ext.check = lambda: setattr(self.spd_ext, "checks", self.spd_ext.checks + 1)
         self.saved: list[str] = []
 
