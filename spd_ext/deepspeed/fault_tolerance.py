@@ -223,12 +223,6 @@ class FaultTolerantIslandDiLoCo:
         if "torchft" in state:
             self.manager.load_state_dict(state["torchft"])
 
-    def evaluation_weights(self, model: Any) -> list[torch.Tensor]:
-        return self.inner.evaluation_weights(model)
-
-    def finish(self, model: Any) -> None:
-        pass
-
     def close(self) -> None:
         self.manager.shutdown(wait=False)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from spd_ext.errors import UsageError
 from spd_ext.experiments.common import finished_runs, write_json
 from spd_ext.train.config import CHECKPOINTS, resume_tag
+from spd_ext.train.run import job_environment
 from spd_ext.utils.files import atomic_path
 from spd_ext.utils.plot import pyplot
 from spd_ext.utils.table import format_table
@@ -103,22 +104,13 @@ def _command(cfg: FaultsConfig, config: Path, *sets: str, resume: bool = False) 
             "--resume" if resume else "--overwrite"]
 
 
-def _environment() -> dict:
-    import spd_ext
-
-    env = dict(os.environ)
-    root = str(Path(spd_ext.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def _run_islands(cfg: FaultsConfig, config: Path, arm: str, out: Path) -> ArmRun:
     sets = [f"training.out_dir={out}"]
     if arm == "islands":
         sets.append(f"fault_tolerance.kill_every_s={cfg.kill_every_s:g}")
     run = ArmRun(arm, time.time())
     with open(out.parent / f"{arm}.log", "w") as log:
-        proc = subprocess.run(_command(cfg, config, *sets), env=_environment(), stdout=log,
+        proc = subprocess.run(_command(cfg, config, *sets), env=job_environment(), stdout=log,
                               stderr=subprocess.STDOUT, timeout=cfg.timeout_s)
     run.wall_s, run.exit_code = time.time() - run.started, proc.returncode
     islands = json.loads((out / "islands.json").read_text())
@@ -136,7 +128,7 @@ def _run_restart_all(cfg: FaultsConfig, config: Path, out: Path) -> ArmRun:
     with open(out.parent / "restart_all.log", "w") as log:
         while True:
             proc = subprocess.Popen(_command(cfg, config, *sets, resume=resume),
-                                    env=_environment(), stdout=log, stderr=subprocess.STDOUT,
+                                    env=job_environment(), stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
                 code = proc.wait(timeout=cfg.kill_every_s)

@@ -17,10 +17,10 @@ it); restart a dead island with ``--rejoin``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from spd_ext.train.config import RunPlan
-from spd_ext.train.run import PROG, STOP_SIGNALS, _signal_group
+from spd_ext.train.run import (
+    OUT_DIR_HELD_ENV,
+    PROG,
+    STOP_SIGNALS,
+    _signal_group,
+    job_environment,
+    launcher_command,
+)
 from spd_ext.utils.files import write_json
 from spd_ext.utils.table import format_table
 
@@ -104,7 +111,6 @@ class IslandSupervisor:
         self.lighthouse = f"http://localhost:{port}"
 
     def _start(self, island: Island, rejoin: bool) -> None:
-        import spd_ext
         from spd_ext.launch import free_port
 
         island.out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,22 +118,15 @@ class IslandSupervisor:
             (island.out_dir / "log.jsonl").unlink(missing_ok=True)
             (island.out_dir / "job.log").unlink(missing_ok=True)
             island.log_offset = 0
-        env = dict(os.environ)
-        root = str(Path(spd_ext.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
-                                    else "")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (
-            self.per_island * self.count))))
+        env = job_environment(self.per_island * self.count)
         env.setdefault("RUST_LOG", "warn")
-        env.pop("SPD_EXT_OUT_DIR_HELD", None)  # each island job holds its own out_dir
+        env.pop(OUT_DIR_HELD_ENV, None)  # each island job holds its own out_dir
         sets = [*self.overrides, "fault_tolerance.enabled=true",
                 f"fault_tolerance.island={island.index}",
                 f"fault_tolerance.lighthouse={self.lighthouse.removeprefix('http://')}",
                 f"training.out_dir={island.out_dir}"]
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus",
-               str(self.per_island), "--master_port", str(free_port()), "--log_level",
-               "warning", "--no_local_rank", "--module", "spd_ext.train.run", self.config,
-               *[f"--set={item}" for item in sets], "--rejoin" if rejoin else "--overwrite"]
+        cmd = [*launcher_command(self.config, sets, self.per_island, free_port()),
+               "--rejoin" if rejoin else "--overwrite"]
         log = open(island.out_dir / "job.log", "a")  # noqa: SIM115 - the job's, kept open
         island.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -207,8 +206,7 @@ class IslandSupervisor:
               f"{self.plan.out_dir}/island<k> (each island's output in its job.log)",
               flush=True)
         received: list[int] = []
-        in_main = __import__("threading").current_thread() is \
-            __import__("threading").main_thread()
+        in_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, lambda s, f: received.append(s))
                     for sig in STOP_SIGNALS} if in_main else {}
         try:

@@ -543,6 +543,28 @@ def launched_world_size() -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def job_environment(ranks_on_host: int | None = None) -> dict[str, str]:
+    """This environment for a job started from here: spd_ext importable from any folder,
+    and (given the ranks sharing this host) the cores divided among them."""
+    import spd_ext
+
+    env = dict(os.environ)
+    root = str(Path(spd_ext.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if ranks_on_host:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_on_host)))
+    return env
+
+
+def launcher_command(config: str, overrides: Sequence[str], nproc: int,
+                     master_port: int) -> list[str]:
+    """The deepspeed launcher starting ``nproc`` local ranks of this module."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(master_port), "--log_level", "warning", "--no_local_rank",
+            "--module", "spd_ext.train.run", str(config),
+            *[f"--set={item}" for item in overrides]]
+
+
 def launch(config: str, overrides: Sequence[str], nproc: int, resume: bool = False,
            overwrite: bool = False, master_port: int | None = None,
            rejoin: bool = False) -> int:
@@ -550,17 +572,10 @@ def launch(config: str, overrides: Sequence[str], nproc: int, resume: bool = Fal
     returns the launcher's exit status (130 after Ctrl-C)."""
     import subprocess
 
-    import spd_ext
     from spd_ext.launch import free_port
 
-    env = dict(os.environ)
-    root = str(Path(spd_ext.__file__).resolve().parents[1])  # importable from any folder
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(master_port or free_port()), "--log_level", "warning",
-           "--no_local_rank", "--module", "spd_ext.train.run", str(config),
-           *[f"--set={item}" for item in overrides]]
+    env = job_environment(nproc)
+    cmd = launcher_command(config, overrides, nproc, master_port or free_port())
     cmd += ["--resume"] if resume else []
     cmd += ["--overwrite"] if overwrite and not rejoin else []
     cmd += ["--rejoin"] if rejoin else []
