@@ -37,24 +37,13 @@ import torch
 import torch.distributed as dist
 
 from spd_ext.deepspeed.config import FaultToleranceConfig, SpdExtConfigError
-from spd_ext.errors import UsageError
+from spd_ext.utils.optional import import_torchft
 
 WHERE = "spd_ext.fault_tolerance"
 
 
 class OuterStepFailed(RuntimeError):
     """The islands voted an outer step down more often in a row than allowed."""
-
-
-def import_torchft() -> Any:
-    # torchft's Rust servers log every quorum and heartbeat at INFO unless told otherwise
-    os.environ.setdefault("RUST_LOG", "warn")
-    try:
-        import torchft
-    except ImportError as exc:
-        raise UsageError(f"{WHERE} needs torchft ({exc}); install it with "
-                         "`pip install 'spd_ext[ft]'` (or `pip install torchft`)") from None
-    return torchft
 
 
 def check_lighthouse(url: str, timeout_s: float = 10.0, where: str = f"{WHERE}.lighthouse"
@@ -81,7 +70,7 @@ class FaultTolerantIslandDiLoCo:
 
     def __init__(self, island_diloco: Any, engine: Any, integration: Any,
                  cfg: FaultToleranceConfig) -> None:
-        torchft = import_torchft()
+        torchft = import_torchft(WHERE)
         from torchft.process_group import ProcessGroupGloo
 
         self.inner = island_diloco  # IslandDiLoCo: the anchor, outer optimizer, partitions

@@ -15,6 +15,7 @@ from spd_ext.staleness.parameter_server import (
     ParameterServer,
     PSConfig,
     PSProcessGroups,
+    PSSessions,
     ServerStopped,
     Worker,
     train_worker,
@@ -23,7 +24,7 @@ from spd_ext.staleness.stragglers import Straggler, StragglerHooks
 
 __all__ = [
     "MODES", "DelayedAllReduce", "DiLoCo", "LocalSGD", "Mode", "PSConfig", "PSProcessGroups",
-    "ParameterServer", "ServerStopped", "Straggler", "StragglerHooks", "StalenessStrategy",
-    "SynchronousSGD", "Worker",
+    "PSSessions", "ParameterServer", "ServerStopped", "Straggler", "StragglerHooks",
+    "StalenessStrategy", "SynchronousSGD", "Worker",
     "WorkerMetrics", "make_strategy", "parse_mode", "train_worker",
 ]

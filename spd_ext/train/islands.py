@@ -91,14 +91,15 @@ class IslandSupervisor:
     # -- pieces --------------------------------------------------------------------------
     def _serve_lighthouse(self) -> None:
         from spd_ext.deepspeed.config import lighthouse_address
-        from spd_ext.deepspeed.fault_tolerance import check_lighthouse, import_torchft
+        from spd_ext.deepspeed.fault_tolerance import check_lighthouse
+        from spd_ext.utils.optional import import_torchft
 
         if self.ft["lighthouse"] is not None:
             self.lighthouse = lighthouse_address(self.ft["lighthouse"],
                                                  "fault_tolerance.lighthouse")
             check_lighthouse(self.lighthouse, where="fault_tolerance.lighthouse")
             return
-        import_torchft()
+        import_torchft("spd-ext train's fault_tolerance section")
         from torchft._torchft import LighthouseServer
 
         # join_timeout: a quorum waits this long for an island that heartbeats but is not

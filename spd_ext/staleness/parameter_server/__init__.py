@@ -13,8 +13,11 @@ its mode's rules on its shard.
                 every rank's host and pid for naming a rank that died);
 - ``protocol``: the messages and how they are sent and received;
 - ``policies``: the rules of ``asgd``, ``ssp:s`` and ``syncps``;
+- ``sessions``: ``PSSessions``, the transport of elastic jobs (``PSConfig(elastic=
+                True)``): one torchft session per worker and server, so workers may die
+                (dropped) and join (``PSSessions.join``) mid-run;
 - ``server``:   ``ParameterServer``, the serve loop and failure detection (a dead or
-                silent worker stops the job, named);
+                silent worker stops the job, named; an elastic job drops it);
 - ``worker``:   ``Worker`` and ``train_worker``.
 """
 
@@ -23,6 +26,7 @@ from spd_ext.staleness.parameter_server.protocol import (
     DONE,
     EXITED,
     HEADER,
+    HELLO,
     OK,
     PULL,
     PUSH,
@@ -31,10 +35,11 @@ from spd_ext.staleness.parameter_server.protocol import (
     ServerStopped,
 )
 from spd_ext.staleness.parameter_server.server import ParameterServer, ServerLog
+from spd_ext.staleness.parameter_server.sessions import PSSessions
 from spd_ext.staleness.parameter_server.worker import Worker, train_worker
 
 __all__ = [
-    "DONE", "EXITED", "HEADER", "OK", "PULL", "PUSH", "STALLED", "STOP", "PSConfig",
-    "PSProcessGroups", "ParameterServer", "ServerLog", "ServerStopped", "Worker",
+    "DONE", "EXITED", "HEADER", "HELLO", "OK", "PULL", "PUSH", "STALLED", "STOP", "PSConfig",
+    "PSProcessGroups", "PSSessions", "ParameterServer", "ServerLog", "ServerStopped", "Worker",
     "train_worker",
 ]

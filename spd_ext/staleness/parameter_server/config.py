@@ -28,6 +28,11 @@ class PSConfig:
     polyak_every: int = 0  # syncps: hand the Polyak weights to workers every n steps (0: never)
     dead_timeout: float = 60.0  # a worker silent this long stops the job
     servers: int = 1  # ranks 0..servers-1 serve one shard of the parameters each
+    # Elastic jobs (torchft sessions, PSSessions): a worker that dies or stalls is dropped
+    # and the others go on; new workers may join mid-run. The job stops early only when
+    # fewer than min_workers are left.
+    elastic: bool = False
+    min_workers: int = 1
 
     def __post_init__(self) -> None:
         if not self.mode.server:
@@ -38,11 +43,17 @@ class PSConfig:
             raise UsageError("lr, straggler_timeout and dead_timeout must be > 0")
         if not 0.0 <= self.polyak_beta < 1.0:
             raise UsageError(f"polyak_beta must be in [0, 1), got {self.polyak_beta}")
+        if self.min_workers < 1:
+            raise UsageError(f"min_workers must be >= 1, got {self.min_workers}")
         if self.servers < 1 or self.block_size < 1:
             raise UsageError(f"servers and block_size must be >= 1, got servers={self.servers} "
                              f"block_size={self.block_size}")
 
     def check_world(self, world_size: int) -> None:
+        if self.elastic and world_size - self.servers < self.min_workers:
+            raise UsageError(f"min_workers={self.min_workers} but the job starts "
+                             f"{world_size - self.servers} worker(s) ({world_size} ranks, "
+                             f"{self.servers} serving); start more or lower min_workers")
         if world_size <= self.servers:
             raise UsageError(f"mode {self.mode} with {self.servers} server(s) needs at least "
                              f"{self.servers + 1} ranks: ranks 0..{self.servers - 1} serve, the "

@@ -38,17 +38,33 @@ if TYPE_CHECKING:
 
 
 class Progress:
-    """Where the workers are: each one's clock (pushes received, so the step it is on)
-    and which of them are done."""
+    """Where the workers are: each one's clock (pushes received, so the step it is on),
+    which of them are done, and (elastic jobs) which were dropped."""
 
     def __init__(self, workers: list[int]) -> None:
-        self.workers = workers
+        self.workers = list(workers)
         self.clock = {w: 0 for w in workers}
         self.done: set[int] = set()
+        self.dropped: set[int] = set()
+
+    def add(self, worker: int, clock: int) -> None:
+        """An elastic job's worker joined (or came back under its old id), at ``clock``."""
+        if worker not in self.clock:
+            self.workers.append(worker)
+        self.clock[worker] = clock
+        self.done.discard(worker)
+        self.dropped.discard(worker)
+
+    def drop(self, worker: int) -> None:
+        self.dropped.add(worker)
 
     def live(self) -> list[int]:
-        """The workers not done yet, in rank order."""
-        return [w for w in self.workers if w not in self.done]
+        """The workers still training (not done, not dropped), in id order."""
+        return sorted(w for w in self.workers if w not in self.done and w not in self.dropped)
+
+    def present(self) -> int:
+        """How many workers take part (dropped ones do not): ASGD's 1/N."""
+        return len(self.workers) - len(self.dropped)
 
     def slowest(self, default: int | None = None) -> int | None:
         """The step the slowest unfinished worker is at (``default`` once all are done)."""
@@ -92,9 +108,11 @@ class ASGD(Policy):
         self._apply_push(msg)
 
     def _apply_push(self, msg: Message) -> None:
-        server, workers = self.server, len(self.progress.workers)
-        # Staleness in steps: N pushes make one step's worth of updates.
-        server.log.staleness[msg.source].append((server.version - msg.version) / workers)
+        server, workers = self.server, max(self.progress.present(), 1)
+        # Staleness in steps: N pushes make one step's worth of updates (N: the workers
+        # taking part, so an elastic job's steps keep their size when one is dropped).
+        stale = (server.version - msg.version) / workers
+        server.log.staleness.setdefault(msg.source, []).append(stale)
         server.log.applied.append((msg.source, msg.step))
         server.apply(msg.grad / workers)
 
@@ -169,7 +187,7 @@ class SyncPS(Policy):
         # In worker order, not arrival order: the same sum on every run and every shard.
         server.apply(torch.stack([self.grads[w] for w in sorted(self.grads)]).mean(0))
         for w in self.grads:
-            server.log.staleness[w].append(0)
+            server.log.staleness.setdefault(w, []).append(0)
         self.grads.clear()
         self.step += 1
         self.started = None

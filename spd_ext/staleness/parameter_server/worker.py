@@ -1,9 +1,11 @@
-"""A worker rank's side of the parameter server: pull the weights (each reply says which
+"""A worker's side of the parameter server: pull the weights (each reply says which
 version its shard is), compute a gradient on a batch, push it (optionally 8-bit
 block-quantized) tagged with those versions, to each server with its shard.
 
-A worker whose connection to a server fails names the ranks whose processes exited, read
-from the processes themselves as the server does, not guessed.
+On fixed process groups, a worker whose connection to a server fails names the ranks
+whose processes exited, read from the processes themselves as the server does, not
+guessed. In an elastic job (``PSSessions``) the worker talks to each server over its own
+torchft session and needs no process group: it may join a running job.
 """
 
 from __future__ import annotations
@@ -21,28 +23,45 @@ from spd_ext.staleness.metrics import WorkerMetrics
 from spd_ext.staleness.parameter_server.config import PSConfig, PSProcessGroups
 from spd_ext.staleness.parameter_server.protocol import (
     DONE,
-    EXITED,
     HEADER,
     PULL,
     PUSH,
     STOP,
+    GroupLink,
     ServerStopped,
     header,
     send_gradient,
+    stop_reason,
 )
+from spd_ext.staleness.parameter_server.sessions import PSSessions
 from spd_ext.staleness.stragglers import Straggler
 
 
 class Worker:
     """One worker's side of the protocol."""
 
-    def __init__(self, model: nn.Module, cfg: PSConfig, groups: PSProcessGroups) -> None:
+    def __init__(self, model: nn.Module, cfg: PSConfig,
+                 groups: PSProcessGroups | PSSessions) -> None:
         self.model, self.cfg, self.groups = model, cfg, groups
-        self.rank = dist.get_rank()
-        cfg.check_world(dist.get_world_size())
-        if self.rank < cfg.servers:
-            raise UsageError(f"rank {self.rank} is a server (ranks 0..{cfg.servers - 1} "
-                             "serve); run ParameterServer(...).serve() on it")
+        self.elastic = isinstance(groups, PSSessions)
+        if self.elastic != cfg.elastic:
+            raise UsageError("PSConfig(elastic=True) goes with PSSessions, a fixed job with "
+                             f"PSProcessGroups; got elastic={cfg.elastic} and "
+                             f"{type(groups).__name__}")
+        if self.elastic:
+            if groups.worker_id is None:
+                raise UsageError("this PSSessions is a server's; a worker's comes from "
+                                 "PSSessions.create on a worker rank or PSSessions.join")
+            self.rank = groups.worker_id  # its id in the server's log
+            self.links = groups.links
+        else:
+            self.rank = dist.get_rank()
+            cfg.check_world(dist.get_world_size())
+            if self.rank < cfg.servers:
+                raise UsageError(f"rank {self.rank} is a server (ranks 0..{cfg.servers - 1} "
+                                 "serve); run ParameterServer(...).serve() on it")
+            self.links = [GroupLink(server, groups.up, groups.down)
+                          for server in range(cfg.servers)]
         self.params = list(model.parameters())
         self.metrics = WorkerMetrics(self.rank)
         self._flat = flatten([p.detach() for p in self.params])
@@ -50,6 +69,9 @@ class Worker:
 
     def _failed(self, exc: Exception) -> ServerStopped:
         """A send or receive failed: name the ranks whose processes exited."""
+        if self.elastic:
+            return ServerStopped(f"worker {self.rank}: lost the parameter server "
+                                 f"({str(exc).splitlines()[0]}); it ended the job, or died")
         time.sleep(0.2)  # a dying rank's process may still be exiting
         world = len(self.groups.processes)
         gone = self.groups.exited([r for r in range(world) if r != self.rank])
@@ -77,20 +99,16 @@ class Worker:
         ask = list(range(len(self.bounds)))
         while ask:
             for server in ask:
-                dist.send(header(PULL, steps[server], 0), dst=server, group=self.groups.up)
+                self.links[server].send(header(PULL, steps[server], 0))
             for server in ask:
                 reply = torch.empty(HEADER, dtype=torch.int64)
-                dist.recv(reply, src=server, group=self.groups.down)
+                self.links[server].recv(reply)
                 if int(reply[0]) == STOP:
-                    culprit, code = int(reply[1]), int(reply[2])
-                    why = ("another worker died or stalled; see that rank's error"
-                           if culprit < 0 else f"worker rank {culprit} exited"
-                           if code == EXITED else f"worker rank {culprit} sent nothing for "
-                           f"{self.cfg.dead_timeout:g} s")
+                    why = stop_reason(int(reply[1]), int(reply[2]), self.cfg.dead_timeout)
                     raise ServerStopped(f"worker {self.rank}: the parameter server (rank "
                                         f"{server}) stopped the job: {why}")
                 lo, hi = self.bounds[server]
-                dist.recv(self._flat[lo:hi], src=server, group=self.groups.down)
+                self.links[server].recv(self._flat[lo:hi])
                 steps[server], versions[server] = int(reply[1]), int(reply[2])
             # SyncPS shards that moved this worker to different steps: catch up the others.
             ask = [server for server, s in enumerate(steps) if s < max(steps)]
@@ -111,14 +129,17 @@ class Worker:
                         for p in self.params])
         block_size = self.cfg.block_size if self.cfg.quantize else None
         for server, (lo, hi) in enumerate(self.bounds):
-            dist.send(header(PUSH, step, versions[server]), dst=server, group=self.groups.up)
-            send_gradient(grad[lo:hi], server, self.groups.up, block_size)
+            self.links[server].send(header(PUSH, step, versions[server]))
+            send_gradient(grad[lo:hi], self.links[server], block_size)
             self.metrics.messages += 1
         self.metrics.steps += 1
 
     def done(self) -> None:
-        for server in range(len(self.bounds)):
-            dist.send(header(DONE, 0, 0), dst=server, group=self.groups.up)
+        try:
+            for link in self.links:
+                link.send(header(DONE, 0, 0))
+        except RuntimeError as exc:
+            raise self._failed(exc) from None
 
 
 def train_worker(model: nn.Module, cfg: PSConfig, groups: PSProcessGroups,
@@ -127,7 +148,7 @@ def train_worker(model: nn.Module, cfg: PSConfig, groups: PSProcessGroups,
                  on_step: Callable[[int, float], None] | None = None) -> WorkerMetrics:
     """A worker's loop: pull, forward/backward on ``batches('train', step)``, push."""
     worker = Worker(model, cfg, groups)
-    step = 0
+    step = groups.start_step if isinstance(groups, PSSessions) else 0  # a joiner's
     while step < steps:
         versions, step = worker.pull(step)
         if step >= steps:
