@@ -59,7 +59,13 @@ def _job_rank(rank: int, port: int, out: str, mode: str, min_workers: int,
     step 5). Writes what it saw to out/rank<r>.json."""
     import torch.distributed as dist
 
-    from spd_ext.staleness import ParameterServer, PSSessions, ServerStopped, train_worker
+    from spd_ext.staleness import (
+        ParameterServer,
+        PSSessions,
+        ServerStopped,
+        WorkerKill,
+        train_worker,
+    )
     from spd_ext.train.tasks import XORTask
 
     torch.set_num_threads(1)
@@ -85,14 +91,13 @@ def _job_rank(rank: int, port: int, out: str, mode: str, min_workers: int,
                           start_loss=start_loss, final_loss=_loss(task, probe, theta))
         else:
             def on_step(step: int, loss: float) -> None:
-                if rank == servers + 1 and step == 5:
-                    os.kill(os.getpid(), signal.SIGKILL)  # no goodbye to anyone
                 if rank == servers and step == 10 and min_workers == 1:
                     _wait_for(out_dir / "joined.json")  # so the job outlives the join
                 time.sleep(0.02)
 
             metrics = train_worker(model, cfg, sessions, task.sampler(rank - servers, 2),
-                                   STEPS, on_step=on_step)
+                                   STEPS, on_step=on_step,
+                                   kill=WorkerKill(servers + 1, at_step=5))
             result.update(steps=metrics.steps)
     except ServerStopped as exc:
         result["stopped"] = str(exc)
@@ -189,7 +194,13 @@ def test_the_job_stops_below_min_workers_naming_the_dead_worker(tmp_path: Path) 
 
 
 def test_elastic_configuration_errors() -> None:
-    from spd_ext.staleness import PSConfig, PSSessions, parse_mode
+    from spd_ext.staleness import PSConfig, PSSessions, WorkerKill, parse_mode
+
+    with pytest.raises(ValueError, match="one of at_step and after_s"):
+        WorkerKill(1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        WorkerKill(1, after_s=-1.0)
+    assert WorkerKill(2, after_s=3.0).due(2, 0, 3.5) and not WorkerKill(2, at_step=4).due(1, 9, 0)
 
     with pytest.raises(ValueError, match="min_workers must be >= 1"):
         PSConfig(parse_mode("asgd"), elastic=True, min_workers=0)

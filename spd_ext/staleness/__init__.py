@@ -9,6 +9,7 @@ from spd_ext.staleness.collective import (
     SynchronousSGD,
     make_strategy,
 )
+from spd_ext.staleness.faults import WorkerKill
 from spd_ext.staleness.metrics import WorkerMetrics
 from spd_ext.staleness.modes import MODES, Mode, parse_mode
 from spd_ext.staleness.parameter_server import (
@@ -26,5 +27,5 @@ __all__ = [
     "MODES", "DelayedAllReduce", "DiLoCo", "LocalSGD", "Mode", "PSConfig", "PSProcessGroups",
     "PSSessions", "ParameterServer", "ServerStopped", "Straggler", "StragglerHooks",
     "StalenessStrategy", "SynchronousSGD", "Worker",
-    "WorkerMetrics", "make_strategy", "parse_mode", "train_worker",
+    "WorkerKill", "WorkerMetrics", "make_strategy", "parse_mode", "train_worker",
 ]

@@ -19,6 +19,7 @@ from torch import nn
 
 from spd_ext.comm.buckets import copy_back, flatten
 from spd_ext.errors import UsageError
+from spd_ext.staleness.faults import WorkerKill
 from spd_ext.staleness.metrics import WorkerMetrics
 from spd_ext.staleness.parameter_server.config import PSConfig, PSProcessGroups
 from spd_ext.staleness.parameter_server.protocol import (
@@ -142,17 +143,22 @@ class Worker:
             raise self._failed(exc) from None
 
 
-def train_worker(model: nn.Module, cfg: PSConfig, groups: PSProcessGroups,
+def train_worker(model: nn.Module, cfg: PSConfig, groups: PSProcessGroups | PSSessions,
                  batches: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]], steps: int,
                  straggler: Straggler | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> WorkerMetrics:
-    """A worker's loop: pull, forward/backward on ``batches('train', step)``, push."""
+                 on_step: Callable[[int, float], None] | None = None,
+                 kill: WorkerKill | None = None) -> WorkerMetrics:
+    """A worker's loop: pull, forward/backward on ``batches('train', step)``, push.
+    ``kill``: fault injection (this worker dies by SIGKILL when it is due)."""
     worker = Worker(model, cfg, groups)
     step = groups.start_step if isinstance(groups, PSSessions) else 0  # a joiner's
+    started = time.perf_counter()
     while step < steps:
         versions, step = worker.pull(step)
         if step >= steps:
             break
+        if kill is not None:
+            kill.check(worker.rank, step, time.perf_counter() - started)
         if straggler is not None:  # simulated compute: between the pull and the push, so a
             straggler.sleep(worker.rank, step)  # slow worker's gradient really is stale
         x, y = batches("train", step)
