@@ -5,12 +5,13 @@
 
 Trains a tiny GPT (ZeRO-1, diloco:H) for --steps steps from ``engine.spd_ext.join_islands()``
 on batches that depend on (island, rank, step), and writes ``DIR/<island>.rank<R>.json``:
-the steps it trained, its parameters after the last outer step, the islands present at
-each outer step. Test hooks (none is product behaviour): --die-at S kills this island
-(SIGKILL of rank 0) inside step S, after backward; --die-in-outer-step S kills it inside
-the outer step after step S, once it is in the quorum but before the all-reduce;
---wait-for FILE --wait-at S holds rank 0 before step S until FILE exists (a restarted
-island's start); --ready FILE is written as the island first asks for a quorum.
+the steps it trained, its parameters after the last outer step, the islands present,
+its mean loss and its weight at each outer step. Test hooks (none is product behaviour):
+--die-at S kills this island (SIGKILL of rank 0) inside step S, after backward;
+--die-in-outer-step S kills it inside the outer step after step S, once it is in the
+quorum but before the all-reduce; --wait-for FILE --wait-at S holds rank 0 before step S
+until FILE exists (a restarted island's start); --ready FILE is written as the island
+first asks for a quorum.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--wait-at", type=int, default=None)
     p.add_argument("--ready", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--island-weights", default="uniform")
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args()
 
@@ -57,7 +60,9 @@ def main() -> None:
     section = {"staleness": {"mode": f"diloco:{args.H}"},
                "fault_tolerance": {"lighthouse": args.lighthouse, "island": args.island,
                                    "quorum_timeout_s": 120, "timeout_s": 20,
-                                   "islands": args.islands}}
+                                   "islands": args.islands,
+                                   "island_weights": args.island_weights,
+                                   "temperature": args.temperature}}
     engine, *_ = sd.initialize(model=model, model_parameters=model.parameters(),
                                config=ds_config(stage=1, dp=world, section=section))
     integration = engine.spd_ext
@@ -66,7 +71,7 @@ def main() -> None:
     if args.die_in_outer_step is not None:
         inject_death_in_outer_step(integration.strategy, args.die_in_outer_step)
     start = integration.join_islands()
-    present, trained = [], []
+    present, trained, weights = [], [], []
     for step in range(start, args.steps):
         if args.wait_at == step and args.wait_for:
             while not Path(args.wait_for).exists():
@@ -81,11 +86,14 @@ def main() -> None:
         trained.append(step)
         if (step + 1) % args.H == 0:
             present.append([step, integration.islands_present])
+            weights.append([step, integration.strategy.island_loss,
+                            integration.strategy.island_weight])
         time.sleep(args.step_sleep)
     params = torch.cat([w.detach().reshape(-1).float()
                         for w in integration.strategy.inner.weights(model)]).tolist()
     Path(args.out, f"{args.island}.rank{rank}.json").write_text(json.dumps({
         "start": start, "trained": trained, "present": present, "params": params,
+        "weights": weights,
         "voted_down": integration.strategy.voted_down,
         "healed_at": integration.strategy.healed_at}))
     dist.barrier()

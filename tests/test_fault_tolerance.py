@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,11 +74,15 @@ def test_a_killed_island_drops_out_and_heals_from_a_live_one_on_restart(tmp_path
     1 restarted joins, heals (step, anchor, momentum, optimizer partition) from island 0 and,
     after its first outer step, holds exactly island 0's parameters, rank by rank."""
     ready = tmp_path / "restarted.ready"
+    # islands weighed by their losses (softmax, temperature 0.05): renormalized over those
+    # present, and the same on every rank of an island
+    weighing = ("--island-weights", "loss", "--temperature", str(TEMPERATURE))
     survivor = island("0", lighthouse, tmp_path, "--steps", "10", "--wait-at", "6",
-                      "--wait-for", str(ready))
-    dying = island("1", lighthouse, tmp_path, "--steps", "10", "--die-at", "3")
+                      "--wait-for", str(ready), *weighing)
+    dying = island("1", lighthouse, tmp_path, "--steps", "10", "--die-at", "3", *weighing)
     assert finish(dying, tmp_path, "1") != 0
-    restarted = island("1", lighthouse, tmp_path, "--steps", "10", "--ready", str(ready))
+    restarted = island("1", lighthouse, tmp_path, "--steps", "10", "--ready", str(ready),
+                       *weighing)
     assert finish(restarted, tmp_path, "1") == 0, (tmp_path / "island1.log").read_text()[-5000:]
     assert finish(survivor, tmp_path, "0") == 0, (tmp_path / "island0.log").read_text()[-5000:]
     ranks0, ranks1 = results(tmp_path, "0"), results(tmp_path, "1")
@@ -88,6 +93,27 @@ def test_a_killed_island_drops_out_and_heals_from_a_live_one_on_restart(tmp_path
         assert a["present"][-1] == [9, 2], a["present"]
         assert b["healed_at"] == b["start"] > 3 and b["trained"][0] == b["start"], b
         assert a["params"] == b["params"]  # bit for bit: the same outer step, same state
+    check_island_weights(ranks0, ranks1)
+
+
+TEMPERATURE = 0.05
+
+
+def check_island_weights(ranks0: list[dict], ranks1: list[dict]) -> None:
+    """Each outer step's weights: exp(-L/T) of each island's mean loss, normalized over the
+    islands in it (1 for an island alone), equal on the ranks of an island."""
+    for ranks in (ranks0, ranks1):
+        assert ranks[0]["weights"] == ranks[1]["weights"]
+    of0 = {step: (loss, w) for step, loss, w in ranks0[0]["weights"]}
+    of1 = {step: (loss, w) for step, loss, w in ranks1[0]["weights"]}
+    both = [step for step in of1 if step in of0 and of1[step][0] is not None]
+    assert len(both) >= 2, (of0, of1)
+    for step in both:
+        (l0, w0), (l1, w1) = of0[step], of1[step]
+        assert w0 + w1 == pytest.approx(1.0, abs=1e-6), (step, w0, w1)
+        assert w0 / w1 == pytest.approx(math.exp(-(l0 - l1) / TEMPERATURE), rel=1e-4)
+        assert l0 != l1  # different data: the weights really differ
+    assert of0[3][1] == 1.0  # island 1 was dead: island 0 alone takes the whole step
 
 
 @whole_jobs

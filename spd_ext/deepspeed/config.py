@@ -188,6 +188,12 @@ class FaultToleranceConfig:
                               "transfer", low=0.0, low_open=True)
     retries: int = option(3, "outer steps voted down in a row before the island gives up",
                           low=0)
+    island_weights: str = option(
+        "uniform", "how the outer step weighs the islands' pseudo-gradients, renormalized "
+        "over the islands present: uniform, or loss (exp(-L/temperature), L: the island's "
+        "mean training loss since the last outer step)", choices=("uniform", "loss"))
+    temperature: float = option(1.0, "island_weights loss: the softmax temperature",
+                                low=0.0, low_open=True)
 
     def check(self, where: str) -> None:
         check_fields(self, where, SpdExtConfigError)

@@ -288,6 +288,10 @@ class EngineIntegration:
                                "fault_tolerance; this engine has none")
         return self.strategy.join(wait_for_all)
 
+    def last_loss(self) -> torch.Tensor | None:
+        """This rank's loss of the step just taken (a device tensor; None before one)."""
+        return self._last.get("loss")
+
     @property
     def islands_present(self) -> int | None:
         """With ``fault_tolerance``: the islands in the last outer step's quorum."""
@@ -701,6 +705,8 @@ class EngineIntegration:
         if self.fault_tolerant:
             values["islands"] = float(self.strategy.islands_present)
             values["outer_steps_voted_down"] = float(self.strategy.voted_down)
+            if self.strategy.island_weight is not None:
+                values["island_weight"] = self.strategy.island_weight
         for key in ("syncs_forward", "syncs_backward", "grad_norm"):
             if key in last:
                 values[key] = float(last[key])

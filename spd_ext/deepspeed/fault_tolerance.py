@@ -11,9 +11,10 @@ inner steps) the island's ranks:
    behind it first *heals*: each of its ranks fetches the state of the same rank of a live
    island (anchor, outer momentum, its inner optimizer partition, step counters);
 2. sum ``c * (anchor - theta)`` and ``c`` over the quorum (one all-reduce), where ``c`` is
-   1 for an island that trained since the last outer step and 0 for one that just healed,
-   so the pseudo-gradient is the mean over the islands that trained: the weights
-   renormalize over the islands present;
+   the island's weight if it trained since the last outer step (1, or with
+   ``island_weights: loss`` exp(-L/T) of its mean training loss L since then) and 0 for
+   one that just healed, so the pseudo-gradient is the weighted mean over the islands
+   that trained: the weights renormalize over the islands present;
 3. vote (``should_commit``): only if every rank of every island got the sum is the outer
    step applied; a failure during the step (an island killed mid-all-reduce) votes it
    down everywhere, and the step is retried with the islands then alive, from the same
@@ -27,6 +28,7 @@ point of failure (as torchft says): if it goes, the islands stop at their next q
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -93,6 +95,10 @@ class FaultTolerantIslandDiLoCo:
         self.manager.register_state_dict_fn("spd_ext", self._load_healing_state,
                                             self._healing_state)
         self._healed = False
+        self._loss_sum: torch.Tensor | None = None  # island_weights loss: since the outer step
+        self._loss_steps = 0
+        self.island_loss: float | None = None  # the island's mean loss at the last outer step
+        self.island_weight: float | None = None  # its normalized weight in that step
         self.islands_present = 0
         self.voted_down = 0  # outer steps voted down (and retried) so far
         self.healed_at: int | None = None  # the step this island healed to, if it did
@@ -147,15 +153,40 @@ class FaultTolerantIslandDiLoCo:
 
     def after_step(self, model: Any, step: int) -> None:
         H = self.inner.H
+        loss = self.integration.last_loss()
+        if self.cfg.island_weights == "loss" and loss is not None:
+            # kept on the device: read once per outer step, not per step
+            loss = loss.detach().double()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_steps += 1
         if (step + 1) % H != 0:
             self.inner.metrics.record_staleness((step + 1) % H)
             return
         self._outer_step(step)
         self.inner.metrics.record_staleness(H)
 
+    def _island_score(self) -> float:
+        """This island's unnormalized weight: 1, or exp(-L/T) with L its mean training
+        loss since the last outer step over all its ranks (collective inside the island)."""
+        if self.cfg.island_weights == "uniform":
+            return 1.0
+        group = self.integration.dp_group
+        mean = torch.zeros(2, dtype=torch.float64)
+        if self._loss_sum is not None:
+            mean[0], mean[1] = self._loss_sum.detach().cpu(), self._loss_steps
+        dist.all_reduce(mean, group=group)  # every rank's sum and count: the island's mean
+        self._loss_sum, self._loss_steps = None, 0
+        if mean[1] == 0 or not math.isfinite(float(mean[0])):
+            return 1.0  # no loss seen (non-finite ones are refused before the update)
+        self.island_loss = float(mean[0] / mean[1])
+        # capped so that islands with huge losses still weigh (alike) instead of all 0
+        return math.exp(-min(self.island_loss / self.cfg.temperature, 80.0))
+
     def _outer_step(self, step: int | None) -> None:
         manager, inner = self.manager, self.inner
         weights = inner.weights(self.engine.module)
+        # before the quorum: every rank of the island takes part, healed or not
+        score = self._island_score() if step is not None else 0.0
         for attempt in range(self.cfg.retries + 1):
             self._healed = False
             try:
@@ -168,7 +199,7 @@ class FaultTolerantIslandDiLoCo:
                     "the lighthouse or the other islands stopped answering, or an inner "
                     "phase takes longer than the timeout: raise quorum_timeout_s") from None
             trained = step is not None and not self._healed
-            c = 1.0 if trained else 0.0
+            c = score if trained else 0.0
             with torch.no_grad():
                 flat = torch.cat([(a - w).reshape(-1).float() * c
                                   for a, w in zip(inner.anchor, weights)] +
@@ -176,6 +207,8 @@ class FaultTolerantIslandDiLoCo:
             manager.allreduce(flat, reduce_op=dist.ReduceOp.SUM).wait()
             if manager.should_commit():
                 self.islands_present = manager.num_participants()
+                total = float(flat[-1])
+                self.island_weight = c / total if total > 0 else 0.0
                 self._apply(flat, weights)
                 return
             self.voted_down += 1

@@ -135,6 +135,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "quorum_timeout_s": Opt(600.0, "float", "longest wait for the other islands at an "
                                 "outer step (more than one inner phase)", low=0.0,
                                 low_open=True),
+        "island_weights": Opt("uniform", "str", "how the outer step weighs the islands, "
+                              "renormalized over those present: uniform, or loss "
+                              "(exp(-L/temperature) of each island's mean training loss "
+                              "since the last outer step)", choices=("uniform", "loss")),
+        "temperature": Opt(1.0, "float", "island_weights loss: the softmax temperature",
+                           low=0.0, low_open=True),
         "kill_every_s": Opt(None, "float", "fault injection: spd-ext train kills one island "
                             "(SIGKILL, in turn) every this many seconds", nullable=True,
                             low=0.0, low_open=True),
@@ -630,7 +636,8 @@ def plan_island(cfg: RunConfig, island_world: int) -> RunPlan:
     section["staleness"] = staleness
     section["fault_tolerance"] = {
         "lighthouse": ft["lighthouse"], "island": str(island), "islands": count,
-        "min_islands": ft["min_islands"], "quorum_timeout_s": ft["quorum_timeout_s"]}
+        "min_islands": ft["min_islands"], "quorum_timeout_s": ft["quorum_timeout_s"],
+        "island_weights": ft["island_weights"], "temperature": ft["temperature"]}
     one.values["fault_tolerance"] = {**ft, "enabled": False, "island": None,
                                      "lighthouse": None, "kill_every_s": None,
                                      "kill_at_step": None, "kill_island": 0}
