@@ -146,6 +146,8 @@ def section(**ft) -> dict:
      "each job is one island"),
     ({"zero_optimization": {"stage": 0}}, "fault_tolerance needs zero_optimization.stage 1"),
     ({"zero_optimization": {"stage": 3}}, "fault_tolerance with zero_optimization.stage 3"),
+    (section(island_weights="signal"), r"island_weights is 'signal'.*uniform, loss"),
+    (section(island_weights="loss", temperature=0), "temperature"),
 ])
 def test_refused_sections(change: dict, match: str) -> None:
     from spd_ext.deepspeed import SpdExtConfigError, parse_config
