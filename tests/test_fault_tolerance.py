@@ -106,14 +106,16 @@ def check_island_weights(ranks0: list[dict], ranks1: list[dict]) -> None:
         assert ranks[0]["weights"] == ranks[1]["weights"]
     of0 = {step: (loss, w) for step, loss, w in ranks0[0]["weights"]}
     of1 = {step: (loss, w) for step, loss, w in ranks1[0]["weights"]}
+    # island 1's first run died before writing: the steps after its restart
     both = [step for step in of1 if step in of0 and of1[step][0] is not None]
-    assert len(both) >= 2, (of0, of1)
+    assert both, (of0, of1)
     for step in both:
         (l0, w0), (l1, w1) = of0[step], of1[step]
         assert w0 + w1 == pytest.approx(1.0, abs=1e-6), (step, w0, w1)
         assert w0 / w1 == pytest.approx(math.exp(-(l0 - l1) / TEMPERATURE), rel=1e-4)
         assert l0 != l1  # different data: the weights really differ
-    assert of0[3][1] == 1.0  # island 1 was dead: island 0 alone takes the whole step
+    assert 0.0 < of0[1][1] < 0.99  # both islands in the first outer step
+    assert of0[3][1] == pytest.approx(1.0)  # island 1 dead: island 0 alone takes it whole
 
 
 @whole_jobs

@@ -72,28 +72,15 @@ class FaultTolerantIslandDiLoCo:
 
     def __init__(self, island_diloco: Any, engine: Any, integration: Any,
                  cfg: FaultToleranceConfig) -> None:
-        torchft = import_torchft(WHERE)
-        from torchft.process_group import ProcessGroupGloo
-
+        import_torchft(WHERE)
         self.inner = island_diloco  # IslandDiLoCo: the anchor, outer optimizer, partitions
         self.engine, self.integration, self.cfg = engine, integration, cfg
         self.island = cfg.resolved_island()
-        lighthouse = cfg.resolved_lighthouse(WHERE)
+        self.lighthouse = cfg.resolved_lighthouse(WHERE)
         if dist.get_rank() == 0:
-            check_lighthouse(lighthouse)
+            check_lighthouse(self.lighthouse)
         logging.getLogger("torchft").setLevel(logging.ERROR)  # spd_ext reports failures
-        timeout = timedelta(seconds=cfg.timeout_s)
-        self.manager = torchft.Manager(
-            pg=ProcessGroupGloo(timeout=timeout), load_state_dict=None, state_dict=None,
-            min_replica_size=cfg.min_islands,
-            use_async_quorum=False,  # heal before the outer step, never during inner steps
-            init_sync=False,  # every island starts from the same seeded weights
-            timeout=timeout, quorum_timeout=timedelta(seconds=cfg.quorum_timeout_s),
-            connect_timeout=timeout, rank=dist.get_rank(), world_size=dist.get_world_size(),
-            store_addr=os.environ["MASTER_ADDR"], store_port=int(os.environ["MASTER_PORT"]),
-            lighthouse_addr=lighthouse, replica_id=f"island{self.island}")
-        self.manager.register_state_dict_fn("spd_ext", self._load_healing_state,
-                                            self._healing_state)
+        self._manager: Any = None
         self._healed = False
         self._loss_sum: torch.Tensor | None = None  # island_weights loss: since the outer step
         self._loss_steps = 0
@@ -102,6 +89,32 @@ class FaultTolerantIslandDiLoCo:
         self.islands_present = 0
         self.voted_down = 0  # outer steps voted down (and retried) so far
         self.healed_at: int | None = None  # the step this island healed to, if it did
+
+    @property
+    def manager(self) -> Any:
+        """This rank's torchft Manager, started on first use (``join``): its heartbeats
+        tell the lighthouse this island is alive, and the lighthouse holds the other
+        islands' quorums for an island that heartbeats but has not asked for one yet; a
+        restarted island starting it early would hold them for its whole start-up."""
+        if self._manager is None:
+            import torchft
+            from torchft.process_group import ProcessGroupGloo
+
+            cfg = self.cfg
+            timeout = timedelta(seconds=cfg.timeout_s)
+            self._manager = torchft.Manager(
+                pg=ProcessGroupGloo(timeout=timeout), load_state_dict=None, state_dict=None,
+                min_replica_size=cfg.min_islands,
+                use_async_quorum=False,  # heal before the outer step, never during inner ones
+                init_sync=False,  # every island starts from the same seeded weights
+                timeout=timeout, quorum_timeout=timedelta(seconds=cfg.quorum_timeout_s),
+                connect_timeout=timeout, rank=dist.get_rank(),
+                world_size=dist.get_world_size(), store_addr=os.environ["MASTER_ADDR"],
+                store_port=int(os.environ["MASTER_PORT"]), lighthouse_addr=self.lighthouse,
+                replica_id=f"island{self.island}")
+            self._manager.register_state_dict_fn("spd_ext", self._load_healing_state,
+                                                 self._healing_state)
+        return self._manager
 
     @property
     def metrics(self) -> Any:
@@ -246,7 +259,8 @@ class FaultTolerantIslandDiLoCo:
             self.manager.load_state_dict(state["torchft"])
 
     def close(self) -> None:
-        self.manager.shutdown(wait=False)
+        if self._manager is not None:
+            self._manager.shutdown(wait=False)
 
 
 def _failure(manager: Any) -> str:
